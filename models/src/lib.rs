@@ -4,3 +4,23 @@
 //! weights loading (GGUF and Hugging Face safetensors), the decoder with its plug-in hook
 //! points, per-sequence KV caches, the tokenizer and chat template, sampling, and the
 //! default-model fetch. The crate knows nothing about HTTP or scheduling.
+
+mod attention;
+pub mod batch;
+pub mod config;
+pub mod error;
+mod hook_plan;
+pub mod hooks;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod loader;
+pub mod rope;
+pub mod tiny;
+
+pub use batch::{BatchRow, LogitsWanted};
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use hooks::{Hook, HookCall, HookGroup, HookPoints, HookRow, Projection};
+pub use kv_cache::KvCache;
+pub use llama::Llama;

@@ -1,0 +1,117 @@
+//! A forward step's batch: rows from different sequences, each at its own position, packed
+//! into one token matrix.
+//!
+//! Linear layers (most of the compute) run once over all rows' tokens stacked together;
+//! attention then runs per row against that row's own KV cache. A row may be a prefill chunk
+//! of many tokens or a single decode token; both kinds share a step.
+
+use candle_core::{Device, Tensor};
+
+use crate::hooks::HookCall;
+use crate::kv_cache::KvCache;
+
+/// Which positions of a row need logits after the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None: an intermediate prefill chunk (skips the LM head entirely).
+    None,
+    /// The last position: what sampling needs.
+    Last,
+    /// Every position: prompt log-probs (`echo`), perplexity, training checks.
+    All,
+}
+
+/// One row of a forward step.
+pub struct BatchRow<'a> {
+    /// The engine's sequence id, passed to hooks that keep per-sequence state.
+    pub seq_id: u64,
+    /// The tokens to feed, starting at position `cache.len()`.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; the step appends `tokens.len()` positions to it.
+    pub cache: &'a mut KvCache,
+    /// The row's plug-in chain, in order (empty: the base model).
+    pub hooks: &'a [HookCall],
+    pub logits: LogitsWanted,
+}
+
+impl BatchRow<'_> {
+    /// Positions needing logits, as offsets into the row's tokens.
+    pub(crate) fn logit_offsets(&self) -> std::ops::Range<usize> {
+        let n = self.tokens.len();
+        match self.logits {
+            LogitsWanted::None => 0..0,
+            LogitsWanted::Last => n - 1..n,
+            LogitsWanted::All => 0..n,
+        }
+    }
+}
+
+/// The parts of a row that hooks and packing read, copied out of the [`BatchRow`] so the
+/// rows' caches stay free to be borrowed mutably during the step.
+#[derive(Clone, Copy)]
+pub(crate) struct RowInfo<'a> {
+    pub seq_id: u64,
+    pub tokens: &'a [u32],
+    pub hooks: &'a [HookCall],
+    pub start: usize,
+}
+
+impl<'a> RowInfo<'a> {
+    pub fn of(row: &BatchRow<'a>) -> Self {
+        Self {
+            seq_id: row.seq_id,
+            tokens: row.tokens,
+            hooks: row.hooks,
+            start: row.cache.len(),
+        }
+    }
+}
+
+/// Where the active rows' tokens sit in the packed `(n_tokens, hidden)` matrix.
+#[derive(Debug, Clone)]
+pub(crate) struct Packing {
+    /// Batch row index of each active row, in packed order.
+    pub rows: Vec<usize>,
+    /// First packed token of each active row.
+    pub offsets: Vec<usize>,
+    /// Token count of each active row.
+    pub lengths: Vec<usize>,
+    /// Position of every packed token, `(n_tokens,)` u32.
+    pub positions: Tensor,
+}
+
+impl Packing {
+    /// Packs `active` rows (batch indices, in order) of the batch.
+    pub fn new(
+        rows: &[RowInfo<'_>],
+        active: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut offsets = Vec::with_capacity(active.len());
+        let mut lengths = Vec::with_capacity(active.len());
+        let mut positions = Vec::new();
+        for &r in active {
+            let row = &rows[r];
+            offsets.push(positions.len());
+            lengths.push(row.tokens.len());
+            let start = row.start as u32;
+            positions.extend(start..start + row.tokens.len() as u32);
+        }
+        let positions = Tensor::new(positions.as_slice(), device)?;
+        Ok(Self {
+            rows: active.to_vec(),
+            offsets,
+            lengths,
+            positions,
+        })
+    }
+
+    /// Packed token indices of the given active-row slots, `(n,)` u32.
+    pub fn token_index(&self, slots: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+        let idx: Vec<u32> = slots
+            .iter()
+            .flat_map(|&s| (self.offsets[s]..self.offsets[s] + self.lengths[s]).map(|i| i as u32))
+            .collect();
+        Tensor::new(idx.as_slice(), device)
+    }
+}

@@ -1,0 +1,236 @@
+//! Hook points: where plug-ins act inside the forward pass.
+//!
+//! A plug-in implements [`Hook`]; every method has a no-op default, so a plug-in overrides
+//! only the points it uses and declares them in [`Hook::points`] (the decoder never gathers
+//! activations for a point a hook does not use). Each batch row carries its own ordered chain
+//! of [`HookCall`]s (a hook plus that request's parameters), so one batch mixes rows with
+//! different chains or none. For each hook point the decoder groups the rows whose chain
+//! holds the same hook at the same chain position and calls the hook once per group with just
+//! those rows' activations (a LoRA adapter shared by five requests runs one matmul, not five).
+//! Rows with an empty chain cost nothing: with no hooks in the batch no group exists and no
+//! hook code runs.
+//!
+//! The trait follows ripgrep's `Sink`: each method documents when it runs, the shapes it
+//! sees, and what its return value means.
+
+use std::any::Any;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// The projections a linear-delta hook can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+    LmHead,
+}
+
+impl Projection {
+    /// The Hugging Face module name (`q_proj`, ..., `lm_head`), as PEFT's `target_modules`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+            Self::LmHead => "lm_head",
+        }
+    }
+}
+
+/// Which hook points a hook uses. The decoder consults this once per step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HookPoints {
+    pub embeddings: bool,
+    pub linear: bool,
+    pub attention: bool,
+    pub residual: bool,
+    pub early_exit: bool,
+    pub logits: bool,
+}
+
+/// Per-request parameters of one hook in one row's chain (a LoRA scale, steering layers...).
+/// The hook that made them downcasts them back.
+pub type HookParams = Arc<dyn Any + Send + Sync>;
+
+/// One entry of a row's plug-in chain.
+#[derive(Clone)]
+pub struct HookCall {
+    pub hook: Arc<dyn Hook>,
+    pub params: HookParams,
+}
+
+impl HookCall {
+    pub fn new(hook: Arc<dyn Hook>, params: HookParams) -> Self {
+        Self { hook, params }
+    }
+
+    /// A call without parameters.
+    pub fn bare(hook: Arc<dyn Hook>) -> Self {
+        Self::new(hook, Arc::new(()))
+    }
+}
+
+impl Debug for HookCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookCall")
+            .field("hook", &self.hook.name())
+            .finish()
+    }
+}
+
+/// One batch row as a hook sees it.
+#[derive(Debug, Clone)]
+pub struct HookRow<'a> {
+    /// The engine's sequence id, stable across steps (for hooks that keep per-sequence state).
+    pub seq_id: u64,
+    /// The tokens this row feeds in this step.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence.
+    pub start_position: usize,
+    /// This row's parameters for the hook being called.
+    pub params: &'a HookParams,
+}
+
+/// The rows one hook is called for. Tensors handed to the hook hold these rows' activations
+/// stacked in row order: row `i` owns `lengths[i]` consecutive entries.
+#[derive(Debug, Clone)]
+pub struct HookGroup<'a> {
+    pub rows: Vec<HookRow<'a>>,
+    pub lengths: Vec<usize>,
+}
+
+impl HookGroup<'_> {
+    /// Total entries across rows (the first dimension of the tensors the hook receives).
+    pub fn len(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A plug-in's presence inside the forward pass. All methods but `name` and `points` default
+/// to "leave the model unchanged".
+pub trait Hook: Send + Sync {
+    /// A short name for logs and errors.
+    fn name(&self) -> &str;
+
+    /// The hook points this hook uses; the others are never called.
+    fn points(&self) -> HookPoints;
+
+    /// Whether rows using this hook may share a forward step with rows that do not.
+    /// A hook that cannot mix says so and the scheduler keeps its rows apart.
+    fn mixes(&self) -> bool {
+        true
+    }
+
+    /// Runs once per step after token embedding, before layer 0.
+    /// `x`: `(group tokens, hidden)`. Returns a replacement of the same shape, or `None`.
+    fn embeddings(&self, _group: &HookGroup<'_>, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Whether [`Hook::linear_delta`] acts on this projection of this layer (`layer` is
+    /// ignored for `LmHead`); saves gathering inputs for projections an adapter leaves alone.
+    fn targets(&self, _layer: usize, _projection: Projection) -> bool {
+        false
+    }
+
+    /// Runs on every targeted projection of every layer, after the base matmul.
+    /// `x`: the projection's input, `(group tokens, in)`. Returns `(group tokens, out)` to add
+    /// to the base output, or `None`.
+    fn linear_delta(
+        &self,
+        _layer: usize,
+        _projection: Projection,
+        _group: &HookGroup<'_>,
+        _x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Runs inside attention, per layer and per row, after the row's keys are in the cache.
+    /// `q`: `(row tokens, n_heads, head_dim)` after RoPE; `k`: `(n_kv_heads, cached, head_dim)`.
+    /// Returns the sorted cache positions the row may attend to, or `None` for all of them.
+    /// Causality still applies on top of the selection.
+    fn attention_selection(
+        &self,
+        _layer: usize,
+        _row: &HookRow<'_>,
+        _q: &Tensor,
+        _k: &Tensor,
+    ) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+
+    /// Runs after decoder layer `layer` (0-based; its output is the residual stream, as HF
+    /// `hidden_states[layer + 1]`). `h`: `(group tokens, hidden)`. Returns a replacement of the
+    /// same shape, or `None`.
+    fn residual(
+        &self,
+        _layer: usize,
+        _group: &HookGroup<'_>,
+        _h: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Runs after decoder layer `layer`, after the residual hooks. `h`: `(group tokens, hidden)`.
+    /// Returns one flag per row of the group: `true` makes that row's logits come from this
+    /// layer's output; its later layers then only compute the keys and values its future
+    /// tokens need (CALM-style state propagation). `None` means no row exits.
+    fn early_exit(
+        &self,
+        _layer: usize,
+        _group: &HookGroup<'_>,
+        _h: &Tensor,
+    ) -> Result<Option<Vec<bool>>> {
+        Ok(None)
+    }
+
+    /// Runs on the final logits, before sampling. `logits`: `(group entries, vocab)`, one
+    /// entry per position whose logits were asked for. Returns a replacement, or `None`.
+    fn logits(&self, _group: &HookGroup<'_>, _logits: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A hook that declares every point and changes nothing: the invariant tests check that a
+/// chain of these gives bit-identical output to an empty chain.
+#[derive(Debug, Default)]
+pub struct NoOpHook;
+
+impl Hook for NoOpHook {
+    fn name(&self) -> &str {
+        "noop"
+    }
+
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            embeddings: true,
+            linear: true,
+            attention: true,
+            residual: true,
+            early_exit: true,
+            logits: true,
+        }
+    }
+
+    fn targets(&self, _layer: usize, _projection: Projection) -> bool {
+        true
+    }
+}

@@ -1,0 +1,509 @@
+//! The Llama-family decoder (Touvron et al., "LLaMA", arXiv 2302.13971; Llama 2/3, Mistral,
+//! Qwen2 and SmolLM share it): pre-RMSNorm blocks of grouped-query attention with RoPE and a
+//! SwiGLU MLP, tied or untied LM head.
+//!
+//! Reference implementation: transformers `models/llama/modeling_llama.py`; the shapes and
+//! module names below mirror it. Departures, each for serving: the forward pass takes a
+//! packed batch of rows from different sequences (see `batch`), the KV caches live outside
+//! the weights (one per sequence), and plug-in hooks run at the points `hooks` documents.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention;
+use crate::batch::{BatchRow, Packing, RowInfo};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::hook_plan::{plan, PlannedGroup};
+use crate::hooks::{HookPoints, Projection};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::loader::{LayerWeight, WeightName, WeightSource};
+use crate::rope::Rope;
+
+/// `q_proj`, `k_proj`, `v_proj`, `o_proj` of one layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_norm: Tensor,
+    pub attn: Attention,
+    pub post_attention_norm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// The whole decoder. Immutable once loaded; all per-sequence state is in [`KvCache`]s.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed_tokens: Linear,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl DecoderLayer {
+    fn load(src: &mut dyn WeightSource, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let name = |w| WeightName::Layer(i, w);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            input_norm: src.vector(name(LayerWeight::InputNorm), h)?,
+            attn: Attention {
+                q: src.linear(name(LayerWeight::Q), cfg.num_heads * d, h, bias)?,
+                k: src.linear(name(LayerWeight::K), cfg.num_kv_heads * d, h, bias)?,
+                v: src.linear(name(LayerWeight::V), cfg.num_kv_heads * d, h, bias)?,
+                o: src.linear(name(LayerWeight::O), h, cfg.num_heads * d, false)?,
+            },
+            post_attention_norm: src.vector(name(LayerWeight::PostAttentionNorm), h)?,
+            mlp: Mlp {
+                gate: src.linear(name(LayerWeight::Gate), cfg.intermediate_size, h, false)?,
+                up: src.linear(name(LayerWeight::Up), cfg.intermediate_size, h, false)?,
+                down: src.linear(name(LayerWeight::Down), h, cfg.intermediate_size, false)?,
+            },
+        })
+    }
+}
+
+impl Llama {
+    /// Builds the decoder from any weight source; `max_positions` bounds the RoPE tables
+    /// (and so the longest sequence this instance serves).
+    pub fn load(src: &mut dyn WeightSource, max_positions: usize) -> Result<Self> {
+        let cfg = src.config().clone();
+        cfg.validate()?;
+        let device = src.device().clone();
+        let embed_tokens = src.embedding(cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(src, &cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = src.vector(WeightName::Norm, cfg.hidden_size)?;
+        let lm_head = match cfg.tie_word_embeddings {
+            true => embed_tokens.clone(),
+            false => src.linear(WeightName::LmHead, cfg.vocab_size, cfg.hidden_size, false)?,
+        };
+        let rope = Rope::new(
+            &cfg,
+            max_positions.min(cfg.max_position_embeddings),
+            &device,
+        )?;
+        Ok(Self {
+            config: cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The longest sequence (prompt and generated tokens) this instance can hold.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// A fresh, empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config, DType::F32, &self.device)
+    }
+
+    /// One forward step over a batch. Each row feeds its tokens at positions starting from
+    /// its cache length, appends them to its cache, and gets logits for the positions it
+    /// asked for: `(n_positions, vocab)` f32, or `None` for rows that asked for none.
+    /// On error no cache grows (positions written are not committed).
+    pub fn forward(&self, batch: &mut [BatchRow<'_>]) -> Result<Vec<Option<Tensor>>> {
+        self.validate(batch)?;
+        let rows: Vec<RowInfo<'_>> = batch.iter().map(RowInfo::of).collect();
+        let mut step = Step::new(self, &rows)?;
+        let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+        let mut x = self
+            .embed_tokens
+            .embedding(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        x = step.embedding_hooks(x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            step.propagate_exited_kv(self, l, layer, batch)?;
+            if step.packing.rows.is_empty() {
+                continue; // every row exited early
+            }
+            x = self.layer_forward(l, layer, x, &step, batch)?;
+            x = step.residual_hooks(l, x)?;
+            x = step.early_exits(self, l, x)?;
+        }
+        for row in batch.iter_mut() {
+            row.cache.commit(row.tokens.len());
+        }
+        step.logits(self, batch, &x)
+    }
+
+    fn validate(&self, batch: &[BatchRow<'_>]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        for row in batch {
+            if row.tokens.is_empty() {
+                return Err(ModelError::Batch(format!(
+                    "row of sequence {} has no tokens",
+                    row.seq_id
+                )));
+            }
+            if let Some(&id) = row.tokens.iter().find(|&&id| id as usize >= vocab) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab_size: vocab,
+                });
+            }
+            let end = row.cache.len() + row.tokens.len();
+            if end > self.max_positions() {
+                return Err(ModelError::ContextOverflow {
+                    position: end,
+                    context: self.max_positions(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One decoder block over the packed active tokens `x`: `(n_tokens, hidden)`.
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &DecoderLayer,
+        x: Tensor,
+        step: &Step<'_>,
+        batch: &mut [BatchRow<'_>],
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+        let attn = self.self_attention(l, layer, &h, step, batch)?;
+        let x = (x + step.project(l, Projection::O, &layer.attn.o, &attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
+        let gate = step.project(l, Projection::Gate, &layer.mlp.gate, &h)?;
+        let up = step.project(l, Projection::Up, &layer.mlp.up, &h)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        Ok((x + step.project(l, Projection::Down, &layer.mlp.down, &act)?)?)
+    }
+
+    /// Projects q/k/v for all active tokens, then attends row by row against each row's
+    /// cache. Returns `(n_tokens, n_heads * head_dim)`.
+    fn self_attention(
+        &self,
+        l: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        step: &Step<'_>,
+        batch: &mut [BatchRow<'_>],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let n = h.dim(0)?;
+        let q = step.project(l, Projection::Q, &layer.attn.q, h)?;
+        let k = step.project(l, Projection::K, &layer.attn.k, h)?;
+        let v = step.project(l, Projection::V, &layer.attn.v, h)?;
+        let q = Rope::apply(
+            &q.reshape((n, cfg.num_heads, cfg.head_dim))?,
+            &step.cos,
+            &step.sin,
+        )?;
+        let k = Rope::apply(
+            &k.reshape((n, cfg.num_kv_heads, cfg.head_dim))?,
+            &step.cos,
+            &step.sin,
+        )?;
+        let v = v.reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
+        let mut outs = Vec::with_capacity(step.packing.rows.len());
+        for (slot, &r) in step.packing.rows.iter().enumerate() {
+            let (off, len) = (step.packing.offsets[slot], step.packing.lengths[slot]);
+            let q_row = q.narrow(0, off, len)?;
+            let k_new = k.narrow(0, off, len)?.transpose(0, 1)?; // (n_kv, len, d)
+            let v_new = v.narrow(0, off, len)?.transpose(0, 1)?;
+            let (k_all, v_all) = batch[r].cache.append(l, &k_new, &v_new)?;
+            let info = &step.rows[r];
+            outs.push(row_attention(l, info, &q_row, k_all, v_all)?);
+        }
+        Ok(match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        })
+    }
+}
+
+/// Attention of one row, narrowed to the positions its attention-selection hooks keep.
+fn row_attention(l: usize, row: &RowInfo<'_>, q: &Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+    let mut keep: Option<Vec<u32>> = None;
+    for call in row.hooks.iter().filter(|c| c.hook.points().attention) {
+        let hook_row = crate::hooks::HookRow {
+            seq_id: row.seq_id,
+            tokens: row.tokens,
+            start_position: row.start,
+            params: &call.params,
+        };
+        if let Some(sel) = call.hook.attention_selection(l, &hook_row, q, &k)? {
+            keep = Some(match keep {
+                None => sel,
+                Some(prev) => prev
+                    .into_iter()
+                    .filter(|p| sel.binary_search(p).is_ok())
+                    .collect(),
+            });
+        }
+    }
+    match keep {
+        None => attention::attend(q, &k, &v, None, row.start),
+        Some(keep) => {
+            let (k, v) = attention::select_keys(&k, &v, &keep)?;
+            attention::attend(q, &k, &v, Some(&keep), row.start)
+        }
+    }
+}
+
+/// A row that left the layer stack early, with its hidden states at the exit layer.
+struct Exited {
+    row: usize,
+    hidden: Tensor,
+    positions: Tensor,
+}
+
+/// Per-step state: which rows are still active, where their tokens sit, RoPE tables for
+/// them, and the hook groups of each point.
+struct Step<'a> {
+    rows: &'a [RowInfo<'a>],
+    packing: Packing,
+    cos: Tensor,
+    sin: Tensor,
+    linear: Vec<PlannedGroup<'a>>,
+    residual: Vec<PlannedGroup<'a>>,
+    exit: Vec<PlannedGroup<'a>>,
+    exited: Vec<Exited>,
+    device: Device,
+}
+
+impl<'a> Step<'a> {
+    fn new(model: &Llama, rows: &'a [RowInfo<'a>]) -> Result<Self> {
+        let active: Vec<usize> = (0..rows.len()).collect();
+        let mut step = Self {
+            rows,
+            packing: Packing::new(rows, &active, &model.device)?,
+            cos: Tensor::zeros(1, DType::F32, &model.device)?,
+            sin: Tensor::zeros(1, DType::F32, &model.device)?,
+            linear: Vec::new(),
+            residual: Vec::new(),
+            exit: Vec::new(),
+            exited: Vec::new(),
+            device: model.device.clone(),
+        };
+        step.repack(model, &active)?;
+        Ok(step)
+    }
+
+    /// Recomputes everything that depends on the active row set.
+    fn repack(&mut self, model: &Llama, active: &[usize]) -> Result<()> {
+        self.packing = Packing::new(self.rows, active, &self.device)?;
+        (self.cos, self.sin) = model.rope.tables(&self.packing.positions)?;
+        let (rows, device, lengths) =
+            (self.rows, self.device.clone(), self.packing.lengths.clone());
+        let groups = |p: fn(&HookPoints) -> bool| plan(rows, active, &lengths, p, &device);
+        let (linear, residual, exit) = (
+            groups(|p| p.linear)?,
+            groups(|p| p.residual)?,
+            groups(|p| p.early_exit)?,
+        );
+        (self.linear, self.residual, self.exit) = (linear, residual, exit);
+        Ok(())
+    }
+
+    /// `linear(x)` plus the deltas of the hooks targeting this projection.
+    fn project(&self, l: usize, proj: Projection, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+        let mut y = linear.forward(x)?;
+        for g in self.linear.iter().filter(|g| g.hook.targets(l, proj)) {
+            if let Some(delta) = g.hook.linear_delta(l, proj, &g.group, &g.gather(x)?)? {
+                y = g.add(&y, &delta)?;
+            }
+        }
+        Ok(y)
+    }
+
+    fn embedding_hooks(&self, mut x: Tensor) -> Result<Tensor> {
+        let active = self.packing.rows.clone();
+        let groups = plan(
+            self.rows,
+            &active,
+            &self.packing.lengths,
+            |p| p.embeddings,
+            &self.device,
+        )?;
+        for g in &groups {
+            let old = g.gather(&x)?;
+            if let Some(new) = g.hook.embeddings(&g.group, &old)? {
+                x = g.replace(&x, &old, &new)?;
+            }
+        }
+        Ok(x)
+    }
+
+    fn residual_hooks(&self, l: usize, mut x: Tensor) -> Result<Tensor> {
+        for g in &self.residual {
+            let old = g.gather(&x)?;
+            if let Some(new) = g.hook.residual(l, &g.group, &old)? {
+                x = g.replace(&x, &old, &new)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Asks early-exit hooks which rows leave after layer `l`; removes those rows from the
+    /// packed batch, keeping their hidden states for the LM head and for the keys and values
+    /// of the layers they skip.
+    fn early_exits(&mut self, model: &Llama, l: usize, x: Tensor) -> Result<Tensor> {
+        let mut leaving = vec![false; self.packing.rows.len()];
+        for g in &self.exit {
+            if let Some(flags) = g.hook.early_exit(l, &g.group, &g.gather(&x)?)? {
+                for (&slot, exit) in g.slots.iter().zip(flags) {
+                    leaving[slot] |= exit;
+                }
+            }
+        }
+        if !leaving.contains(&true) || l + 1 == model.layers.len() {
+            return Ok(x);
+        }
+        let stay: Vec<usize> = (0..leaving.len()).filter(|&s| !leaving[s]).collect();
+        for slot in (0..leaving.len()).filter(|&s| leaving[s]) {
+            let (off, len) = (self.packing.offsets[slot], self.packing.lengths[slot]);
+            self.exited.push(Exited {
+                row: self.packing.rows[slot],
+                hidden: x.narrow(0, off, len)?,
+                positions: self.packing.positions.narrow(0, off, len)?,
+            });
+        }
+        let x = x.index_select(&self.packing.token_index(&stay, &self.device)?, 0)?;
+        let active: Vec<usize> = stay.iter().map(|&s| self.packing.rows[s]).collect();
+        self.repack(model, &active)?;
+        Ok(x)
+    }
+
+    /// Writes layer `l`'s keys and values for rows that exited before it, computed from
+    /// their exit hidden states, so their later tokens find a complete cache.
+    fn propagate_exited_kv(
+        &self,
+        model: &Llama,
+        l: usize,
+        layer: &DecoderLayer,
+        batch: &mut [BatchRow<'_>],
+    ) -> Result<()> {
+        let cfg = &model.config;
+        for e in &self.exited {
+            let n = e.hidden.dim(0)?;
+            let h = candle_nn::ops::rms_norm(&e.hidden, &layer.input_norm, cfg.rms_norm_eps)?;
+            let (cos, sin) = model.rope.tables(&e.positions)?;
+            let k = layer
+                .attn
+                .k
+                .forward(&h)?
+                .reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
+            let k = Rope::apply(&k, &cos, &sin)?.transpose(0, 1)?;
+            let v = layer
+                .attn
+                .v
+                .forward(&h)?
+                .reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
+            batch[e.row].cache.append(l, &k, &v.transpose(0, 1)?)?;
+        }
+        Ok(())
+    }
+
+    /// Final norm, LM head and logits hooks for every position a row asked for.
+    fn logits(
+        &self,
+        model: &Llama,
+        batch: &[BatchRow<'_>],
+        x: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut parts = Vec::new();
+        let mut wanted = Vec::new(); // (batch row, entries)
+        for (r, row) in batch.iter().enumerate() {
+            let offsets = row.logit_offsets();
+            if offsets.is_empty() {
+                continue;
+            }
+            let hidden = self.final_hidden(r, x)?;
+            parts.push(hidden.narrow(0, offsets.start, offsets.len())?);
+            wanted.push((r, offsets.len()));
+        }
+        let mut out: Vec<Option<Tensor>> = vec![None; batch.len()];
+        if parts.is_empty() {
+            return Ok(out);
+        }
+        let h = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
+        let rows: Vec<usize> = wanted.iter().map(|w| w.0).collect();
+        let lengths: Vec<usize> = wanted.iter().map(|w| w.1).collect();
+        let mut logits = self.lm_head(model, &rows, &lengths, &h)?;
+        for g in plan(self.rows, &rows, &lengths, |p| p.logits, &self.device)? {
+            let old = g.gather(&logits)?;
+            if let Some(new) = g.hook.logits(&g.group, &old)? {
+                logits = g.replace(&logits, &old, &new)?;
+            }
+        }
+        let mut offset = 0;
+        for (r, len) in wanted {
+            out[r] = Some(logits.narrow(0, offset, len)?);
+            offset += len;
+        }
+        Ok(out)
+    }
+
+    fn lm_head(
+        &self,
+        model: &Llama,
+        rows: &[usize],
+        lengths: &[usize],
+        h: &Tensor,
+    ) -> Result<Tensor> {
+        let mut logits = model.lm_head.forward(h)?;
+        for g in plan(self.rows, rows, lengths, |p| p.linear, &self.device)? {
+            if g.hook.targets(0, Projection::LmHead) {
+                if let Some(delta) =
+                    g.hook
+                        .linear_delta(0, Projection::LmHead, &g.group, &g.gather(h)?)?
+                {
+                    logits = g.add(&logits, &delta)?;
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Hidden states of batch row `r` after its last layer: from the exit record if it left
+    /// early, else from the packed output `x`.
+    fn final_hidden(&self, r: usize, x: &Tensor) -> Result<Tensor> {
+        if let Some(e) = self.exited.iter().find(|e| e.row == r) {
+            return Ok(e.hidden.clone());
+        }
+        let slot = self
+            .packing
+            .rows
+            .iter()
+            .position(|&a| a == r)
+            .ok_or_else(|| ModelError::Batch(format!("row {r} is neither active nor exited")))?;
+        Ok(x.narrow(0, self.packing.offsets[slot], self.packing.lengths[slot])?)
+    }
+}

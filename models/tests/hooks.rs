@@ -1,0 +1,238 @@
+//! Hook semantics on a tiny seeded model: hooks act only on the rows whose chain holds them,
+//! in chain order, and early exit takes a row's logits from an earlier layer while keeping
+//! its cache complete for later steps.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use models::tiny::{tiny_config, TinyModel};
+use models::{
+    Architecture, BatchRow, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted, Projection,
+};
+
+const MAX_POS: usize = 128;
+
+/// Adds a constant to the residual stream after `layer` (a steering vector of all ones).
+struct AddAfterLayer {
+    layer: usize,
+    amount: f64,
+}
+
+impl Hook for AddAfterLayer {
+    fn name(&self) -> &str {
+        "add"
+    }
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            residual: true,
+            ..Default::default()
+        }
+    }
+    fn residual(
+        &self,
+        layer: usize,
+        _g: &HookGroup<'_>,
+        h: &Tensor,
+    ) -> models::Result<Option<Tensor>> {
+        Ok((layer == self.layer).then(|| (h + self.amount).expect("add")))
+    }
+}
+
+/// Exits every row after `layer`.
+struct ExitAfter(usize);
+
+impl Hook for ExitAfter {
+    fn name(&self) -> &str {
+        "exit"
+    }
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            early_exit: true,
+            ..Default::default()
+        }
+    }
+    fn early_exit(
+        &self,
+        layer: usize,
+        g: &HookGroup<'_>,
+        _h: &Tensor,
+    ) -> models::Result<Option<Vec<bool>>> {
+        Ok((layer == self.0).then(|| vec![true; g.rows.len()]))
+    }
+}
+
+/// Adds `x @ ones` to the q projection of layer 0 (a rank-1 adapter).
+struct QDelta;
+
+impl Hook for QDelta {
+    fn name(&self) -> &str {
+        "qdelta"
+    }
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            linear: true,
+            ..Default::default()
+        }
+    }
+    fn targets(&self, layer: usize, p: Projection) -> bool {
+        layer == 0 && p == Projection::Q
+    }
+    fn linear_delta(
+        &self,
+        _l: usize,
+        _p: Projection,
+        _g: &HookGroup<'_>,
+        x: &Tensor,
+    ) -> models::Result<Option<Tensor>> {
+        let ones = Tensor::ones((x.dim(1)?, 32), x.dtype(), x.device())?;
+        Ok(Some(x.matmul(&ones)?))
+    }
+}
+
+fn tiny() -> TinyModel {
+    TinyModel::random(tiny_config(Architecture::Llama), 11).expect("tiny")
+}
+
+fn last_logits(m: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Tensor {
+    let mut cache = m.new_cache();
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens,
+        cache: &mut cache,
+        hooks,
+        logits: LogitsWanted::Last,
+    }];
+    m.forward(&mut b)
+        .expect("forward")
+        .remove(0)
+        .expect("logits")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar()
+        .expect("scalar")
+}
+
+fn batch_of_two(m: &Llama, hooks_a: &[HookCall], hooks_b: &[HookCall]) -> (Tensor, Tensor) {
+    let (ta, tb) = ([3u32, 8, 13, 21], [34u32, 55]);
+    let (mut ca, mut cb) = (m.new_cache(), m.new_cache());
+    let mut batch = [
+        BatchRow {
+            seq_id: 1,
+            tokens: &ta,
+            cache: &mut ca,
+            hooks: hooks_a,
+            logits: LogitsWanted::Last,
+        },
+        BatchRow {
+            seq_id: 2,
+            tokens: &tb,
+            cache: &mut cb,
+            hooks: hooks_b,
+            logits: LogitsWanted::Last,
+        },
+    ];
+    let mut out = m.forward(&mut batch).expect("forward");
+    (out.remove(0).expect("a"), out.remove(0).expect("b"))
+}
+
+#[test]
+fn hooks_change_only_the_rows_that_use_them() {
+    let m = tiny().build(MAX_POS).expect("build");
+    let hooks: [(&str, Arc<dyn Hook>); 2] = [
+        (
+            "residual",
+            Arc::new(AddAfterLayer {
+                layer: 0,
+                amount: 0.5,
+            }),
+        ),
+        ("linear", Arc::new(QDelta)),
+    ];
+    for (what, hook) in hooks {
+        let chain = [HookCall::bare(hook)];
+        let (a, b) = batch_of_two(&m, &chain, &[]);
+        let a_alone = last_logits(&m, &[3, 8, 13, 21], &chain);
+        let a_plain = last_logits(&m, &[3, 8, 13, 21], &[]);
+        let b_alone = last_logits(&m, &[34, 55], &[]);
+        assert!(
+            max_diff(&a, &a_alone) < 1e-4,
+            "{what}: hooked row differs from itself alone"
+        );
+        assert!(max_diff(&a, &a_plain) > 1e-3, "{what}: hook had no effect");
+        assert!(
+            max_diff(&b, &b_alone) < 1e-4,
+            "{what}: hook leaked into another row"
+        );
+    }
+}
+
+#[test]
+fn residual_hooks_compose_in_chain_order() {
+    let m = tiny().build(MAX_POS).expect("build");
+    let one = HookCall::bare(Arc::new(AddAfterLayer {
+        layer: 1,
+        amount: 0.25,
+    }));
+    let two = HookCall::bare(Arc::new(AddAfterLayer {
+        layer: 1,
+        amount: 0.25,
+    }));
+    let both = last_logits(&m, &[1, 2, 3], &[one.clone(), two]);
+    let once = HookCall::bare(Arc::new(AddAfterLayer {
+        layer: 1,
+        amount: 0.5,
+    }));
+    assert!(max_diff(&both, &last_logits(&m, &[1, 2, 3], &[once])) < 1e-5);
+    assert!(max_diff(&both, &last_logits(&m, &[1, 2, 3], &[one])) > 1e-3);
+}
+
+#[test]
+fn early_exit_takes_logits_from_the_exit_layer_and_keeps_the_cache_whole() {
+    let full = tiny();
+    let m = full.build(MAX_POS).expect("build");
+    // The same weights truncated to layer 0 give what exiting after layer 0 must give.
+    let mut short = full.clone();
+    short.config.num_layers = 1;
+    let short = short.build(MAX_POS).expect("short");
+    let exit = [HookCall::bare(Arc::new(ExitAfter(0)))];
+    let toks = [5u32, 6, 7];
+    assert!(
+        max_diff(
+            &last_logits(&m, &toks, &exit),
+            &last_logits(&short, &toks, &[])
+        ) < 1e-5
+    );
+
+    // After exiting, a later full step must find layer 1's cache filled for every position.
+    let mut cache = m.new_cache();
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens: &toks,
+        cache: &mut cache,
+        hooks: &exit,
+        logits: LogitsWanted::Last,
+    }];
+    m.forward(&mut b).expect("exit step");
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens: &[9],
+        cache: &mut cache,
+        hooks: &[],
+        logits: LogitsWanted::Last,
+    }];
+    let next = m
+        .forward(&mut b)
+        .expect("next step")
+        .remove(0)
+        .expect("logits");
+    assert_eq!(cache.len(), 4);
+    assert_eq!(next.dims(), &[1, 96]);
+    let _ = Device::Cpu;
+}

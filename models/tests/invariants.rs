@@ -1,0 +1,272 @@
+//! Invariants of the decoder on tiny seeded models written to disk (so the real loaders run):
+//! prefill equals step-by-step decode, a batch equals each row alone, loader-built equals
+//! in-memory, and an empty plug-in chain equals a chain of no-op hooks bit for bit.
+
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use models::hooks::NoOpHook;
+use models::loader::load_model;
+use models::tiny::{tiny_config, TinyModel};
+use models::{Architecture, BatchRow, HookCall, Llama, LogitsWanted};
+
+const MAX_POS: usize = 256;
+
+fn model(arch: Architecture) -> TinyModel {
+    TinyModel::random(tiny_config(arch), 7).expect("tiny model")
+}
+
+/// Runs one row alone through a fresh cache in the given chunk sizes; returns the logits of
+/// every position, `(n, vocab)`.
+fn run_chunks(m: &Llama, tokens: &[u32], chunks: &[usize], hooks: &[HookCall]) -> Tensor {
+    let mut cache = m.new_cache();
+    let mut outs = Vec::new();
+    let mut at = 0;
+    for &c in chunks {
+        let mut batch = [BatchRow {
+            seq_id: 1,
+            tokens: &tokens[at..at + c],
+            cache: &mut cache,
+            hooks,
+            logits: LogitsWanted::All,
+        }];
+        outs.push(
+            m.forward(&mut batch)
+                .expect("forward")
+                .remove(0)
+                .expect("logits"),
+        );
+        at += c;
+    }
+    Tensor::cat(&outs, 0).expect("cat")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar()
+        .expect("scalar")
+}
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 11 + 5) % 96)
+        .collect()
+}
+
+#[test]
+fn prefill_equals_step_by_step_decode() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let m = model(arch).build(MAX_POS).expect("build");
+        let toks = tokens(20, 1);
+        let full = run_chunks(&m, &toks, &[20], &[]);
+        let stepwise = run_chunks(&m, &toks, &[1; 20], &[]);
+        let chunked = run_chunks(&m, &toks, &[7, 1, 12], &[]);
+        assert!(
+            max_diff(&full, &stepwise) < 1e-4,
+            "{arch:?}: {}",
+            max_diff(&full, &stepwise)
+        );
+        assert!(
+            max_diff(&full, &chunked) < 1e-4,
+            "{arch:?}: {}",
+            max_diff(&full, &chunked)
+        );
+    }
+}
+
+#[test]
+fn batch_equals_each_row_alone() {
+    let m = model(Architecture::Llama).build(MAX_POS).expect("build");
+    // Three sequences: a fresh prefill, a decode step after a 9-token prompt, and a second
+    // prefill chunk after 5 tokens.
+    let seqs = [tokens(6, 2), tokens(10, 3), tokens(12, 4)];
+    let split = [0usize, 9, 5];
+    let mut caches: Vec<_> = (0..3).map(|_| m.new_cache()).collect();
+    for (i, cache) in caches.iter_mut().enumerate() {
+        if split[i] > 0 {
+            let mut b = [BatchRow {
+                seq_id: i as u64,
+                tokens: &seqs[i][..split[i]],
+                cache,
+                hooks: &[],
+                logits: LogitsWanted::None,
+            }];
+            m.forward(&mut b).expect("prefix");
+        }
+    }
+    let [c0, c1, c2] = &mut caches[..] else {
+        panic!("three caches")
+    };
+    let mut batch = [
+        BatchRow {
+            seq_id: 0,
+            tokens: &seqs[0][..],
+            cache: c0,
+            hooks: &[],
+            logits: LogitsWanted::All,
+        },
+        BatchRow {
+            seq_id: 1,
+            tokens: &seqs[1][9..],
+            cache: c1,
+            hooks: &[],
+            logits: LogitsWanted::Last,
+        },
+        BatchRow {
+            seq_id: 2,
+            tokens: &seqs[2][5..],
+            cache: c2,
+            hooks: &[],
+            logits: LogitsWanted::All,
+        },
+    ];
+    let out = m.forward(&mut batch).expect("batched");
+    for i in 0..3 {
+        let alone = run_chunks(
+            &m,
+            &seqs[i],
+            &if split[i] > 0 {
+                vec![split[i], seqs[i].len() - split[i]]
+            } else {
+                vec![seqs[i].len()]
+            },
+            &[],
+        );
+        let got = out[i].as_ref().expect("logits");
+        let n = got.dim(0).expect("dim");
+        let want = alone
+            .narrow(0, alone.dim(0).expect("dim") - n, n)
+            .expect("narrow");
+        assert!(
+            max_diff(got, &want) < 1e-4,
+            "row {i}: {}",
+            max_diff(got, &want)
+        );
+    }
+    assert_eq!(batch[1].cache.len(), 10);
+}
+
+#[test]
+fn loader_built_equals_in_memory() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let tiny = model(arch);
+        let dir = tempfile::tempdir().expect("tempdir");
+        tiny.write_safetensors(&dir.path().join("hf"))
+            .expect("write hf");
+        tiny.write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
+            .expect("write gguf");
+        let toks = tokens(12, 5);
+        let reference = run_chunks(&tiny.build(MAX_POS).expect("build"), &toks, &[12], &[]);
+        let dev = candle_core::Device::Cpu;
+        for path in [dir.path().join("hf"), dir.path().join("m.gguf")] {
+            let loaded = load_model(&path, &dev, MAX_POS).expect("load");
+            assert_eq!(loaded.config, tiny.config);
+            let got = run_chunks(&loaded, &toks, &[12], &[]);
+            assert_eq!(
+                max_diff(&got, &reference),
+                0.0,
+                "{arch:?} {}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The float model with every matrix rounded through `dtype` and back: what a quantized
+/// GGUF holds, computed in f32.
+fn rounded(tiny: &TinyModel, dtype: GgmlDType) -> TinyModel {
+    let mut out = tiny.clone();
+    for t in out.tensors.values_mut() {
+        if t.rank() == 2 {
+            let q = candle_core::quantized::QTensor::quantize(t, dtype).expect("quantize");
+            *t = q.dequantize(&candle_core::Device::Cpu).expect("dequantize");
+        }
+    }
+    out
+}
+
+#[test]
+fn quantized_gguf_matches_its_float_rounding() {
+    // K-quants work on rows of 256 values, so this test needs a wider model.
+    let mut cfg = tiny_config(Architecture::Llama);
+    (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (256, 512, 64);
+    let tiny = TinyModel::random(cfg, 3).expect("tiny");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toks = tokens(12, 6);
+    // The quantized matmul also rounds activations to 8 bits, so agreement is close, not
+    // exact; a wrong q/k row order would be off by the scale of the logits themselves.
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let reference = run_chunks(
+            &rounded(&tiny, dtype).build(MAX_POS).expect("build"),
+            &toks,
+            &[12],
+            &[],
+        );
+        let scale = reference
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("s");
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        tiny.write_gguf(&path, dtype).expect("write");
+        let m = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect("load");
+        let d = max_diff(&run_chunks(&m, &toks, &[12], &[]), &reference) / scale;
+        assert!(d < 0.03, "{dtype:?}: relative diff {d}");
+    }
+}
+
+#[test]
+fn empty_chain_equals_noop_chain_bit_for_bit() {
+    let m = model(Architecture::Llama).build(MAX_POS).expect("build");
+    let toks = tokens(16, 7);
+    let noop: Arc<NoOpHook> = Arc::new(NoOpHook);
+    let chain = [HookCall::bare(noop.clone()), HookCall::bare(noop)];
+    let plain = run_chunks(&m, &toks, &[10, 1, 5], &[]);
+    let hooked = run_chunks(&m, &toks, &[10, 1, 5], &chain);
+    assert_eq!(max_diff(&plain, &hooked), 0.0);
+}
+
+#[test]
+fn missing_tensor_is_a_typed_error_naming_it() {
+    let mut tiny = model(Architecture::Llama);
+    tiny.tensors.remove("model.layers.1.mlp.up_proj.weight");
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny.write_safetensors(dir.path()).expect("write");
+    let err = load_model(dir.path(), &candle_core::Device::Cpu, MAX_POS).expect_err("must fail");
+    assert!(
+        err.to_string()
+            .contains("model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn misshapen_tensor_is_a_typed_error_naming_it() {
+    let mut tiny = model(Architecture::Llama);
+    let bad =
+        Tensor::zeros((3, 3), candle_core::DType::F32, &candle_core::Device::Cpu).expect("zeros");
+    tiny.tensors
+        .insert("model.layers.0.self_attn.k_proj.weight".into(), bad);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.gguf");
+    tiny.write_gguf(&path, GgmlDType::F32).expect("write");
+    let err = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect_err("must fail");
+    assert!(err.to_string().contains("blk.0.attn_k.weight"), "{err}");
+}
