@@ -16,6 +16,7 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod rope;
+pub mod testing;
 pub mod tiny;
 
 pub use batch::{BatchRow, LogitsWanted};

@@ -122,8 +122,9 @@ def main() -> int:
     cases += [(C.prompt_text(meta, p), True, p["name"]) for p in C.PROMPTS]
 
     version = subprocess.run([args.server, "--version"], capture_output=True, text=True, timeout=60)
-    version = " ".join((version.stdout + version.stderr).split())
-    version = version[version.find("version"):] if "version" in version else version
+    lines = (version.stdout + version.stderr).splitlines()
+    version = next((ln.strip() for ln in lines if ln.strip().startswith("version")), " ".join(lines).strip())
+    version = version.removeprefix("version:").strip()  # e.g. "0.6.0-dev (build 11434, commit unknown)"
     port = free_port(args.port)
     cmd = [args.server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "1", "-c", "512",
            "-np", "1", "--no-warmup"]

@@ -1,0 +1,141 @@
+//! The default model against an independent implementation: Python `transformers` running
+//! the same GGUF dequantized to float32 (fixture made by scripts/reference/model_reference.py
+//! and perplexity_reference.py).
+//!
+//! Exact agreement is the wrong test: our quantized matmul rounds activations to 8 bits, as
+//! llama.cpp does, and several prompts have near-ties. The limits below are the ones
+//! llama.cpp itself meets against the same reference, with about 2x headroom (issue #2).
+
+use candle_core::{Device, Tensor, D};
+use models::{BatchRow, Llama, LogitsWanted};
+use serde_json::Value;
+
+const FIXTURE: &str = include_str!("fixtures/smollm2_reference.json");
+const PERPLEXITY: &str = include_str!("fixtures/smollm2_perplexity.json");
+
+fn default_model() -> Option<Llama> {
+    let path = models::testing::default_model_for_tests()?;
+    Some(models::loader::load_model(&path, &Device::Cpu, 2048).expect("load default model"))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// log-softmax of every position's logits: `(n, vocab)`.
+fn log_probs(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache();
+    let mut b = [BatchRow { seq_id: 0, tokens, cache: &mut cache, hooks: &[], logits: LogitsWanted::All }];
+    let logits: Tensor = m.forward(&mut b).expect("forward").remove(0).expect("logits");
+    candle_nn::ops::log_softmax(&logits, D::Minus1).expect("log_softmax").to_vec2().expect("vec")
+}
+
+fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = lp.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+    idx.truncate(k);
+    idx
+}
+
+/// Greedy continuation with the KV cache, one token per step.
+fn greedy(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = m.new_cache();
+    let mut out = Vec::with_capacity(n);
+    let mut next: Vec<u32> = prompt.to_vec();
+    for _ in 0..n {
+        let mut b = [BatchRow { seq_id: 0, tokens: &next, cache: &mut cache, hooks: &[], logits: LogitsWanted::Last }];
+        let logits = m.forward(&mut b).expect("forward").remove(0).expect("logits");
+        let id = logits.flatten_all().expect("flat").argmax(0).expect("argmax").to_scalar::<u32>().expect("id");
+        out.push(id);
+        next = vec![id];
+    }
+    out
+}
+
+#[test]
+fn next_token_distribution_matches_reference() {
+    let Some(m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let name = p["name"].as_str().expect("name");
+        let prompt = ids(&p["prompt_ids"]);
+        let lp = log_probs(&m, &prompt);
+        let ours = top_k(lp.last().expect("last"), 10);
+        let reference: Vec<(u32, f32)> = p["top10"]
+            .as_array()
+            .expect("top10")
+            .iter()
+            .map(|e| (e[0].as_u64().expect("id") as u32, e[1].as_f64().expect("lp") as f32))
+            .collect();
+        let (ref_top1, ref_top1_lp) = reference[0];
+        let ref_lp_of = |id: u32| reference.iter().find(|e| e.0 == id).map(|e| e.1);
+        let our_top1_ref_lp = ref_lp_of(ours[0].0)
+            .unwrap_or_else(|| panic!("{name}: our top-1 {} is not in the reference top-10", ours[0].0));
+        assert!(ref_top1_lp - our_top1_ref_lp <= 0.25, "{name}: our top-1 is {} nats below the reference top-1", ref_top1_lp - our_top1_ref_lp);
+        let overlap = ours.iter().filter(|o| ref_lp_of(o.0).is_some()).count();
+        assert!(overlap >= 7, "{name}: top-10 overlap {overlap}");
+        let last = lp.last().expect("last");
+        assert!((last[ref_top1 as usize] - ref_top1_lp).abs() <= 0.25, "{name}: log-prob of the reference top-1 differs by {}", (last[ref_top1 as usize] - ref_top1_lp).abs());
+        for &(id, want) in &reference {
+            let d = (last[id as usize] - want).abs();
+            assert!(d <= 0.75, "{name}: log-prob of reference top-10 token {id} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn teacher_forced_prompt_log_probs_match_reference() {
+    let Some(m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let prompt = ids(&p["prompt_ids"]);
+        let want: Vec<f32> = p["prompt_logprobs"].as_array().expect("lps").iter().map(|v| v.as_f64().expect("f") as f32).collect();
+        let lp = log_probs(&m, &prompt);
+        let got: Vec<f32> = (1..prompt.len()).map(|i| lp[i - 1][prompt[i] as usize]).collect();
+        assert_eq!(got.len(), want.len());
+        let mad = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len().max(1) as f32;
+        assert!(mad <= 0.15, "{}: mean absolute difference {mad}", p["name"]);
+    }
+}
+
+#[test]
+fn greedy_continuations_match_reference_up_to_near_ties() {
+    let Some(m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
+    let mut early = Vec::new();
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let name = p["name"].as_str().expect("name");
+        let want = ids(&p["greedy_ids"]);
+        let margins: Vec<f64> = p["greedy_margins"].as_array().expect("m").iter().map(|v| v.as_f64().expect("f")).collect();
+        let got = greedy(&m, &ids(&p["prompt_ids"]), want.len());
+        // Up to the first near-tie of the reference, the continuations must be identical.
+        let tie = margins.iter().position(|&x| x < 0.5).unwrap_or(want.len());
+        let diverged = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(want.len());
+        eprintln!("{name}: first near-tie at {tie}, first difference at {diverged}");
+        if diverged < tie {
+            early.push(name.to_string());
+        }
+    }
+    assert!(early.len() <= 1, "continuations diverged before a near-tie: {early:?}");
+}
+
+#[test]
+fn perplexity_matches_reference() {
+    let Some(m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
+    let tokens = ids(&fixture["token_ids"]);
+    let window = fixture["definition"]["window"].as_u64().expect("window") as usize;
+    let mut nll = 0.0f64;
+    let mut n = 0usize;
+    for chunk in tokens.chunks(window) {
+        let lp = log_probs(&m, chunk);
+        for i in 1..chunk.len() {
+            nll -= lp[i - 1][chunk[i] as usize] as f64;
+            n += 1;
+        }
+    }
+    let ppl = (nll / n as f64).exp();
+    let want = fixture["perplexity"].as_f64().expect("ppl");
+    eprintln!("perplexity {ppl:.4} vs reference {want:.4}");
+    assert!((ppl - want).abs() / want <= 0.02, "perplexity {ppl} vs reference {want}");
+}
