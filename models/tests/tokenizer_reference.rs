@@ -10,8 +10,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::quantized::gguf_file;
-use models::tokenizer::{IncrementalDecoder, Tokenizer};
+use candle_core::quantized::gguf_file::{self, Value};
+use models::tokenizer::{IncrementalDecoder, TokenKind, Tokenizer};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -48,8 +48,13 @@ fn tokenizer() -> Option<Tokenizer> {
 }
 
 fn fixture() -> Option<Fixture> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_tokenizer.json");
+    fixture_named("smollm2_tokenizer.json")
+}
+
+fn fixture_named(name: &str) -> Option<Fixture> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let Ok(text) = std::fs::read_to_string(&path) else {
         println!("skipped: no fixture at {}", path.display());
         return None;
@@ -162,4 +167,97 @@ fn smollm2_hand_checked_cases() {
     let ids = tk.encode(chat, true).unwrap();
     assert_eq!(tk.decode(&ids, false).unwrap(), chat);
     assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 2);
+}
+
+/// The SentencePiece vocabulary described in `tests/fixtures/spm_synth_llamacpp.json`, built
+/// from the SmolLM2 vocabulary: a realistic 49k-piece SPM model without shipping a Llama 2 GGUF.
+fn synthesized_spm(smollm: &Tokenizer) -> Tokenizer {
+    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    let mut types = vec![2, 3, 3];
+    types.resize(pieces.len(), 6);
+    let mut scores = vec![0.0f32; pieces.len()];
+    let mut seen: std::collections::HashSet<String> = pieces.iter().cloned().collect();
+    for (i, id) in (17..smollm.vocab_size() as u32).enumerate() {
+        let Ok(text) = String::from_utf8(smollm.token_bytes(id).unwrap().to_vec()) else {
+            continue;
+        };
+        let piece = text.replace(' ', "\u{2581}");
+        if !piece.is_empty() && seen.insert(piece.clone()) {
+            pieces.push(piece);
+            types.push(1);
+            scores.push(-(i as f32));
+        }
+    }
+    pieces.push("<tool>".into());
+    types.push(4);
+    scores.push(0.0);
+    let metadata = [
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(pieces.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ];
+    let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &refs, &[]).unwrap();
+    buf.set_position(0);
+    Tokenizer::from_gguf(&gguf_file::Content::read(&mut buf).unwrap()).unwrap()
+}
+
+/// graft's port of llama.cpp's SPM merger against llama.cpp itself (`llama-tokenize`), on a
+/// realistic vocabulary: score-ordered merges, byte fallback (emoji, rare CJK), the prefix
+/// space after special and user-defined tokens.
+#[test]
+fn spm_ids_match_llama_cpp_on_a_synthesized_vocabulary() {
+    let (Some(smollm), Some(fx)) = (tokenizer(), fixture_named("spm_synth_llamacpp.json")) else {
+        return;
+    };
+    let tk = synthesized_spm(&smollm);
+    assert_eq!(tk.vocab_size(), 49082);
+    assert_eq!(tk.token_kind(49081), Some(TokenKind::UserDefined));
+    let mut failures = Vec::new();
+    for case in &fx.cases {
+        let got = tk.encode(&case.text, case.parse_special).unwrap();
+        if got != case.ids {
+            failures.push(format!(
+                "{:?} ({}): {:?} vs {got:?}",
+                case.text, case.parse_special, case.ids
+            ));
+        }
+        let mut dec = IncrementalDecoder::new(false);
+        let mut streamed = String::new();
+        for &id in &got {
+            if let Some(delta) = dec.push(&tk, id).unwrap() {
+                assert!(
+                    !delta.contains('\u{FFFD}'),
+                    "{:?}: delta {delta:?}",
+                    case.text
+                );
+                streamed.push_str(&delta);
+            }
+        }
+        streamed.extend(dec.finish());
+        assert_eq!(streamed, tk.decode(&got, false).unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} differ:\n{}",
+        failures.len(),
+        fx.cases.len(),
+        failures.join("\n")
+    );
 }
