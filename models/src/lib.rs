@@ -18,6 +18,7 @@ pub mod loader;
 pub mod rope;
 pub mod testing;
 pub mod tiny;
+pub mod tokenizer;
 
 pub use batch::{BatchRow, LogitsWanted};
 pub use config::{Architecture, ModelConfig};
@@ -25,3 +26,4 @@ pub use error::{ModelError, Result};
 pub use hooks::{Hook, HookCall, HookGroup, HookPoints, HookRow, Projection};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
