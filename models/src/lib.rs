@@ -5,4 +5,5 @@
 //! points, per-sequence KV caches, the tokenizer and chat template, sampling, and the
 //! default-model fetch. The crate knows nothing about HTTP or scheduling.
 
+pub mod chat_template;
 pub mod sampling;
