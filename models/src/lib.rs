@@ -6,4 +6,5 @@
 //! default-model fetch. The crate knows nothing about HTTP or scheduling.
 
 pub mod chat_template;
+pub mod default_model;
 pub mod sampling;
