@@ -7,7 +7,9 @@
 
 mod attention;
 pub mod batch;
+pub mod chat_template;
 pub mod config;
+pub mod default_model;
 pub mod error;
 mod hook_plan;
 pub mod hooks;
@@ -16,6 +18,7 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod rope;
+pub mod sampling;
 pub mod testing;
 pub mod tiny;
 pub mod tokenizer;

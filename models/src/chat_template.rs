@@ -1,0 +1,616 @@
+//! Chat templates: the model's Jinja template that turns a list of chat messages into the
+//! prompt text the tokenizer sees.
+//!
+//! Request path: validation renders the request's `messages` with [`ChatTemplate::render`]
+//! before tokenizing. The template is found once at start-up by [`find_template`] (config,
+//! then `tokenizer_config.json`, then the GGUF metadata) and compiled once by
+//! [`ChatTemplate::new`]. Rendering imitates Hugging Face `transformers`'
+//! `apply_chat_template`, which these templates are written for: a Jinja2 environment with
+//! `trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a
+//! `tojson` that writes what Python's `json.dumps` writes, and Python string methods
+//! (`.strip()`, `.startswith()`, `.split()`, ...) via `minijinja-contrib`'s `pycompat`, as TGI
+//! and mistral.rs do. Known gaps: HF's `{% generation %}` tag (used only for training masks)
+//! is not supported, maps iterate in key order rather than insertion order, and
+//! `strftime_now` reads UTC where Python reads local time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, ErrorKind, Output, State};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The name the compiled template is stored under inside its environment.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// One chat message as the template sees it (`message['role']`, `message['content']`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Why a chat template could not be found, compiled or rendered.
+#[derive(Debug, Error)]
+pub enum TemplateError {
+    #[error(
+        "no chat template: none configured, no `chat_template` in tokenizer_config.json and no \
+         `tokenizer.chat_template` in the GGUF metadata; set `chat_template` in the config file \
+         (or --chat-template) to the template text"
+    )]
+    Missing,
+    #[error("chat template does not compile: {0}")]
+    Compile(#[source] minijinja::Error),
+    #[error("chat template raised an exception: {message}")]
+    Raised { message: String },
+    #[error("chat template failed to render: {0}")]
+    Render(#[source] minijinja::Error),
+    #[error("cannot read chat template source {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: `chat_template` {problem}")]
+    BadConfig { path: PathBuf, problem: String },
+}
+
+/// A compiled chat template with the special tokens it may refer to.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source` once; `bos_token` / `eos_token` are the tokenizer's special tokens
+    /// as text (e.g. `<s>`), left undefined in the template (so they print as nothing) when
+    /// `None`, as in `transformers`.
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        // transformers' ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.set_formatter(python_formatter);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(TemplateError::Compile)?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Renders `messages` into prompt text. `add_generation_prompt` appends the opening of
+    /// the assistant's turn; `tools` is the request's tool list, passed through as JSON.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, TemplateError> {
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        // Templates test `tools is not none`, so an absent list is `none`, not undefined.
+        ctx.insert(
+            "tools",
+            tools.map_or(Value::from(()), Value::from_serialize),
+        );
+        if let Some(bos) = &self.bos_token {
+            ctx.insert("bos_token", Value::from(bos.as_str()));
+        }
+        if let Some(eos) = &self.eos_token {
+            ctx.insert("eos_token", Value::from(eos.as_str()));
+        }
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(TemplateError::Render)?;
+        template
+            .render(ctx)
+            .map_err(|err| match raised_message(&err) {
+                Some(message) => TemplateError::Raised { message },
+                None => TemplateError::Render(err),
+            })
+    }
+}
+
+/// Marks an error as the template's own `raise_exception(msg)`, so `render` can report it as
+/// [`TemplateError::Raised`] (usually a client mistake, e.g. roles out of order) rather than
+/// as a broken template.
+#[derive(Debug, Error)]
+#[error("{0}")]
+struct Raised(String);
+
+fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+            .with_source(Raised(message)),
+    )
+}
+
+fn raised_message(err: &minijinja::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(raised) = e.downcast_ref::<Raised>() {
+            return Some(raised.0.clone());
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Prints booleans and `none` as Python does (`True`, `False`, `None`); minijinja's default
+/// would print `true`, `false`, `none`. Everything else uses the default formatter.
+fn python_formatter(
+    out: &mut Output,
+    state: &State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    let text = match value.kind() {
+        ValueKind::Bool if value.is_true() => "True",
+        ValueKind::Bool => "False",
+        ValueKind::None => "None",
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    out.write_str(text)
+        .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write template output"))
+}
+
+/// `strftime_now(fmt)`: the current time (UTC) formatted with Python `strftime` directives,
+/// which Llama 3.x templates use for "Today Date".
+fn strftime_now(format: String) -> Result<Value, minijinja::Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Utc::now().format(&format)).map_err(|_| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: unsupported format string {format:?}"),
+        )
+    })?;
+    Ok(Value::from(out))
+}
+
+/// `tojson` as `transformers` defines it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=indent)`, i.e. `", "` / `": "` separators, or newlines and `indent` spaces, and no
+/// HTML escaping (minijinja's own `tojson` is compact and escapes `<`, `>`, `&`, `'`, which
+/// would change the prompt the model was trained on).
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            serde::Serialize::serialize(
+                value,
+                &mut serde_json::Serializer::with_formatter(&mut out, fmt),
+            )
+        }
+        None => serde::Serialize::serialize(
+            value,
+            &mut serde_json::Serializer::with_formatter(&mut out, PythonJson),
+        ),
+    };
+    result.map_err(|e| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, "tojson failed").with_source(e)
+    })?;
+    let text = String::from_utf8(out).map_err(|e| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, "tojson produced invalid UTF-8")
+            .with_source(e)
+    })?;
+    Ok(Value::from_safe_string(text))
+}
+
+/// serde_json formatter for Python's default `json.dumps` separators: `", "` and `": "`.
+struct PythonJson;
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// Picks the chat template source, first found wins:
+///
+/// 1. `configured`: the operator's explicit template (config file or command line);
+/// 2. `tokenizer_config_json`'s `chat_template`: a string, or a list of `{name, template}`
+///    of which the one named `default` is used; if the file has none, a `chat_template.jinja`
+///    beside it (where newer `transformers` versions save it). A path that does not exist
+///    counts as absent, so callers may pass the expected location unconditionally;
+/// 3. `gguf_template`: the GGUF metadata's `tokenizer.chat_template`.
+///
+/// None of them is [`TemplateError::Missing`], whose message says how to configure one.
+pub fn find_template(
+    gguf_template: Option<String>,
+    tokenizer_config_json: Option<&Path>,
+    configured: Option<String>,
+) -> Result<String, TemplateError> {
+    if let Some(source) = configured {
+        return Ok(source);
+    }
+    if let Some(path) = tokenizer_config_json {
+        if let Some(source) = from_tokenizer_config(path)? {
+            return Ok(source);
+        }
+        if let Some(source) = read_if_exists(&path.with_file_name("chat_template.jinja"))? {
+            return Ok(source);
+        }
+    }
+    gguf_template.ok_or(TemplateError::Missing)
+}
+
+/// Reads a file, treating "not found" as `None` and any other failure as an error.
+fn read_if_exists(path: &Path) -> Result<Option<String>, TemplateError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TemplateError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn from_tokenizer_config(path: &Path) -> Result<Option<String>, TemplateError> {
+    let Some(text) = read_if_exists(path)? else {
+        return Ok(None);
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| TemplateError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+    let bad = |problem: String| TemplateError::BadConfig {
+        path: path.to_owned(),
+        problem,
+    };
+    match json.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(entries)) => {
+            let named =
+                |e: &serde_json::Value| e.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            let default = entries
+                .iter()
+                .find(|e| named(e).as_deref() == Some("default"));
+            match default
+                .and_then(|e| e.get("template"))
+                .and_then(|t| t.as_str())
+            {
+                Some(s) => Ok(Some(s.to_owned())),
+                None => {
+                    let names: Vec<String> = entries.iter().filter_map(named).collect();
+                    Err(bad(format!(
+                        "is a list without a `default` entry holding a `template` string (names: {names:?})"
+                    )))
+                }
+            }
+        }
+        Some(other) => Err(bad(format!(
+            "must be a string or a list of {{name, template}}, got {other}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn smollm2_template_renders_like_jinja2() {
+        let t = ChatTemplate::new(SMOLLM2, None, Some("<|im_end|>".into())).unwrap();
+        let out = t
+            .render(&[msg("user", "What is 2+2?")], true, None)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        let with_system = [
+            msg("system", "Be brief."),
+            msg("user", "Hi"),
+            msg("assistant", "Hello!"),
+        ];
+        let out = t.render(&with_system, false, None).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        );
+    }
+
+    /// Meta-Llama-3-8B-Instruct's template, verbatim.
+    const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+
+    #[test]
+    fn llama3_template_uses_bos_token_and_trim() {
+        let t = ChatTemplate::new(
+            LLAMA3,
+            Some("<|begin_of_text|>".into()),
+            Some("<|eot_id|>".into()),
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &[msg("system", "  Be brief.\n"), msg("user", "Hi ")],
+                true,
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+    }
+
+    #[test]
+    fn missing_bos_token_prints_nothing() {
+        let t = ChatTemplate::new("[{{ bos_token }}]", None, None).unwrap();
+        assert_eq!(t.render(&[], false, None).unwrap(), "[]");
+    }
+
+    /// Mistral-7B-Instruct-v0.1's template, verbatim.
+    const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+    #[test]
+    fn mistral_template_raises_on_bad_role_order() {
+        let t = ChatTemplate::new(MISTRAL, Some("<s>".into()), Some("</s>".into())).unwrap();
+        let ok = t.render(
+            &[
+                msg("user", "Hi"),
+                msg("assistant", "Hello"),
+                msg("user", "Again"),
+            ],
+            false,
+            None,
+        );
+        assert_eq!(
+            ok.unwrap(),
+            "<s>[INST] Hi [/INST]Hello</s>[INST] Again [/INST]"
+        );
+        let err = t
+            .render(&[msg("user", "Hi"), msg("user", "Again")], false, None)
+            .unwrap_err();
+        match &err {
+            TemplateError::Raised { message } => {
+                assert_eq!(
+                    message,
+                    "Conversation roles must alternate user/assistant/user/assistant/..."
+                )
+            }
+            other => panic!("expected Raised, got {other:?}"),
+        }
+        assert!(err
+            .to_string()
+            .contains("raised an exception: Conversation roles must alternate"));
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let src = "{% for m in messages %}{{ m.content.strip() }}|{{ m.role.startswith('us') }}|{{ m.content.split()|length }}\n{% endfor %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let out = t
+            .render(
+                &[msg("user", "  two words \n"), msg("assistant", "x")],
+                false,
+                None,
+            )
+            .unwrap();
+        // Booleans and none print the Python way, as they do under jinja2.
+        assert_eq!(out, "two words|True|2\nx|False|1\n");
+        let t = ChatTemplate::new("{{ tools }}|{{ add_generation_prompt }}", None, None).unwrap();
+        assert_eq!(t.render(&[], false, None).unwrap(), "None|False");
+    }
+
+    #[test]
+    fn block_whitespace_is_trimmed_like_transformers() {
+        // trim_blocks drops the newline after a tag, lstrip_blocks the indentation before it;
+        // checked against jinja2 3.1 with both options on.
+        let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n<{{ m.content }}>\n    {% endif %}\n{% endfor %}\nend";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        assert_eq!(
+            t.render(&[msg("user", "a"), msg("user", "b")], false, None)
+                .unwrap(),
+            "<a>\n<b>\nend"
+        );
+    }
+
+    #[test]
+    fn loop_controls_are_available() {
+        let src = "{% for m in messages %}{% if m.role == 'stop' %}{% break %}{% endif %}{{ m.content }}{% endfor %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        assert_eq!(
+            t.render(
+                &[msg("u", "a"), msg("stop", "b"), msg("u", "c")],
+                false,
+                None
+            )
+            .unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn tools_and_tojson_match_python_json_dumps() {
+        let src = "{% if tools is not none %}{% for t in tools %}{{ t | tojson }}\n{{ t | tojson(indent=2) }}\n{% endfor %}{% else %}no tools{% endif %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let tools = serde_json::json!([{"name": "f<x>", "parameters": {"a": [1, 2.5], "b": "é"}}]);
+        let out = t.render(&[], false, Some(&tools)).unwrap();
+        assert_eq!(
+            out,
+            "{\"name\": \"f<x>\", \"parameters\": {\"a\": [1, 2.5], \"b\": \"é\"}}\n\
+             {\n  \"name\": \"f<x>\",\n  \"parameters\": {\n    \"a\": [\n      1,\n      2.5\n    ],\n    \"b\": \"é\"\n  }\n}\n"
+        );
+        assert_eq!(t.render(&[], false, None).unwrap(), "no tools");
+    }
+
+    #[test]
+    fn strftime_now_formats_the_current_date() {
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
+        let year: i32 = t.render(&[], false, None).unwrap().parse().unwrap();
+        assert!((2025..2200).contains(&year), "year {year}");
+        let bad = ChatTemplate::new("{{ strftime_now('%Q') }}", None, None).unwrap();
+        let err = bad.render(&[], false, None).unwrap_err();
+        assert!(matches!(err, TemplateError::Render(_)));
+        assert!(
+            err.to_string().contains("unsupported format string"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_fail_at_compile_time() {
+        let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
+        assert!(matches!(err, TemplateError::Compile(_)), "{err:?}");
+        assert!(err
+            .to_string()
+            .starts_with("chat template does not compile"));
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn find_template_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write(
+            dir.path(),
+            "tokenizer_config.json",
+            r#"{"chat_template": "from-config"}"#,
+        );
+        let gguf = || Some("from-gguf".to_string());
+        assert_eq!(
+            find_template(gguf(), Some(&cfg), Some("configured".into())).unwrap(),
+            "configured"
+        );
+        assert_eq!(
+            find_template(gguf(), Some(&cfg), None).unwrap(),
+            "from-config"
+        );
+        assert_eq!(find_template(gguf(), None, None).unwrap(), "from-gguf");
+        let absent = dir.path().join("nope.json");
+        assert_eq!(
+            find_template(gguf(), Some(&absent), None).unwrap(),
+            "from-gguf"
+        );
+    }
+
+    #[test]
+    fn find_template_reads_list_form_and_sibling_jinja() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#;
+        let cfg = write(dir.path(), "tokenizer_config.json", list);
+        assert_eq!(find_template(None, Some(&cfg), None).unwrap(), "D");
+        let cfg = write(
+            dir.path(),
+            "tokenizer_config.json",
+            r#"{"bos_token": "<s>"}"#,
+        );
+        assert!(matches!(
+            find_template(None, Some(&cfg), None),
+            Err(TemplateError::Missing)
+        ));
+        write(dir.path(), "chat_template.jinja", "J");
+        assert_eq!(
+            find_template(Some("G".into()), Some(&cfg), None).unwrap(),
+            "J"
+        );
+    }
+
+    #[test]
+    fn find_template_rejects_malformed_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write(
+            dir.path(),
+            "tokenizer_config.json",
+            r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#,
+        );
+        let err = find_template(None, Some(&cfg), None).unwrap_err();
+        assert!(
+            err.to_string().contains("without a `default` entry"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("rag"), "{err}");
+        let cfg = write(
+            dir.path(),
+            "tokenizer_config.json",
+            r#"{"chat_template": 3}"#,
+        );
+        assert!(matches!(
+            find_template(None, Some(&cfg), None),
+            Err(TemplateError::BadConfig { .. })
+        ));
+        let cfg = write(dir.path(), "tokenizer_config.json", "{not json");
+        assert!(matches!(
+            find_template(None, Some(&cfg), None),
+            Err(TemplateError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_template_says_how_to_configure_one() {
+        let err = find_template(None, None, None).unwrap_err();
+        assert!(matches!(err, TemplateError::Missing));
+        let text = err.to_string();
+        assert!(
+            text.contains("chat_template") && text.contains("config"),
+            "{text}"
+        );
+    }
+}
