@@ -4,3 +4,5 @@
 //! weights loading (GGUF and Hugging Face safetensors), the decoder with its plug-in hook
 //! points, per-sequence KV caches, the tokenizer and chat template, sampling, and the
 //! default-model fetch. The crate knows nothing about HTTP or scheduling.
+
+pub mod kernels;
