@@ -13,6 +13,7 @@ pub mod default_model;
 pub mod error;
 mod hook_plan;
 pub mod hooks;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

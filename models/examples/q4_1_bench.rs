@@ -1,0 +1,179 @@
+//! Times `kernels::Q4_1Matmul` against candle's `QMatMul` on the same Q4_1 weights, for the
+//! default model's (SmolLM2-135M) shapes, and prints medians, GFLOP/s and effective weight
+//! bandwidth.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo run --release -p models --example q4_1_bench [-- --quick]
+//! ```
+//!
+//! Three parts: (1) each projection shape on its own, at m = 1 (decode) and m = 128 / 512
+//! (prefill), weights hot in cache; (2) one decode token's worth of matmuls over 30 distinct
+//! layers (66 MB of Q4_1 weights, so they stream from DRAM as in real decoding); (3) the tied
+//! 49152 x 576 lm_head, which the GGUF stores as Q8_0, through candle.
+
+#![allow(clippy::unwrap_used)]
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Result, Tensor};
+use models::kernels::Q4_1Matmul;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
+
+const HIDDEN: usize = 576;
+const KV: usize = 192;
+const MLP: usize = 1536;
+const LAYERS: usize = 30;
+const VOCAB: usize = 49152;
+
+fn random(rows: usize, cols: usize, rng: &mut StdRng) -> Result<Tensor> {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+}
+
+/// Median seconds per call of `f`, over samples of enough calls to last ~2 ms, for about
+/// `budget` in all.
+fn median_secs(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let t = Instant::now();
+    f()?;
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let inner = ((2e-3 / once) as usize).max(1);
+    let samples = ((budget.as_secs_f64() / (once * inner as f64)) as usize).clamp(3, 31);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        for _ in 0..inner {
+            f()?;
+        }
+        times.push(t.elapsed().as_secs_f64() / inner as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn q4_1_bytes(n: usize, k: usize) -> f64 {
+    (n * k / 32 * 20) as f64
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let budget = Duration::from_millis(if quick { 200 } else { 1000 });
+    let mut rng = StdRng::seed_from_u64(0);
+    let ours_path = {
+        let w = QTensor::quantize(&random(16, 32, &mut rng)?, GgmlDType::Q4_1)?;
+        Q4_1Matmul::new(&w)?.path()
+    };
+    println!(
+        "threads: {} (candle pool), q4_1 path: {ours_path:?}",
+        candle_core::utils::get_num_threads()
+    );
+
+    println!("\n(1) per shape, weights hot in cache; times are medians");
+    println!(
+        "{:<14} {:>5} {:>5} {:>4} | {:>10} {:>8} {:>8} | {:>10} {:>8} | {:>7}",
+        "shape", "n", "k", "m", "ours us", "GFLOP/s", "w GB/s", "candle us", "GFLOP/s", "speedup"
+    );
+    let shapes = [
+        ("q_proj/o_proj", HIDDEN, HIDDEN),
+        ("k_proj/v_proj", KV, HIDDEN),
+        ("gate/up_proj", MLP, HIDDEN),
+        ("down_proj", HIDDEN, MLP),
+    ];
+    for &(name, n, k) in &shapes {
+        let qt = QTensor::quantize(&random(n, k, &mut rng)?, GgmlDType::Q4_1)?;
+        let ours = Q4_1Matmul::new(&qt)?;
+        let theirs = QMatMul::from_qtensor(qt)?;
+        for &m in &[1usize, 128, 512] {
+            let x = random(m, k, &mut rng)?;
+            let t_ours = median_secs(budget, || ours.forward(&x).map(|_| ()))?;
+            let t_theirs = median_secs(budget, || theirs.forward(&x).map(|_| ()))?;
+            let flop = 2.0 * (m * n * k) as f64;
+            println!(
+                "{:<14} {:>5} {:>5} {:>4} | {:>10.1} {:>8.1} {:>8.1} | {:>10.1} {:>8.1} | {:>6.1}x",
+                name,
+                n,
+                k,
+                m,
+                t_ours * 1e6,
+                flop / t_ours * 1e-9,
+                q4_1_bytes(n, k) / t_ours * 1e-9,
+                t_theirs * 1e6,
+                flop / t_theirs * 1e-9,
+                t_theirs / t_ours
+            );
+        }
+    }
+
+    println!("\n(2) one decode token: the 7 projections of {LAYERS} distinct layers, m = 1");
+    let layer_shapes = [
+        (HIDDEN, HIDDEN),
+        (KV, HIDDEN),
+        (KV, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (MLP, HIDDEN),
+        (MLP, HIDDEN),
+        (HIDDEN, MLP),
+    ];
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut bytes = 0.0;
+    let mut flop = 0.0;
+    for _ in 0..LAYERS {
+        for &(n, k) in &layer_shapes {
+            let qt = QTensor::quantize(&random(n, k, &mut rng)?, GgmlDType::Q4_1)?;
+            ours.push(Q4_1Matmul::new(&qt)?);
+            theirs.push(QMatMul::from_qtensor(qt)?);
+            bytes += q4_1_bytes(n, k);
+            flop += 2.0 * (n * k) as f64;
+        }
+    }
+    let x576 = random(1, HIDDEN, &mut rng)?;
+    let x1536 = random(1, MLP, &mut rng)?;
+    let input = |k: usize| if k == HIDDEN { &x576 } else { &x1536 };
+    let t_ours = median_secs(budget * 2, || {
+        for mm in &ours {
+            mm.forward(input(mm.k()))?;
+        }
+        Ok(())
+    })?;
+    let t_theirs = median_secs(budget * 2, || {
+        for (mm, o) in theirs.iter().zip(&ours) {
+            mm.forward(input(o.k()))?;
+        }
+        Ok(())
+    })?;
+    println!(
+        "{:.1} MB of Q4_1 weights: ours {:.2} ms ({:.1} GB/s, {:.1} GFLOP/s), candle {:.2} ms, speedup {:.1}x",
+        bytes * 1e-6,
+        t_ours * 1e3,
+        bytes / t_ours * 1e-9,
+        flop / t_ours * 1e-9,
+        t_theirs * 1e3,
+        t_theirs / t_ours
+    );
+    drop(theirs);
+    drop(ours);
+
+    println!("\n(3) tied lm_head {VOCAB} x {HIDDEN}, m = 1");
+    let w = random(VOCAB, HIDDEN, &mut rng)?;
+    let x = random(1, HIDDEN, &mut rng)?;
+    let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+    let t_q8 = median_secs(budget, || q8.forward(&x).map(|_| ()))?;
+    let q8_bytes = (VOCAB * HIDDEN / 32 * 34) as f64;
+    println!(
+        "candle Q8_0: {:.0} us ({:.1} GB/s of weights)",
+        t_q8 * 1e6,
+        q8_bytes / t_q8 * 1e-9
+    );
+    let q41 = Q4_1Matmul::new(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?;
+    let t_q41 = median_secs(budget, || q41.forward(&x).map(|_| ()))?;
+    println!(
+        "ours on the same matrix as Q4_1: {:.0} us ({:.1} GB/s of weights)",
+        t_q41 * 1e6,
+        q4_1_bytes(VOCAB, HIDDEN) / t_q41 * 1e-9
+    );
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Hand-written CPU compute kernels for the hot matmuls of the decoder.
+//!
+//! candle's own CPU path covers every GGUF type, but some of them (Q4_1 in candle 0.11.1) only
+//! get a scalar dot product. The kernels here replace `QMatMul` for those weights on the CPU:
+//! the model's linear layers hold a kernel object built once at load time from the GGUF
+//! `QTensor` and call its `forward` on the activations; on other devices, or for other weight
+//! types, they keep using candle's `QMatMul`.
+//!
+//! Kernels in this module
+//! - [`q4_1`]: Q4_1 weights times f32 activations (quantized to Q8_1 on the fly), with
+//!   AVX512-VNNI, AVX2 and portable scalar paths picked at runtime.
+
+// The workspace denies `unsafe_code`. This module is the one place allowed to use it: SIMD
+// intrinsics are `unsafe` to call (they need the CPU features checked at runtime first), and the
+// multi-threaded drivers write disjoint parts of one output buffer through a raw pointer. Every
+// `unsafe` block carries a `SAFETY:` comment saying why it is sound.
+#![allow(unsafe_code)]
+
+pub mod q4_1;
+
+pub use q4_1::{Q4_1Matmul, Q4_1Path};
