@@ -20,29 +20,49 @@ const DECODE_TOKENS: usize = 128;
 
 fn prompt() -> Vec<u32> {
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("../tests/fixtures/smollm2_perplexity.json")).expect("fixture");
+        serde_json::from_str(include_str!("../tests/fixtures/smollm2_perplexity.json"))
+            .expect("fixture");
     let ids = fixture["token_ids"].as_array().expect("ids");
-    ids.iter().take(PROMPT_TOKENS).map(|v| v.as_u64().expect("id") as u32).collect()
+    ids.iter()
+        .take(PROMPT_TOKENS)
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn argmax(m: &Llama, out: Vec<Option<candle_core::Tensor>>) -> u32 {
     let logits = out.into_iter().next().flatten().expect("logits");
     let v: Vec<f32> = logits.flatten_all().expect("flat").to_vec1().expect("vec");
     let _ = m;
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).expect("argmax")
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .expect("argmax")
 }
 
 /// One run: (prefill seconds, decode seconds).
 fn run(m: &Llama, prompt: &[u32], hooks: &[HookCall]) -> (f64, f64) {
     let mut cache = m.new_cache();
     let t = Instant::now();
-    let mut b = [BatchRow { seq_id: 0, tokens: prompt, cache: &mut cache, hooks, logits: LogitsWanted::Last }];
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens: prompt,
+        cache: &mut cache,
+        hooks,
+        logits: LogitsWanted::Last,
+    }];
     let mut next = argmax(m, m.forward(&mut b).expect("prefill"));
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..DECODE_TOKENS {
         let tok = [next];
-        let mut b = [BatchRow { seq_id: 0, tokens: &tok, cache: &mut cache, hooks, logits: LogitsWanted::Last }];
+        let mut b = [BatchRow {
+            seq_id: 0,
+            tokens: &tok,
+            cache: &mut cache,
+            hooks,
+            logits: LogitsWanted::Last,
+        }];
         next = argmax(m, m.forward(&mut b).expect("decode"));
     }
     (prefill, t.elapsed().as_secs_f64())
@@ -65,7 +85,10 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::var("GRAFT_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("GRAFT_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let path = models::testing::default_model_for_tests().expect("model path");
     let m = models::loader::load_model(&path, &Device::Cpu, 4096).expect("load");
     let prompt = prompt();

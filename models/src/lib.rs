@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod batch;
+pub mod bundle;
 pub mod chat_template;
 pub mod config;
 pub mod default_model;

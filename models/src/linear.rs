@@ -10,10 +10,21 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
 use crate::error::Result;
+use crate::kernels::q4_1::Q4_1Matmul;
+
+/// The matmul a projection runs.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// candle's quantized or dense matmul.
+    Candle(QMatMul),
+    /// Our SIMD kernel for Q4_1 on the CPU (candle's Q4_1 dot product is scalar); the
+    /// original tensor is kept only as candle's matmul for embedding lookups and dequantizing.
+    Q4_1(Arc<Q4_1Matmul>, QMatMul),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -24,8 +35,13 @@ impl Linear {
     /// dequantized by candle into a dense matmul.
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
+        let kernel = Q4_1Matmul::try_new(&weight)?;
+        let candle = QMatMul::from_arc(Arc::new(weight))?;
         Ok(Self {
-            weight: QMatMul::from_arc(Arc::new(weight))?,
+            weight: match kernel {
+                Some(k) => Weight::Q4_1(Arc::new(k), candle),
+                None => Weight::Candle(candle),
+            },
             bias,
             in_features,
             out_features,
@@ -36,7 +52,7 @@ impl Linear {
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight: Weight::Candle(QMatMul::Tensor(weight)),
             bias,
             in_features,
             out_features,
@@ -54,7 +70,7 @@ impl Linear {
     /// The weight as a dense f32 tensor `(out, in)`; used by trainers and tests, never on
     /// the serving path.
     pub fn dense_weight(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
+        Ok(match self.candle() {
             QMatMul::QTensor(q) => q.dequantize(&q.device())?,
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
         })
@@ -66,7 +82,11 @@ impl Linear {
 
     /// `x`: `(n_tokens, in)` -> `(n_tokens, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(&x.contiguous()?)?;
+        let x = x.contiguous()?;
+        let y = match &self.weight {
+            Weight::Candle(w) => w.forward(&x)?,
+            Weight::Q4_1(k, _) => k.forward(&x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -76,6 +96,12 @@ impl Linear {
     /// Rows of the weight as embeddings: `ids` `(n,)` -> `(n, in)`. Used for the token
     /// embedding, which GGUF files store as a quantized `(vocab, hidden)` matrix.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.weight.embedding(ids)?)
+        Ok(self.candle().embedding(ids)?)
+    }
+
+    fn candle(&self) -> &QMatMul {
+        match &self.weight {
+            Weight::Candle(w) | Weight::Q4_1(_, w) => w,
+        }
     }
 }

@@ -19,15 +19,32 @@ fn default_model() -> Option<Llama> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// log-softmax of every position's logits: `(n, vocab)`.
 fn log_probs(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = m.new_cache();
-    let mut b = [BatchRow { seq_id: 0, tokens, cache: &mut cache, hooks: &[], logits: LogitsWanted::All }];
-    let logits: Tensor = m.forward(&mut b).expect("forward").remove(0).expect("logits");
-    candle_nn::ops::log_softmax(&logits, D::Minus1).expect("log_softmax").to_vec2().expect("vec")
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens,
+        cache: &mut cache,
+        hooks: &[],
+        logits: LogitsWanted::All,
+    }];
+    let logits: Tensor = m
+        .forward(&mut b)
+        .expect("forward")
+        .remove(0)
+        .expect("logits");
+    candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .expect("log_softmax")
+        .to_vec2()
+        .expect("vec")
 }
 
 fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
@@ -43,9 +60,25 @@ fn greedy(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::with_capacity(n);
     let mut next: Vec<u32> = prompt.to_vec();
     for _ in 0..n {
-        let mut b = [BatchRow { seq_id: 0, tokens: &next, cache: &mut cache, hooks: &[], logits: LogitsWanted::Last }];
-        let logits = m.forward(&mut b).expect("forward").remove(0).expect("logits");
-        let id = logits.flatten_all().expect("flat").argmax(0).expect("argmax").to_scalar::<u32>().expect("id");
+        let mut b = [BatchRow {
+            seq_id: 0,
+            tokens: &next,
+            cache: &mut cache,
+            hooks: &[],
+            logits: LogitsWanted::Last,
+        }];
+        let logits = m
+            .forward(&mut b)
+            .expect("forward")
+            .remove(0)
+            .expect("logits");
+        let id = logits
+            .flatten_all()
+            .expect("flat")
+            .argmax(0)
+            .expect("argmax")
+            .to_scalar::<u32>()
+            .expect("id");
         out.push(id);
         next = vec![id];
     }
@@ -65,20 +98,40 @@ fn next_token_distribution_matches_reference() {
             .as_array()
             .expect("top10")
             .iter()
-            .map(|e| (e[0].as_u64().expect("id") as u32, e[1].as_f64().expect("lp") as f32))
+            .map(|e| {
+                (
+                    e[0].as_u64().expect("id") as u32,
+                    e[1].as_f64().expect("lp") as f32,
+                )
+            })
             .collect();
         let (ref_top1, ref_top1_lp) = reference[0];
         let ref_lp_of = |id: u32| reference.iter().find(|e| e.0 == id).map(|e| e.1);
-        let our_top1_ref_lp = ref_lp_of(ours[0].0)
-            .unwrap_or_else(|| panic!("{name}: our top-1 {} is not in the reference top-10", ours[0].0));
-        assert!(ref_top1_lp - our_top1_ref_lp <= 0.25, "{name}: our top-1 is {} nats below the reference top-1", ref_top1_lp - our_top1_ref_lp);
+        let our_top1_ref_lp = ref_lp_of(ours[0].0).unwrap_or_else(|| {
+            panic!(
+                "{name}: our top-1 {} is not in the reference top-10",
+                ours[0].0
+            )
+        });
+        assert!(
+            ref_top1_lp - our_top1_ref_lp <= 0.25,
+            "{name}: our top-1 is {} nats below the reference top-1",
+            ref_top1_lp - our_top1_ref_lp
+        );
         let overlap = ours.iter().filter(|o| ref_lp_of(o.0).is_some()).count();
         assert!(overlap >= 7, "{name}: top-10 overlap {overlap}");
         let last = lp.last().expect("last");
-        assert!((last[ref_top1 as usize] - ref_top1_lp).abs() <= 0.25, "{name}: log-prob of the reference top-1 differs by {}", (last[ref_top1 as usize] - ref_top1_lp).abs());
+        assert!(
+            (last[ref_top1 as usize] - ref_top1_lp).abs() <= 0.25,
+            "{name}: log-prob of the reference top-1 differs by {}",
+            (last[ref_top1 as usize] - ref_top1_lp).abs()
+        );
         for &(id, want) in &reference {
             let d = (last[id as usize] - want).abs();
-            assert!(d <= 0.75, "{name}: log-prob of reference top-10 token {id} differs by {d}");
+            assert!(
+                d <= 0.75,
+                "{name}: log-prob of reference top-10 token {id} differs by {d}"
+            );
         }
     }
 }
@@ -89,11 +142,23 @@ fn teacher_forced_prompt_log_probs_match_reference() {
     let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
     for p in fixture["prompts"].as_array().expect("prompts") {
         let prompt = ids(&p["prompt_ids"]);
-        let want: Vec<f32> = p["prompt_logprobs"].as_array().expect("lps").iter().map(|v| v.as_f64().expect("f") as f32).collect();
+        let want: Vec<f32> = p["prompt_logprobs"]
+            .as_array()
+            .expect("lps")
+            .iter()
+            .map(|v| v.as_f64().expect("f") as f32)
+            .collect();
         let lp = log_probs(&m, &prompt);
-        let got: Vec<f32> = (1..prompt.len()).map(|i| lp[i - 1][prompt[i] as usize]).collect();
+        let got: Vec<f32> = (1..prompt.len())
+            .map(|i| lp[i - 1][prompt[i] as usize])
+            .collect();
         assert_eq!(got.len(), want.len());
-        let mad = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len().max(1) as f32;
+        let mad = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len().max(1) as f32;
         assert!(mad <= 0.15, "{}: mean absolute difference {mad}", p["name"]);
     }
 }
@@ -106,17 +171,29 @@ fn greedy_continuations_match_reference_up_to_near_ties() {
     for p in fixture["prompts"].as_array().expect("prompts") {
         let name = p["name"].as_str().expect("name");
         let want = ids(&p["greedy_ids"]);
-        let margins: Vec<f64> = p["greedy_margins"].as_array().expect("m").iter().map(|v| v.as_f64().expect("f")).collect();
+        let margins: Vec<f64> = p["greedy_margins"]
+            .as_array()
+            .expect("m")
+            .iter()
+            .map(|v| v.as_f64().expect("f"))
+            .collect();
         let got = greedy(&m, &ids(&p["prompt_ids"]), want.len());
         // Up to the first near-tie of the reference, the continuations must be identical.
         let tie = margins.iter().position(|&x| x < 0.5).unwrap_or(want.len());
-        let diverged = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(want.len());
+        let diverged = got
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.len());
         eprintln!("{name}: first near-tie at {tie}, first difference at {diverged}");
         if diverged < tie {
             early.push(name.to_string());
         }
     }
-    assert!(early.len() <= 1, "continuations diverged before a near-tie: {early:?}");
+    assert!(
+        early.len() <= 1,
+        "continuations diverged before a near-tie: {early:?}"
+    );
 }
 
 #[test]
@@ -137,5 +214,50 @@ fn perplexity_matches_reference() {
     let ppl = (nll / n as f64).exp();
     let want = fixture["perplexity"].as_f64().expect("ppl");
     eprintln!("perplexity {ppl:.4} vs reference {want:.4}");
-    assert!((ppl - want).abs() / want <= 0.02, "perplexity {ppl} vs reference {want}");
+    assert!(
+        (ppl - want).abs() / want <= 0.02,
+        "perplexity {ppl} vs reference {want}"
+    );
+}
+
+#[test]
+fn bundle_renders_and_tokenizes_prompts_like_the_reference() {
+    let Some(path) = models::testing::default_model_for_tests() else {
+        return;
+    };
+    let loaded = models::bundle::load(
+        &path,
+        &Device::Cpu,
+        &models::bundle::LoadOptions {
+            max_positions: Some(256),
+            chat_template: None,
+        },
+    )
+    .expect("load bundle");
+    let template = loaded
+        .chat_template
+        .as_ref()
+        .expect("the default model ships a chat template");
+    let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let text = match p["kind"].as_str() {
+            Some("chat") => {
+                let messages: Vec<models::chat_template::ChatMessage> =
+                    serde_json::from_value(p["messages"].clone()).expect("messages");
+                template.render(&messages, true, None).expect("render")
+            }
+            _ => p["text"].as_str().expect("text").to_string(),
+        };
+        assert_eq!(
+            text,
+            p["prompt_text"].as_str().expect("prompt_text"),
+            "{}",
+            p["name"]
+        );
+        let got = loaded
+            .tokenizer
+            .encode_with_bos(&text, true)
+            .expect("encode");
+        assert_eq!(got, ids(&p["prompt_ids"]), "{}", p["name"]);
+    }
 }
