@@ -1,0 +1,162 @@
+//! The seam between HTTP and compute: the [`Engine`] trait, the validated request it takes
+//! and the events it streams back.
+//!
+//! The HTTP layer holds an `Arc<dyn Engine>`; the real implementation owns the model on a
+//! dedicated thread and batches requests continuously, a scripted fake drives the HTTP tests.
+//! Submitting never blocks: a full queue is an immediate [`EngineError::QueueFull`]. Dropping
+//! the event receiver cancels the request (the engine notices within one step and frees the
+//! sequence's KV cache).
+
+use std::time::Duration;
+
+use models::chat_template::ChatMessage;
+use models::sampling::SamplingParams;
+use tokio::sync::mpsc;
+
+/// A request the HTTP layer has validated: prompt tokenized, parameters range-checked,
+/// `prompt.len() + max_tokens` within the context.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The request id (also in logs and the `x-request-id` header); `n > 1` requests submit
+    /// one `GenerateRequest` per choice with ids `<id>-<index>`.
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// The seed the sampler uses (the request's `seed`, or one drawn by the HTTP layer).
+    pub seed: u64,
+    /// Tokens to generate at most (finish reason `length` when reached).
+    pub max_tokens: usize,
+    /// Strings that end generation; never part of the output text.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (the model's end-of-sequence and end-of-turn tokens,
+    /// unless the request asked to ignore them); not part of the output text.
+    pub stop_token_ids: Vec<u32>,
+    /// `Some(top_n)`: also return each prompt token's log-prob and top-`top_n` alternatives
+    /// (`echo` with `logprobs` on /v1/completions).
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop string or stop token was produced.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Server-side timings of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// From submission to the first forward step that included the request.
+    pub queue: Duration,
+    /// Prefill, from the first step to the first generated token.
+    pub prompt: Duration,
+    /// From the first generated token to the last.
+    pub generation: Duration,
+}
+
+/// What the engine streams back for one request, in this order: `PromptLogprobs` (if asked),
+/// `Token`s, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Log-probs of prompt tokens 1.. (the first token has none).
+    PromptLogprobs(Vec<TokenLogprob>),
+    /// One generated token. `text` is the newly completed text (may be empty while a UTF-8
+    /// character or a possible stop string is held back); `logprob` when asked for.
+    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        /// Text held back at the end (a partial stop-string prefix that did not match).
+        trailing_text: String,
+        timings: Timings,
+    },
+    /// The request failed inside the engine; other requests are unaffected.
+    Failed(EngineError),
+}
+
+/// Events of one request. Drop it to cancel the request.
+pub type EventReceiver = mpsc::Receiver<Event>;
+
+/// Static facts about the served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The id clients put in `model` (e.g. `smollm2-135m-instruct`).
+    pub id: String,
+    /// Longest prompt plus completion, in tokens.
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Unix seconds when the model was loaded (`created` in /v1/models).
+    pub created: u64,
+}
+
+/// Load and queue figures for metrics and admission.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_used_bytes: usize,
+    pub kv_capacity_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the request queue is full ({capacity} waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the model has no chat template; configure one with --chat-template")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("engine failure: {0}")]
+    Internal(String),
+}
+
+/// What the HTTP layer needs from an engine.
+pub trait Engine: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Renders chat messages with the model's template, generation prompt appended.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+
+    /// Text to token ids, special tokens parsed, BOS added when the model wants it
+    /// (`add_special`).
+    fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError>;
+
+    /// Token ids to text.
+    fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError>;
+
+    /// The token's text as it appears in log-prob listings.
+    fn token_text(&self, id: u32) -> String;
+
+    /// End-of-sequence and end-of-turn ids, which stop generation by default.
+    fn eos_token_ids(&self) -> Vec<u32>;
+
+    /// Queues a request. Never blocks: a full queue is [`EngineError::QueueFull`].
+    fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError>;
+
+    fn stats(&self) -> EngineStats;
+}

@@ -1,0 +1,5 @@
+//! The `server` binary.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
