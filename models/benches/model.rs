@@ -1,5 +1,6 @@
-//! Single-stream speed of the default model: prefill tokens/s on a 512-token prompt and
-//! greedy decode tokens/s over 128 tokens, medians of several runs, plus peak RSS.
+//! Single-stream speed of the default model: prefill tokens/s on a 512-token prompt, greedy
+//! decode tokens/s over 128 tokens from an empty context and after the 512-token prompt,
+//! medians of several runs, plus peak RSS.
 //! Also decode with a chain of no-op hooks that declare every hook point, to show what the
 //! hook machinery costs when plug-ins are present but idle; with no plug-ins the forward pass
 //! builds no hook groups at all.
@@ -40,7 +41,9 @@ fn argmax(m: &Llama, out: Vec<Option<candle_core::Tensor>>) -> u32 {
         .expect("argmax")
 }
 
-/// One run: (prefill seconds, decode seconds).
+/// Prefill of `prompt` into a fresh cache, then `DECODE_TOKENS` greedy steps:
+/// (prefill seconds, decode seconds). With a one-token prompt this is decode at depth 0, as
+/// llama-bench's `tg` test; with the full prompt, decode at depth 512.
 fn run(m: &Llama, prompt: &[u32], hooks: &[HookCall]) -> (f64, f64) {
     let mut cache = m.new_cache();
     let t = Instant::now();
@@ -85,6 +88,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    models::threads::pin_cpu_threads(None);
     let runs: usize = std::env::var("GRAFT_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -95,12 +99,14 @@ fn main() {
     run(&m, &prompt[..32], &[]); // warm-up: page in weights, size thread pools
     let noop = Arc::new(NoOpHook);
     let chain = [HookCall::bare(noop)];
-    let (mut pf, mut dc, mut dc_hooks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pf, mut dc, mut dc_deep, mut dc_hooks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let (p, d) = run(&m, &prompt, &[]);
         pf.push(PROMPT_TOKENS as f64 / p);
-        dc.push(DECODE_TOKENS as f64 / d);
-        dc_hooks.push(DECODE_TOKENS as f64 / run(&m, &prompt, &chain).1);
+        dc_deep.push(DECODE_TOKENS as f64 / d);
+        dc.push(DECODE_TOKENS as f64 / run(&m, &prompt[..1], &[]).1);
+        dc_hooks.push(DECODE_TOKENS as f64 / run(&m, &prompt[..1], &chain).1);
     }
     let json = serde_json::json!({
         "engine": "graft",
@@ -110,9 +116,11 @@ fn main() {
         "decode_tokens": DECODE_TOKENS,
         "prefill_tok_s": median(pf.clone()),
         "decode_tok_s": median(dc.clone()),
+        "decode_depth512_tok_s": median(dc_deep.clone()),
         "decode_noop_hooks_tok_s": median(dc_hooks.clone()),
         "prefill_runs": pf,
         "decode_runs": dc,
+        "decode_depth512_runs": dc_deep,
         "decode_noop_hooks_runs": dc_hooks,
         "peak_rss_mib": peak_rss_mib(),
     });

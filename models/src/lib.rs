@@ -22,6 +22,7 @@ pub mod loader;
 pub mod rope;
 pub mod sampling;
 pub mod testing;
+pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
 

@@ -12,17 +12,32 @@ fn quantized_model(dtype: GgmlDType, dir: &std::path::Path) -> Llama {
     let mut cfg = tiny_config(Architecture::Llama);
     (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (256, 512, 64);
     let path = dir.join(format!("{dtype:?}.gguf"));
-    TinyModel::random(cfg, 21).expect("tiny").write_gguf(&path, dtype).expect("write");
+    TinyModel::random(cfg, 21)
+        .expect("tiny")
+        .write_gguf(&path, dtype)
+        .expect("write");
     load_model(&path, &Device::Cpu, 256).expect("load")
 }
 
 fn alone(m: &Llama, prefix: &[u32], tokens: &[u32]) -> Tensor {
     let mut cache = m.new_cache();
     if !prefix.is_empty() {
-        let mut b = [BatchRow { seq_id: 0, tokens: prefix, cache: &mut cache, hooks: &[], logits: LogitsWanted::None }];
+        let mut b = [BatchRow {
+            seq_id: 0,
+            tokens: prefix,
+            cache: &mut cache,
+            hooks: &[],
+            logits: LogitsWanted::None,
+        }];
         m.forward(&mut b).expect("prefix");
     }
-    let mut b = [BatchRow { seq_id: 0, tokens, cache: &mut cache, hooks: &[], logits: LogitsWanted::All }];
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens,
+        cache: &mut cache,
+        hooks: &[],
+        logits: LogitsWanted::All,
+    }];
     m.forward(&mut b).expect("alone").remove(0).expect("logits")
 }
 
@@ -39,15 +54,41 @@ fn quantized_batch_rows_equal_rows_alone_bit_for_bit() {
         let mut caches: Vec<_> = (0..3).map(|_| m.new_cache()).collect();
         for (cache, prefix) in caches.iter_mut().zip([&p0, &p1, &p2]) {
             if !prefix.is_empty() {
-                let mut b = [BatchRow { seq_id: 0, tokens: prefix, cache, hooks: &[], logits: LogitsWanted::None }];
+                let mut b = [BatchRow {
+                    seq_id: 0,
+                    tokens: prefix,
+                    cache,
+                    hooks: &[],
+                    logits: LogitsWanted::None,
+                }];
                 m.forward(&mut b).expect("prefix");
             }
         }
-        let [c0, c1, c2] = &mut caches[..] else { panic!("three caches") };
+        let [c0, c1, c2] = &mut caches[..] else {
+            panic!("three caches")
+        };
         let mut batch = [
-            BatchRow { seq_id: 0, tokens: &t0, cache: c0, hooks: &[], logits: LogitsWanted::All },
-            BatchRow { seq_id: 1, tokens: &t1, cache: c1, hooks: &[], logits: LogitsWanted::All },
-            BatchRow { seq_id: 2, tokens: &t2, cache: c2, hooks: &[], logits: LogitsWanted::All },
+            BatchRow {
+                seq_id: 0,
+                tokens: &t0,
+                cache: c0,
+                hooks: &[],
+                logits: LogitsWanted::All,
+            },
+            BatchRow {
+                seq_id: 1,
+                tokens: &t1,
+                cache: c1,
+                hooks: &[],
+                logits: LogitsWanted::All,
+            },
+            BatchRow {
+                seq_id: 2,
+                tokens: &t2,
+                cache: c2,
+                hooks: &[],
+                logits: LogitsWanted::All,
+            },
         ];
         let out = m.forward(&mut batch).expect("batch");
         for (i, (p, t)) in [(&p0, &t0), (&p1, &t1), (&p2, &t2)].into_iter().enumerate() {

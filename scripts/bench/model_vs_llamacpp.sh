@@ -21,7 +21,7 @@ GRAFT_DEFAULT_MODEL_GGUF="$MODEL" GRAFT_BENCH_RUNS=$RUNS RAYON_NUM_THREADS=$THRE
 echo "load after graft: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
 
 /usr/bin/time -f '%M' -o "$OUT/llamacpp_rss_kib.txt" \
-  "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r "$RUNS" -o json > "$OUT/llamacpp.json" 2>/dev/null
+  "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -d 0,512 -r "$RUNS" -o json > "$OUT/llamacpp.json" 2>/dev/null
 echo "load after llama.cpp: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
 "$BIN/llama-bench" --version 2>&1 | head -n 2 > "$OUT/llamacpp_version.txt" || true
 

@@ -80,7 +80,11 @@ pub enum Event {
     PromptLogprobs(Vec<TokenLogprob>),
     /// One generated token. `text` is the newly completed text (may be empty while a UTF-8
     /// character or a possible stop string is held back); `logprob` when asked for.
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
