@@ -16,6 +16,9 @@
 // `unsafe` block carries a `SAFETY:` comment saying why it is sound.
 #![allow(unsafe_code)]
 
+mod acts;
+mod driver;
 pub mod q4_1;
 
-pub use q4_1::{Q4_1Matmul, Q4_1Path};
+pub use driver::SimdPath;
+pub use q4_1::Q4_1Matmul;

@@ -5,7 +5,9 @@
 //! reuses each unpacked weight register `R` times and keeps `R * C` independent chains in
 //! flight.
 
-use super::pack::{PackedBlock, QK, TILE_ROWS};
+use super::pack::PackedBlock;
+use crate::kernels::acts::ActRows;
+use crate::kernels::driver::{QK, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// How far ahead (in 320-byte tiles) the single-row kernel prefetches weights.
@@ -18,10 +20,10 @@ const PREFETCH_BLOCKS: usize = 8;
 pub(super) fn tile<const R: usize, const C: usize>(
     w: &[PackedBlock],
     nb: usize,
-    xq: &[i8],
-    xd: &[[f32; 2]],
+    x: ActRows<'_>,
     out: &mut [[f32; TILE_ROWS]],
 ) {
+    let (xq, xd) = (x.qs, x.ds);
     assert!(w.len() >= C * nb && xq.len() >= R * nb * QK && xd.len() >= R * nb);
     assert!(out.len() >= R * C);
     let split = R * C < 4;
