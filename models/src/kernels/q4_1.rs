@@ -6,12 +6,12 @@
 //! follows ggml's `ggml_vec_dot_q4_1_q8_1`: the activations are quantised to Q8_1 blocks once
 //! per call (`d = max|x| / 127`, `s = d * sum(q)`), and each output is
 //! `sum over blocks of d_w * d_x * sum(q_w * q_x) + m_w * s_x`. It departs from ggml in two
-//! places: the weights are repacked at load time into 16-row tiles ([`pack`]) so that one
+//! places: the weights are repacked at load time into 16-row tiles (module `pack`) so that one
 //! AVX512-VNNI `vpdpbusd` serves 16 output columns (as candle's `repack_x86.rs` does for
 //! Q4K/Q8_0), and the Q8_1 scales `d` and `s` are kept in f32 rather than f16.
 //!
 //! Work is split over output-column tiles (and, for prefill, row chunks) on candle's own CPU
-//! thread pool (see [`super::driver`]). In prefill each loaded weight tile is reused across 4
+//! thread pool (see `kernels::driver`). In prefill each loaded weight tile is reused across 4
 //! activation rows.
 //!
 //! Where it sits: the model's linear layers build one [`Q4_1Matmul`] per Q4_1 weight at load
