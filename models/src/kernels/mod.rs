@@ -7,8 +7,12 @@
 //! types, they keep using candle's `QMatMul`.
 //!
 //! Kernels in this module
-//! - [`q4_1`]: Q4_1 weights times f32 activations (quantized to Q8_1 on the fly), with
-//!   AVX512-VNNI, AVX2 and portable scalar paths picked at runtime.
+//! - [`q4_1`]: Q4_1 weights (the default model's projections) times f32 activations,
+//!   quantized to Q8_1 on the fly, with AVX512-VNNI, AVX2 and portable scalar paths picked at
+//!   runtime.
+//! - [`q8_0`]: the same for Q8_0 weights (the default model's tied lm_head).
+//!
+//! Both share the activation quantiser (`acts`) and the threaded tile loop (`driver`).
 
 // The workspace denies `unsafe_code`. This module is the one place allowed to use it: SIMD
 // intrinsics are `unsafe` to call (they need the CPU features checked at runtime first), and the
@@ -16,6 +20,13 @@
 // `unsafe` block carries a `SAFETY:` comment saying why it is sound.
 #![allow(unsafe_code)]
 
+mod acts;
+mod driver;
 pub mod q4_1;
+pub mod q8_0;
+#[cfg(test)]
+mod testutil;
 
-pub use q4_1::{Q4_1Matmul, Q4_1Path};
+pub use driver::SimdPath;
+pub use q4_1::Q4_1Matmul;
+pub use q8_0::Q8_0Matmul;

@@ -3,7 +3,9 @@
 //! i16 pairs, which are summed in i16 over the whole block (at most 16 products of
 //! `15 * 127` per lane, below `i16::MAX`) and widened once per block with `vpmaddwd`.
 
-use super::pack::{PackedBlock, QK, TILE_ROWS};
+use super::pack::PackedBlock;
+use crate::kernels::acts::ActRows;
+use crate::kernels::driver::{QK, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// AVX2 version of [`super::scalar::tile`], same results bit for bit.
@@ -13,10 +15,10 @@ use std::arch::x86_64::*;
 pub(super) fn tile<const R: usize, const C: usize>(
     w: &[PackedBlock],
     nb: usize,
-    xq: &[i8],
-    xd: &[[f32; 2]],
+    x: ActRows<'_>,
     out: &mut [[f32; TILE_ROWS]],
 ) {
+    let (xq, xd) = (x.qs, x.ds);
     assert!(w.len() >= C * nb && xq.len() >= R * nb * QK && xd.len() >= R * nb);
     assert!(out.len() >= R * C);
     let low = _mm256_set1_epi8(0x0F);

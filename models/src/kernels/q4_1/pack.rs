@@ -12,13 +12,9 @@
 //! layout of candle's `repack_x86.rs` tiles, and of ggml's `q4_0x8` repacks). The scales stay
 //! f16, so the packed weights take exactly the 20 bytes per 32 values of the GGUF file.
 
+use crate::kernels::driver::{QK, TILE_ROWS};
 use candle_core::{bail, Result};
 use half::f16;
-
-/// Values per Q4_1 (and Q8_1) block.
-pub(crate) const QK: usize = 32;
-/// Weight rows per packed tile, one per 32-bit lane of a 512-bit register.
-pub(crate) const TILE_ROWS: usize = 16;
 /// Bytes of one GGUF Q4_1 block.
 const BLOCK_BYTES: usize = 20;
 

@@ -2,18 +2,19 @@
 //! integer block sums, same f32 operation order with fused multiply-adds), so tests compare
 //! them bit for bit.
 
-use super::pack::{PackedBlock, QK, TILE_ROWS};
+use super::pack::PackedBlock;
+use crate::kernels::acts::ActRows;
+use crate::kernels::driver::{QK, TILE_ROWS};
 
 /// `out[r * C + c][l]` = dot product of activation row `r` with weight row `16c + l` of the
-/// tile, over `nb` blocks. `w` holds `C` groups of `nb` blocks, `xq`/`xd` the `R` activation
-/// rows (`nb * 32` values and `nb` `[d, s]` pairs each).
+/// tile, over `nb` blocks. `w` holds `C` groups of `nb` blocks, `x` the `R` activation rows.
 pub(super) fn tile<const R: usize, const C: usize>(
     w: &[PackedBlock],
     nb: usize,
-    xq: &[i8],
-    xd: &[[f32; 2]],
+    x: ActRows<'_>,
     out: &mut [[f32; TILE_ROWS]],
 ) {
+    let (xq, xd) = (x.qs, x.ds);
     for r in 0..R {
         for c in 0..C {
             for (lane, out) in out[r * C + c].iter_mut().enumerate() {
