@@ -24,6 +24,7 @@ mod acts;
 mod driver;
 pub mod q4_1;
 pub mod q8_0;
+pub(crate) mod residual;
 #[cfg(test)]
 mod testutil;
 
