@@ -7,6 +7,15 @@
 //! the event receiver cancels the request (the engine notices within one step and frees the
 //! sequence's KV cache).
 
+mod real;
+mod scheduler;
+mod sequence;
+mod stop;
+pub mod testing;
+mod worker;
+
+pub use real::{EngineConfig, RealEngine, StartError};
+
 use std::time::Duration;
 
 use models::chat_template::ChatMessage;
@@ -80,7 +89,11 @@ pub enum Event {
     PromptLogprobs(Vec<TokenLogprob>),
     /// One generated token. `text` is the newly completed text (may be empty while a UTF-8
     /// character or a possible stop string is held back); `logprob` when asked for.
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
