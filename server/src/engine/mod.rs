@@ -7,6 +7,15 @@
 //! the event receiver cancels the request (the engine notices within one step and frees the
 //! sequence's KV cache).
 
+mod real;
+mod scheduler;
+mod sequence;
+mod stop;
+pub mod testing;
+mod worker;
+
+pub use real::{EngineConfig, RealEngine, StartError};
+
 use std::time::Duration;
 
 use models::chat_template::ChatMessage;

@@ -1,0 +1,350 @@
+//! [`RealEngine`]: the production [`Engine`], a handle to the engine thread that owns the model.
+//!
+//! The HTTP layer holds it as `Arc<dyn Engine>`. Text work (chat template, tokenize,
+//! detokenize) runs on the caller's thread with a shared tokenizer; generation requests go
+//! over a bounded channel to the engine thread (`worker`), which batches them continuously
+//! and streams each request's events back on its own channel. `submit` never blocks: the
+//! number of accepted-but-not-running requests is capped at `max_waiting` before sending.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use models::bundle::LoadedModel;
+use models::chat_template::{ChatMessage, ChatTemplate};
+use models::Tokenizer;
+use tokio::sync::mpsc;
+
+use super::scheduler::SchedulerLimits;
+use super::sequence::EVENT_SLACK;
+use super::worker::{Message, Shared, StepModel, Submission, Worker};
+use super::{Engine, EngineError, EngineStats, EventReceiver, GenerateRequest, ModelInfo};
+
+/// Limits of the engine and its scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// The id clients put in `model`.
+    pub model_id: String,
+    /// Sequences generating at once (the batch's decode rows).
+    pub max_running: usize,
+    /// Tokens in one forward step: one per decoding sequence plus prompt chunks.
+    pub max_batch_tokens: usize,
+    /// Longest prompt piece one sequence feeds in one step.
+    pub prefill_chunk: usize,
+    /// Accepted requests not yet running; beyond it `submit` answers `QueueFull`.
+    pub max_waiting: usize,
+    /// KV-cache memory the running sequences may claim, in bytes.
+    pub kv_budget_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model_id: "default".to_string(),
+            max_running: 16,
+            max_batch_tokens: 512,
+            prefill_chunk: 256,
+            max_waiting: 256,
+            kv_budget_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("engine config: {field} must be {requirement}, got {value}")]
+    Config {
+        field: &'static str,
+        requirement: &'static str,
+        value: usize,
+    },
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+impl EngineConfig {
+    /// Checks the limits: all positive, and every running sequence's decode token fits in
+    /// one step (decode rows are never split across steps).
+    pub fn validate(&self) -> Result<(), StartError> {
+        let positive = [
+            ("max_running", self.max_running),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("prefill_chunk", self.prefill_chunk),
+            ("max_waiting", self.max_waiting),
+            ("kv_budget_bytes", self.kv_budget_bytes),
+        ];
+        if let Some(&(field, value)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(StartError::Config {
+                field,
+                requirement: "at least 1",
+                value,
+            });
+        }
+        if self.max_batch_tokens < self.max_running {
+            return Err(StartError::Config {
+                field: "max_batch_tokens",
+                requirement: "at least max_running",
+                value: self.max_batch_tokens,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What the handle needs to know about the model the engine thread owns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelFacts {
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub kv_bytes_per_token: usize,
+}
+
+/// The real engine. Dropping it shuts the engine thread down without a drain.
+pub struct RealEngine {
+    info: ModelInfo,
+    config: EngineConfig,
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    shared: Arc<Shared>,
+    /// `None` once shut down; taken under the lock so no request can follow `Shutdown`.
+    inbox: Mutex<Option<SyncSender<Message>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RealEngine {
+    /// Starts the engine thread, which takes ownership of the model.
+    pub fn new(loaded: LoadedModel, config: EngineConfig) -> Result<Self, StartError> {
+        let LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            ..
+        } = loaded;
+        let facts = ModelFacts {
+            max_positions: model.max_positions(),
+            vocab_size: model.config.vocab_size,
+            kv_bytes_per_token: model.config.kv_bytes_per_token(),
+        };
+        Self::start(model, facts, tokenizer, chat_template, config)
+    }
+
+    pub(crate) fn start<M: StepModel>(
+        model: M,
+        facts: ModelFacts,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        config: EngineConfig,
+    ) -> Result<Self, StartError> {
+        config.validate()?;
+        let tokenizer = Arc::new(tokenizer);
+        let shared = Arc::new(Shared::default());
+        // One slot more than the waiting bound: room for the Shutdown message.
+        let (sender, inbox) = sync_channel(config.max_waiting + 1);
+        let limits = SchedulerLimits {
+            max_running: config.max_running,
+            max_batch_tokens: config.max_batch_tokens,
+            prefill_chunk: config.prefill_chunk,
+            kv_budget_bytes: config.kv_budget_bytes,
+            kv_bytes_per_token: facts.kv_bytes_per_token,
+        };
+        let worker = Worker::new(
+            model,
+            tokenizer.clone(),
+            facts.max_positions,
+            limits,
+            inbox,
+            shared.clone(),
+        );
+        let thread = spawn_worker(worker)?;
+        let info = ModelInfo {
+            id: config.model_id.clone(),
+            context_length: facts.max_positions,
+            vocab_size: facts.vocab_size,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        Ok(Self {
+            info,
+            config,
+            tokenizer,
+            chat_template,
+            shared,
+            inbox: Mutex::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Stops admitting requests (`submit` answers `ShuttingDown`), lets accepted requests
+    /// run until `drain` has passed, fails the rest with `ShuttingDown`, and joins the
+    /// engine thread. Blocks for up to `drain` plus one step: call it from a blocking
+    /// context (`spawn_blocking` under tokio). Later calls return at once.
+    pub fn shutdown(&self, drain: Duration) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let inbox = lock(&self.inbox).take();
+        if let Some(inbox) = inbox {
+            let now = Instant::now();
+            // A drain too long for `Instant` means "wait for everything".
+            let deadline = now
+                .checked_add(drain)
+                .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+            if inbox.send(Message::Shutdown { deadline }).is_err() {
+                tracing::warn!("engine thread was already gone at shutdown");
+            }
+        }
+        let thread = lock(&self.thread).take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("engine thread panicked");
+            }
+        }
+    }
+
+    /// Requests the engine must never see: the HTTP layer checks these, so reaching here
+    /// is a caller bug (an `Internal` error), but one bad row would fail a whole batch.
+    fn check(&self, request: &GenerateRequest) -> Result<(), EngineError> {
+        if request.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.info.context_length;
+        if request.prompt.len() > context {
+            return Err(EngineError::Internal(format!(
+                "prompt of {} tokens exceeds the context of {context}",
+                request.prompt.len()
+            )));
+        }
+        let vocab = self.info.vocab_size;
+        if let Some(id) = request.prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::Internal(format!(
+                "prompt token {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Claims one of the `max_waiting` queue places.
+    fn reserve_place(&self) -> Result<(), EngineError> {
+        let capacity = self.config.max_waiting;
+        self.shared
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| EngineError::QueueFull { capacity })
+    }
+}
+
+impl Engine for RealEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(EngineError::NoChatTemplate)?;
+        template
+            .render(messages, true, None)
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError> {
+        let ids = match add_special {
+            true => self.tokenizer.encode_with_bos(text, true),
+            false => self.tokenizer.encode(text, true),
+        };
+        ids.map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .token_bytes(id)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.tokenizer.eos_ids().to_vec()
+    }
+
+    fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError> {
+        self.check(&request)?;
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.reserve_place()?;
+        // More room than the sequence ever uses, so the engine thread never waits on it.
+        let capacity = request.max_tokens.min(self.info.context_length) + EVENT_SLACK;
+        let (events, receiver) = mpsc::channel(capacity);
+        let message = Message::Request(Box::new(Submission {
+            request,
+            events,
+            submitted: Instant::now(),
+        }));
+        let sent = match lock(&self.inbox).as_ref() {
+            None => Err(EngineError::ShuttingDown),
+            Some(inbox) => inbox.try_send(message).map_err(|e| match e {
+                TrySendError::Full(_) => EngineError::QueueFull {
+                    capacity: self.config.max_waiting,
+                },
+                TrySendError::Disconnected(_) => {
+                    EngineError::Internal("the engine thread has stopped".into())
+                }
+            }),
+        };
+        if let Err(e) = sent {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(receiver)
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.shared.running.load(Ordering::SeqCst),
+            waiting: self.shared.waiting.load(Ordering::SeqCst),
+            kv_used_bytes: self.shared.kv_used.load(Ordering::SeqCst),
+            kv_capacity_bytes: self.config.kv_budget_bytes,
+        }
+    }
+}
+
+impl Drop for RealEngine {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+/// Locks, ignoring poisoning: the guarded values (a sender, a join handle) stay valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs the worker on its own named thread. A panic that escapes the per-step guards ends
+/// the thread (its sequences' channels close); it is logged, and later submits fail with
+/// `Internal` because the inbox is disconnected.
+fn spawn_worker<M: StepModel>(worker: Worker<M>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("graft-engine".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+            if outcome.is_err() {
+                tracing::error!("engine thread panicked outside a step; the engine has stopped");
+            }
+        })
+}

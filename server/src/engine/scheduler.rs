@@ -1,0 +1,404 @@
+//! The scheduler: which sequences run, and which tokens of each go into the next forward step.
+//!
+//! Owned by the engine thread and called once per step, after new requests were received and
+//! cancelled ones dropped: [`Scheduler::admit`] moves waiting sequences into the running set
+//! while `max_running` and the KV budget allow (first come, first served: the head of the
+//! queue is never skipped, so a long request cannot starve), then [`Scheduler::plan`] builds
+//! the step's batch. Every decoding sequence feeds its one new token; prefilling sequences get
+//! chunks of their prompts from what is left of the step's token budget, decode rows first,
+//! so a long prompt never stalls the others' token streams (Sarathi-style chunked prefill, as
+//! vLLM and TGI do it).
+//!
+//! Like TGI's queue state, this is a plain synchronous struct over anything [`Schedulable`],
+//! tested with fake sequences; the engine thread is its only user.
+
+use std::collections::VecDeque;
+
+use models::LogitsWanted;
+
+/// What the scheduler needs to know about a sequence.
+pub trait Schedulable {
+    fn prompt_len(&self) -> usize;
+    /// Tokens the request may generate at most.
+    fn max_tokens(&self) -> usize;
+    /// Prompt tokens already in the sequence's KV cache.
+    fn prefilled(&self) -> usize;
+    /// Bytes the sequence's KV cache holds now.
+    fn kv_allocated_bytes(&self) -> usize;
+    /// Whether every prompt position needs logits (prompt log-probs were asked for).
+    fn wants_prompt_logits(&self) -> bool;
+}
+
+/// Limits the scheduler enforces; see `EngineConfig` for their meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    pub max_running: usize,
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
+    pub kv_budget_bytes: usize,
+    pub kv_bytes_per_token: usize,
+}
+
+/// One row of a planned step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedRow {
+    /// Index into [`Scheduler::running_mut`].
+    pub index: usize,
+    /// Tokens this row feeds: 1 when decoding, a prompt chunk when prefilling.
+    pub tokens: usize,
+    pub logits: LogitsWanted,
+}
+
+/// Waiting and running sequences.
+#[derive(Debug)]
+pub struct Scheduler<S> {
+    limits: SchedulerLimits,
+    waiting: VecDeque<S>,
+    /// In admission order, which is also the order prefill chunks are handed out.
+    running: Vec<S>,
+}
+
+impl<S: Schedulable> Scheduler<S> {
+    pub fn new(limits: SchedulerLimits) -> Self {
+        Self {
+            limits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Queues a sequence at the back. The bound on waiting sequences is enforced where
+    /// requests are submitted, so this never refuses.
+    pub fn enqueue(&mut self, seq: S) {
+        self.waiting.push_back(seq);
+    }
+
+    #[cfg(test)]
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn running(&self) -> &[S] {
+        &self.running
+    }
+
+    pub fn running_mut(&mut self) -> &mut [S] {
+        &mut self.running
+    }
+
+    /// KV bytes a sequence may come to hold: its estimate, or its allocation once that is
+    /// larger (a cache grows by doubling, so it can outgrow the estimate).
+    fn kv_claim(&self, seq: &S) -> usize {
+        let estimate =
+            (seq.prompt_len() + seq.max_tokens()).saturating_mul(self.limits.kv_bytes_per_token);
+        estimate.max(seq.kv_allocated_bytes())
+    }
+
+    /// KV bytes claimed by the running sequences.
+    pub fn kv_claimed_bytes(&self) -> usize {
+        self.running.iter().map(|s| self.kv_claim(s)).sum()
+    }
+
+    /// Moves sequences from the head of the queue into the running set while the limits
+    /// allow; returns how many moved. A sequence whose claim alone exceeds the KV budget is
+    /// admitted when nothing else runs, so it is served (alone) rather than stuck forever.
+    pub fn admit(&mut self) -> usize {
+        let mut claimed = self.kv_claimed_bytes();
+        let mut admitted = 0;
+        while self.running.len() < self.limits.max_running {
+            let Some(head) = self.waiting.front() else {
+                break;
+            };
+            let claim = self.kv_claim(head);
+            let fits = claimed.saturating_add(claim) <= self.limits.kv_budget_bytes;
+            if !fits && !self.running.is_empty() {
+                break;
+            }
+            if let Some(seq) = self.waiting.pop_front() {
+                self.running.push(seq);
+                claimed = claimed.saturating_add(claim);
+                admitted += 1;
+            }
+        }
+        admitted
+    }
+
+    /// The next step's rows, in running order: one token per decoding sequence, then prompt
+    /// chunks within the remaining token budget. Empty when nothing runs.
+    pub fn plan(&self) -> Vec<PlannedRow> {
+        let decoding = self
+            .running
+            .iter()
+            .filter(|s| s.prefilled() >= s.prompt_len())
+            .count();
+        let mut budget = self.limits.max_batch_tokens.saturating_sub(decoding);
+        let mut rows = Vec::with_capacity(self.running.len());
+        for (index, seq) in self.running.iter().enumerate() {
+            let remaining = seq.prompt_len().saturating_sub(seq.prefilled());
+            if remaining == 0 {
+                rows.push(PlannedRow {
+                    index,
+                    tokens: 1,
+                    logits: LogitsWanted::Last,
+                });
+                continue;
+            }
+            let tokens = remaining.min(self.limits.prefill_chunk).min(budget);
+            if tokens == 0 {
+                continue;
+            }
+            budget -= tokens;
+            rows.push(PlannedRow {
+                index,
+                tokens,
+                logits: chunk_logits(seq.wants_prompt_logits(), tokens == remaining),
+            });
+        }
+        rows
+    }
+
+    /// Removes and returns the running sequences for which `done` says so, keeping the
+    /// others in order.
+    pub fn take_running(&mut self, mut done: impl FnMut(&S) -> bool) -> Vec<S> {
+        let (finished, kept) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| done(s));
+        self.running = kept;
+        finished
+    }
+
+    /// Removes and returns the waiting sequences for which `done` says so.
+    pub fn take_waiting(&mut self, mut done: impl FnMut(&S) -> bool) -> Vec<S> {
+        let (finished, kept): (Vec<S>, Vec<S>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|s| done(s));
+        self.waiting = kept.into();
+        finished
+    }
+}
+
+/// Logits a prefill chunk asks for: every position when prompt log-probs are wanted (each
+/// chunk scores its own tokens), else only the last chunk's last position, for sampling.
+fn chunk_logits(prompt_logits: bool, last_chunk: bool) -> LogitsWanted {
+    match (prompt_logits, last_chunk) {
+        (true, _) => LogitsWanted::All,
+        (false, true) => LogitsWanted::Last,
+        (false, false) => LogitsWanted::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence as the scheduler sees it; `prefilled` is advanced by [`feed`].
+    #[derive(Debug, Clone, PartialEq)]
+    struct Fake {
+        id: usize,
+        prompt: usize,
+        max_tokens: usize,
+        prefilled: usize,
+        allocated: usize,
+        prompt_logits: bool,
+    }
+
+    impl Schedulable for Fake {
+        fn prompt_len(&self) -> usize {
+            self.prompt
+        }
+        fn max_tokens(&self) -> usize {
+            self.max_tokens
+        }
+        fn prefilled(&self) -> usize {
+            self.prefilled
+        }
+        fn kv_allocated_bytes(&self) -> usize {
+            self.allocated
+        }
+        fn wants_prompt_logits(&self) -> bool {
+            self.prompt_logits
+        }
+    }
+
+    fn seq(id: usize, prompt: usize) -> Fake {
+        Fake {
+            id,
+            prompt,
+            max_tokens: 10,
+            prefilled: 0,
+            allocated: 0,
+            prompt_logits: false,
+        }
+    }
+
+    fn limits() -> SchedulerLimits {
+        SchedulerLimits {
+            max_running: 4,
+            max_batch_tokens: 16,
+            prefill_chunk: 8,
+            kv_budget_bytes: usize::MAX,
+            kv_bytes_per_token: 1,
+        }
+    }
+
+    fn scheduler(limits: SchedulerLimits, seqs: Vec<Fake>) -> Scheduler<Fake> {
+        let mut s = Scheduler::new(limits);
+        seqs.into_iter().for_each(|q| s.enqueue(q));
+        s
+    }
+
+    /// Applies a plan as a forward step would: prefill progress advances by the chunk.
+    fn feed(s: &mut Scheduler<Fake>, plan: &[PlannedRow]) {
+        for row in plan {
+            let q = &mut s.running_mut()[row.index];
+            if q.prefilled < q.prompt {
+                q.prefilled += row.tokens;
+            }
+        }
+    }
+
+    fn rows(plan: &[PlannedRow]) -> Vec<(usize, usize, LogitsWanted)> {
+        plan.iter().map(|r| (r.index, r.tokens, r.logits)).collect()
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_chunks_over_several_steps() {
+        let mut s = scheduler(limits(), vec![seq(0, 20)]);
+        assert_eq!(s.admit(), 1);
+        let mut chunks = Vec::new();
+        for _ in 0..3 {
+            let plan = s.plan();
+            chunks.push(rows(&plan));
+            feed(&mut s, &plan);
+        }
+        use LogitsWanted::*;
+        assert_eq!(
+            chunks,
+            vec![vec![(0, 8, None)], vec![(0, 8, None)], vec![(0, 4, Last)]]
+        );
+        assert_eq!(rows(&s.plan()), vec![(0, 1, Last)], "then it decodes");
+    }
+
+    #[test]
+    fn decode_rows_come_first_and_prefill_gets_what_is_left() {
+        let lim = SchedulerLimits {
+            max_batch_tokens: 10,
+            ..limits()
+        };
+        let mut decoding = vec![seq(0, 3), seq(1, 3), seq(2, 3)];
+        decoding.iter_mut().for_each(|q| q.prefilled = 3);
+        decoding.push(seq(3, 50));
+        let mut s = scheduler(lim, decoding);
+        s.admit();
+        use LogitsWanted::*;
+        let expect = vec![(0, 1, Last), (1, 1, Last), (2, 1, Last), (3, 7, None)];
+        assert_eq!(rows(&s.plan()), expect);
+    }
+
+    #[test]
+    fn prefill_chunks_share_the_budget_in_admission_order() {
+        let mut s = scheduler(limits(), vec![seq(0, 30), seq(1, 30), seq(2, 5)]);
+        s.admit();
+        use LogitsWanted::*;
+        // 16 tokens: 8 + 8, the third waits for the next step.
+        assert_eq!(rows(&s.plan()), vec![(0, 8, None), (1, 8, None)]);
+    }
+
+    #[test]
+    fn prompt_logprobs_ask_for_all_logits_on_every_chunk() {
+        let mut q = seq(0, 12);
+        q.prompt_logits = true;
+        let mut s = scheduler(limits(), vec![q]);
+        s.admit();
+        let first = s.plan();
+        feed(&mut s, &first);
+        use LogitsWanted::*;
+        assert_eq!(rows(&first), vec![(0, 8, All)]);
+        assert_eq!(rows(&s.plan()), vec![(0, 4, All)]);
+    }
+
+    #[test]
+    fn admission_stops_at_max_running() {
+        let seqs = (0..6).map(|i| seq(i, 2)).collect();
+        let mut s = scheduler(limits(), seqs);
+        assert_eq!(s.admit(), 4);
+        assert_eq!((s.running().len(), s.waiting_len()), (4, 2));
+        s.take_running(|q| q.id == 1);
+        assert_eq!(s.admit(), 1);
+        let ids: Vec<usize> = s.running().iter().map(|q| q.id).collect();
+        assert_eq!(
+            ids,
+            vec![0, 2, 3, 4],
+            "the freed slot goes to the queue's head"
+        );
+    }
+
+    #[test]
+    fn admission_respects_the_kv_budget_and_never_skips_the_head() {
+        // Claims are (prompt + max_tokens) bytes: 20, 50, 12.
+        let lim = SchedulerLimits {
+            kv_budget_bytes: 55,
+            ..limits()
+        };
+        let mut s = scheduler(lim, vec![seq(0, 10), seq(1, 40), seq(2, 2)]);
+        assert_eq!(s.admit(), 1, "20 + 50 > 55");
+        assert_eq!(s.kv_claimed_bytes(), 20);
+        assert_eq!(
+            s.admit(),
+            0,
+            "seq 2 (12) would fit, but it waits behind seq 1"
+        );
+        s.take_running(|_| true);
+        assert_eq!(s.admit(), 1, "seq 1 runs once seq 0 is done");
+    }
+
+    #[test]
+    fn real_allocation_beyond_the_estimate_counts_against_the_budget() {
+        let lim = SchedulerLimits {
+            kv_budget_bytes: 100,
+            ..limits()
+        };
+        let mut s = scheduler(lim, vec![seq(0, 10), seq(1, 10)]);
+        assert_eq!(s.admit(), 2);
+        s.running_mut()[0].allocated = 70; // grew past its estimate of 20
+        s.enqueue(seq(2, 5));
+        assert_eq!(s.admit(), 0, "70 + 20 + 15 > 100");
+        s.take_running(|q| q.id == 1);
+        assert_eq!(s.admit(), 1, "70 + 15 <= 100");
+    }
+
+    #[test]
+    fn a_request_larger_than_the_budget_runs_alone() {
+        let lim = SchedulerLimits {
+            kv_budget_bytes: 5,
+            ..limits()
+        };
+        let mut s = scheduler(lim, vec![seq(0, 10), seq(1, 10)]);
+        assert_eq!(s.admit(), 1);
+        assert_eq!(s.admit(), 0);
+        s.take_running(|_| true);
+        assert_eq!(s.admit(), 1);
+    }
+
+    #[test]
+    fn nothing_running_plans_nothing() {
+        let s = scheduler(limits(), vec![seq(0, 4)]);
+        assert!(
+            s.plan().is_empty(),
+            "waiting sequences are not planned before admission"
+        );
+        assert!(!s.is_idle());
+    }
+
+    #[test]
+    fn take_waiting_drops_only_the_matching_sequences() {
+        let mut s = scheduler(limits(), vec![seq(0, 1), seq(1, 1), seq(2, 1)]);
+        let gone = s.take_waiting(|q| q.id == 1);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(s.waiting_len(), 2);
+    }
+}

@@ -1,0 +1,596 @@
+//! One request inside the engine: its tokens, KV cache, sampler, streaming detokenizer, stop
+//! conditions and timings, and the channel its events go out on.
+//!
+//! The engine thread creates a [`Sequence`] when a submitted request arrives, the scheduler
+//! moves it from waiting to running, and each step hands it its row of logits through
+//! [`Sequence::after_step`], which samples, decodes, checks stop conditions and streams
+//! [`Event`]s. A sequence that is done (finished, failed or abandoned by its client) is
+//! removed by the engine thread in the same step, which drops its KV cache.
+//!
+//! Sending never blocks: the event channel holds `max_tokens` plus a few events, more than a
+//! sequence ever sends, and a send that fails means the client went away, which cancels the
+//! sequence.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use models::sampling::{token_logprobs, SampledToken, Sampler};
+use models::{BatchRow, IncrementalDecoder, KvCache, LogitsWanted, Tokenizer};
+use tokio::sync::mpsc;
+
+use super::scheduler::Schedulable;
+use super::stop::{StopOutcome, StopStrings};
+use super::{EngineError, Event, FinishReason, GenerateRequest, Timings, TokenLogprob};
+
+/// Events a sequence sends besides its tokens: prompt log-probs, the final event, slack.
+pub(crate) const EVENT_SLACK: usize = 8;
+
+/// When the milestones of a request happened.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    submitted: Instant,
+    first_step: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Clock {
+    fn timings(&self, now: Instant) -> Timings {
+        let first_step = self.first_step.unwrap_or(now);
+        let first_token = self.first_token.unwrap_or(now);
+        Timings {
+            queue: first_step.saturating_duration_since(self.submitted),
+            prompt: first_token.saturating_duration_since(first_step),
+            generation: self.last_token.map_or_else(Default::default, |t| {
+                t.saturating_duration_since(first_token)
+            }),
+        }
+    }
+}
+
+/// A request being served.
+pub(crate) struct Sequence {
+    /// The engine's id (passed to hooks); distinct from the request id.
+    id: u64,
+    request_id: String,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    /// The request's `max_tokens`, capped so the sequence fits the model's context.
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    /// `Some(top_n)` when prompt log-probs were asked for.
+    prompt_logprobs: Option<usize>,
+    /// Prompt log-probs scored so far, sent once the whole prompt is scored.
+    prompt_scores: Vec<TokenLogprob>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopStrings,
+    cache: KvCache,
+    events: mpsc::Sender<Event>,
+    clock: Clock,
+    /// The row fed in the current step: first position and token count.
+    in_flight: Option<(usize, usize)>,
+    done: bool,
+}
+
+impl Sequence {
+    /// A new sequence; `max_positions` is the model's context, which caps generation.
+    pub fn new(
+        id: u64,
+        request: GenerateRequest,
+        events: mpsc::Sender<Event>,
+        submitted: Instant,
+        cache: KvCache,
+        max_positions: usize,
+    ) -> Self {
+        // The last generated token is never fed back, so the context holds one more.
+        let room = max_positions.saturating_sub(request.prompt.len()) + 1;
+        let mut sampler = Sampler::new(request.sampling, request.seed);
+        sampler.observe_prompt(&request.prompt);
+        Self {
+            id,
+            request_id: request.id,
+            prompt: request.prompt,
+            generated: Vec::new(),
+            max_tokens: request.max_tokens.min(room),
+            stop_token_ids: request.stop_token_ids,
+            prompt_logprobs: request.prompt_logprobs,
+            prompt_scores: Vec::new(),
+            sampler,
+            // Continuing: the first piece keeps its leading space, which separates a plain
+            // completion from its prompt; byte-level vocabularies decode the same either way.
+            decoder: IncrementalDecoder::continuing(true),
+            stops: StopStrings::new(&request.stop),
+            cache,
+            events,
+            clock: Clock {
+                submitted,
+                first_step: None,
+                first_token: None,
+                last_token: None,
+            },
+            in_flight: None,
+            done: false,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Finished, failed or cancelled; the engine removes it (and frees its cache).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The client dropped its event receiver.
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Whether the sequence has tokens to feed: prompt left, or a token sampled last step.
+    pub fn can_feed(&self) -> bool {
+        !self.done && (self.cache.len() < self.prompt.len() || !self.generated.is_empty())
+    }
+
+    /// The row this sequence contributes to the step: `tokens` prompt tokens from where its
+    /// cache ends, or its last sampled token. Call only when [`Self::can_feed`].
+    pub fn row(&mut self, tokens: usize, logits: LogitsWanted, now: Instant) -> BatchRow<'_> {
+        self.clock.first_step.get_or_insert(now);
+        let start = self.cache.len();
+        let fed: &[u32] = if start < self.prompt.len() {
+            let end = (start + tokens).min(self.prompt.len());
+            &self.prompt[start..end]
+        } else {
+            let last = self.generated.len().saturating_sub(1);
+            &self.generated[last..]
+        };
+        self.in_flight = Some((start, fed.len()));
+        BatchRow {
+            seq_id: self.id,
+            tokens: fed,
+            cache: &mut self.cache,
+            hooks: &[],
+            logits,
+        }
+    }
+
+    /// Takes the step's logits for this row (`None` for an intermediate prefill chunk):
+    /// scores prompt tokens, samples, streams, and finishes when a stop condition holds.
+    /// Any error fails this sequence only.
+    pub fn after_step(&mut self, logits: Option<Tensor>, tokenizer: &Tokenizer, now: Instant) {
+        if let Err(e) = self.try_after_step(logits, tokenizer, now) {
+            tracing::error!(request_id = %self.request_id, error = %e, "sequence failed");
+            self.fail(e);
+        }
+    }
+
+    /// Ends the sequence with `Event::Failed`; its cache is freed when the engine removes it.
+    pub fn fail(&mut self, error: EngineError) {
+        if !self.done {
+            let _ = self.events.try_send(Event::Failed(error));
+            self.done = true;
+        }
+    }
+
+    fn try_after_step(
+        &mut self,
+        logits: Option<Tensor>,
+        tokenizer: &Tokenizer,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let (start, fed) = self
+            .in_flight
+            .take()
+            .ok_or_else(|| internal("logits for a sequence that fed nothing"))?;
+        if self.cache.len() != start + fed {
+            return Err(internal(format!(
+                "cache holds {} positions after feeding {fed} from {start}",
+                self.cache.len()
+            )));
+        }
+        let rows = match logits {
+            Some(t) => t.to_vec2::<f32>().map_err(|e| internal(e.to_string()))?,
+            None => Vec::new(),
+        };
+        if start < self.prompt.len() {
+            return self.after_prefill(start, fed, &rows, tokenizer, now);
+        }
+        let last = rows
+            .last()
+            .ok_or_else(|| internal("no logits for a decode row"))?;
+        self.sample_and_emit(last, tokenizer, now)
+    }
+
+    /// After a prompt chunk `start..start + fed`: scores its tokens if asked, and once the
+    /// prompt is complete sends the scores and samples the first token.
+    fn after_prefill(
+        &mut self,
+        start: usize,
+        fed: usize,
+        rows: &[Vec<f32>],
+        tokenizer: &Tokenizer,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        if let Some(top_n) = self.prompt_logprobs {
+            self.score_prompt(start, fed, rows, top_n)?;
+        }
+        if start + fed < self.prompt.len() {
+            return Ok(());
+        }
+        if self.prompt_logprobs.is_some() {
+            let scores = std::mem::take(&mut self.prompt_scores);
+            self.send(Event::PromptLogprobs(scores));
+        }
+        if self.max_tokens == 0 {
+            self.finish(FinishReason::Length, now);
+            return Ok(());
+        }
+        let last = rows
+            .last()
+            .ok_or_else(|| internal("no logits after prefill"))?;
+        self.sample_and_emit(last, tokenizer, now)
+    }
+
+    /// Row `i` of a chunk starting at `start` predicts prompt position `start + i + 1`; the
+    /// chunk's last row predicts the next chunk's first token (or the first generated one).
+    fn score_prompt(
+        &mut self,
+        start: usize,
+        fed: usize,
+        rows: &[Vec<f32>],
+        top_n: usize,
+    ) -> Result<(), EngineError> {
+        if rows.len() != fed {
+            return Err(internal(format!(
+                "{} rows of logits for a prompt chunk of {fed}",
+                rows.len()
+            )));
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let Some(&id) = self.prompt.get(start + i + 1) else {
+                break;
+            };
+            let scored = token_logprobs(row, id, top_n).map_err(|e| internal(e.to_string()))?;
+            self.prompt_scores.push(TokenLogprob {
+                id,
+                logprob: scored.logprob,
+                top: scored.top_logprobs,
+            });
+        }
+        Ok(())
+    }
+
+    fn sample_and_emit(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let sampled = self.sampler.sample(logits);
+        let id = sampled.id;
+        self.generated.push(id);
+        self.clock.first_token.get_or_insert(now);
+        self.clock.last_token = Some(now);
+        if self.stop_token_ids.contains(&id) {
+            // Counted in completion_tokens (it was generated), never streamed as text.
+            self.finish(FinishReason::Stop, now);
+            return Ok(());
+        }
+        let piece = self
+            .decoder
+            .push(tokenizer, id)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+            .unwrap_or_default();
+        let (text, matched) = match self.stops.push(&piece) {
+            StopOutcome::Emit(text) => (text, false),
+            StopOutcome::Matched(text) => (text, true),
+        };
+        let logprob = self.token_logprob(sampled);
+        if !self.send(Event::Token { id, text, logprob }) {
+            return Ok(());
+        }
+        if matched {
+            self.finish(FinishReason::Stop, now);
+        } else if self.generated.len() >= self.max_tokens {
+            self.finish(FinishReason::Length, now);
+        }
+        Ok(())
+    }
+
+    fn token_logprob(&self, sampled: SampledToken) -> Option<TokenLogprob> {
+        if !self.sampler.params().logprobs {
+            return None;
+        }
+        sampled.logprob.map(|logprob| TokenLogprob {
+            id: sampled.id,
+            logprob,
+            top: sampled.top_logprobs,
+        })
+    }
+
+    /// Flushes held text and sends `Finished`.
+    fn finish(&mut self, reason: FinishReason, now: Instant) {
+        let tail = self.decoder.finish().unwrap_or_default();
+        let (trailing_text, matched) = self.stops.finish(&tail);
+        let reason = if matched { FinishReason::Stop } else { reason };
+        self.send(Event::Finished {
+            reason,
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated.len(),
+            trailing_text,
+            timings: self.clock.timings(now),
+        });
+        self.done = true;
+    }
+
+    /// Sends without blocking; a closed or (never expected) full channel cancels the
+    /// sequence. Returns whether the event went out.
+    fn send(&mut self, event: Event) -> bool {
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(e) => {
+                if let mpsc::error::TrySendError::Full(_) = e {
+                    tracing::warn!(request_id = %self.request_id, "event channel full; cancelling");
+                }
+                self.done = true;
+                false
+            }
+        }
+    }
+}
+
+impl Schedulable for Sequence {
+    fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn prefilled(&self) -> usize {
+        self.cache.len().min(self.prompt.len())
+    }
+
+    fn kv_allocated_bytes(&self) -> usize {
+        self.cache.allocated_bytes()
+    }
+
+    fn wants_prompt_logits(&self) -> bool {
+        self.prompt_logprobs.is_some()
+    }
+}
+
+fn internal(message: impl Into<String>) -> EngineError {
+    EngineError::Internal(message.into())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{tiny_char_id, tiny_tokenizer, TINY_EOS, TINY_VOCAB};
+    use candle_core::{DType, Device};
+    use models::sampling::SamplingParams;
+    use models::tiny::tiny_config;
+    use models::Architecture;
+
+    fn ids(text: &str) -> Vec<u32> {
+        text.chars().map(|c| tiny_char_id(c).unwrap()).collect()
+    }
+
+    fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            id: "req".into(),
+            prompt: ids(prompt),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            seed: 7,
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: vec![TINY_EOS],
+            prompt_logprobs: None,
+        }
+    }
+
+    fn start(request: GenerateRequest, max_positions: usize) -> (Sequence, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(request.max_tokens + EVENT_SLACK);
+        let cache = KvCache::new(&tiny_config(Architecture::Llama), DType::F32, &Device::Cpu);
+        let seq = Sequence::new(1, request, tx, Instant::now(), cache, max_positions);
+        (seq, rx)
+    }
+
+    /// `rows` rows of logits, each peaked at the matching id of `peaks`.
+    fn peaked(peaks: &[u32]) -> Tensor {
+        let mut v = vec![0f32; peaks.len() * TINY_VOCAB];
+        for (r, &id) in peaks.iter().enumerate() {
+            v[r * TINY_VOCAB + id as usize] = 10.0;
+        }
+        Tensor::from_vec(v, (peaks.len(), TINY_VOCAB), &Device::Cpu).unwrap()
+    }
+
+    /// Feeds one row as a forward step would (committing its positions), then hands the
+    /// sequence `logits`.
+    fn step(seq: &mut Sequence, tokens: usize, want: LogitsWanted, logits: Option<Tensor>) {
+        let row = seq.row(tokens, want, Instant::now());
+        let n = row.tokens.len();
+        row.cache.commit(n);
+        seq.after_step(logits, &tiny_tokenizer().unwrap(), Instant::now());
+    }
+
+    /// Prefills the whole prompt in one step, then decodes one token per entry of `next`
+    /// (the first comes from the prefill's logits).
+    fn generate(seq: &mut Sequence, next: &str) {
+        let mut next = ids(next).into_iter();
+        let prompt = seq.prompt_len();
+        step(
+            seq,
+            prompt,
+            LogitsWanted::Last,
+            Some(peaked(&[next.next().unwrap()])),
+        );
+        for id in next {
+            assert!(!seq.is_done());
+            step(seq, 1, LogitsWanted::Last, Some(peaked(&[id])));
+        }
+    }
+
+    fn events(rx: &mut mpsc::Receiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    fn texts(events: &[Event]) -> String {
+        let mut out = String::new();
+        for e in events {
+            match e {
+                Event::Token { text, .. } => out.push_str(text),
+                Event::Finished { trailing_text, .. } => out.push_str(trailing_text),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn finished(events: &[Event]) -> (FinishReason, usize) {
+        match events.last() {
+            Some(Event::Finished {
+                reason,
+                completion_tokens,
+                ..
+            }) => (*reason, *completion_tokens),
+            other => panic!("expected Finished, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tokens_stream_as_text_and_max_tokens_ends_with_length() {
+        let (mut seq, mut rx) = start(request("ab", 3), 256);
+        generate(&mut seq, "xyz");
+        let ev = events(&mut rx);
+        assert_eq!(ev.len(), 4);
+        assert_eq!(texts(&ev), "xyz");
+        assert_eq!(finished(&ev), (FinishReason::Length, 3));
+        assert!(seq.is_done());
+    }
+
+    #[test]
+    fn a_stop_token_ends_generation_without_a_token_event() {
+        let (mut seq, mut rx) = start(request("ab", 10), 256);
+        step(&mut seq, 2, LogitsWanted::Last, Some(peaked(&ids("x"))));
+        step(&mut seq, 1, LogitsWanted::Last, Some(peaked(&[TINY_EOS])));
+        let ev = events(&mut rx);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(texts(&ev), "x");
+        assert_eq!(finished(&ev), (FinishReason::Stop, 2));
+    }
+
+    #[test]
+    fn a_stop_string_is_never_part_of_the_output() {
+        let mut req = request("ab", 10);
+        req.stop = vec!["yz".into()];
+        let (mut seq, mut rx) = start(req, 256);
+        generate(&mut seq, "xyz");
+        let ev = events(&mut rx);
+        assert_eq!(texts(&ev), "x");
+        assert!(matches!(&ev[1], Event::Token { text, .. } if text.is_empty()));
+        assert_eq!(finished(&ev), (FinishReason::Stop, 3));
+    }
+
+    #[test]
+    fn a_held_back_prefix_comes_out_as_trailing_text() {
+        let mut req = request("ab", 2);
+        req.stop = vec!["yq".into()];
+        let (mut seq, mut rx) = start(req, 256);
+        generate(&mut seq, "xy");
+        let ev = events(&mut rx);
+        assert!(matches!(&ev[2], Event::Finished { trailing_text, .. } if trailing_text == "y"));
+        assert_eq!(finished(&ev), (FinishReason::Length, 2));
+    }
+
+    #[test]
+    fn prompt_logprobs_span_chunks_and_come_before_tokens() {
+        let mut req = request("abcd", 1);
+        req.prompt_logprobs = Some(2);
+        let (mut seq, mut rx) = start(req, 256);
+        let p = ids("abcd");
+        step(&mut seq, 3, LogitsWanted::All, Some(peaked(&p[1..4])));
+        assert!(
+            events(&mut rx).is_empty(),
+            "scores wait for the whole prompt"
+        );
+        step(&mut seq, 1, LogitsWanted::All, Some(peaked(&ids("x"))));
+        let ev = events(&mut rx);
+        let Event::PromptLogprobs(scores) = &ev[0] else {
+            panic!("{ev:?}");
+        };
+        let scored: Vec<u32> = scores.iter().map(|s| s.id).collect();
+        assert_eq!(scored, p[1..].to_vec());
+        assert!(scores
+            .iter()
+            .all(|s| s.top.len() == 2 && s.top[0].0 == s.id));
+        assert_eq!(texts(&ev), "x");
+    }
+
+    #[test]
+    fn max_tokens_zero_scores_the_prompt_and_generates_nothing() {
+        let mut req = request("abc", 0);
+        req.prompt_logprobs = Some(0);
+        let (mut seq, mut rx) = start(req, 256);
+        step(&mut seq, 3, LogitsWanted::All, Some(peaked(&ids("bcx"))));
+        let ev = events(&mut rx);
+        assert!(matches!(&ev[0], Event::PromptLogprobs(s) if s.len() == 2));
+        assert_eq!(finished(&ev), (FinishReason::Length, 0));
+    }
+
+    #[test]
+    fn token_logprobs_come_with_tokens_when_asked() {
+        let mut req = request("ab", 1);
+        req.sampling.logprobs = true;
+        req.sampling.top_logprobs = 3;
+        let (mut seq, mut rx) = start(req, 256);
+        generate(&mut seq, "x");
+        let ev = events(&mut rx);
+        let Event::Token {
+            logprob: Some(lp), ..
+        } = &ev[0]
+        else {
+            panic!("{ev:?}");
+        };
+        assert_eq!((lp.id, lp.top.len()), (ids("x")[0], 3));
+        assert!(lp.logprob < 0.0 && lp.logprob > -0.01);
+    }
+
+    #[test]
+    fn a_gone_client_cancels_the_sequence() {
+        let (mut seq, rx) = start(request("ab", 5), 256);
+        drop(rx);
+        assert!(seq.is_cancelled());
+        step(&mut seq, 2, LogitsWanted::Last, Some(peaked(&ids("x"))));
+        assert!(seq.is_done());
+    }
+
+    #[test]
+    fn generation_is_capped_by_the_context() {
+        let (seq, _rx) = start(request("abc", 10), 4);
+        assert_eq!(seq.max_tokens(), 2);
+    }
+
+    #[test]
+    fn logits_for_the_wrong_cache_length_fail_the_sequence_only() {
+        let (mut seq, mut rx) = start(request("ab", 5), 256);
+        let _ = seq.row(2, LogitsWanted::Last, Instant::now()); // not committed
+        seq.after_step(
+            Some(peaked(&[3])),
+            &tiny_tokenizer().unwrap(),
+            Instant::now(),
+        );
+        assert!(seq.is_done());
+        assert!(matches!(
+            events(&mut rx).as_slice(),
+            [Event::Failed(EngineError::Internal(_))]
+        ));
+    }
+}

@@ -1,0 +1,302 @@
+//! The engine thread: the loop that owns the model and turns queued requests into tokens.
+//!
+//! [`RealEngine::submit`](super::RealEngine) sends requests here over a bounded channel; each
+//! turn of [`Worker::run`] receives what arrived (blocking only when there is nothing to do),
+//! drops sequences whose client went away, admits waiting sequences, runs one forward step
+//! over the scheduler's batch, hands every row its logits, removes finished sequences (which
+//! frees their KV caches) and publishes the figures `stats()` reads.
+//!
+//! A failing or panicking forward step fails the sequences of that batch and nothing else;
+//! the loop goes on serving the rest. On shutdown the loop keeps stepping until every
+//! accepted request finished or the drain deadline passed, fails what is left, and returns.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use models::{BatchRow, KvCache, Llama, Tokenizer};
+use tokio::sync::mpsc;
+
+use super::scheduler::{PlannedRow, Schedulable, Scheduler, SchedulerLimits};
+use super::sequence::Sequence;
+use super::{EngineError, Event, GenerateRequest};
+
+/// What the engine thread needs from a model: [`Llama`] in production, a wrapper that fails
+/// on demand in the robustness tests.
+pub(crate) trait StepModel: Send + 'static {
+    fn forward(&self, batch: &mut [BatchRow<'_>]) -> models::Result<Vec<Option<Tensor>>>;
+    fn new_cache(&self) -> KvCache;
+}
+
+impl StepModel for Llama {
+    fn forward(&self, batch: &mut [BatchRow<'_>]) -> models::Result<Vec<Option<Tensor>>> {
+        Llama::forward(self, batch)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        Llama::new_cache(self)
+    }
+}
+
+/// A request on its way to the engine thread.
+pub(crate) struct Submission {
+    pub request: GenerateRequest,
+    pub events: mpsc::Sender<Event>,
+    pub submitted: Instant,
+}
+
+pub(crate) enum Message {
+    Request(Box<Submission>),
+    /// Stop once every accepted request is done or `deadline` has passed. Always the last
+    /// message: the sender is dropped right after sending it.
+    Shutdown {
+        deadline: Instant,
+    },
+}
+
+/// Figures shared between the engine thread and the handle.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Accepted but not yet running: in the channel or in the scheduler's queue. `submit`
+    /// increments it before sending, so it bounds the queue exactly.
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_used: AtomicUsize,
+    pub shutting_down: AtomicBool,
+}
+
+/// The engine thread's state.
+pub(crate) struct Worker<M> {
+    model: M,
+    tokenizer: Arc<Tokenizer>,
+    max_positions: usize,
+    scheduler: Scheduler<Sequence>,
+    inbox: Receiver<Message>,
+    shared: Arc<Shared>,
+    /// Set by `Shutdown`: past it, whatever is left fails.
+    deadline: Option<Instant>,
+    next_id: u64,
+}
+
+impl<M: StepModel> Worker<M> {
+    pub fn new(
+        model: M,
+        tokenizer: Arc<Tokenizer>,
+        max_positions: usize,
+        limits: SchedulerLimits,
+        inbox: Receiver<Message>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            max_positions,
+            scheduler: Scheduler::new(limits),
+            inbox,
+            shared,
+            deadline: None,
+            next_id: 0,
+        }
+    }
+
+    /// Runs until shutdown (or until every sender is gone).
+    pub fn run(mut self) {
+        while self.turn() {}
+        self.publish();
+        tracing::info!("engine thread stopped");
+    }
+
+    /// One turn of the loop; `false` when the thread should exit.
+    fn turn(&mut self) -> bool {
+        if !self.receive() {
+            return false;
+        }
+        self.drop_cancelled();
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.fail_all(EngineError::ShuttingDown);
+        }
+        let admitted = self.scheduler.admit();
+        self.shared.waiting.fetch_sub(admitted, Ordering::SeqCst);
+        self.step();
+        self.publish();
+        true
+    }
+
+    /// Moves arrived messages into the scheduler, blocking while there is nothing to do.
+    /// Returns `false` when idle with no more work to come.
+    fn receive(&mut self) -> bool {
+        if self.scheduler.is_idle() {
+            if self.deadline.is_some() {
+                return false;
+            }
+            match self.inbox.recv() {
+                Ok(message) => self.handle(message),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.inbox.try_recv() {
+                Ok(message) => self.handle(message),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    // The handle is gone without a Shutdown message: stop now.
+                    self.deadline.get_or_insert_with(Instant::now);
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Request(submission) => {
+                let Submission {
+                    request,
+                    events,
+                    submitted,
+                } = *submission;
+                let cache = self.model.new_cache();
+                self.next_id += 1;
+                let seq = Sequence::new(
+                    self.next_id,
+                    request,
+                    events,
+                    submitted,
+                    cache,
+                    self.max_positions,
+                );
+                self.scheduler.enqueue(seq);
+            }
+            Message::Shutdown { deadline } => self.deadline = Some(deadline),
+        }
+    }
+
+    /// Drops sequences whose client went away; dropping a running one frees its cache.
+    fn drop_cancelled(&mut self) {
+        let waiting = self.scheduler.take_waiting(Sequence::is_cancelled);
+        self.shared
+            .waiting
+            .fetch_sub(waiting.len(), Ordering::SeqCst);
+        let running = self.scheduler.take_running(Sequence::is_cancelled);
+        for seq in waiting.iter().chain(&running) {
+            tracing::info!(request_id = %seq.request_id(), "request cancelled by the client");
+        }
+    }
+
+    fn fail_all(&mut self, error: EngineError) {
+        let waiting = self.scheduler.take_waiting(|_| true);
+        self.shared
+            .waiting
+            .fetch_sub(waiting.len(), Ordering::SeqCst);
+        let running = self.scheduler.take_running(|_| true);
+        for mut seq in waiting.into_iter().chain(running) {
+            seq.fail(error.clone());
+        }
+    }
+
+    /// One forward step over the planned batch, then sampling and streaming for each row.
+    fn step(&mut self) {
+        let plan = self.feedable(self.scheduler.plan());
+        if plan.is_empty() {
+            return;
+        }
+        match self.forward(&plan) {
+            Ok(outputs) => {
+                let now = Instant::now();
+                let running = self.scheduler.running_mut();
+                for (row, logits) in plan.iter().zip(outputs) {
+                    if let Some(seq) = running.get_mut(row.index) {
+                        guarded_after_step(seq, logits, &self.tokenizer, now);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, rows = plan.len(), "forward step failed; failing its batch");
+                let running = self.scheduler.running_mut();
+                for row in &plan {
+                    if let Some(seq) = running.get_mut(row.index) {
+                        seq.fail(error.clone());
+                    }
+                }
+            }
+        }
+        // Dropping the finished sequences frees their caches now, not at the next turn.
+        drop(self.scheduler.take_running(Sequence::is_done));
+    }
+
+    /// The planned rows whose sequences have something to feed; the others (a scheduling
+    /// bug, never expected) fail alone instead of failing the whole batch in the model.
+    fn feedable(&mut self, plan: Vec<PlannedRow>) -> Vec<PlannedRow> {
+        let running = self.scheduler.running_mut();
+        plan.into_iter()
+            .filter(|row| match running.get_mut(row.index) {
+                Some(seq) if seq.can_feed() => true,
+                Some(seq) => {
+                    seq.fail(EngineError::Internal(
+                        "scheduled with nothing to feed".into(),
+                    ));
+                    false
+                }
+                None => false,
+            })
+            .collect()
+    }
+
+    /// Builds the batch rows (plan indices ascending) and runs the model, containing errors
+    /// and panics.
+    fn forward(&mut self, plan: &[PlannedRow]) -> Result<Vec<Option<Tensor>>, EngineError> {
+        let now = Instant::now();
+        let mut rows = Vec::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (index, seq) in self.scheduler.running_mut().iter_mut().enumerate() {
+            if let Some(row) = planned.next_if(|r| r.index == index) {
+                rows.push(seq.row(row.tokens, row.logits, now));
+            }
+        }
+        let expected = rows.len();
+        let model = &self.model;
+        let outputs = catch_unwind(AssertUnwindSafe(|| model.forward(&mut rows)));
+        match outputs {
+            Ok(Ok(outputs)) if outputs.len() == expected && expected == plan.len() => Ok(outputs),
+            Ok(Ok(_)) => Err(EngineError::Internal("forward step lost rows".into())),
+            Ok(Err(e)) => Err(EngineError::Internal(format!("forward step failed: {e}"))),
+            Err(panic) => Err(EngineError::Internal(format!(
+                "forward step panicked: {}",
+                panic_message(panic.as_ref())
+            ))),
+        }
+    }
+
+    /// Publishes the figures `stats()` reads.
+    fn publish(&self) {
+        let running = self.scheduler.running();
+        let kv: usize = running.iter().map(Schedulable::kv_allocated_bytes).sum();
+        self.shared.running.store(running.len(), Ordering::SeqCst);
+        self.shared.kv_used.store(kv, Ordering::SeqCst);
+    }
+}
+
+/// Post-processing of one row, with a panic failing that sequence only.
+fn guarded_after_step(seq: &mut Sequence, logits: Option<Tensor>, tk: &Tokenizer, now: Instant) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| seq.after_step(logits, tk, now)));
+    if let Err(panic) = outcome {
+        let message = panic_message(panic.as_ref());
+        tracing::error!(request_id = %seq.request_id(), %message, "sampling panicked");
+        seq.fail(EngineError::Internal(format!(
+            "sampling panicked: {message}"
+        )));
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
