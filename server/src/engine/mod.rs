@@ -13,6 +13,8 @@ use models::chat_template::ChatMessage;
 use models::sampling::SamplingParams;
 use tokio::sync::mpsc;
 
+pub mod fake;
+
 /// A request the HTTP layer has validated: prompt tokenized, parameters range-checked,
 /// `prompt.len() + max_tokens` within the context.
 #[derive(Debug, Clone)]
@@ -80,7 +82,11 @@ pub enum Event {
     PromptLogprobs(Vec<TokenLogprob>),
     /// One generated token. `text` is the newly completed text (may be empty while a UTF-8
     /// character or a possible stop string is held back); `logprob` when asked for.
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
