@@ -72,7 +72,12 @@ pub struct ServeConfig {
     #[arg(long, env = "GRAFT_PORT", default_value_t = defaults::PORT)]
     pub port: u16,
     /// Accepted API key (repeatable; comma-separated in GRAFT_API_KEY); none = no auth
-    #[arg(long, env = "GRAFT_API_KEY", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "GRAFT_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_key: Vec<String>,
     /// File with one API key per line (# comments and blank lines ignored)
     #[arg(long, env = "GRAFT_API_KEY_FILE")]

@@ -188,17 +188,17 @@ fn response(
 }
 
 fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> Value {
-    let prompt = &shape.prompts[index / shape.n.max(1)];
     let mut text = String::new();
     let mut lps = LegacyLogprobs::default();
-    if shape.echo {
+    // Offsets count token texts (as vLLM's do), continuing from the echoed prompt's.
+    let mut offset = 0;
+    if let (true, Some(prompt)) = (shape.echo, shape.prompts.get(index / shape.n.max(1))) {
         text.push_str(&prompt.text);
         if shape.logprobs {
             let prompt_lps = o.prompt_logprobs.as_deref().unwrap_or_default();
-            lps = LegacyLogprobs::prompt(engine, &prompt.tokens, prompt_lps, &mut 0);
+            lps = LegacyLogprobs::prompt(engine, &prompt.tokens, prompt_lps, &mut offset);
         }
     }
-    let mut offset = text.chars().count();
     if shape.logprobs {
         for t in &o.tokens {
             lps.push(engine, t.id, t.logprob.as_ref(), &mut offset);
@@ -218,7 +218,7 @@ struct CompletionFormat {
     envelope: Envelope,
     engine: Arc<dyn Engine>,
     shape: Shape,
-    /// Per choice: characters sent so far, for `text_offset`.
+    /// Per choice: the running `text_offset` (characters of the token texts sent so far).
     offsets: Vec<usize>,
 }
 
@@ -242,12 +242,6 @@ impl CompletionFormat {
     fn prompt(&self, index: usize) -> Option<&PromptInput> {
         self.shape.prompts.get(index / self.shape.n.max(1))
     }
-
-    fn advance(&mut self, index: usize, text: &str) {
-        if let Some(offset) = self.offsets.get_mut(index) {
-            *offset += text.chars().count();
-        }
-    }
 }
 
 impl ChunkFormat for CompletionFormat {
@@ -257,7 +251,6 @@ impl ChunkFormat for CompletionFormat {
             return None;
         }
         let text = self.prompt(index)?.text.clone();
-        self.advance(index, &text);
         Some(self.chunk(index, &text, Value::Null, None))
     }
 
@@ -266,33 +259,28 @@ impl ChunkFormat for CompletionFormat {
             return None;
         }
         let prompt = self.prompt(index)?.clone();
-        let legacy = LegacyLogprobs::prompt(self.engine.as_ref(), &prompt.tokens, &lps, &mut 0);
-        self.advance(index, &prompt.text);
+        let offset = self.offsets.get_mut(index)?;
+        let legacy = LegacyLogprobs::prompt(self.engine.as_ref(), &prompt.tokens, &lps, offset);
         Some(self.chunk(index, &prompt.text, json!(legacy), None))
     }
 
     fn token(&mut self, index: usize, token: GenToken) -> Option<Value> {
         if !self.shape.logprobs {
-            if token.text.is_empty() {
-                return None;
-            }
-            self.advance(index, &token.text);
-            return Some(self.chunk(index, &token.text, Value::Null, None));
+            return (!token.text.is_empty())
+                .then(|| self.chunk(index, &token.text, Value::Null, None));
         }
-        let mut offset = self.offsets.get(index).copied().unwrap_or(0);
         let mut lps = LegacyLogprobs::default();
+        let offset = self.offsets.get_mut(index)?;
         lps.push(
             self.engine.as_ref(),
             token.id,
             token.logprob.as_ref(),
-            &mut offset,
+            offset,
         );
-        self.advance(index, &token.text);
         Some(self.chunk(index, &token.text, json!(lps), None))
     }
 
     fn finish(&mut self, index: usize, reason: FinishReason, trailing: String) -> Value {
-        self.advance(index, &trailing);
         self.chunk(index, &trailing, Value::Null, Some(reason))
     }
 

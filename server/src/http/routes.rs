@@ -19,7 +19,7 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 
 /// Prometheus text exposition; load gauges are read from the engine now.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.engine().ok().map(|e| e.stats());
+    let stats = state.slot.peek().map(|e| e.stats());
     let body = state.metrics.render(stats);
     (
         [(

@@ -76,6 +76,11 @@ impl EngineSlot {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// The engine if loaded, shutting down or not (metrics keep reporting while draining).
+    pub fn peek(&self) -> Option<Arc<dyn Engine>> {
+        self.engine.get().cloned()
+    }
+
     /// The engine, or why a request cannot be served now.
     pub fn get(&self) -> Result<Arc<dyn Engine>, ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
