@@ -5,4 +5,6 @@
 //! owning the model, or a scripted fake in HTTP tests), and streams the engine's
 //! [`engine::Event`]s back as JSON or server-sent events.
 
+pub mod config;
 pub mod engine;
+pub mod http;

@@ -1,5 +1,322 @@
-//! The `server` binary.
+//! The `server` binary: `server serve` runs the OpenAI-compatible HTTP server, `server fetch`
+//! downloads the default model ahead of time and prints its path.
+//!
+//! `serve` binds the socket first, so /health answers 503 while the model loads in the
+//! background; then it fills the app's engine slot and /health turns 200. On SIGINT/SIGTERM
+//! it stops accepting connections, answers new requests on open connections with 503, lets
+//! in-flight requests finish for up to `drain_seconds` (the engine fails what is left), and
+//! exits 0. A model that fails to load stops the server with an error (exit 1).
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use models::bundle::{LoadOptions, LoadedModel};
+use server::config::{self, DeviceKind, LogFormat, ServeConfig};
+use server::engine::Engine;
+use server::http::{app, AppState, EngineSlot, HttpConfig};
+use tokio::sync::{oneshot, watch};
+
+/// Time past the drain deadline for the engine's last step and the final bytes to leave.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "server",
+    version,
+    about = "graft: an OpenAI-compatible LLM server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible HTTP API (flags > GRAFT_* environment > --config file >
+    /// defaults)
+    Serve(Box<ServeArgs>),
+    /// Fetch the default model into the cache and print its path
+    Fetch,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file; config/default.toml lists every option
+    #[arg(long, env = "GRAFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    options: ServeConfig,
+}
 
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Fetch => {
+            init_logging(LogFormat::Text);
+            let path = models::default_model::path()?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let sub = matches
+                .subcommand_matches("serve")
+                .ok_or_else(|| anyhow!("clap lost the serve arguments"))?;
+            let file = args.config.as_deref().map(config::from_file).transpose()?;
+            let config = config::resolve(&args.options, sub, file)?;
+            config.validate()?;
+            if args.print_config {
+                print!("{}", config.to_toml()?);
+                return Ok(());
+            }
+            init_logging(config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let result = runtime.block_on(serve(config));
+            // A model still loading (or fetching) must not hold the exit up.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            result
+        }
+    }
+}
+
+/// Logs go to stderr so `server fetch` can print the path alone on stdout.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // `try_init` fails only when a subscriber is already set; the first one keeps logging.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// A started engine and the way to stop it with a drain time.
+struct BuiltEngine {
+    engine: Arc<dyn Engine>,
+    shutdown: Box<dyn FnOnce(Duration) + Send>,
+}
+
+/// The engine's shutdown, set once the model is loaded.
+type StopCell = Arc<Mutex<Option<Box<dyn FnOnce(Duration) + Send>>>>;
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let http = HttpConfig {
+        api_keys: config.api_keys()?,
+        max_body_bytes: config.max_body_bytes,
+        max_tokens_default: config.max_tokens_default,
+    };
+    let state = AppState::new(EngineSlot::loading(), http)?;
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    let address: SocketAddr = listener.local_addr()?;
+    tracing::info!(%address, "listening; /health answers 503 until the model is loaded");
+
+    let drain = Duration::from_secs(config.drain_seconds);
+    let stop_cell: StopCell = Arc::default();
+    let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let (fatal_tx, fatal_rx) = oneshot::channel();
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    tokio::spawn(load_in_background(
+        config,
+        state.slot.clone(),
+        stop_cell.clone(),
+        fatal_tx,
+    ));
+    let stop = wait_for_stop(
+        fatal_rx,
+        failure.clone(),
+        state.slot.clone(),
+        stop_cell,
+        drain,
+        stopping_tx,
+    );
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(stop);
+    run_until_drained(server.into_future(), stopping_rx, drain).await?;
+    let failed = failure.lock().ok().and_then(|mut f| f.take());
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+    }
+}
+
+/// Loads the model and starts the engine off the async threads, then fills the slot; a
+/// failure is sent to `fatal`, which stops the server.
+async fn load_in_background(
+    config: ServeConfig,
+    slot: Arc<EngineSlot>,
+    stop_cell: StopCell,
+    fatal: oneshot::Sender<anyhow::Error>,
+) {
+    let loaded = tokio::task::spawn_blocking(move || load(&config)).await;
+    match loaded {
+        Ok(Ok(built)) => {
+            if let Ok(mut cell) = stop_cell.lock() {
+                *cell = Some(built.shutdown);
+            }
+            slot.fill(built.engine);
+            tracing::info!("model ready; serving");
+        }
+        Ok(Err(e)) => {
+            let _ = fatal.send(e);
+        }
+        Err(join) => {
+            let _ = fatal.send(anyhow!("the model loader panicked: {join}"));
+        }
+    }
+}
+
+/// Finds (fetching if needed) and loads the model, then starts the engine on it.
+fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
+    let path = match &config.model {
+        Some(path) => path.clone(),
+        None => {
+            tracing::info!("no model configured; using the default model (fetched on first use)");
+            models::default_model::path()?
+        }
+    };
+    let device = match config.device {
+        DeviceKind::Cpu => candle_core::Device::Cpu,
+        // candle answers with an error when built without the `cuda` feature.
+        DeviceKind::Cuda => candle_core::Device::new_cuda(0)
+            .context("device = cuda needs a GPU and a binary built with `--features cuda`")?,
+    };
+    let options = LoadOptions {
+        max_positions: config.max_context,
+        chat_template: config.chat_template_text()?,
+    };
+    let started = Instant::now();
+    let loaded = models::bundle::load(&path, &device, &options)
+        .with_context(|| format!("cannot load the model at {}", path.display()))?;
+    tracing::info!(
+        path = %path.display(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    build_engine(loaded, config)
+}
+
+/// Starts the real engine on `loaded`: the one place the binary names its engine type.
+///
+/// The real engine lives on the engine branch (`server::engine::{RealEngine, EngineConfig}`,
+/// `RealEngine::new(loaded, config) -> Result<RealEngine, StartError>`, blocking
+/// `shutdown(&self, drain)`). Until it is merged this returns an error, so `serve` binds,
+/// answers /health with 503, then stops with that error. To wire it, replace the body with:
+///
+/// ```ignore
+/// let engine_config = server::engine::EngineConfig {
+///     model_id: config.served_model_id(),
+///     max_running: config.max_running,
+///     max_batch_tokens: config.max_batch_tokens,
+///     prefill_chunk: config.prefill_chunk,
+///     max_waiting: config.max_waiting,
+///     kv_budget_bytes: config.kv_budget_bytes(),
+/// };
+/// let engine = Arc::new(server::engine::RealEngine::new(loaded, engine_config)?);
+/// let stopper = engine.clone();
+/// Ok(BuiltEngine {
+///     engine,
+///     shutdown: Box::new(move |drain| stopper.shutdown(drain)),
+/// })
+/// ```
+fn build_engine(loaded: LoadedModel, config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
+    drop(loaded);
+    Err(anyhow!(
+        "this build has no real engine yet (model `{}`): wire build_engine in server/src/main.rs",
+        config.served_model_id()
+    ))
+}
+
+/// Resolves on SIGINT/SIGTERM or a fatal load error, after starting the drain: model routes
+/// answer 503 from now on and the engine gets `drain` to finish what it accepted.
+async fn wait_for_stop(
+    fatal: oneshot::Receiver<anyhow::Error>,
+    failure: Arc<Mutex<Option<anyhow::Error>>>,
+    slot: Arc<EngineSlot>,
+    stop_cell: StopCell,
+    drain: Duration,
+    stopping: watch::Sender<bool>,
+) {
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!(drain_seconds = drain.as_secs(), "signal received; draining");
+        }
+        Ok(e) = fatal => {
+            tracing::error!(error = %format!("{e:#}"), "cannot serve; stopping");
+            if let Ok(mut f) = failure.lock() {
+                *f = Some(e);
+            }
+        }
+    }
+    slot.begin_shutdown();
+    let _ = stopping.send(true);
+    let stop = stop_cell.lock().ok().and_then(|mut s| s.take());
+    if let Some(stop) = stop {
+        // The engine's shutdown blocks until its thread has drained and exited.
+        tokio::task::spawn_blocking(move || stop(drain));
+    }
+}
+
+/// Runs the server until it has drained, or until `drain` (plus a grace) after the stop
+/// began, whichever is first: a client that never reads must not keep the process alive.
+async fn run_until_drained(
+    server: impl std::future::Future<Output = std::io::Result<()>>,
+    mut stopping: watch::Receiver<bool>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let deadline = async {
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(drain + SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result.context("the HTTP server failed"),
+        _ = deadline => {
+            tracing::warn!("drain time is over; closing the remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // Without a handler, never report a signal that did not happen.
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
 }

@@ -22,6 +22,8 @@ use models::chat_template::ChatMessage;
 use models::sampling::SamplingParams;
 use tokio::sync::mpsc;
 
+pub mod fake;
+
 /// A request the HTTP layer has validated: prompt tokenized, parameters range-checked,
 /// `prompt.len() + max_tokens` within the context.
 #[derive(Debug, Clone)]

@@ -1,0 +1,409 @@
+//! `server serve` configuration: ONE struct, [`ServeConfig`], read from command-line flags,
+//! `GRAFT_*` environment variables and a TOML file (`--config FILE`), with precedence flags >
+//! environment > file > defaults (mistral.rs's `#[derive(Args, Deserialize)]` pattern).
+//!
+//! clap parses flags and environment variables into the struct and remembers where each
+//! value came from; serde reads the file into the same struct. [`resolve`] starts from the
+//! file (defaults filling what it leaves out) and overrides every option clap saw on the
+//! command line or in the environment. `config/default.toml` lists every option with its
+//! default; a test keeps the two in sync.
+
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// The served name of the default model.
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// Default values, shared by clap's `default_value_t` and `impl Default` so they cannot drift.
+pub mod defaults {
+    pub const HOST: &str = "127.0.0.1";
+    pub const PORT: u16 = 8080;
+    pub const MAX_RUNNING: usize = 16;
+    pub const MAX_BATCH_TOKENS: usize = 512;
+    pub const PREFILL_CHUNK: usize = 256;
+    pub const MAX_WAITING: usize = 256;
+    pub const KV_BUDGET_MIB: usize = 1024;
+    pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+    pub const DRAIN_SECONDS: u64 = 30;
+    pub const MAX_TOKENS_DEFAULT: usize = 512;
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// The first CUDA GPU; needs a binary built with `--features cuda`.
+    Cuda,
+}
+
+/// Every `serve` option. Field names are the TOML keys; flags are `--field-name`; the
+/// environment variable is `GRAFT_FIELD_NAME`.
+#[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Model to serve: a .gguf file or a Hugging Face folder [default: SmolLM2-135M-Instruct,
+    /// fetched on first use]
+    #[arg(long, env = "GRAFT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Name clients put in `model` [default: smollm2-135m-instruct for the default model, else
+    /// the file name without extension]
+    #[arg(long, env = "GRAFT_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Address to listen on
+    #[arg(long, env = "GRAFT_HOST", default_value = defaults::HOST)]
+    pub host: String,
+    /// Port to listen on
+    #[arg(long, env = "GRAFT_PORT", default_value_t = defaults::PORT)]
+    pub port: u16,
+    /// Accepted API key (repeatable; comma-separated in GRAFT_API_KEY); none = no auth
+    #[arg(
+        long,
+        env = "GRAFT_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+    /// File with one API key per line (# comments and blank lines ignored)
+    #[arg(long, env = "GRAFT_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Most sequences in the running batch
+    #[arg(long, env = "GRAFT_MAX_RUNNING", default_value_t = defaults::MAX_RUNNING)]
+    pub max_running: usize,
+    /// Most tokens in one forward step (prefill chunks plus decode rows)
+    #[arg(long, env = "GRAFT_MAX_BATCH_TOKENS", default_value_t = defaults::MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
+    /// Longest prefill chunk of one sequence per step
+    #[arg(long, env = "GRAFT_PREFILL_CHUNK", default_value_t = defaults::PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Most requests waiting for a slot; beyond that requests get 429
+    #[arg(long, env = "GRAFT_MAX_WAITING", default_value_t = defaults::MAX_WAITING)]
+    pub max_waiting: usize,
+    /// KV cache memory budget in MiB
+    #[arg(long, env = "GRAFT_KV_BUDGET_MIB", default_value_t = defaults::KV_BUDGET_MIB)]
+    pub kv_budget_mib: usize,
+    /// Longest prompt plus completion in tokens [default: the model's trained context]
+    #[arg(long, env = "GRAFT_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Largest request body in bytes (413 beyond)
+    #[arg(long, env = "GRAFT_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM
+    #[arg(long, env = "GRAFT_DRAIN_SECONDS", default_value_t = defaults::DRAIN_SECONDS)]
+    pub drain_seconds: u64,
+    /// Jinja chat template file overriding the model's
+    #[arg(long, env = "GRAFT_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// Log format
+    #[arg(long, env = "GRAFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// max_tokens when a request gives none; 0 = the rest of the context (always clamped to it)
+    #[arg(long, env = "GRAFT_MAX_TOKENS_DEFAULT", default_value_t = defaults::MAX_TOKENS_DEFAULT)]
+    pub max_tokens_default: usize,
+    /// Where the model runs
+    #[arg(long, env = "GRAFT_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        use defaults::*;
+        Self {
+            model: None,
+            model_id: None,
+            host: HOST.to_string(),
+            port: PORT,
+            api_key: Vec::new(),
+            api_key_file: None,
+            max_running: MAX_RUNNING,
+            max_batch_tokens: MAX_BATCH_TOKENS,
+            prefill_chunk: PREFILL_CHUNK,
+            max_waiting: MAX_WAITING,
+            kv_budget_mib: KV_BUDGET_MIB,
+            max_context: None,
+            max_body_bytes: MAX_BODY_BYTES,
+            drain_seconds: DRAIN_SECONDS,
+            chat_template: None,
+            log_format: LogFormat::Text,
+            max_tokens_default: MAX_TOKENS_DEFAULT,
+            device: DeviceKind::Cpu,
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{option}: {message}")]
+    Invalid {
+        option: &'static str,
+        message: String,
+    },
+    #[error("cannot write the configuration as TOML: {0}")]
+    Serialize(#[from] toml::ser::Error),
+    #[error("cannot combine the configuration sources: {0}")]
+    Merge(Box<toml::de::Error>),
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads the TOML file at `path` (defaults fill what it leaves out).
+pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+    toml::from_str(&read(path)?).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
+}
+
+/// The effective configuration: `file` (or the defaults), overridden by every option that
+/// `matches` says came from the command line or the environment, taken from `cli`.
+pub fn resolve(
+    cli: &ServeConfig,
+    matches: &ArgMatches,
+    file: Option<ServeConfig>,
+) -> Result<ServeConfig, ConfigError> {
+    let mut merged = toml::Table::try_from(file.unwrap_or_default())?;
+    let given = toml::Table::try_from(cli)?;
+    for id in matches.ids() {
+        let explicit = matches!(
+            matches.value_source(id.as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        // Ids that are not config fields (`--config`, `--print-config`) are not in `given`.
+        if let (true, Some(value)) = (explicit, given.get(id.as_str())) {
+            merged.insert(id.to_string(), value.clone());
+        }
+    }
+    merged
+        .try_into()
+        .map_err(|e| ConfigError::Merge(Box::new(e)))
+}
+
+impl ServeConfig {
+    /// Range checks the engine and HTTP layer rely on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("max_running", self.max_running),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("prefill_chunk", self.prefill_chunk),
+            ("max_waiting", self.max_waiting),
+            ("kv_budget_mib", self.kv_budget_mib),
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_context", self.max_context.unwrap_or(1)),
+        ];
+        if let Some((option, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid {
+                option,
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.prefill_chunk > self.max_batch_tokens {
+            return Err(ConfigError::Invalid {
+                option: "prefill_chunk",
+                message: format!(
+                    "{} is larger than max_batch_tokens = {}; a chunk must fit in one step",
+                    self.prefill_chunk, self.max_batch_tokens
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The KV cache budget in bytes.
+    pub fn kv_budget_bytes(&self) -> usize {
+        self.kv_budget_mib.saturating_mul(1024 * 1024)
+    }
+
+    /// The name clients use: `model_id`, else the default model's name, else the file (or
+    /// folder) name without extension.
+    pub fn served_model_id(&self) -> String {
+        if let Some(id) = &self.model_id {
+            return id.clone();
+        }
+        match &self.model {
+            None => DEFAULT_MODEL_ID.to_string(),
+            Some(path) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+        }
+    }
+
+    /// `api_key` plus the keys in `api_key_file`.
+    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
+        if let Some(path) = &self.api_key_file {
+            let text = read(path)?;
+            let lines = text.lines().map(str::trim);
+            keys.extend(
+                lines
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        keys.retain(|k| !k.is_empty());
+        Ok(keys)
+    }
+
+    /// The chat template file's text, if one is configured.
+    pub fn chat_template_text(&self) -> Result<Option<String>, ConfigError> {
+        self.chat_template.as_deref().map(read).transpose()
+    }
+
+    /// The configuration as TOML for `--print-config`, API keys redacted (the output tends
+    /// to end up in logs and bug reports).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let redacted = Self {
+            api_key: self
+                .api_key
+                .iter()
+                .map(|_| "<redacted>".to_string())
+                .collect(),
+            ..self.clone()
+        };
+        Ok(toml::to_string(&redacted)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    /// Parses `args` with the environment ignored, so the tests do not depend on GRAFT_*
+    /// variables of the machine running them.
+    fn parse(args: &[&str]) -> (ServeConfig, ArgMatches) {
+        let mut command = Cli::command();
+        let ids: Vec<String> = command
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        for id in ids {
+            command = command.mut_arg(id, |a| a.env(None::<&str>));
+        }
+        let matches = command
+            .try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("arguments parse");
+        let cli = Cli::from_arg_matches(&matches).expect("struct from matches");
+        (cli.serve, matches)
+    }
+
+    #[test]
+    fn clap_defaults_equal_the_default_impl() {
+        let (cli, _) = parse(&[]);
+        assert_eq!(cli, ServeConfig::default());
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let file: ServeConfig = toml::from_str("port = 9000\nmax_running = 4\nhost = \"0.0.0.0\"")
+            .expect("file parses");
+        let (cli, matches) = parse(&["--port", "9100", "--api-key", "a", "--api-key", "b"]);
+        let config = resolve(&cli, &matches, Some(file)).expect("resolve");
+        assert_eq!(config.port, 9100, "flag wins");
+        assert_eq!(config.max_running, 4, "file beats default");
+        assert_eq!(config.host, "0.0.0.0");
+        assert_eq!(config.api_key, ["a", "b"]);
+        assert_eq!(config.drain_seconds, defaults::DRAIN_SECONDS);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<ServeConfig>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn served_model_id_follows_the_model() {
+        let mut c = ServeConfig::default();
+        assert_eq!(c.served_model_id(), DEFAULT_MODEL_ID);
+        c.model = Some(PathBuf::from("/m/Qwen2-0.5B.Q8_0.gguf"));
+        assert_eq!(c.served_model_id(), "Qwen2-0.5B.Q8_0");
+        c.model_id = Some("mine".into());
+        assert_eq!(c.served_model_id(), "mine");
+    }
+
+    #[test]
+    fn api_key_file_lines_are_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# team keys\nk1\n\n  k2  \n").expect("write");
+        let c = ServeConfig {
+            api_key: vec!["k0".into()],
+            api_key_file: Some(path),
+            ..ServeConfig::default()
+        };
+        assert_eq!(c.api_keys().expect("keys"), ["k0", "k1", "k2"]);
+    }
+
+    #[test]
+    fn validation_names_the_option() {
+        let c = ServeConfig {
+            max_running: 0,
+            ..ServeConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("max_running"));
+        let c = ServeConfig {
+            prefill_chunk: 1024,
+            ..ServeConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("prefill_chunk"));
+        assert!(ServeConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn print_config_round_trips_and_redacts_keys() {
+        let c = ServeConfig {
+            api_key: vec!["secret".into()],
+            port: 1234,
+            ..ServeConfig::default()
+        };
+        let text = c.to_toml().expect("toml");
+        assert!(!text.contains("secret"));
+        let back: ServeConfig = toml::from_str(&text).expect("parses");
+        assert_eq!(back.port, 1234);
+    }
+}

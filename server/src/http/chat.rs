@@ -1,0 +1,204 @@
+//! POST /v1/chat/completions: messages rendered with the model's chat template, tokenized,
+//! validated into one [`GenerateRequest`](crate::engine::GenerateRequest) per choice, then
+//! answered as one `chat.completion` or streamed as `chat.completion.chunk`s.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
+use super::logprobs::chat_entry;
+use super::state::{AppState, HttpConfig};
+use super::stream::{sse_response, ChunkFormat, Envelope};
+use super::validate::{
+    chat_messages, check_model, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan,
+};
+use super::wire::ChatRequest;
+use super::{unix_now, RequestId};
+use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let engine = state.engine()?;
+    let requests = plan(&req, engine.as_ref(), &state.config, &request_id.0)?;
+    let n = req.n.unwrap_or(1);
+    let logprobs = req.logprobs.unwrap_or(false);
+    let subs = submit_all(engine.as_ref(), requests, &state.metrics)?;
+    let stream = req.stream.unwrap_or(false);
+    let envelope = Envelope {
+        id: format!("chatcmpl-{}", request_id.0),
+        object: if stream {
+            "chat.completion.chunk"
+        } else {
+            "chat.completion"
+        },
+        created: unix_now(),
+        model: engine.info().id.clone(),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    if stream {
+        let format = ChatFormat {
+            envelope,
+            engine,
+            logprobs,
+        };
+        return Ok(sse_response(subs, format, n));
+    }
+    let outcomes = collect_all(subs).await?;
+    Ok(Json(response(&envelope, engine.as_ref(), &outcomes, n, logprobs)).into_response())
+}
+
+/// Validates the request into one generate request per choice.
+fn plan(
+    req: &ChatRequest,
+    engine: &dyn Engine,
+    config: &HttpConfig,
+    id: &str,
+) -> Result<Vec<GenerateRequest>, ApiError> {
+    let info = engine.info();
+    check_model(req.model.as_deref(), info)?;
+    let messages = chat_messages(&req.messages)?;
+    let wanted = LogprobsWanted {
+        logprobs: req.logprobs.unwrap_or(false),
+        top: req.top_logprobs.unwrap_or(0),
+        top_param: "top_logprobs",
+    };
+    let gen = generation(&req.sampling(), wanted, engine)?;
+    let text = engine.render_chat(&messages)?;
+    let tokens = engine.tokenize(&text, true)?;
+    if tokens.is_empty() {
+        return Err(EngineError::EmptyPrompt.into());
+    }
+    let requested = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => Some((m, "max_completion_tokens")),
+        (None, Some(m)) => Some((m, "max_tokens")),
+        (None, None) => None,
+    };
+    if let Some((0, param)) = requested {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must be at least 1"),
+        ));
+    }
+    let max = max_tokens(
+        requested,
+        tokens.len(),
+        info.context_length,
+        config.max_tokens_default,
+    )?;
+    let prompt = PromptPlan {
+        tokens,
+        max_tokens: max,
+    };
+    Ok(fan_out(id, &[prompt], &gen, None))
+}
+
+fn logprobs_of(engine: &dyn Engine, tokens: &[GenToken]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .filter_map(|t| t.logprob.as_ref())
+        .map(|lp| chat_entry(engine, lp))
+        .collect();
+    json!({ "content": content })
+}
+
+/// The non-streaming `chat.completion` body.
+fn response(
+    envelope: &Envelope,
+    engine: &dyn Engine,
+    outcomes: &[Outcome],
+    n: usize,
+    logprobs: bool,
+) -> Value {
+    let choices: Vec<Value> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(index, o)| {
+            json!({
+                "index": index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": if logprobs { logprobs_of(engine, &o.tokens) } else { Value::Null },
+                "finish_reason": o.finish_reason.as_str(),
+            })
+        })
+        .collect();
+    let totals: Vec<_> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| o.totals(i))
+        .collect();
+    let (usage, timings) = summarize(&totals, n);
+    json!({
+        "id": envelope.id,
+        "object": envelope.object,
+        "created": envelope.created,
+        "model": envelope.model,
+        "choices": choices,
+        "usage": usage,
+        "timings": timings,
+    })
+}
+
+/// `chat.completion.chunk`s: a role chunk per choice first, content deltas, a final chunk
+/// with the finish reason.
+struct ChatFormat {
+    envelope: Envelope,
+    engine: Arc<dyn Engine>,
+    logprobs: bool,
+}
+
+impl ChatFormat {
+    fn choice(&self, index: usize, delta: Value, lp: Option<&TokenLogprob>) -> Value {
+        let logprobs = match (self.logprobs, lp) {
+            (true, Some(lp)) => json!({"content": [chat_entry(self.engine.as_ref(), lp)]}),
+            _ => Value::Null,
+        };
+        let choice = json!({
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": Value::Null,
+        });
+        self.envelope.chunk(vec![choice])
+    }
+}
+
+impl ChunkFormat for ChatFormat {
+    fn opening(&mut self, index: usize) -> Option<Value> {
+        Some(self.choice(index, json!({"role": "assistant", "content": ""}), None))
+    }
+
+    fn prompt_logprobs(&mut self, _: usize, _: Vec<TokenLogprob>) -> Option<Value> {
+        None
+    }
+
+    fn token(&mut self, index: usize, token: GenToken) -> Option<Value> {
+        if token.text.is_empty() && !(self.logprobs && token.logprob.is_some()) {
+            return None;
+        }
+        let delta = json!({ "content": token.text });
+        Some(self.choice(index, delta, token.logprob.as_ref()))
+    }
+
+    fn finish(&mut self, index: usize, reason: FinishReason, trailing: String) -> Value {
+        let delta = match trailing.is_empty() {
+            true => json!({}),
+            false => json!({ "content": trailing }),
+        };
+        let mut chunk = self.choice(index, delta, None);
+        chunk["choices"][0]["finish_reason"] = json!(reason.as_str());
+        chunk
+    }
+
+    fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+}

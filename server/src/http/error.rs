@@ -1,0 +1,209 @@
+//! Every error the HTTP layer answers with, and the one table that maps each kind to its HTTP
+//! status and its OpenAI error body `{"error":{"message","type","param","code"}}`.
+//!
+//! JSON replies ([`IntoResponse`]) and the error event of a stream that fails half-way
+//! ([`ApiError::body`]) both go through [`ErrorKind::spec`], so a client sees the same `type`
+//! and `code` whichever way an error reaches it (TGI's status table, meilisearch's code table).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::engine::EngineError;
+
+/// Seconds a client is asked to wait after a 429 before retrying; the queue drains at the
+/// speed of generation, so a short fixed hint beats a computed one that would be wrong anyway.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
+/// What went wrong, independent of the message; decides status, `type` and `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The body is not JSON at all.
+    InvalidJson,
+    /// A field is missing, has the wrong type or is out of range.
+    InvalidParameter,
+    /// A field that would change the output but that graft does not implement.
+    UnsupportedParameter,
+    /// Prompt plus `max_tokens` exceed the model's context.
+    ContextLengthExceeded,
+    ModelNotFound,
+    RouteNotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unauthorized,
+    /// The engine's waiting queue is full.
+    QueueFull,
+    ModelLoading,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorKind {
+    /// The table: HTTP status, OpenAI `type`, OpenAI `code`.
+    pub fn spec(self) -> (StatusCode, &'static str, &'static str) {
+        use ErrorKind::*;
+        const INVALID: &str = "invalid_request_error";
+        match self {
+            InvalidJson => (StatusCode::BAD_REQUEST, INVALID, "invalid_json"),
+            InvalidParameter => (StatusCode::BAD_REQUEST, INVALID, "invalid_value"),
+            UnsupportedParameter => (StatusCode::BAD_REQUEST, INVALID, "unsupported_parameter"),
+            ContextLengthExceeded => (StatusCode::BAD_REQUEST, INVALID, "context_length_exceeded"),
+            ModelNotFound => (StatusCode::NOT_FOUND, INVALID, "model_not_found"),
+            RouteNotFound => (StatusCode::NOT_FOUND, INVALID, "not_found"),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                INVALID,
+                "method_not_allowed",
+            ),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, INVALID, "payload_too_large"),
+            Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+            ),
+            QueueFull => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+            ),
+            ModelLoading => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "model_loading",
+            ),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "shutting_down",
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        }
+    }
+}
+
+/// An error on its way to the client: its kind, a message for people and the request field
+/// it concerns (`param`), if any.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A 400 about one field.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidParameter, message).with_param(param)
+    }
+
+    /// A 400 for a field graft does not implement.
+    pub fn unsupported(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::UnsupportedParameter, message).with_param(param)
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind.spec().0
+    }
+
+    /// The OpenAI error body, for JSON replies and stream error events alike.
+    pub fn body(&self) -> Value {
+        let (_, kind, code) = self.kind.spec();
+        json!({"error": {
+            "message": self.message,
+            "type": kind,
+            "param": self.param,
+            "code": code,
+        }})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::QueueFull { .. } => Self::new(ErrorKind::QueueFull, message),
+            EngineError::ShuttingDown => Self::new(ErrorKind::ShuttingDown, message),
+            // The client's messages are what the template rejected, and a client without a
+            // template can still use /v1/completions: both are the request's problem.
+            EngineError::NoChatTemplate | EngineError::Template(_) => {
+                Self::invalid("messages", message)
+            }
+            EngineError::EmptyPrompt => Self::invalid("prompt", message),
+            EngineError::Tokenizer(_) | EngineError::Internal(_) => {
+                Self::new(ErrorKind::Internal, message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if self.kind == ErrorKind::QueueFull {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_four_openai_fields() {
+        let e = ApiError::invalid("temperature", "temperature must be in 0..=2");
+        let body = e.body();
+        assert_eq!(body["error"]["message"], "temperature must be in 0..=2");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "temperature");
+        assert_eq!(body["error"]["code"], "invalid_value");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn param_is_null_when_absent() {
+        let body = ApiError::new(ErrorKind::ModelLoading, "loading").body();
+        assert!(body["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn queue_full_is_429_with_retry_after() {
+        let e: ApiError = EngineError::QueueFull { capacity: 3 }.into();
+        let response = e.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn engine_errors_map_to_their_kinds() {
+        let kind = |e: EngineError| ApiError::from(e).kind;
+        assert_eq!(kind(EngineError::ShuttingDown), ErrorKind::ShuttingDown);
+        assert_eq!(
+            kind(EngineError::NoChatTemplate),
+            ErrorKind::InvalidParameter
+        );
+        assert_eq!(kind(EngineError::Internal("x".into())), ErrorKind::Internal);
+    }
+}

@@ -1,0 +1,271 @@
+//! Submitting validated requests to the engine and reading their events back: the part of
+//! the request path both generation routes share, streaming or not.
+//!
+//! Each submitted request carries a [`Tracker`] that sees every event on its way to the
+//! client and records time to first token, inter-token gaps, queue time and token counts.
+//! A tracker dropped before its request finished means the client went away (the event
+//! receiver is dropped with it, which cancels the request in the engine).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::try_join_all;
+use serde::Serialize;
+
+use super::error::{ApiError, ErrorKind};
+use super::metrics::Metrics;
+use crate::engine::{
+    Engine, Event, EventReceiver, FinishReason, GenerateRequest, Timings, TokenLogprob,
+};
+
+/// Watches one request's events for metrics and logs.
+pub struct Tracker {
+    metrics: Arc<Metrics>,
+    id: String,
+    started: Instant,
+    last_token: Option<Instant>,
+    done: bool,
+}
+
+impl Tracker {
+    pub fn new(metrics: Arc<Metrics>, id: String) -> Self {
+        Self {
+            metrics,
+            id,
+            started: Instant::now(),
+            last_token: None,
+            done: false,
+        }
+    }
+
+    pub fn observe(&mut self, event: &Event) {
+        match event {
+            Event::PromptLogprobs(_) => {}
+            Event::Token { .. } => self.on_token(),
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                timings,
+                ..
+            } => {
+                self.done = true;
+                let e2e = self.started.elapsed();
+                self.metrics
+                    .finished(e2e, timings.queue, *prompt_tokens, *completion_tokens);
+                tracing::info!(
+                    request_id = %self.id,
+                    prompt_tokens,
+                    completion_tokens,
+                    finish_reason = reason.as_str(),
+                    queue_ms = ms(timings.queue),
+                    e2e_ms = ms(e2e),
+                    "generation finished"
+                );
+            }
+            Event::Failed(e) => {
+                self.done = true;
+                tracing::warn!(request_id = %self.id, error = %e, "generation failed");
+            }
+        }
+    }
+
+    fn on_token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self.metrics.time_to_first_token(now - self.started),
+            Some(last) => self.metrics.inter_token_latency(now - last),
+        }
+        self.last_token = Some(now);
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.cancelled();
+            tracing::info!(request_id = %self.id, "generation cancelled (client gone)");
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One request in the engine: its events and their tracker.
+pub struct Submission {
+    pub rx: EventReceiver,
+    pub tracker: Tracker,
+}
+
+/// Submits every request, or none: on a failure (a full queue) the ones already submitted
+/// are dropped here, which cancels them.
+pub fn submit_all(
+    engine: &dyn Engine,
+    requests: Vec<GenerateRequest>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<Submission>, ApiError> {
+    requests
+        .into_iter()
+        .map(|request| {
+            let tracker = Tracker::new(metrics.clone(), request.id.clone());
+            let rx = engine.submit(request)?;
+            Ok(Submission { rx, tracker })
+        })
+        .collect()
+}
+
+/// One generated token as the routes need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub text: String,
+    pub tokens: Vec<GenToken>,
+    pub finish_reason: FinishReason,
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// The error for an event channel that closed without a final event (the engine stopped).
+pub fn engine_gone() -> ApiError {
+    ApiError::new(
+        ErrorKind::Internal,
+        "the engine stopped before the request finished",
+    )
+}
+
+/// Reads one request's events to the end.
+pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
+    let mut tokens = Vec::new();
+    let mut prompt_logprobs = None;
+    while let Some(event) = sub.rx.recv().await {
+        sub.tracker.observe(&event);
+        match event {
+            Event::PromptLogprobs(lps) => prompt_logprobs = Some(lps),
+            Event::Token { id, text, logprob } => tokens.push(GenToken { id, text, logprob }),
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                trailing_text,
+                timings,
+            } => {
+                let mut text: String = tokens.iter().map(|t: &GenToken| t.text.as_str()).collect();
+                text.push_str(&trailing_text);
+                return Ok(Outcome {
+                    text,
+                    tokens,
+                    finish_reason: reason,
+                    prompt_logprobs,
+                    prompt_tokens,
+                    completion_tokens,
+                    timings,
+                });
+            }
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(engine_gone())
+}
+
+/// Reads every request concurrently; the first failure drops (cancels) the others.
+pub async fn collect_all(subs: Vec<Submission>) -> Result<Vec<Outcome>, ApiError> {
+    try_join_all(subs.into_iter().map(collect)).await
+}
+
+/// OpenAI `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Server-side timings under llama.cpp's names, plus the time spent queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TimingsOut {
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
+    pub queue_ms: f64,
+}
+
+/// One finished choice, for usage and timings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChoiceTotals {
+    pub index: usize,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// Usage and timings over all choices: each prompt counted once (not once per choice, as
+/// OpenAI reports `n > 1`), completions summed, times the slowest choice's.
+pub fn summarize(choices: &[ChoiceTotals], n: usize) -> (Usage, TimingsOut) {
+    let mut usage = Usage::default();
+    let mut timings = TimingsOut::default();
+    for c in choices {
+        if c.index % n.max(1) == 0 {
+            usage.prompt_tokens += c.prompt_tokens;
+        }
+        usage.completion_tokens += c.completion_tokens;
+        timings.prompt_ms = timings.prompt_ms.max(ms(c.timings.prompt));
+        timings.predicted_ms = timings.predicted_ms.max(ms(c.timings.generation));
+        timings.queue_ms = timings.queue_ms.max(ms(c.timings.queue));
+    }
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    timings.prompt_n = usage.prompt_tokens;
+    timings.predicted_n = usage.completion_tokens;
+    (usage, timings)
+}
+
+impl Outcome {
+    pub fn totals(&self, index: usize) -> ChoiceTotals {
+        ChoiceTotals {
+            index,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            timings: self.timings,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn summarize_counts_each_prompt_once() {
+        let t = |ms| Timings {
+            queue: Duration::from_millis(ms),
+            prompt: Duration::from_millis(ms),
+            generation: Duration::from_millis(ms),
+        };
+        let choices: Vec<ChoiceTotals> = (0..4)
+            .map(|i| ChoiceTotals {
+                index: i,
+                prompt_tokens: 10 + (i / 2),
+                completion_tokens: 3,
+                timings: t(i as u64),
+            })
+            .collect();
+        let (usage, timings) = summarize(&choices, 2);
+        assert_eq!(usage.prompt_tokens, 10 + 11);
+        assert_eq!(usage.completion_tokens, 12);
+        assert_eq!(usage.total_tokens, 33);
+        assert_eq!(timings.queue_ms, 3.0);
+        assert_eq!(timings.predicted_n, 12);
+    }
+}

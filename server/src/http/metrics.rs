@@ -1,0 +1,195 @@
+//! Prometheus metrics: request counts and latency histograms recorded as requests pass, load
+//! gauges read from [`Engine::stats`](crate::engine::Engine::stats) at scrape time.
+//!
+//! Each [`Metrics`] owns its own recorder instead of installing a global one, so several apps
+//! (the HTTP tests build one per test) never share counters. Besides graft's own `graft_*`
+//! series it exports the vLLM-named gauges the Kubernetes Gateway API Inference Extension
+//! reads (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`).
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, with_local_recorder, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusRecorder};
+
+use crate::engine::EngineStats;
+
+pub const REQUESTS_TOTAL: &str = "graft_requests_total";
+pub const REQUEST_DURATION: &str = "graft_request_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "graft_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "graft_inter_token_latency_seconds";
+pub const QUEUE_TIME: &str = "graft_request_queue_time_seconds";
+pub const PROMPT_TOKENS: &str = "graft_prompt_tokens_total";
+pub const GENERATION_TOKENS: &str = "graft_generation_tokens_total";
+pub const CANCELLED: &str = "graft_requests_cancelled_total";
+pub const RUNNING: &str = "graft_requests_running";
+pub const WAITING: &str = "graft_requests_waiting";
+pub const KV_USAGE: &str = "graft_kv_cache_usage_ratio";
+pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
+pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
+pub const VLLM_KV_USAGE: &str = "vllm:kv_cache_usage_perc";
+
+// Buckets as vLLM's `vllm/v1/metrics/loggers.py`, so dashboards built for vLLM read ours.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// The metrics registry could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] BuildError);
+
+/// One app's metrics registry.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let full = |name: &str| Matcher::Full(name.to_string());
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(full(TIME_TO_FIRST_TOKEN), TTFT_BUCKETS)?
+            .set_buckets_for_metric(full(INTER_TOKEN_LATENCY), ITL_BUCKETS)?
+            .set_buckets_for_metric(full(REQUEST_DURATION), LATENCY_BUCKETS)?
+            .set_buckets_for_metric(full(QUEUE_TIME), LATENCY_BUCKETS)?
+            .build_recorder();
+        let metrics = Self { recorder };
+        metrics.describe();
+        Ok(metrics)
+    }
+
+    fn describe(&self) {
+        use metrics::{describe_counter, describe_gauge, describe_histogram};
+        self.with(|| {
+            describe_counter!(REQUESTS_TOTAL, "HTTP requests by route and status");
+            describe_histogram!(
+                REQUEST_DURATION,
+                Unit::Seconds,
+                "End-to-end generation time"
+            );
+            describe_histogram!(
+                TIME_TO_FIRST_TOKEN,
+                Unit::Seconds,
+                "Submission to first token"
+            );
+            describe_histogram!(INTER_TOKEN_LATENCY, Unit::Seconds, "Gap between tokens");
+            describe_histogram!(
+                QUEUE_TIME,
+                Unit::Seconds,
+                "Time waiting before the first step"
+            );
+            describe_counter!(PROMPT_TOKENS, "Prompt tokens of finished generations");
+            describe_counter!(GENERATION_TOKENS, "Generated tokens");
+            describe_counter!(
+                CANCELLED,
+                "Generations dropped before finishing (disconnects)"
+            );
+            describe_gauge!(RUNNING, "Sequences in the running batch");
+            describe_gauge!(WAITING, "Sequences in the waiting queue");
+            describe_gauge!(KV_USAGE, "KV cache in use, 0..1");
+            describe_gauge!(VLLM_RUNNING, "Same as graft_requests_running (vLLM name)");
+            describe_gauge!(VLLM_WAITING, "Same as graft_requests_waiting (vLLM name)");
+            describe_gauge!(
+                VLLM_KV_USAGE,
+                "Same as graft_kv_cache_usage_ratio (vLLM name)"
+            );
+        });
+    }
+
+    /// Runs `f` with this registry as the thread's recorder, so the `metrics` macros inside
+    /// record here.
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        with_local_recorder(&self.recorder, f)
+    }
+
+    pub fn request(&self, route: &str, status: u16) {
+        let labels = [("route", route.to_string()), ("status", status.to_string())];
+        self.with(|| counter!(REQUESTS_TOTAL, &labels).increment(1));
+    }
+
+    pub fn time_to_first_token(&self, d: Duration) {
+        self.with(|| histogram!(TIME_TO_FIRST_TOKEN).record(d.as_secs_f64()));
+    }
+
+    pub fn inter_token_latency(&self, d: Duration) {
+        self.with(|| histogram!(INTER_TOKEN_LATENCY).record(d.as_secs_f64()));
+    }
+
+    /// A generation finished: its end-to-end time, queue time and token counts.
+    pub fn finished(&self, e2e: Duration, queue: Duration, prompt: usize, generated: usize) {
+        self.with(|| {
+            histogram!(REQUEST_DURATION).record(e2e.as_secs_f64());
+            histogram!(QUEUE_TIME).record(queue.as_secs_f64());
+            counter!(PROMPT_TOKENS).increment(prompt as u64);
+            counter!(GENERATION_TOKENS).increment(generated as u64);
+        });
+    }
+
+    pub fn cancelled(&self) {
+        self.with(|| counter!(CANCELLED).increment(1));
+    }
+
+    /// The Prometheus text exposition, load gauges set from `stats` first (absent while the
+    /// model loads).
+    pub fn render(&self, stats: Option<EngineStats>) -> String {
+        if let Some(stats) = stats {
+            let usage = match stats.kv_capacity_bytes {
+                0 => 0.0,
+                capacity => stats.kv_used_bytes as f64 / capacity as f64,
+            };
+            self.with(|| {
+                for name in [RUNNING, VLLM_RUNNING] {
+                    gauge!(name).set(stats.running as f64);
+                }
+                for name in [WAITING, VLLM_WAITING] {
+                    gauge!(name).set(stats.waiting as f64);
+                }
+                for name in [KV_USAGE, VLLM_KV_USAGE] {
+                    gauge!(name).set(usage);
+                }
+            });
+        }
+        self.recorder.handle().render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_vllm_gauges_and_histogram_buckets() {
+        let m = Metrics::new().expect("metrics");
+        m.request("/v1/chat/completions", 200);
+        m.time_to_first_token(Duration::from_millis(30));
+        let text = m.render(Some(EngineStats {
+            running: 2,
+            waiting: 1,
+            kv_used_bytes: 1,
+            kv_capacity_bytes: 4,
+        }));
+        assert!(text.contains("vllm:num_requests_running 2"), "{text}");
+        assert!(text.contains("vllm:num_requests_waiting 1"), "{text}");
+        assert!(text.contains("vllm:kv_cache_usage_perc 0.25"), "{text}");
+        assert!(text.contains("graft_time_to_first_token_seconds_bucket{le=\"0.04\"} 1"));
+        assert!(
+            text.contains("graft_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1")
+        );
+    }
+
+    #[test]
+    fn two_registries_do_not_share_counters() {
+        let a = Metrics::new().expect("metrics");
+        let b = Metrics::new().expect("metrics");
+        a.request("/health", 200);
+        assert!(!b.render(None).contains("route=\"/health\""));
+    }
+}

@@ -1,0 +1,59 @@
+//! The small routes: GET /health, GET /metrics, GET /v1/models, and the fallbacks that give
+//! unknown routes (404) and wrong methods (405) the same error body as everything else.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ErrorKind};
+use super::state::AppState;
+
+/// 200 once the model is loaded; 503 (with the reason) while loading or shutting down, so a
+/// load balancer stops sending traffic in both cases.
+pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state.engine()?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+/// Prometheus text exposition; load gauges are read from the engine now.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.slot.peek().map(|e| e.stats());
+    let body = state.metrics.render(stats);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// The served model, OpenAI's list shape plus vLLM's `max_model_len`.
+pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    let info = engine.info();
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.id,
+            "object": "model",
+            "created": info.created,
+            "owned_by": "graft",
+            "max_model_len": info.context_length,
+        }],
+    })))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::RouteNotFound, "no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}

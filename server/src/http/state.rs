@@ -1,0 +1,122 @@
+//! What every handler shares: the engine (absent while the model loads), the HTTP limits and
+//! the metrics registry.
+//!
+//! The socket is bound before the model is loaded, so the engine lives in an [`EngineSlot`]
+//! that starts empty: model routes answer 503 `model_loading` until the binary fills it, and
+//! 503 `shutting_down` once shutdown has begun.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::error::{ApiError, ErrorKind};
+use super::metrics::{Metrics, MetricsError};
+use crate::engine::Engine;
+
+/// The largest `n` (choices per request) accepted; each choice is a full sequence in the
+/// engine, so a large `n` is a cheap way to fill the queue.
+pub const MAX_N: usize = 8;
+
+/// The most stop strings per request (OpenAI allows 4).
+pub const MAX_STOP: usize = 4;
+
+/// The most sequences one /v1/completions request may start (prompts times `n`); batched
+/// scoring clients (lm-evaluation-harness) send several prompts per request.
+pub const MAX_CHOICES: usize = 64;
+
+/// The HTTP layer's share of the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    /// Accepted bearer tokens; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// `max_tokens` when the request gives none; `0` means the rest of the context. Always
+    /// clamped to the context left after the prompt.
+    pub max_tokens_default: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            max_body_bytes: 2 * 1024 * 1024,
+            max_tokens_default: 512,
+        }
+    }
+}
+
+/// The engine once loaded, and whether the server is shutting down.
+#[derive(Default)]
+pub struct EngineSlot {
+    engine: OnceLock<Arc<dyn Engine>>,
+    shutting_down: AtomicBool,
+}
+
+impl EngineSlot {
+    /// A slot that is still loading.
+    pub fn loading() -> Self {
+        Self::default()
+    }
+
+    /// A slot with an engine already in it (tests).
+    pub fn ready(engine: Arc<dyn Engine>) -> Self {
+        let slot = Self::default();
+        slot.fill(engine);
+        slot
+    }
+
+    /// Puts the loaded engine in; a second engine is ignored (returns `false`), the first one
+    /// keeps serving.
+    pub fn fill(&self, engine: Arc<dyn Engine>) -> bool {
+        self.engine.set(engine).is_ok()
+    }
+
+    /// From now on model routes answer 503 `shutting_down`.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The engine if loaded, shutting down or not (metrics keep reporting while draining).
+    pub fn peek(&self) -> Option<Arc<dyn Engine>> {
+        self.engine.get().cloned()
+    }
+
+    /// The engine, or why a request cannot be served now.
+    pub fn get(&self) -> Result<Arc<dyn Engine>, ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorKind::ShuttingDown,
+                "the server is shutting down",
+            ));
+        }
+        self.engine.get().cloned().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::ModelLoading,
+                "the model is still loading; retry shortly",
+            )
+        })
+    }
+}
+
+/// Shared state of the router; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub slot: Arc<EngineSlot>,
+    pub config: Arc<HttpConfig>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(slot: EngineSlot, config: HttpConfig) -> Result<Self, MetricsError> {
+        Ok(Self {
+            slot: Arc::new(slot),
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()?),
+        })
+    }
+
+    /// The engine, or the 503 to answer.
+    pub fn engine(&self) -> Result<Arc<dyn Engine>, ApiError> {
+        self.slot.get()
+    }
+}

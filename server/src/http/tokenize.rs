@@ -1,0 +1,52 @@
+//! POST /tokenize and POST /detokenize, shaped like vLLM's: a prompt (or chat messages,
+//! rendered exactly as /v1/chat/completions renders them) to token ids, and back.
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::state::AppState;
+use super::validate::{chat_messages, check_model, check_token_ids};
+use super::wire::{DetokenizeRequest, TokenizeRequest};
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    check_model(req.model.as_deref(), engine.info())?;
+    let text = match (&req.prompt, &req.messages) {
+        (Some(prompt), None) => prompt.clone(),
+        (None, Some(messages)) => engine.render_chat(&chat_messages(messages)?)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "give exactly one of `prompt` and `messages`",
+            ))
+        }
+    };
+    let tokens = engine.tokenize(&text, req.add_special_tokens.unwrap_or(true))?;
+    let mut body = json!({
+        "count": tokens.len(),
+        "max_model_len": engine.info().context_length,
+        "tokens": tokens,
+    });
+    if req.return_token_strs.unwrap_or(false) {
+        let strs: Vec<String> = tokens.iter().map(|&id| engine.token_text(id)).collect();
+        body["token_strs"] = json!(strs);
+    }
+    Ok(Json(body))
+}
+
+pub async fn detokenize(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<DetokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    check_model(req.model.as_deref(), engine.info())?;
+    check_token_ids(&req.tokens, engine.info().vocab_size, "tokens")?;
+    let prompt = engine.detokenize(&req.tokens)?;
+    Ok(Json(json!({ "prompt": prompt })))
+}

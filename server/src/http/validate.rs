@@ -1,0 +1,444 @@
+//! Wire request to [`GenerateRequest`]s: the checks both generation routes share.
+//!
+//! Each function checks one thing and returns a 4xx naming the field: the model id, `n`,
+//! `stop`, the sampling parameters (range checks from `models::sampling`), token ids against
+//! the vocabulary, and prompt plus `max_tokens` against the context. [`fan_out`] then turns
+//! one validated request into one [`GenerateRequest`] per prompt and choice.
+
+use models::chat_template::ChatMessage;
+use models::sampling::{SamplingError, SamplingParams};
+
+use super::error::{ApiError, ErrorKind};
+use super::state::{MAX_N, MAX_STOP};
+use super::wire::{Content, SamplingWire, WireMessage};
+use crate::engine::{Engine, GenerateRequest, ModelInfo};
+
+/// A missing `model` means the served one; any other id is a 404.
+pub fn check_model(requested: Option<&str>, info: &ModelInfo) -> Result<(), ApiError> {
+    match requested {
+        None => Ok(()),
+        Some(id) if id == info.id => Ok(()),
+        Some(id) => Err(ApiError::new(
+            ErrorKind::ModelNotFound,
+            format!(
+                "the model `{id}` does not exist; this server serves `{}`",
+                info.id
+            ),
+        )
+        .with_param("model")),
+    }
+}
+
+/// What the request asked for in log-probs, and which field to blame for a bad value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobsWanted {
+    pub logprobs: bool,
+    pub top: usize,
+    /// `top_logprobs` on chat, `logprobs` on legacy completions.
+    pub top_param: &'static str,
+}
+
+/// Everything about a generation except its prompt and length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub sampling: SamplingParams,
+    /// The request's seed or a random one; choice `i` uses `seed + i`.
+    pub seed: u64,
+    pub n: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Checks the shared sampling fields and fills in the defaults.
+pub fn generation(
+    wire: &SamplingWire,
+    logprobs: LogprobsWanted,
+    engine: &dyn Engine,
+) -> Result<Generation, ApiError> {
+    let n = wire.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be in 1..={MAX_N}, got {n}"),
+        ));
+    }
+    let stop = stop_strings(wire)?;
+    let sampling = sampling_params(wire, logprobs, engine.info().vocab_size)?;
+    // A random seed still goes into the request, so a log line can reproduce it.
+    let seed = wire.seed.unwrap_or_else(rand::random);
+    let stop_token_ids = match wire.ignore_eos {
+        Some(true) => Vec::new(),
+        _ => engine.eos_token_ids(),
+    };
+    Ok(Generation {
+        sampling,
+        seed,
+        n,
+        stop,
+        stop_token_ids,
+    })
+}
+
+fn stop_strings(wire: &SamplingWire) -> Result<Vec<String>, ApiError> {
+    let stop = wire.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "at most {MAX_STOP} stop sequences are allowed, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stop)
+}
+
+fn sampling_params(
+    wire: &SamplingWire,
+    logprobs: LogprobsWanted,
+    vocab_size: usize,
+) -> Result<SamplingParams, ApiError> {
+    let d = SamplingParams::default();
+    let top_k = match wire.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) => usize::try_from(k).map_err(|_| {
+            ApiError::invalid("top_k", format!("top_k must be -1 (off) or >= 0, got {k}"))
+        })?,
+    };
+    let params = SamplingParams {
+        temperature: wire.temperature.unwrap_or(d.temperature),
+        top_k,
+        top_p: wire.top_p.unwrap_or(d.top_p),
+        min_p: wire.min_p.unwrap_or(d.min_p),
+        repetition_penalty: wire.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: wire.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: wire.frequency_penalty.unwrap_or(d.frequency_penalty),
+        logit_bias: logit_bias(wire)?,
+        seed: wire.seed,
+        logprobs: logprobs.logprobs,
+        top_logprobs: logprobs.top,
+    };
+    params
+        .validate(vocab_size)
+        .map_err(|e| ApiError::invalid(sampling_param(&e, logprobs.top_param), e.to_string()))?;
+    Ok(params)
+}
+
+/// JSON object keys are strings; logit_bias keys must be token ids.
+fn logit_bias(wire: &SamplingWire) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = &wire.logit_bias else {
+        return Ok(Vec::new());
+    };
+    let mut bias = map
+        .iter()
+        .map(|(key, &value)| {
+            key.trim()
+                .parse::<u32>()
+                .map(|id| (id, value))
+                .map_err(|_| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("logit_bias keys must be token ids, got `{key}`"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // HashMap order is random; a fixed order keeps the request reproducible in logs.
+    bias.sort_by_key(|&(id, _)| id);
+    Ok(bias)
+}
+
+/// The request field a sampling range error concerns.
+fn sampling_param(e: &SamplingError, top_param: &'static str) -> &'static str {
+    match e {
+        SamplingError::Temperature { .. } => "temperature",
+        SamplingError::TopP { .. } => "top_p",
+        SamplingError::MinP { .. } => "min_p",
+        SamplingError::RepetitionPenalty { .. } => "repetition_penalty",
+        SamplingError::PresencePenalty { .. } => "presence_penalty",
+        SamplingError::FrequencyPenalty { .. } => "frequency_penalty",
+        SamplingError::LogitBiasToken { .. } | SamplingError::LogitBiasValue { .. } => "logit_bias",
+        SamplingError::TopLogprobs { .. } | SamplingError::TopLogprobsWithoutLogprobs { .. } => {
+            top_param
+        }
+        SamplingError::TokenOutOfRange { .. } => "prompt",
+    }
+}
+
+/// Token ids a client sent must exist in the vocabulary.
+pub fn check_token_ids(ids: &[u32], vocab_size: usize, param: &str) -> Result<(), ApiError> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(ApiError::invalid(
+            param,
+            format!("token id {id} is out of range: the vocabulary has {vocab_size} tokens"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The completion length: the requested one if prompt plus it fits the context, else a 400
+/// naming both numbers; without a request, the configured default clamped to what is left.
+pub fn max_tokens(
+    requested: Option<(usize, &'static str)>,
+    prompt_len: usize,
+    context: usize,
+    default: usize,
+) -> Result<usize, ApiError> {
+    let left = context.saturating_sub(prompt_len);
+    match requested {
+        Some((max, param)) if prompt_len + max > context => Err(context_error(
+            param,
+            format!(
+                "This model's maximum context length is {context} tokens, but {} tokens were \
+                 requested ({prompt_len} in the prompt, {max} for the completion); reduce the \
+                 prompt or `{param}`",
+                prompt_len + max
+            ),
+        )),
+        Some((max, _)) => Ok(max),
+        None if left == 0 => Err(context_error(
+            "prompt",
+            format!(
+                "This model's maximum context length is {context} tokens, but the prompt \
+                 alone has {prompt_len} tokens, leaving none for the completion"
+            ),
+        )),
+        None if default == 0 => Ok(left),
+        None => Ok(default.min(left)),
+    }
+}
+
+fn context_error(param: &str, message: String) -> ApiError {
+    ApiError::new(ErrorKind::ContextLengthExceeded, message).with_param(param)
+}
+
+/// Wire messages to template messages: text parts joined, other part types refused.
+pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let no_tool_calls = match &m.tool_calls {
+                None | Some(serde_json::Value::Null) => true,
+                Some(serde_json::Value::Array(calls)) => calls.is_empty(),
+                Some(_) => false,
+            };
+            if !no_tool_calls {
+                return Err(ApiError::unsupported(
+                    format!("messages[{i}].tool_calls"),
+                    "tool calls are not supported by this server",
+                ));
+            }
+            Ok(ChatMessage {
+                role: m.role.template_name().to_string(),
+                content: message_text(m.content.as_ref(), i)?,
+            })
+        })
+        .collect()
+}
+
+fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(text)) => Ok(text.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    ("text", None) => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}].text"),
+                            "a text content part needs `text`",
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(ApiError::unsupported(
+                            format!("messages[{i}].content[{j}].type"),
+                            format!("content parts of type `{other}` are not supported"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+/// One prompt, tokenized and with its completion length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptPlan {
+    pub tokens: Vec<u32>,
+    pub max_tokens: usize,
+}
+
+/// One [`GenerateRequest`] per prompt and choice, choice-major within each prompt (index
+/// `prompt * n + choice`, as OpenAI numbers them). Ids are `<id>-<index>` when there is more
+/// than one, seeds `seed + index`.
+pub fn fan_out(
+    id: &str,
+    prompts: &[PromptPlan],
+    gen: &Generation,
+    prompt_logprobs: Option<usize>,
+) -> Vec<GenerateRequest> {
+    let total = prompts.len() * gen.n;
+    let mut requests = Vec::with_capacity(total);
+    for prompt in prompts {
+        for _ in 0..gen.n {
+            let index = requests.len();
+            let seed = gen.seed.wrapping_add(index as u64);
+            requests.push(GenerateRequest {
+                id: match total {
+                    1 => id.to_string(),
+                    _ => format!("{id}-{index}"),
+                },
+                prompt: prompt.tokens.clone(),
+                sampling: SamplingParams {
+                    seed: Some(seed),
+                    ..gen.sampling.clone()
+                },
+                seed,
+                max_tokens: prompt.max_tokens,
+                stop: gen.stop.clone(),
+                stop_token_ids: gen.stop_token_ids.clone(),
+                prompt_logprobs,
+            });
+        }
+    }
+    requests
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            id: "m".into(),
+            context_length: 100,
+            vocab_size: 10,
+            created: 0,
+        }
+    }
+
+    const NO_LOGPROBS: LogprobsWanted = LogprobsWanted {
+        logprobs: false,
+        top: 0,
+        top_param: "top_logprobs",
+    };
+
+    #[test]
+    fn model_absent_or_served_is_fine_else_404() {
+        assert!(check_model(None, &info()).is_ok());
+        assert!(check_model(Some("m"), &info()).is_ok());
+        let e = check_model(Some("gpt-4"), &info()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ModelNotFound);
+        assert!(e.message.contains("gpt-4"));
+    }
+
+    #[test]
+    fn max_tokens_names_both_numbers_on_overflow() {
+        let e = max_tokens(Some((60, "max_tokens")), 50, 100, 512).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ContextLengthExceeded);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert!(e.message.contains("50 in the prompt"), "{}", e.message);
+        assert!(e.message.contains("60 for the completion"), "{}", e.message);
+        assert!(e.message.contains("100 tokens"), "{}", e.message);
+    }
+
+    #[test]
+    fn default_max_tokens_is_clamped_to_the_context_left() {
+        assert_eq!(max_tokens(None, 50, 100, 512), Ok(50));
+        assert_eq!(max_tokens(None, 50, 100, 20), Ok(20));
+        assert_eq!(max_tokens(None, 50, 100, 0), Ok(50));
+        assert_eq!(max_tokens(Some((0, "max_tokens")), 100, 100, 20), Ok(0));
+        assert!(max_tokens(None, 100, 100, 20).is_err());
+    }
+
+    #[test]
+    fn sampling_errors_name_their_field() {
+        let wire = SamplingWire {
+            temperature: Some(3.0),
+            ..SamplingWire::default()
+        };
+        let e = sampling_params(&wire, NO_LOGPROBS, 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let wire = SamplingWire {
+            logit_bias: Some([("x".to_string(), 1.0)].into()),
+            ..SamplingWire::default()
+        };
+        let e = sampling_params(&wire, NO_LOGPROBS, 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
+        let wire = SamplingWire {
+            top_k: Some(-2),
+            ..SamplingWire::default()
+        };
+        let e = sampling_params(&wire, NO_LOGPROBS, 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_k"));
+        let wanted = LogprobsWanted {
+            logprobs: true,
+            top: 30,
+            top_param: "logprobs",
+        };
+        let e = sampling_params(&SamplingWire::default(), wanted, 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+    }
+
+    #[test]
+    fn fan_out_numbers_ids_and_seeds() {
+        let gen = Generation {
+            sampling: SamplingParams::default(),
+            seed: 7,
+            n: 2,
+            stop: vec![],
+            stop_token_ids: vec![1],
+        };
+        let prompts = [
+            PromptPlan {
+                tokens: vec![3],
+                max_tokens: 4,
+            },
+            PromptPlan {
+                tokens: vec![5],
+                max_tokens: 6,
+            },
+        ];
+        let reqs = fan_out("r", &prompts, &gen, None);
+        let ids: Vec<_> = reqs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3"]);
+        let seeds: Vec<_> = reqs.iter().map(|r| (r.seed, r.sampling.seed)).collect();
+        assert_eq!(
+            seeds,
+            [(7, Some(7)), (8, Some(8)), (9, Some(9)), (10, Some(10))]
+        );
+        assert_eq!(reqs[2].prompt, vec![5]);
+        assert_eq!(reqs[3].max_tokens, 6);
+        let single = fan_out("r", &prompts[..1], &Generation { n: 1, ..gen }, None);
+        assert_eq!(single[0].id, "r");
+    }
+
+    #[test]
+    fn content_parts_other_than_text_are_refused() {
+        use super::super::wire::{ContentPart, Role};
+        let m = WireMessage {
+            role: Role::User,
+            content: Some(Content::Parts(vec![ContentPart {
+                kind: "image_url".into(),
+                text: None,
+            }])),
+            name: None,
+            tool_calls: None,
+        };
+        let e = chat_messages(&[m]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+    }
+}

@@ -1,0 +1,398 @@
+//! Request bodies as clients send them (OpenAI's chat and legacy completions APIs plus the
+//! vLLM extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`; vLLM's /tokenize and
+//! /detokenize), and each type's [`Screen`] policy for fields beyond its own.
+//!
+//! Everything is `deny_unknown_fields`: a field graft does not know could change the output,
+//! so it is a 400 naming it rather than silently ignored. Fields known to be harmless are
+//! dropped by the screen first; fields known to change the output (tools, response_format
+//! with a schema) get a message of their own.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::extract::Screen;
+
+/// Accepted anywhere and without effect on the output: bookkeeping fields clients send.
+const HARMLESS: &[&str] = &["metadata", "store", "service_tier", "parallel_tool_calls"];
+
+/// The sampling fields both generation routes share, as sent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingWire {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// vLLM convention: `-1` or `0` turns it off.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, JSON keys being strings) to bias in `-100..=100`.
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    /// vLLM extension: keep generating past end-of-sequence tokens (load tests use it).
+    pub ignore_eos: Option<bool>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// POST /v1/chat/completions.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<WireMessage>,
+    pub max_tokens: Option<usize>,
+    /// The newer name of `max_tokens`; wins when both are given.
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    pub ignore_eos: Option<bool>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<usize>,
+    /// End-user id; logged, no effect on the output.
+    pub user: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl ChatRequest {
+    pub fn sampling(&self) -> SamplingWire {
+        SamplingWire {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            stop: self.stop.clone(),
+            seed: self.seed,
+            n: self.n,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct WireMessage {
+    pub role: Role,
+    /// May be null on an assistant message (OpenAI clients replay such messages).
+    pub content: Option<Content>,
+    /// Present in OpenAI's schema; templates do not use it.
+    pub name: Option<String>,
+    /// Replayed assistant tool calls; graft has no tools, so only null or empty is accepted.
+    pub tool_calls: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    /// OpenAI's newer name for `system`.
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role name the chat template sees.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// Message content: a string or a list of typed parts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string or an array of content parts like {\"type\": \"text\", \"text\": \"...\"}"
+)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part; only `text` parts are supported, others are rejected by validation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+impl Screen for ChatRequest {
+    fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
+        drop_harmless(body);
+        let no_tools = is_empty(body.get("tools")) && is_empty(body.get("functions"));
+        refuse_unless("tools", body, is_empty)?;
+        refuse_unless("functions", body, is_empty)?;
+        // "auto" with no tools cannot call anything, so it changes nothing either.
+        refuse_unless("tool_choice", body, |v| {
+            is_empty(v) || v == Some(&Value::from("none")) || (no_tools && is_auto(v))
+        })?;
+        refuse_unless("function_call", body, |v| {
+            is_empty(v) || v == Some(&Value::from("none")) || (no_tools && is_auto(v))
+        })?;
+        refuse_unless("response_format", body, |v| {
+            is_empty(v) || v.and_then(|f| f.get("type")) == Some(&Value::from("text"))
+        })
+    }
+}
+
+/// `prompt` on /v1/completions: the forms vLLM accepts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of token-id lists"
+)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// POST /v1/completions.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    pub ignore_eos: Option<bool>,
+    /// Legacy: return the log-probs of each token and of its top-N alternatives.
+    pub logprobs: Option<usize>,
+    /// Prepend the prompt to the returned text (and, with `logprobs`, its tokens' log-probs).
+    pub echo: Option<bool>,
+    pub user: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl CompletionRequest {
+    pub fn sampling(&self) -> SamplingWire {
+        SamplingWire {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            stop: self.stop.clone(),
+            seed: self.seed,
+            n: self.n,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+impl Screen for CompletionRequest {
+    fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
+        drop_harmless(body);
+        refuse_unless("suffix", body, |v| {
+            is_empty(v) || v == Some(&Value::from(""))
+        })?;
+        // best_of = 1 (or = n, which is what n already does) picks nothing out.
+        let n = body.get("n").cloned().unwrap_or(Value::from(1));
+        refuse_unless("best_of", body, |v| {
+            is_empty(v) || v == Some(&Value::from(1)) || v == Some(&n)
+        })
+    }
+}
+
+/// POST /tokenize: a prompt, or chat messages rendered with the template first.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<WireMessage>>,
+    /// Add BOS when the model wants it; default true, as the generation routes do.
+    pub add_special_tokens: Option<bool>,
+    /// Also return each token's text.
+    pub return_token_strs: Option<bool>,
+}
+
+impl Screen for TokenizeRequest {
+    fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
+        // The template always appends the generation prompt, as the chat route does.
+        refuse_unless("add_generation_prompt", body, |v| {
+            is_empty(v) || v == Some(&Value::Bool(true))
+        })
+    }
+}
+
+/// POST /detokenize.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+impl Screen for DetokenizeRequest {}
+
+fn drop_harmless(body: &mut Map<String, Value>) {
+    for key in HARMLESS {
+        body.remove(*key);
+    }
+}
+
+/// Removes `field` when `accept` says its value has no effect, refuses the request otherwise.
+fn refuse_unless(
+    field: &str,
+    body: &mut Map<String, Value>,
+    accept: impl Fn(Option<&Value>) -> bool,
+) -> Result<(), ApiError> {
+    if !body.contains_key(field) {
+        return Ok(());
+    }
+    if accept(body.get(field)) {
+        body.remove(field);
+        return Ok(());
+    }
+    Err(ApiError::unsupported(
+        field,
+        format!("`{field}` is not supported by this server with the value given"),
+    ))
+}
+
+/// Absent, null, or an empty list/object/string.
+fn is_empty(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+        Some(Value::String(s)) => s.is_empty(),
+        Some(_) => false,
+    }
+}
+
+fn is_auto(v: Option<&Value>) -> bool {
+    v == Some(&Value::from("auto"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::error::ErrorKind;
+    use super::super::extract::parse;
+    use super::*;
+
+    fn chat(body: &str) -> Result<ChatRequest, ApiError> {
+        parse(body.as_bytes())
+    }
+
+    #[test]
+    fn content_as_string_or_text_parts() {
+        let r = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#)
+            .expect("parts");
+        assert!(matches!(r.messages[0].content, Some(Content::Parts(_))));
+        let r = chat(r#"{"messages":[{"role":"developer","content":"hi"}]}"#).expect("string");
+        assert_eq!(r.messages[0].role.template_name(), "system");
+    }
+
+    #[test]
+    fn harmless_fields_are_dropped_and_tools_refused() {
+        chat(
+            r#"{"messages":[],"metadata":{"a":"b"},"store":false,"tools":[],"tool_choice":"auto"}"#,
+        )
+        .expect("harmless");
+        let e = chat(r#"{"messages":[],"tools":[{"type":"function"}]}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnsupportedParameter);
+        assert_eq!(e.param.as_deref(), Some("tools"));
+        let e = chat(r#"{"messages":[],"response_format":{"type":"json_object"}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("response_format"));
+        chat(r#"{"messages":[],"response_format":{"type":"text"}}"#).expect("text format");
+    }
+
+    #[test]
+    fn stop_and_prompt_accept_their_forms() {
+        let r = chat(r#"{"messages":[],"stop":"x"}"#).expect("one");
+        assert_eq!(r.stop.map(Stop::into_vec), Some(vec!["x".to_string()]));
+        let e = chat(r#"{"messages":[],"stop":3}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stop"));
+        assert!(
+            e.message.contains("a string or a list of strings"),
+            "{}",
+            e.message
+        );
+        for (body, expected) in [
+            (r#"{"prompt":"a"}"#, Prompt::Text("a".into())),
+            (r#"{"prompt":[1,2]}"#, Prompt::Tokens(vec![1, 2])),
+            (
+                r#"{"prompt":[[1],[2]]}"#,
+                Prompt::TokenLists(vec![vec![1], vec![2]]),
+            ),
+            (
+                r#"{"prompt":["a","b"]}"#,
+                Prompt::Texts(vec!["a".into(), "b".into()]),
+            ),
+        ] {
+            let r: CompletionRequest = parse(body.as_bytes()).expect(body);
+            assert_eq!(r.prompt, expected);
+        }
+    }
+
+    #[test]
+    fn best_of_equal_to_n_is_accepted() {
+        let ok: Result<CompletionRequest, _> = parse(br#"{"prompt":"a","n":2,"best_of":2}"#);
+        assert!(ok.is_ok());
+        let e = parse::<CompletionRequest>(br#"{"prompt":"a","best_of":3}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("best_of"));
+    }
+}
