@@ -57,6 +57,8 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: candle otherwise re-reads /proc/cpuinfo on every matmul.
+    models::threads::pin_cpu_threads(None);
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
@@ -213,34 +215,21 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
 }
 
 /// Starts the real engine on `loaded`: the one place the binary names its engine type.
-///
-/// The real engine lives on the engine branch (`server::engine::{RealEngine, EngineConfig}`,
-/// `RealEngine::new(loaded, config) -> Result<RealEngine, StartError>`, blocking
-/// `shutdown(&self, drain)`). Until it is merged this returns an error, so `serve` binds,
-/// answers /health with 503, then stops with that error. To wire it, replace the body with:
-///
-/// ```ignore
-/// let engine_config = server::engine::EngineConfig {
-///     model_id: config.served_model_id(),
-///     max_running: config.max_running,
-///     max_batch_tokens: config.max_batch_tokens,
-///     prefill_chunk: config.prefill_chunk,
-///     max_waiting: config.max_waiting,
-///     kv_budget_bytes: config.kv_budget_bytes(),
-/// };
-/// let engine = Arc::new(server::engine::RealEngine::new(loaded, engine_config)?);
-/// let stopper = engine.clone();
-/// Ok(BuiltEngine {
-///     engine,
-///     shutdown: Box::new(move |drain| stopper.shutdown(drain)),
-/// })
-/// ```
 fn build_engine(loaded: LoadedModel, config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
-    drop(loaded);
-    Err(anyhow!(
-        "this build has no real engine yet (model `{}`): wire build_engine in server/src/main.rs",
-        config.served_model_id()
-    ))
+    let engine_config = server::engine::EngineConfig {
+        model_id: config.served_model_id(),
+        max_running: config.max_running,
+        max_batch_tokens: config.max_batch_tokens,
+        prefill_chunk: config.prefill_chunk,
+        max_waiting: config.max_waiting,
+        kv_budget_bytes: config.kv_budget_bytes(),
+    };
+    let engine = Arc::new(server::engine::RealEngine::new(loaded, engine_config)?);
+    let stopper = engine.clone();
+    Ok(BuiltEngine {
+        engine,
+        shutdown: Box::new(move |drain| stopper.shutdown(drain)),
+    })
 }
 
 /// Resolves on SIGINT/SIGTERM or a fatal load error, after starting the drain: model routes
