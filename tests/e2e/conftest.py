@@ -1,0 +1,84 @@
+"""Starts the real `server` binary on the real default model for the end-to-end tests.
+
+The binary is the one `cargo test` built (target/debug/server unless GRAFT_SERVER_BIN says
+otherwise); the model is the library's cached default model (`server fetch` runs first in
+scripts/test.sh). Each server runs on a free local port and is stopped with SIGTERM at the end,
+which also checks that shutdown exits cleanly.
+"""
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("GRAFT_SERVER_BIN", ROOT / "target" / "debug" / "server"))
+MODEL_ID = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(ROOT / "target" / f"e2e-server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--port", str(self.port), *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError("server did not become ready")
+
+    def assert_serving(self) -> None:
+        """The server still answers a real generation after whatever the test did."""
+        r = requests.post(
+            self.url + "/v1/completions",
+            json={"model": MODEL_ID, "prompt": "The sky is", "max_tokens": 2, "temperature": 0},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=60)
+        finally:
+            self.log.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server()
+    yield s
+    assert s.stop() == 0, "server did not exit 0 on SIGTERM"
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
