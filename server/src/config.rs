@@ -227,6 +227,16 @@ impl ServeConfig {
                 message: "must be at least 1".into(),
             });
         }
+        if self.max_batch_tokens < self.max_running {
+            return Err(ConfigError::Invalid {
+                option: "max_batch_tokens",
+                message: format!(
+                    "{} is less than max_running = {}; every running sequence decodes one token \
+                     per step",
+                    self.max_batch_tokens, self.max_running
+                ),
+            });
+        }
         if self.prefill_chunk > self.max_batch_tokens {
             return Err(ConfigError::Invalid {
                 option: "prefill_chunk",
@@ -391,6 +401,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("prefill_chunk"));
+        let c = ServeConfig {
+            max_running: 64,
+            max_batch_tokens: 32,
+            prefill_chunk: 16,
+            ..ServeConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("max_batch_tokens"));
         assert!(ServeConfig::default().validate().is_ok());
     }
 

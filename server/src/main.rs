@@ -105,14 +105,26 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// A started engine and the way to stop it with a drain time.
+/// Stops the engine: finish accepted requests within the drain time, fail the rest. Blocks.
+type EngineStop = Box<dyn FnOnce(Duration) + Send>;
+
+/// A started engine and the way to stop it.
 struct BuiltEngine {
     engine: Arc<dyn Engine>,
-    shutdown: Box<dyn FnOnce(Duration) + Send>,
+    shutdown: EngineStop,
 }
 
-/// The engine's shutdown, set once the model is loaded.
-type StopCell = Arc<Mutex<Option<Box<dyn FnOnce(Duration) + Send>>>>;
+/// What the model loader, the stop watcher and `serve` share.
+struct Lifecycle {
+    slot: Arc<EngineSlot>,
+    drain: Duration,
+    /// The engine's shutdown, set once the model is loaded.
+    engine_stop: Mutex<Option<EngineStop>>,
+    /// The engine's shutdown in progress, awaited before the process exits.
+    engine_stopping: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the server stopped, when it was not a signal.
+    failure: Mutex<Option<anyhow::Error>>,
+}
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let http = HttpConfig {
@@ -127,28 +139,33 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let address: SocketAddr = listener.local_addr()?;
     tracing::info!(%address, "listening; /health answers 503 until the model is loaded");
 
-    let drain = Duration::from_secs(config.drain_seconds);
-    let stop_cell: StopCell = Arc::default();
-    let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let life = Arc::new(Lifecycle {
+        slot: state.slot.clone(),
+        drain: Duration::from_secs(config.drain_seconds),
+        engine_stop: Mutex::default(),
+        engine_stopping: Mutex::default(),
+        failure: Mutex::default(),
+    });
     let (fatal_tx, fatal_rx) = oneshot::channel();
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    tokio::spawn(load_in_background(
-        config,
-        state.slot.clone(),
-        stop_cell.clone(),
-        fatal_tx,
-    ));
-    let stop = wait_for_stop(
-        fatal_rx,
-        failure.clone(),
-        state.slot.clone(),
-        stop_cell,
-        drain,
-        stopping_tx,
-    );
+    tokio::spawn(load_in_background(config, life.clone(), fatal_tx));
+    let stop = wait_for_stop(fatal_rx, life.clone(), stopping_tx);
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(stop);
-    run_until_drained(server.into_future(), stopping_rx, drain).await?;
-    let failed = failure.lock().ok().and_then(|mut f| f.take());
+    run_until_drained(server.into_future(), stopping_rx, life.drain).await?;
+    finish(&life).await
+}
+
+/// Waits for the engine's own shutdown (bounded by the drain time), then reports how the
+/// server ended.
+async fn finish(life: &Lifecycle) -> anyhow::Result<()> {
+    let stopping = life.engine_stopping.lock().ok().and_then(|mut s| s.take());
+    if let Some(stopping) = stopping {
+        let limit = life.drain + SHUTDOWN_GRACE;
+        if tokio::time::timeout(limit, stopping).await.is_err() {
+            tracing::warn!("the engine did not stop in time; exiting anyway");
+        }
+    }
+    let failed = life.failure.lock().ok().and_then(|mut f| f.take());
     match failed {
         Some(e) => Err(e),
         None => {
@@ -162,17 +179,16 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 /// failure is sent to `fatal`, which stops the server.
 async fn load_in_background(
     config: ServeConfig,
-    slot: Arc<EngineSlot>,
-    stop_cell: StopCell,
+    life: Arc<Lifecycle>,
     fatal: oneshot::Sender<anyhow::Error>,
 ) {
     let loaded = tokio::task::spawn_blocking(move || load(&config)).await;
     match loaded {
         Ok(Ok(built)) => {
-            if let Ok(mut cell) = stop_cell.lock() {
-                *cell = Some(built.shutdown);
+            if let Ok(mut stop) = life.engine_stop.lock() {
+                *stop = Some(built.shutdown);
             }
-            slot.fill(built.engine);
+            life.slot.fill(built.engine);
             tracing::info!("model ready; serving");
         }
         Ok(Err(e)) => {
@@ -236,29 +252,30 @@ fn build_engine(loaded: LoadedModel, config: &ServeConfig) -> anyhow::Result<Bui
 /// answer 503 from now on and the engine gets `drain` to finish what it accepted.
 async fn wait_for_stop(
     fatal: oneshot::Receiver<anyhow::Error>,
-    failure: Arc<Mutex<Option<anyhow::Error>>>,
-    slot: Arc<EngineSlot>,
-    stop_cell: StopCell,
-    drain: Duration,
+    life: Arc<Lifecycle>,
     stopping: watch::Sender<bool>,
 ) {
     tokio::select! {
         _ = shutdown_signal() => {
-            tracing::info!(drain_seconds = drain.as_secs(), "signal received; draining");
+            tracing::info!(drain_seconds = life.drain.as_secs(), "signal received; draining");
         }
         Ok(e) = fatal => {
             tracing::error!(error = %format!("{e:#}"), "cannot serve; stopping");
-            if let Ok(mut f) = failure.lock() {
+            if let Ok(mut f) = life.failure.lock() {
                 *f = Some(e);
             }
         }
     }
-    slot.begin_shutdown();
+    life.slot.begin_shutdown();
     let _ = stopping.send(true);
-    let stop = stop_cell.lock().ok().and_then(|mut s| s.take());
+    let stop = life.engine_stop.lock().ok().and_then(|mut s| s.take());
     if let Some(stop) = stop {
+        let drain = life.drain;
         // The engine's shutdown blocks until its thread has drained and exited.
-        tokio::task::spawn_blocking(move || stop(drain));
+        let handle = tokio::task::spawn_blocking(move || stop(drain));
+        if let Ok(mut stopping) = life.engine_stopping.lock() {
+            *stopping = Some(handle);
+        }
     }
 }
 

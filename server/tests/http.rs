@@ -609,6 +609,29 @@ async fn client_disconnect_cancels_the_request() {
     panic!("the engine never saw the cancellation");
 }
 
+#[tokio::test]
+async fn abandoned_non_streaming_request_is_cancelled_and_counted_499() {
+    let (app, fake) = fake_app(FakeConfig {
+        delay: Duration::from_millis(20),
+        ..FakeConfig::default()
+    });
+    let body = json!({"messages": hello(), "max_tokens": 20}).to_string();
+    let call = app.clone().oneshot(post("/v1/chat/completions", body));
+    assert!(tokio::time::timeout(Duration::from_millis(50), call)
+        .await
+        .is_err());
+    for _ in 0..200 {
+        if fake.cancelled() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(fake.cancelled(), 1, "the engine saw the cancellation");
+    let text = String::from_utf8_lossy(&send(&app, get("/metrics")).await.body).into_owned();
+    assert!(text.contains("status=\"499\"} 1"), "{text}");
+    assert!(text.contains("graft_requests_cancelled_total 1"), "{text}");
+}
+
 // ---------------------------------------------------------------- completions
 
 #[tokio::test]

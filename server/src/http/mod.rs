@@ -25,6 +25,7 @@ mod tokenize;
 mod validate;
 pub mod wire;
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -36,6 +37,7 @@ use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
+use self::metrics::Metrics;
 pub use error::{ApiError, ErrorKind};
 pub use state::{AppState, EngineSlot, HttpConfig};
 
@@ -96,7 +98,13 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     let span =
         tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route);
     let started = Instant::now();
+    let mut pending = Pending {
+        metrics: state.metrics.clone(),
+        route: route.clone(),
+        answered: false,
+    };
     let mut response = next.run(req).instrument(span.clone()).await;
+    pending.answered = true;
     let status = response.status().as_u16();
     state.metrics.request(&route, status);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -109,6 +117,26 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response
+}
+
+/// Status recorded for a request whose client left before the reply was ready (nginx's
+/// "client closed request"); the handler future is dropped, which cancels its generation.
+const CLIENT_CLOSED: u16 = 499;
+
+/// Counts a request as 499 if `observe` is dropped before the handler answered.
+struct Pending {
+    metrics: Arc<Metrics>,
+    route: String,
+    answered: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.request(&self.route, CLIENT_CLOSED);
+            tracing::info!(route = %self.route, "client closed the connection before the reply");
+        }
+    }
 }
 
 /// With API keys configured, a request needs `Authorization: Bearer <one of them>`.
