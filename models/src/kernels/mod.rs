@@ -25,6 +25,7 @@ mod driver;
 pub mod q4_1;
 pub mod q8_0;
 pub(crate) mod residual;
+mod rows;
 #[cfg(test)]
 mod testutil;
 
