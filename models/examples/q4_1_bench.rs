@@ -2,11 +2,12 @@
 //! weights, for the default model's (SmolLM2-135M) shapes, and prints medians, GFLOP/s and
 //! effective weight bandwidth.
 //!
+//! `--decode` runs only the decode parts (2) and (3), m = 1, without candle's Q4_1 sweep.
 //! Part (0) first measures the plain memory read bandwidth on the same threads, the ceiling for
 //! decoding.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run --release -p models --example q4_1_bench [-- --quick] [--min]
+//! RAYON_NUM_THREADS=2 cargo run --release -p models --example q4_1_bench [-- --quick] [--min] [--decode]
 //! ```
 //!
 //! Three parts: (1) each projection shape on its own, at m = 1 (decode) and m = 128 / 512
@@ -100,6 +101,13 @@ fn main() -> Result<()> {
         (buf.len() * 8) as f64 / t_read * 1e-9
     );
     drop(buf);
+    let t_pool = median_secs(budget, || {
+        candle_core::utils::barrier_pool().execute_chunked(2, |r| {
+            std::hint::black_box(r);
+        });
+        Ok(())
+    })?;
+    println!("thread pool round trip (empty job): {:.2} us", t_pool * 1e6);
 
     let stat = if std::env::args().any(|a| a == "--min") {
         "minima"
@@ -111,13 +119,14 @@ fn main() -> Result<()> {
         "{:<14} {:>5} {:>5} {:>4} | {:>10} {:>8} {:>8} | {:>10} {:>8} | {:>7}",
         "shape", "n", "k", "m", "ours us", "GFLOP/s", "w GB/s", "candle us", "GFLOP/s", "speedup"
     );
+    let decode_only = std::env::args().any(|a| a == "--decode");
     let shapes = [
         ("q_proj/o_proj", HIDDEN, HIDDEN),
         ("k_proj/v_proj", KV, HIDDEN),
         ("gate/up_proj", MLP, HIDDEN),
         ("down_proj", HIDDEN, MLP),
     ];
-    for &(name, n, k) in &shapes {
+    for &(name, n, k) in shapes.iter().filter(|_| !decode_only) {
         let qt = QTensor::quantize(&random(n, k, &mut rng)?, GgmlDType::Q4_1)?;
         let ours = Q4_1Matmul::new(&qt)?;
         let theirs = QMatMul::from_qtensor(qt)?;
@@ -174,12 +183,16 @@ fn main() -> Result<()> {
         }
         Ok(())
     })?;
-    let t_theirs = median_secs(budget * 2, || {
-        for (mm, o) in theirs.iter().zip(&ours) {
-            mm.forward(input(o.k()))?;
-        }
-        Ok(())
-    })?;
+    let t_theirs = if decode_only {
+        f64::NAN
+    } else {
+        median_secs(budget * 2, || {
+            for (mm, o) in theirs.iter().zip(&ours) {
+                mm.forward(input(o.k()))?;
+            }
+            Ok(())
+        })?
+    };
     println!(
         "{:.1} MB of Q4_1 weights: ours {:.2} ms ({:.1} GB/s, {:.1} GFLOP/s), candle {:.2} ms, speedup {:.1}x",
         bytes * 1e-6,
@@ -198,7 +211,7 @@ fn main() -> Result<()> {
     let q8_bytes = (VOCAB * HIDDEN / 32 * 34) as f64;
     let ours_q8 = Q8_0Matmul::new(&q8)?;
     let theirs_q8 = QMatMul::from_qtensor(q8)?;
-    for &m in &[1usize, 128] {
+    for &m in [1usize, 128].iter().filter(|&&m| m == 1 || !decode_only) {
         let x = random(m, HIDDEN, &mut rng)?;
         let t_ours = median_secs(budget, || ours_q8.forward(&x).map(|_| ()))?;
         let t_theirs = median_secs(budget, || theirs_q8.forward(&x).map(|_| ()))?;
