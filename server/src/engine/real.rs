@@ -66,8 +66,9 @@ pub enum StartError {
 }
 
 impl EngineConfig {
-    /// Checks the limits: all positive, and every running sequence's decode token fits in
-    /// one step (decode rows are never split across steps).
+    /// Checks the limits: all positive, and a step holds every running sequence's decode
+    /// token plus one whole prompt chunk (chunks never shrink to fit, see `scheduler`), so
+    /// prefill always progresses.
     pub fn validate(&self) -> Result<(), StartError> {
         let positive = [
             ("max_running", self.max_running),
@@ -83,10 +84,10 @@ impl EngineConfig {
                 value,
             });
         }
-        if self.max_batch_tokens < self.max_running {
+        if self.max_batch_tokens < self.max_running.saturating_add(self.prefill_chunk) {
             return Err(StartError::Config {
                 field: "max_batch_tokens",
-                requirement: "at least max_running",
+                requirement: "at least max_running + prefill_chunk",
                 value: self.max_batch_tokens,
             });
         }
@@ -347,4 +348,291 @@ fn spawn_worker<M: StepModel>(worker: Worker<M>) -> std::io::Result<JoinHandle<(
                 tracing::error!("engine thread panicked outside a step; the engine has stopped");
             }
         })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Condvar;
+
+    use candle_core::Tensor;
+    use models::sampling::SamplingParams;
+    use models::{BatchRow, KvCache, Llama, ModelError};
+
+    use super::*;
+    use crate::engine::testing::{tiny_char_id, tiny_loaded_model};
+    use crate::engine::{Event, FinishReason};
+
+    /// Blocks forward steps while closed.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        changed: Condvar,
+    }
+
+    impl Gate {
+        fn set(&self, open: bool) {
+            *lock(&self.open) = open;
+            self.changed.notify_all();
+        }
+
+        fn wait(&self) {
+            let mut open = lock(&self.open);
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
+        }
+    }
+
+    /// The tiny model, behind a gate, failing on demand: a prompt containing `~` makes its
+    /// step return an error, one containing `}` makes it panic.
+    struct Flaky {
+        inner: Llama,
+        gate: Arc<Gate>,
+    }
+
+    impl StepModel for Flaky {
+        fn forward(&self, batch: &mut [BatchRow<'_>]) -> models::Result<Vec<Option<Tensor>>> {
+            self.gate.wait();
+            // Only prompt chunks (empty caches) trigger, never sampled tokens.
+            let has = |c: char| {
+                let id = tiny_char_id(c).unwrap();
+                batch
+                    .iter()
+                    .any(|r| r.cache.is_empty() && r.tokens.contains(&id))
+            };
+            if has('~') {
+                return Err(ModelError::Batch("injected failure".into()));
+            }
+            if has('}') {
+                panic!("injected panic");
+            }
+            self.inner.forward(batch)
+        }
+
+        fn new_cache(&self) -> KvCache {
+            self.inner.new_cache()
+        }
+    }
+
+    struct Fixture {
+        engine: RealEngine,
+        gate: Arc<Gate>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Fixture {
+        /// A failed assertion must not leave the engine thread blocked: the engine's own
+        /// drop joins it.
+        fn drop(&mut self) {
+            self.gate.set(true);
+        }
+    }
+
+    fn fixture(config: EngineConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = tiny_loaded_model(dir.path(), 3).unwrap();
+        let facts = ModelFacts {
+            max_positions: loaded.model.max_positions(),
+            vocab_size: loaded.model.config.vocab_size,
+            kv_bytes_per_token: loaded.model.config.kv_bytes_per_token(),
+        };
+        let gate = Arc::new(Gate::default());
+        gate.set(true);
+        let model = Flaky {
+            inner: loaded.model,
+            gate: gate.clone(),
+        };
+        let engine =
+            RealEngine::start(model, facts, loaded.tokenizer, loaded.chat_template, config)
+                .unwrap();
+        Fixture {
+            engine,
+            gate,
+            _dir: dir,
+        }
+    }
+
+    fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            id: prompt.into(),
+            prompt: prompt.chars().map(|c| tiny_char_id(c).unwrap()).collect(),
+            sampling: SamplingParams::default(),
+            seed: 1,
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            prompt_logprobs: None,
+        }
+    }
+
+    /// Every event until the channel closes.
+    fn collect(mut rx: EventReceiver) -> Vec<Event> {
+        std::iter::from_fn(|| rx.blocking_recv()).collect()
+    }
+
+    fn last(events: &[Event]) -> &Event {
+        events.last().unwrap()
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_failing_step_fails_its_batch_and_the_engine_serves_on() {
+        let f = fixture(EngineConfig::default());
+        f.gate.set(false);
+        let first = f.engine.submit(request("xy", 50)).unwrap();
+        wait_until("first step under way", || f.engine.stats().running == 1);
+        // These arrive while the first step is blocked, so all three share the next step.
+        let good = f.engine.submit(request("ab", 50)).unwrap();
+        let bad = f.engine.submit(request("a~", 50)).unwrap();
+        f.gate.set(true);
+        for events in [collect(first), collect(good), collect(bad)] {
+            assert!(
+                matches!(last(&events), Event::Failed(EngineError::Internal(m)) if m.contains("injected failure")),
+                "{events:?}"
+            );
+        }
+        let after = collect(f.engine.submit(request("ab", 5)).unwrap());
+        assert!(matches!(last(&after), Event::Finished { .. }), "{after:?}");
+        wait_until("caches freed", || f.engine.stats().kv_used_bytes == 0);
+    }
+
+    #[test]
+    fn a_panicking_step_is_contained() {
+        let f = fixture(EngineConfig::default());
+        let events = collect(f.engine.submit(request("a}", 5)).unwrap());
+        assert!(
+            matches!(last(&events), Event::Failed(EngineError::Internal(m)) if m.contains("panicked")),
+            "{events:?}"
+        );
+        let after = collect(f.engine.submit(request("ab", 5)).unwrap());
+        assert!(matches!(last(&after), Event::Finished { .. }), "{after:?}");
+    }
+
+    #[test]
+    fn a_full_queue_answers_queue_full_and_frees_up() {
+        let config = EngineConfig {
+            max_running: 1,
+            max_waiting: 2,
+            ..EngineConfig::default()
+        };
+        let f = fixture(config);
+        f.gate.set(false);
+        let first = f.engine.submit(request("ab", 3)).unwrap();
+        wait_until("first admitted", || f.engine.stats().running == 1);
+        let queued = [
+            f.engine.submit(request("cd", 3)).unwrap(),
+            f.engine.submit(request("ef", 3)).unwrap(),
+        ];
+        assert_eq!(f.engine.stats().waiting, 2);
+        let full = f.engine.submit(request("gh", 3)).unwrap_err();
+        assert_eq!(full, EngineError::QueueFull { capacity: 2 });
+        f.gate.set(true);
+        for rx in std::iter::once(first).chain(queued) {
+            assert!(matches!(last(&collect(rx)), Event::Finished { .. }));
+        }
+        assert!(f.engine.submit(request("gh", 3)).is_ok());
+    }
+
+    #[test]
+    fn shutdown_drains_accepted_requests_then_refuses_new_ones() {
+        let config = EngineConfig {
+            max_running: 1,
+            ..EngineConfig::default()
+        };
+        let f = fixture(config);
+        let receivers: Vec<_> = (0..3)
+            .map(|_| f.engine.submit(request("ab", 20)).unwrap())
+            .collect();
+        f.engine.shutdown(Duration::from_secs(60));
+        for rx in receivers {
+            let events = collect(rx);
+            assert!(
+                matches!(
+                    last(&events),
+                    Event::Finished {
+                        reason: FinishReason::Length,
+                        completion_tokens: 20,
+                        ..
+                    }
+                ),
+                "{events:?}"
+            );
+        }
+        let refused = f.engine.submit(request("ab", 1)).unwrap_err();
+        assert_eq!(refused, EngineError::ShuttingDown);
+        assert_eq!(f.engine.stats().running, 0);
+    }
+
+    #[test]
+    fn shutdown_past_the_drain_fails_what_is_left() {
+        let f = fixture(EngineConfig::default());
+        f.gate.set(false);
+        let rx = f.engine.submit(request("ab", 200)).unwrap();
+        wait_until("admitted", || f.engine.stats().running == 1);
+        std::thread::scope(|s| {
+            let stopping = s.spawn(|| f.engine.shutdown(Duration::ZERO));
+            wait_until("shutting down", || {
+                f.engine.shared.shutting_down.load(Ordering::SeqCst)
+                    && lock(&f.engine.inbox).is_none()
+            });
+            f.gate.set(true);
+            stopping.join().unwrap();
+        });
+        let events = collect(rx);
+        assert_eq!(last(&events), &Event::Failed(EngineError::ShuttingDown));
+        assert_eq!(f.engine.stats().kv_used_bytes, 0);
+    }
+
+    #[test]
+    fn submit_rejects_what_the_engine_must_never_run() {
+        let f = fixture(EngineConfig::default());
+        let empty = f.engine.submit(request("", 5)).unwrap_err();
+        assert_eq!(empty, EngineError::EmptyPrompt);
+        let mut bad_id = request("ab", 5);
+        bad_id.prompt.push(96);
+        assert!(matches!(
+            f.engine.submit(bad_id),
+            Err(EngineError::Internal(_))
+        ));
+        let long = request(&"a".repeat(257), 1);
+        assert!(matches!(
+            f.engine.submit(long),
+            Err(EngineError::Internal(_))
+        ));
+        assert_eq!(f.engine.stats().waiting, 0);
+    }
+
+    #[test]
+    fn the_config_is_checked() {
+        let bad = EngineConfig {
+            max_running: 16,
+            prefill_chunk: 256,
+            max_batch_tokens: 271,
+            ..EngineConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(StartError::Config {
+                field: "max_batch_tokens",
+                ..
+            })
+        ));
+        let zero = EngineConfig {
+            prefill_chunk: 0,
+            ..EngineConfig::default()
+        };
+        assert!(zero.validate().is_err());
+        assert!(EngineConfig::default().validate().is_ok());
+    }
 }

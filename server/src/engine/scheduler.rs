@@ -9,6 +9,14 @@
 //! so a long prompt never stalls the others' token streams (Sarathi-style chunked prefill, as
 //! vLLM and TGI do it).
 //!
+//! Departure from vLLM, for reproducibility: a prompt is always cut at multiples of
+//! `prefill_chunk`, and a chunk that does not fit whole in what is left of the budget waits
+//! for the next step instead of shrinking. With quantized weights a sequence's logits depend
+//! (by up to a logit on the default model) on where its prompt was cut, while they do not
+//! depend on the other rows of a step; fixed cuts make a request's output independent of
+//! what it was batched with. `EngineConfig::validate` keeps room for one whole chunk beside
+//! every decode row, so the oldest prefilling sequence always progresses.
+//!
 //! Like TGI's queue state, this is a plain synchronous struct over anything [`Schedulable`],
 //! tested with fake sequences; the engine thread is its only user.
 
@@ -147,9 +155,9 @@ impl<S: Schedulable> Scheduler<S> {
                 });
                 continue;
             }
-            let tokens = remaining.min(self.limits.prefill_chunk).min(budget);
-            if tokens == 0 {
-                continue;
+            let tokens = remaining.min(self.limits.prefill_chunk);
+            if tokens > budget {
+                continue; // a later, shorter final chunk may still fit
             }
             budget -= tokens;
             rows.push(PlannedRow {
@@ -286,7 +294,7 @@ mod tests {
     #[test]
     fn decode_rows_come_first_and_prefill_gets_what_is_left() {
         let lim = SchedulerLimits {
-            max_batch_tokens: 10,
+            max_batch_tokens: 12,
             ..limits()
         };
         let mut decoding = vec![seq(0, 3), seq(1, 3), seq(2, 3)];
@@ -295,8 +303,31 @@ mod tests {
         let mut s = scheduler(lim, decoding);
         s.admit();
         use LogitsWanted::*;
-        let expect = vec![(0, 1, Last), (1, 1, Last), (2, 1, Last), (3, 7, None)];
+        let expect = vec![(0, 1, Last), (1, 1, Last), (2, 1, Last), (3, 8, None)];
         assert_eq!(rows(&s.plan()), expect);
+    }
+
+    #[test]
+    fn a_chunk_never_shrinks_to_fit_so_cuts_do_not_depend_on_other_sequences() {
+        let lim = SchedulerLimits {
+            max_batch_tokens: 12,
+            ..limits()
+        };
+        let mut s = scheduler(lim, vec![seq(0, 30), seq(1, 30), seq(2, 3)]);
+        s.admit();
+        use LogitsWanted::*;
+        // Seq 1's chunk of 8 does not fit in the 4 left; seq 2's final 3 does.
+        assert_eq!(rows(&s.plan()), vec![(0, 8, None), (2, 3, Last)]);
+        // Alone, seq 1 is cut at the same places: 8, 16, 24, 30.
+        let mut alone = scheduler(lim, vec![seq(1, 30)]);
+        alone.admit();
+        let mut cuts = Vec::new();
+        while alone.running()[0].prefilled < 30 {
+            let plan = alone.plan();
+            feed(&mut alone, &plan);
+            cuts.push(alone.running()[0].prefilled);
+        }
+        assert_eq!(cuts, vec![8, 16, 24, 30]);
     }
 
     #[test]

@@ -314,6 +314,13 @@ impl Sequence {
         let tail = self.decoder.finish().unwrap_or_default();
         let (trailing_text, matched) = self.stops.finish(&tail);
         let reason = if matched { FinishReason::Stop } else { reason };
+        tracing::debug!(
+            request_id = %self.request_id,
+            reason = reason.as_str(),
+            prompt_tokens = self.prompt.len(),
+            completion_tokens = self.generated.len(),
+            "sequence finished"
+        );
         self.send(Event::Finished {
             reason,
             prompt_tokens: self.prompt.len(),

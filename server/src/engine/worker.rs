@@ -120,6 +120,8 @@ impl<M: StepModel> Worker<M> {
         }
         let admitted = self.scheduler.admit();
         self.shared.waiting.fetch_sub(admitted, Ordering::SeqCst);
+        // Before the step too: a step can take long, and the gauges should show the admitted.
+        self.publish();
         self.step();
         self.publish();
         true
