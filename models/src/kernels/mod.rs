@@ -21,6 +21,7 @@
 #![allow(unsafe_code)]
 
 mod acts;
+pub(crate) mod attention;
 mod driver;
 pub mod q4_1;
 pub mod q8_0;
