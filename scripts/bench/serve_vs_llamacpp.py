@@ -15,9 +15,10 @@ back to back (temperature 0.7, a seed per request, max_tokens 128, prompts from 
 instructions that ask for long answers, in a seeded shuffle per client) for WARMUP + DURATION
 seconds. Only the last DURATION seconds (the window) are measured, so every client is busy for
 all of it:
-  - output tokens/s = content chunks that arrive inside the window / DURATION (each chunk is one
-    token on both servers; the usage chunk's completion_tokens is checked against the chunk count
-    on every completed request and the mismatches are reported);
+  - output tokens/s = output tokens that arrive inside the window / DURATION: a content chunk is
+    one token on both servers, except that a token adding no text (part of a character split over
+    several tokens) sends no chunk, so a completed request's completion_tokens from the usage chunk
+    is spread evenly over its chunks (requests with usage != chunks are counted in the report);
   - TTFT = request sent -> first non-empty content chunk, for requests sent inside the window;
   - ITL = gaps between consecutive content chunks of one request, both inside the window;
   - e2e latency for requests sent inside the window that completed inside it.
@@ -362,7 +363,10 @@ def phase_stats(ph):
     finishes = {}
     for r in ph["requests"]:
         ch = r["chunks"]
-        n_in = sum(1 for t in ch if 0 <= t <= d)
+        # A chunk is one token, except where a token adds no text (a character split over several
+        # tokens): a completed request's usage count is spread evenly over its chunks.
+        w = r["usage_tokens"] / len(ch) if r["done"] and r["usage_tokens"] and ch else 1.0
+        n_in = sum(1 for t in ch if 0 <= t <= d) * w
         toks += n_in
         per_client[r["client"]] = per_client.get(r["client"], 0) + n_in
         for a, b in zip(ch, ch[1:]):
@@ -483,17 +487,20 @@ def report(dirpath):
                  f"llama.cpp {fmt(l and l / 1024)} MiB.")
     lines.append("")
     lines.append("Per repetition (tok/s; other = cores kept busy by other processes during the window; "
-                 "load = 1-min loadavg before -> after the phase; err = failed requests; "
+                 "load = 1-min loadavg before -> after the phase; reqs = requests sent in the window; "
+                 "err = failed requests; tok/req = mean output tokens of completed requests; "
+                 "usage≠chunks = completed requests whose usage count differs from their content chunks; "
                  "jain = fairness of tokens across clients, 1 = equal):")
     lines.append("")
-    lines.append("| server | c | rep | tok/s | TTFT p99 | ITL p99 | reqs | err | server cores | client cores | other cores | load | jain |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    lines.append("| server | c | rep | tok/s | TTFT p99 | ITL p99 | reqs | err | tok/req | usage≠chunks | server cores | client cores | other cores | load | jain |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for row in summary["rows"]:
         for s in SERVERS:
             for st in row[s]["per_rep"]:
                 cpu = st["cpu"]
                 lines.append(f"| {s} | {st['concurrency']} | {st['rep']} | {st['tok_s']:.1f} | {fmt(st['ttft_p99_ms'])} | "
                              f"{fmt(st['itl_p99_ms'])} | {st['requests_in_window']} | {st['errors']} | "
+                             f"{fmt(st['mean_output_tokens_completed'], 1)} | {st['usage_chunk_mismatches']} | "
                              f"{cpu['server_cores']:.2f} | {cpu['client_cores']:.2f} | {cpu['other_cores']:.2f} | "
                              f"{st['load_before']:.2f} -> {st['load_after']:.2f} | {fmt(st['jain_fairness'], 3)} |")
     text = "\n".join(lines)

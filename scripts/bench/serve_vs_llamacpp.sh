@@ -39,12 +39,15 @@ rm -rf "$OUT/raw" "$OUT/logs"
 mkdir -p "$OUT/raw" "$OUT/logs"
 LLAMA_VERSION=$("$BIN/llama-server" --version 2>&1 | grep -m1 -i version || true)
 GRAFT_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The binary may be older than HEAD or built from uncommitted changes: record what actually runs.
+[ -z "$(git -C "$ROOT" status --porcelain -- models server Cargo.toml Cargo.lock 2>/dev/null)" ] || GRAFT_COMMIT="$GRAFT_COMMIT+dirty"
+GRAFT_BIN_ID="$(stat -c %y "$GRAFT" | cut -c1-19), sha256 $(sha256sum "$GRAFT" | cut -c1-12)"
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "command: $0 $REPS (DURATION=$DURATION WARMUP=$WARMUP CONCURRENCY='$CONCURRENCY' THREADS=$THREADS)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
   echo "model: $MODEL ($(sha256sum "$MODEL" | cut -c1-16)...)"
-  echo "graft: $GRAFT_COMMIT, serve --max-running $MAXC, RAYON_NUM_THREADS=$THREADS"
+  echo "graft: HEAD $GRAFT_COMMIT, binary built $GRAFT_BIN_ID, serve --max-running $MAXC, RAYON_NUM_THREADS=$THREADS"
   echo "llama.cpp: $LLAMA_VERSION, llama-server -t $THREADS -c $((MAXC * 512)) -np $MAXC -cb"
 } | tee "$OUT/run.txt"
 
