@@ -316,10 +316,11 @@ impl Engine for RealEngine {
     }
 
     fn stats(&self) -> EngineStats {
+        let load = *self.shared.running_load();
         EngineStats {
-            running: self.shared.running.load(Ordering::SeqCst),
+            running: load.sequences,
             waiting: self.shared.waiting.load(Ordering::SeqCst),
-            kv_used_bytes: self.shared.kv_used.load(Ordering::SeqCst),
+            kv_used_bytes: load.kv_bytes,
             kv_capacity_bytes: self.config.kv_budget_bytes,
         }
     }

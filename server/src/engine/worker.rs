@@ -13,7 +13,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -63,9 +63,24 @@ pub(crate) struct Shared {
     /// Accepted but not yet running: in the channel or in the scheduler's queue. `submit`
     /// increments it before sending, so it bounds the queue exactly.
     pub waiting: AtomicUsize,
-    pub running: AtomicUsize,
-    pub kv_used: AtomicUsize,
+    /// Running sequences and their KV bytes, published together after each step so a
+    /// reader never sees one step's count with another step's memory.
+    pub running: Mutex<RunningLoad>,
     pub shutting_down: AtomicBool,
+}
+
+/// What the running set holds, as of the last step.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RunningLoad {
+    pub sequences: usize,
+    pub kv_bytes: usize,
+}
+
+impl Shared {
+    /// The running figures; a poisoned lock still holds plain numbers, so it is read anyway.
+    pub fn running_load(&self) -> std::sync::MutexGuard<'_, RunningLoad> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The engine thread's state.
@@ -276,8 +291,10 @@ impl<M: StepModel> Worker<M> {
     fn publish(&self) {
         let running = self.scheduler.running();
         let kv: usize = running.iter().map(Schedulable::kv_allocated_bytes).sum();
-        self.shared.running.store(running.len(), Ordering::SeqCst);
-        self.shared.kv_used.store(kv, Ordering::SeqCst);
+        *self.shared.running_load() = RunningLoad {
+            sequences: running.len(),
+            kv_bytes: kv,
+        };
     }
 }
 
