@@ -1,0 +1,33 @@
+//! The base model a plug-in must fit: its identity, shapes and device.
+
+use candle_core::Device;
+use models::{ModelConfig, Projection};
+
+/// What plug-ins are checked against at load, and where their tensors go.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    /// The served model's id (`model` in requests); plug-in names may not shadow it.
+    pub id: String,
+    pub config: ModelConfig,
+    pub device: Device,
+}
+
+impl BaseModel {
+    /// `(out_features, in_features)` of a decoder projection, as in HF `nn.Linear`.
+    pub fn projection_shape(&self, projection: Projection) -> (usize, usize) {
+        let c = &self.config;
+        let (hidden, q, kv) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        match projection {
+            Projection::Q => (q, hidden),
+            Projection::K | Projection::V => (kv, hidden),
+            Projection::O => (hidden, q),
+            Projection::Gate | Projection::Up => (c.intermediate_size, hidden),
+            Projection::Down => (hidden, c.intermediate_size),
+            Projection::LmHead => (c.vocab_size, hidden),
+        }
+    }
+}

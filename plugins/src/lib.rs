@@ -1,0 +1,31 @@
+//! `plugins`: what a request can plug into the frozen base model at run time.
+//!
+//! A plug-in is a file on disk (in its ecosystem's format) loaded once into a [`Plugin`]: an
+//! object that implements the decoder's [`models::Hook`] trait and turns each request's
+//! parameters into hook parameters. The [`Registry`] holds the loaded plug-ins by name, checks
+//! each against the base model before it is usable, confines paths to the plug-in folder and
+//! keeps resident memory under a budget. [`Registry::resolve`] turns a request's plug-in list
+//! into a [`Chain`]: the per-row hook calls the engine hands to the forward pass, plus what
+//! the response echoes back.
+//!
+//! Where it sits: the HTTP layer resolves chains during validation (so every failure is a
+//! 4xx before admission); the engine only ever sees [`models::HookCall`]s.
+
+pub mod base;
+pub mod chain;
+pub mod error;
+pub mod kind;
+pub mod lora;
+mod params;
+mod paths;
+pub mod plugin;
+pub mod registry;
+pub mod spec;
+
+pub use base::BaseModel;
+pub use chain::{Chain, ChainEntry};
+pub use error::{PluginError, Result};
+pub use kind::PluginKind;
+pub use plugin::{LoadedPlugin, Plugin};
+pub use registry::{PluginInfo, Registry, RegistryConfig, Source};
+pub use spec::PluginSpec;

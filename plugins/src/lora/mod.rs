@@ -1,0 +1,319 @@
+//! LoRA adapters in the PEFT format (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
+//! Models", arXiv 2106.09685; rsLoRA: Kalajdzievski, arXiv 2312.03732).
+//!
+//! A targeted projection computes `y = W0 x + s * B (A x)` with `s = alpha / r` (rsLoRA:
+//! `alpha / sqrt(r)`) times the request's `scale`. Reference implementation: PEFT
+//! `tuners/lora/layer.py` (`Linear.forward`, unmerged path).
+//!
+//! Serving departs from PEFT in one way: the adapter is never merged into the weights. The
+//! base matmul runs once for the whole batch, and the decoder calls this hook once per
+//! projection for the rows whose chain holds this adapter (their activations gathered into
+//! one matrix), so the delta costs two thin matmuls per adapter group: the segmented form of
+//! Punica's SGMV, on whatever device the model is on.
+//!
+//! Weight layout: graft's decoder keeps q/k rows in Hugging Face's half-split RoPE order for
+//! every checkpoint (the GGUF loader undoes llama.cpp's interleaving permutation), so PEFT's
+//! `lora_B` rows for `q_proj`/`k_proj` apply as they are. Adding them to the permuted GGUF
+//! rows instead would change outputs silently; the reference test against PEFT pins it.
+
+mod config;
+mod names;
+pub mod tiny;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Tensor};
+use models::hooks::HookParams;
+use models::{Hook, HookGroup, HookPoints, Projection};
+use safetensors::SafeTensors;
+use serde_json::{Map, Value};
+
+pub use config::{LoraConfig, Targets, SUPPORTED_MODULES};
+pub use names::{module_path, Factor, TensorName};
+
+use crate::base::BaseModel;
+use crate::error::{PluginError, Result};
+use crate::kind::PluginKind;
+use crate::params;
+use crate::plugin::{ContentHash, Plugin};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Per-request parameters: `{"scale": s}` multiplies the adapter's delta (default 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraParams {
+    pub scale: f32,
+}
+
+/// The scale range a request may ask for; beyond it a value is far more likely a typo than
+/// an intent (the adapter's own `alpha / r` is already folded in).
+const SCALE_RANGE: (f32, f32) = (-10.0, 10.0);
+
+/// One adapted projection.
+#[derive(Debug, Clone)]
+struct LoraModule {
+    /// `A^T`: `(in_features, r)`.
+    a_t: Tensor,
+    /// `s * B^T`: `(r, out_features)`, the config's scaling folded in.
+    b_t: Tensor,
+}
+
+/// A loaded LoRA adapter; one [`Hook`] serving every request that selects it.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    name: String,
+    /// Indexed by `layer * 7 + projection`; `None` where the adapter leaves the base alone.
+    modules: Vec<Option<LoraModule>>,
+    max_rank: usize,
+    bytes: usize,
+}
+
+fn slot(layer: usize, projection: Projection) -> Option<usize> {
+    let p = match projection {
+        Projection::Q => 0,
+        Projection::K => 1,
+        Projection::V => 2,
+        Projection::O => 3,
+        Projection::Gate => 4,
+        Projection::Up => 5,
+        Projection::Down => 6,
+        Projection::LmHead => return None,
+    };
+    Some(layer * 7 + p)
+}
+
+impl LoraAdapter {
+    /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors` and checks every
+    /// tensor against the config and the base model; any mismatch refuses the whole adapter.
+    pub fn load(name: &str, dir: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read(&path).map_err(|e| PluginError::bad_file(&path, e))
+        };
+        let config_bytes = read(CONFIG_FILE)?;
+        hash.update(&config_bytes);
+        let config = LoraConfig::parse(&dir.join(CONFIG_FILE), &config_bytes)?;
+        let weights_bytes = read(WEIGHTS_FILE)?;
+        hash.update(&weights_bytes);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let tensors = SafeTensors::deserialize(&weights_bytes)
+            .map_err(|e| PluginError::bad_file(&weights_path, e))?;
+        let factors = read_factors(name, &tensors, &config, base)?;
+        Self::build(name, factors, &config, base)
+    }
+
+    /// Checks each module's factor pair and folds the scaling in.
+    fn build(name: &str, factors: Factors, config: &LoraConfig, base: &BaseModel) -> Result<Self> {
+        if factors.is_empty() {
+            return Err(PluginError::incompatible(
+                name,
+                "the adapter holds no LoRA tensors",
+            ));
+        }
+        let mut modules = vec![None; base.config.num_layers * 7];
+        let (mut max_rank, mut bytes) = (0, 0);
+        for ((layer, s), FactorPair { projection, a, b }) in factors {
+            let path = module_path(layer, projection);
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(PluginError::incompatible(
+                    name,
+                    format!("{path} has only one of lora_A and lora_B"),
+                ));
+            };
+            let (r, alpha) = config.rank_and_alpha(&path);
+            let (out, inp) = base.projection_shape(projection);
+            check_shape(name, &path, "lora_A", &a, &[r, inp])?;
+            check_shape(name, &path, "lora_B", &b, &[out, r])?;
+            let scaling = config.scaling(r, alpha);
+            let module = LoraModule {
+                a_t: a.t()?.contiguous()?,
+                b_t: (&b * scaling)?.t()?.contiguous()?,
+            };
+            bytes += (a.elem_count() + b.elem_count()) * DType::F32.size_in_bytes();
+            max_rank = max_rank.max(r);
+            modules[s] = Some(module);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            modules,
+            max_rank,
+            bytes,
+        })
+    }
+
+    fn module(&self, layer: usize, projection: Projection) -> Option<&LoraModule> {
+        slot(layer, projection).and_then(|s| self.modules.get(s)?.as_ref())
+    }
+
+    /// The largest rank among the adapted modules.
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+
+    /// How many projections the adapter changes.
+    pub fn adapted_modules(&self) -> usize {
+        self.modules.iter().flatten().count()
+    }
+}
+
+/// The two factors of one module as read so far.
+struct FactorPair {
+    projection: Projection,
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+}
+
+/// Keyed by `(layer, slot)`, so modules come out in layer order.
+type Factors = BTreeMap<(usize, usize), FactorPair>;
+
+/// Every tensor of the file as an `A` or `B` factor of a targeted module of the base model.
+fn read_factors(
+    name: &str,
+    tensors: &SafeTensors<'_>,
+    config: &LoraConfig,
+    base: &BaseModel,
+) -> Result<Factors> {
+    let mut factors = Factors::new();
+    for (tensor_name, view) in tensors.tensors() {
+        let parsed = TensorName::parse(&tensor_name).ok_or_else(|| {
+            PluginError::incompatible(
+                name,
+                format!("tensor `{tensor_name}` is not a LoRA factor of a q/k/v/o/gate/up/down projection"),
+            )
+        })?;
+        let path = parsed.module_path();
+        if parsed.layer >= base.config.num_layers {
+            return Err(PluginError::incompatible(
+                name,
+                format!(
+                    "tensor `{tensor_name}` is for layer {}, the base model has {} layers",
+                    parsed.layer, base.config.num_layers
+                ),
+            ));
+        }
+        if !config.targets(&path) {
+            return Err(PluginError::incompatible(
+                name,
+                format!("tensor `{tensor_name}` is for {path}, which target_modules does not list"),
+            ));
+        }
+        if config
+            .layers
+            .as_ref()
+            .is_some_and(|l| !l.contains(&parsed.layer))
+        {
+            return Err(PluginError::incompatible(
+                name,
+                format!("tensor `{tensor_name}` is outside layers_to_transform"),
+            ));
+        }
+        let tensor = view
+            .load(&base.device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| PluginError::incompatible(name, format!("tensor `{tensor_name}`: {e}")))?;
+        let s = slot(parsed.layer, parsed.projection).unwrap_or_default();
+        let pair = factors.entry((parsed.layer, s)).or_insert(FactorPair {
+            projection: parsed.projection,
+            a: None,
+            b: None,
+        });
+        match parsed.factor {
+            Factor::A => pair.a = Some(tensor),
+            Factor::B => pair.b = Some(tensor),
+        }
+    }
+    Ok(factors)
+}
+
+fn check_shape(name: &str, path: &str, factor: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() == expected {
+        return Ok(());
+    }
+    Err(PluginError::incompatible(
+        name,
+        format!(
+            "{path}.{factor} has shape {:?}, the base model and the config's rank need {expected:?}",
+            t.dims()
+        ),
+    ))
+}
+
+impl Hook for LoraAdapter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            linear: true,
+            ..HookPoints::default()
+        }
+    }
+
+    fn targets(&self, layer: usize, projection: Projection) -> bool {
+        self.module(layer, projection).is_some()
+    }
+
+    /// `x`: `(group tokens, in)`; returns `scale_row * s * B A x`, `(group tokens, out)`.
+    fn linear_delta(
+        &self,
+        layer: usize,
+        projection: Projection,
+        group: &HookGroup<'_>,
+        x: &Tensor,
+    ) -> models::Result<Option<Tensor>> {
+        let Some(m) = self.module(layer, projection) else {
+            return Ok(None);
+        };
+        let x32 = x.to_dtype(DType::F32)?;
+        let delta = x32.matmul(&m.a_t)?.matmul(&m.b_t)?; // (n, r) then (n, out)
+        let delta = scale_rows(delta, group)?;
+        Ok(Some(delta.to_dtype(x.dtype())?))
+    }
+}
+
+/// Multiplies each row's entries by that request's `scale`, skipping the work when all are 1.
+fn scale_rows(delta: Tensor, group: &HookGroup<'_>) -> candle_core::Result<Tensor> {
+    let scales: Vec<f32> = group
+        .rows
+        .iter()
+        .map(|r| {
+            r.params
+                .downcast_ref::<LoraParams>()
+                .map_or(1.0, |p| p.scale)
+        })
+        .collect();
+    let first = scales.first().copied().unwrap_or(1.0);
+    if scales.iter().all(|&s| s == first) {
+        return match first {
+            1.0 => Ok(delta),
+            s => delta.affine(s as f64, 0.0),
+        };
+    }
+    let per_entry: Vec<f32> = scales
+        .iter()
+        .zip(&group.lengths)
+        .flat_map(|(&s, &n)| std::iter::repeat_n(s, n))
+        .collect();
+    let column = Tensor::from_vec(per_entry, (delta.dim(0)?, 1), delta.device())?;
+    delta.broadcast_mul(&column)
+}
+
+impl Plugin for LoraAdapter {
+    fn kind(&self) -> PluginKind {
+        PluginKind::Lora
+    }
+
+    fn request_params(&self, p: &Map<String, Value>) -> Result<HookParams> {
+        params::reject_unknown(&self.name, p, &["scale"])?;
+        let scale = params::number(&self.name, p, "scale", 1.0, SCALE_RANGE)?;
+        Ok(std::sync::Arc::new(LoraParams { scale }))
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.bytes
+    }
+}

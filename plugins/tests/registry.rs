@@ -1,0 +1,213 @@
+//! The registry on a tiny model: load, list, resolve and unload; names, types and parameters
+//! checked; paths confined; resident memory kept under the budget by evicting idle adapters
+//! least recently used first; running requests keep the version they resolved.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use models::tiny::{tiny_config, TinyModel};
+use models::{Architecture, Projection};
+use plugins::lora::tiny::TinyAdapter;
+use plugins::lora::LoraParams;
+use plugins::{BaseModel, PluginError, PluginKind, PluginSpec, Registry, RegistryConfig, Source};
+use serde_json::json;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    config: models::ModelConfig,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tiny = TinyModel::random(tiny_config(Architecture::Llama), 1).unwrap();
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            config: tiny.config,
+        }
+    }
+
+    /// Writes an adapter (about 2.3 KB per rank at this size) named `name` in the folder.
+    fn adapter(&self, name: &str, r: usize, seed: u64) -> PathBuf {
+        let a = TinyAdapter::random(
+            &self.config,
+            r,
+            2.0,
+            &[Projection::Q, Projection::Down],
+            seed,
+        )
+        .unwrap();
+        let path = self.dir.path().join(name);
+        a.write(&path).unwrap();
+        PathBuf::from(name)
+    }
+
+    fn registry(&self, budget_bytes: usize) -> Registry {
+        let base = BaseModel {
+            id: "tiny-base".into(),
+            config: self.config.clone(),
+            device: Device::Cpu,
+        };
+        let config = RegistryConfig {
+            dir: Some(self.dir.path().to_path_buf()),
+            budget_bytes,
+        };
+        Registry::new(base, config).unwrap()
+    }
+}
+
+fn lora(name: &str) -> PluginSpec {
+    PluginSpec::named("lora", name)
+}
+
+fn load(r: &Registry, name: &str, path: &Path) -> Result<plugins::PluginInfo, PluginError> {
+    r.load(PluginKind::Lora, name, path, Source::Api, false)
+}
+
+#[test]
+fn load_list_resolve_unload() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let info = load(&reg, "sql", &f.adapter("sql", 2, 1)).unwrap();
+    assert!(info.hash.starts_with("sha256:") && info.resident && info.bytes > 0);
+    assert_eq!(reg.list().len(), 1);
+
+    let mut spec = lora("sql");
+    spec.params.insert("scale".into(), json!(0.25));
+    let chain = reg.resolve(&[spec]).unwrap();
+    assert_eq!(chain.entries[0].hash, info.hash);
+    assert_eq!(chain.calls[0].hook.name(), "sql");
+    let params = chain.calls[0].params.downcast_ref::<LoraParams>().unwrap();
+    assert_eq!(params.scale, 0.25);
+    assert_eq!(reg.list()[0].in_use, 1, "the chain holds the adapter");
+
+    reg.unload("sql").unwrap();
+    assert!(reg.list().is_empty());
+    assert!(matches!(
+        reg.resolve(&[lora("sql")]),
+        Err(PluginError::NotFound(_))
+    ));
+    assert_eq!(
+        chain.calls[0].hook.name(),
+        "sql",
+        "a running request keeps its adapter"
+    );
+}
+
+#[test]
+fn the_same_files_hash_the_same_and_different_files_differently() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let a = load(&reg, "a", &f.adapter("a", 2, 1)).unwrap();
+    let b = load(&reg, "b", &f.adapter("b", 2, 1)).unwrap();
+    let c = load(&reg, "c", &f.adapter("c", 2, 2)).unwrap();
+    assert_eq!(a.hash, b.hash);
+    assert_ne!(a.hash, c.hash);
+}
+
+#[test]
+fn bad_requests_name_the_problem() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    load(&reg, "sql", &f.adapter("sql", 2, 1)).unwrap();
+    let err = |spec: PluginSpec| reg.resolve(&[spec]).unwrap_err().to_string();
+
+    assert!(err(lora("nope")).contains("unknown plug-in `nope`"));
+    assert!(err(PluginSpec::named("steer", "sql")).contains("unknown plug-in type `steer`"));
+    let mut s = lora("sql");
+    s.params.insert("scale".into(), json!("big"));
+    assert!(err(s).contains("`scale` must be a number"));
+    let mut s = lora("sql");
+    s.params.insert("layers".into(), json!([1, 2]));
+    assert!(err(s).contains("`layers` is not a parameter"));
+}
+
+#[test]
+fn names_paths_and_duplicates_are_checked() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let path = f.adapter("sql", 2, 1);
+    for bad in ["", "a/b", "base::x", "tiny-base", "../x"] {
+        assert!(
+            matches!(load(&reg, bad, &path), Err(PluginError::BadName { .. })),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        load(&reg, "x", Path::new("../../etc")),
+        Err(PluginError::OutsideDir { .. })
+    ));
+    assert!(matches!(
+        load(&reg, "x", Path::new("missing")),
+        Err(PluginError::BadFile { .. })
+    ));
+    load(&reg, "sql", &path).unwrap();
+    assert!(matches!(
+        load(&reg, "sql", &path),
+        Err(PluginError::AlreadyLoaded(_))
+    ));
+
+    let old = reg.resolve(&[lora("sql")]).unwrap();
+    let new_path = f.adapter("sql2", 2, 9);
+    let replaced = reg
+        .load(PluginKind::Lora, "sql", &new_path, Source::Api, true)
+        .unwrap();
+    assert_ne!(old.entries[0].hash, replaced.hash);
+    assert_eq!(
+        reg.resolve(&[lora("sql")]).unwrap().entries[0].hash,
+        replaced.hash
+    );
+
+    let no_dir = Registry::new(
+        BaseModel {
+            id: "b".into(),
+            config: f.config.clone(),
+            device: Device::Cpu,
+        },
+        RegistryConfig {
+            dir: None,
+            budget_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        load(&no_dir, "sql", &path),
+        Err(PluginError::NoPluginDir)
+    ));
+}
+
+#[test]
+fn over_budget_evicts_the_least_recently_used_idle_adapter_and_reloads_it_on_demand() {
+    let f = Fixture::new();
+    let probe = f.registry(usize::MAX);
+    let one = load(&probe, "p", &f.adapter("p", 2, 1)).unwrap().bytes;
+    let reg = f.registry(2 * one);
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        load(&reg, name, &f.adapter(name, 2, i as u64)).unwrap();
+        if *name == "b" {
+            reg.resolve(&[lora("a")]).unwrap(); // a is now more recent than b
+        }
+    }
+    let resident = |reg: &Registry| -> Vec<String> {
+        reg.list()
+            .into_iter()
+            .filter(|p| p.resident)
+            .map(|p| p.name)
+            .collect()
+    };
+    assert_eq!(resident(&reg), ["a", "c"], "b was the least recently used");
+    assert_eq!(reg.list().len(), 3, "evicted adapters stay registered");
+
+    let held = reg.resolve(&[lora("b")]).unwrap(); // loads b again, evicting a
+    assert_eq!(resident(&reg), ["b", "c"]);
+    let held_c = reg.resolve(&[lora("c")]).unwrap();
+    let err = reg.resolve(&[lora("a")]).unwrap_err();
+    assert!(
+        matches!(err, PluginError::OverBudget { .. }),
+        "b and c are in use: {err}"
+    );
+    drop((held, held_c));
+    reg.resolve(&[lora("a")]).unwrap();
+    assert_eq!(reg.memory().0, 2 * one);
+}
