@@ -29,6 +29,7 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
     pub const DRAIN_SECONDS: u64 = 30;
     pub const MAX_TOKENS_DEFAULT: usize = 512;
+    pub const PLUGIN_MEMORY_MIB: usize = 512;
 }
 
 /// Log line format.
@@ -118,6 +119,44 @@ pub struct ServeConfig {
     /// Where the model runs
     #[arg(long, env = "GRAFT_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Folder plug-in paths must lie under (config entries and POST /v1/plugins); unset: no
+    /// plug-ins can be loaded
+    #[arg(long, env = "GRAFT_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Memory for resident plug-in tensors in MiB; idle plug-ins are evicted beyond it
+    #[arg(long, env = "GRAFT_PLUGIN_MEMORY_MIB", default_value_t = defaults::PLUGIN_MEMORY_MIB)]
+    pub plugin_memory_mib: usize,
+    /// Plug-in loaded at start-up, as TYPE:NAME=PATH (repeatable; comma-separated in
+    /// GRAFT_PLUGIN), e.g. lora:sql=adapters/sql
+    #[arg(long, env = "GRAFT_PLUGIN", value_delimiter = ',')]
+    pub plugin: Vec<String>,
+}
+
+/// One `plugin` entry: `TYPE:NAME=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginEntry {
+    pub kind: String,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl PluginEntry {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let invalid = || ConfigError::Invalid {
+            option: "plugin",
+            message: format!("`{text}` is not TYPE:NAME=PATH (e.g. lora:sql=adapters/sql)"),
+        };
+        let (kind, rest) = text.split_once(':').ok_or_else(invalid)?;
+        let (name, path) = rest.split_once('=').ok_or_else(invalid)?;
+        if kind.is_empty() || name.is_empty() || path.is_empty() {
+            return Err(invalid());
+        }
+        Ok(Self {
+            kind: kind.trim().to_string(),
+            name: name.trim().to_string(),
+            path: PathBuf::from(path.trim()),
+        })
+    }
 }
 
 impl Default for ServeConfig {
@@ -142,6 +181,9 @@ impl Default for ServeConfig {
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
             device: DeviceKind::Cpu,
+            plugin_dir: None,
+            plugin_memory_mib: PLUGIN_MEMORY_MIB,
+            plugin: Vec::new(),
         }
     }
 }
@@ -220,6 +262,7 @@ impl ServeConfig {
             ("kv_budget_mib", self.kv_budget_mib),
             ("max_body_bytes", self.max_body_bytes),
             ("max_context", self.max_context.unwrap_or(1)),
+            ("plugin_memory_mib", self.plugin_memory_mib),
         ];
         if let Some((option, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid {
@@ -246,7 +289,26 @@ impl ServeConfig {
                 ),
             });
         }
+        if !self.plugin.is_empty() && self.plugin_dir.is_none() {
+            return Err(ConfigError::Invalid {
+                option: "plugin",
+                message: "plug-ins are listed but plugin_dir is not set; their paths must lie \
+                          under it"
+                    .into(),
+            });
+        }
+        self.plugin_entries()?;
         Ok(())
+    }
+
+    /// The `plugin` entries, parsed.
+    pub fn plugin_entries(&self) -> Result<Vec<PluginEntry>, ConfigError> {
+        self.plugin.iter().map(|p| PluginEntry::parse(p)).collect()
+    }
+
+    /// The plug-in memory budget in bytes.
+    pub fn plugin_budget_bytes(&self) -> usize {
+        self.plugin_memory_mib.saturating_mul(1024 * 1024)
     }
 
     /// The KV cache budget in bytes.

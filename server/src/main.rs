@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use models::bundle::{LoadOptions, LoadedModel};
+use plugins::{BaseModel, PluginKind, Registry, RegistryConfig, Source};
 use server::config::{self, DeviceKind, LogFormat, ServeConfig};
 use server::engine::Engine;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
@@ -111,6 +112,7 @@ type EngineStop = Box<dyn FnOnce(Duration) + Send>;
 /// A started engine and the way to stop it.
 struct BuiltEngine {
     engine: Arc<dyn Engine>,
+    registry: Arc<Registry>,
     shutdown: EngineStop,
 }
 
@@ -188,6 +190,7 @@ async fn load_in_background(
             if let Ok(mut stop) = life.engine_stop.lock() {
                 *stop = Some(built.shutdown);
             }
+            life.slot.fill_plugins(built.registry);
             life.slot.fill(built.engine);
             tracing::info!("model ready; serving");
         }
@@ -227,11 +230,43 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );
-    build_engine(loaded, config)
+    let registry = Arc::new(build_registry(&loaded, &device, config)?);
+    build_engine(loaded, registry, config)
+}
+
+/// The plug-in registry for the loaded model, with the configured plug-ins loaded; one that
+/// cannot be applied stops the start-up (serving without a plug-in the operator listed would
+/// answer its requests with 404s).
+fn build_registry(
+    loaded: &LoadedModel,
+    device: &candle_core::Device,
+    config: &ServeConfig,
+) -> anyhow::Result<Registry> {
+    let base = BaseModel {
+        id: config.served_model_id(),
+        config: loaded.model.config.clone(),
+        device: device.clone(),
+    };
+    let registry_config = RegistryConfig {
+        dir: config.plugin_dir.clone(),
+        budget_bytes: config.plugin_budget_bytes(),
+    };
+    let registry = Registry::new(base, registry_config).context("plugin_dir")?;
+    for entry in config.plugin_entries()? {
+        let kind = PluginKind::parse(&entry.kind)?;
+        registry
+            .load(kind, &entry.name, &entry.path, Source::Config, false)
+            .with_context(|| format!("cannot load plug-in `{}`", entry.name))?;
+    }
+    Ok(registry)
 }
 
 /// Starts the real engine on `loaded`: the one place the binary names its engine type.
-fn build_engine(loaded: LoadedModel, config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
+fn build_engine(
+    loaded: LoadedModel,
+    registry: Arc<Registry>,
+    config: &ServeConfig,
+) -> anyhow::Result<BuiltEngine> {
     let engine_config = server::engine::EngineConfig {
         model_id: config.served_model_id(),
         max_running: config.max_running,
@@ -244,6 +279,7 @@ fn build_engine(loaded: LoadedModel, config: &ServeConfig) -> anyhow::Result<Bui
     let stopper = engine.clone();
     Ok(BuiltEngine {
         engine,
+        registry,
         shutdown: Box::new(move |drain| stopper.shutdown(drain)),
     })
 }

@@ -45,6 +45,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         stop: Vec::new(),
         stop_token_ids: Vec::new(),
         prompt_logprobs: None,
+        hooks: Vec::new(),
     }
 }
 

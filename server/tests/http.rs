@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body, Bytes};
-use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -17,6 +17,10 @@ use server::engine::fake::{FakeConfig, FakeEngine, Reply, BOS, BYTE_OFFSET, FAKE
 use server::engine::{EngineError, EngineStats, Event, FinishReason, Timings};
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tower::ServiceExt;
+
+mod common;
+
+use common::{chat, get, post, send};
 
 fn state_with(fake: Arc<FakeEngine>, http: HttpConfig) -> AppState {
     AppState::new(EngineSlot::ready(fake), http).expect("app state")
@@ -29,81 +33,6 @@ fn fake_app(config: FakeConfig) -> (Router, Arc<FakeEngine>) {
 
 fn echo_app() -> (Router, Arc<FakeEngine>) {
     fake_app(FakeConfig::default())
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// Checks the OpenAI error shape and returns `error`.
-    fn error(&self, status: StatusCode, code: &str) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let body = self.json();
-        let error = &body["error"];
-        assert!(
-            error["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{body}"
-        );
-        assert!(error["type"].is_string(), "{body}");
-        assert!(error.get("param").is_some(), "{body}");
-        assert_eq!(error["code"], code, "{body}");
-        error.clone()
-    }
-
-    /// The `data:` payloads of an SSE body, in order.
-    fn sse_data(&self) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.body);
-        text.split("\n\n")
-            .filter(|event| !event.trim().is_empty())
-            .map(|event| {
-                let data = event.strip_prefix("data: ");
-                data.unwrap_or_else(|| panic!("not a data line: {event:?}"))
-                    .to_string()
-            })
-            .collect()
-    }
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Answer {
-    let response = app.clone().oneshot(req).await.expect("infallible");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = to_bytes(response.into_body(), usize::MAX)
-        .await
-        .expect("body");
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn post(uri: &str, body: impl Into<String>) -> Request<Body> {
-    Request::post(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.into()))
-        .expect("request")
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).expect("request")
-}
-
-async fn chat(app: &Router, body: Value) -> Answer {
-    send(app, post("/v1/chat/completions", body.to_string())).await
 }
 
 fn hello() -> Value {
@@ -640,14 +569,9 @@ async fn completions_echo_with_logprobs_and_zero_max_tokens_scores_the_prompt() 
     let prompt: Vec<u32> = b"abc".iter().map(|&b| u32::from(b) + BYTE_OFFSET).collect();
     let body = json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2,
                       "temperature": 0});
-    let r = send(&app, post("/v1/completions", body.to_string())).await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
-    let body = r.json();
+    let body = send(&app, post("/v1/completions", body.to_string()))
+        .await
+        .ok();
     assert_eq!(body["object"], "text_completion");
     assert!(body["id"]
         .as_str()

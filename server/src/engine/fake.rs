@@ -314,6 +314,7 @@ mod tests {
             stop: vec![],
             stop_token_ids: vec![EOS],
             prompt_logprobs: None,
+            hooks: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use models::chat_template::ChatMessage;
 use models::sampling::SamplingParams;
+use models::HookCall;
 use tokio::sync::mpsc;
 
 pub mod fake;
@@ -45,6 +46,9 @@ pub struct GenerateRequest {
     /// `Some(top_n)`: also return each prompt token's log-prob and top-`top_n` alternatives
     /// (`echo` with `logprobs` on /v1/completions).
     pub prompt_logprobs: Option<usize>,
+    /// The request's resolved plug-in chain, in order (empty: the base model). The calls hold
+    /// the plug-ins, so the request keeps the versions it resolved until it ends.
+    pub hooks: Vec<HookCall>,
 }
 
 /// A token's log-probability and the most likely alternatives at its position.

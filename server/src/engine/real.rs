@@ -464,6 +464,7 @@ mod tests {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             prompt_logprobs: None,
+            hooks: Vec::new(),
         }
     }
 

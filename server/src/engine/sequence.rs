@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use models::sampling::{token_logprobs, SampledToken, Sampler};
-use models::{BatchRow, IncrementalDecoder, KvCache, LogitsWanted, Tokenizer};
+use models::{BatchRow, HookCall, IncrementalDecoder, KvCache, LogitsWanted, Tokenizer};
 use tokio::sync::mpsc;
 
 use super::scheduler::Schedulable;
@@ -62,6 +62,8 @@ pub(crate) struct Sequence {
     prompt_logprobs: Option<usize>,
     /// Prompt log-probs scored so far, sent once the whole prompt is scored.
     prompt_scores: Vec<TokenLogprob>,
+    /// The plug-in chain every row of this sequence runs with.
+    hooks: Vec<HookCall>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopStrings,
@@ -96,6 +98,7 @@ impl Sequence {
             stop_token_ids: request.stop_token_ids,
             prompt_logprobs: request.prompt_logprobs,
             prompt_scores: Vec::new(),
+            hooks: request.hooks,
             sampler,
             // Continuing: the first piece keeps its leading space, which separates a plain
             // completion from its prompt; byte-level vocabularies decode the same either way.
@@ -150,7 +153,7 @@ impl Sequence {
             seq_id: self.id,
             tokens: fed,
             cache: &mut self.cache,
-            hooks: &[],
+            hooks: &self.hooks,
             logits,
         }
     }
@@ -400,6 +403,7 @@ mod tests {
             stop: Vec::new(),
             stop_token_ids: vec![TINY_EOS],
             prompt_logprobs: None,
+            hooks: Vec::new(),
         }
     }
 

@@ -13,11 +13,10 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::chat_entry;
+use super::selection::{select_for, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
-use super::validate::{
-    chat_messages, check_model, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan,
-};
+use super::validate::{chat_messages, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan};
 use super::wire::ChatRequest;
 use super::{unix_now, RequestId};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
@@ -28,7 +27,15 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let requests = plan(&req, engine.as_ref(), &state.config, &request_id.0)?;
+    let selection = select_for(&state, engine.info(), req.model.as_deref(), &req.plugins)?;
+    state.metrics.plugins_used(&selection.chain.entries);
+    let requests = plan(
+        &req,
+        engine.as_ref(),
+        &state.config,
+        &request_id.0,
+        &selection,
+    )?;
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
     let subs = submit_all(engine.as_ref(), requests, &state.metrics)?;
@@ -41,8 +48,9 @@ pub async fn chat_completions(
             "chat.completion"
         },
         created: unix_now(),
-        model: engine.info().id.clone(),
+        model: selection.model,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        plugins: selection.chain.entries,
     };
     if stream {
         let format = ChatFormat {
@@ -62,9 +70,9 @@ fn plan(
     engine: &dyn Engine,
     config: &HttpConfig,
     id: &str,
+    selection: &Selection,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
     let info = engine.info();
-    check_model(req.model.as_deref(), info)?;
     let messages = chat_messages(&req.messages)?;
     let wanted = LogprobsWanted {
         logprobs: req.logprobs.unwrap_or(false),
@@ -98,7 +106,7 @@ fn plan(
         tokens,
         max_tokens: max,
     };
-    Ok(fan_out(id, &[prompt], &gen, None))
+    Ok(fan_out(id, &[prompt], &gen, None, &selection.chain.calls))
 }
 
 fn logprobs_of(engine: &dyn Engine, tokens: &[GenToken]) -> Value {
@@ -136,7 +144,7 @@ fn response(
         .map(|(i, o)| o.totals(i))
         .collect();
     let (usage, timings) = summarize(&totals, n);
-    json!({
+    let mut body = json!({
         "id": envelope.id,
         "object": envelope.object,
         "created": envelope.created,
@@ -144,7 +152,9 @@ fn response(
         "choices": choices,
         "usage": usage,
         "timings": timings,
-    })
+    });
+    envelope.echo_plugins(&mut body);
+    body
 }
 
 /// `chat.completion.chunk`s: a role chunk per choice first, content deltas, a final chunk

@@ -16,10 +16,11 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::LegacyLogprobs;
+use super::selection::{select_for, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
 use super::stream::{sse_response, ChunkFormat, Envelope};
 use super::validate::{
-    check_model, check_token_ids, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan,
+    check_token_ids, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan,
 };
 use super::wire::{CompletionRequest, Prompt};
 use super::{unix_now, RequestId};
@@ -46,14 +47,23 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let (requests, shape) = plan(&req, engine.as_ref(), &state.config, &request_id.0)?;
+    let selection = select_for(&state, engine.info(), req.model.as_deref(), &req.plugins)?;
+    state.metrics.plugins_used(&selection.chain.entries);
+    let (requests, shape) = plan(
+        &req,
+        engine.as_ref(),
+        &state.config,
+        &request_id.0,
+        &selection,
+    )?;
     let subs = submit_all(engine.as_ref(), requests, &state.metrics)?;
     let envelope = Envelope {
         id: format!("cmpl-{}", request_id.0),
         object: "text_completion",
         created: unix_now(),
-        model: engine.info().id.clone(),
+        model: selection.model,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        plugins: selection.chain.entries,
     };
     if req.stream.unwrap_or(false) {
         let n = shape.n;
@@ -75,9 +85,9 @@ fn plan(
     engine: &dyn Engine,
     config: &HttpConfig,
     id: &str,
+    selection: &Selection,
 ) -> Result<(Vec<GenerateRequest>, Shape), ApiError> {
     let info = engine.info();
-    check_model(req.model.as_deref(), info)?;
     let wanted = LogprobsWanted {
         logprobs: req.logprobs.is_some(),
         top: req.logprobs.unwrap_or(0),
@@ -113,7 +123,7 @@ fn plan(
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let prompt_logprobs = (echo && wanted.logprobs).then_some(wanted.top);
-    let requests = fan_out(id, &plans, &gen, prompt_logprobs);
+    let requests = fan_out(id, &plans, &gen, prompt_logprobs, &selection.chain.calls);
     let shape = Shape {
         prompts,
         n: gen.n,
@@ -176,7 +186,7 @@ fn response(
         .map(|(i, o)| o.totals(i))
         .collect();
     let (usage, timings) = summarize(&totals, shape.n);
-    json!({
+    let mut body = json!({
         "id": envelope.id,
         "object": envelope.object,
         "created": envelope.created,
@@ -184,7 +194,9 @@ fn response(
         "choices": choices,
         "usage": usage,
         "timings": timings,
-    })
+    });
+    envelope.echo_plugins(&mut body);
+    body
 }
 
 fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> Value {

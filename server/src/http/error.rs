@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use plugins::PluginError;
+
 use crate::engine::EngineError;
 
 /// Seconds a client is asked to wait after a 429 before retrying; the queue drains at the
@@ -28,6 +30,13 @@ pub enum ErrorKind {
     /// Prompt plus `max_tokens` exceed the model's context.
     ContextLengthExceeded,
     ModelNotFound,
+    /// A request or route names a plug-in that is not registered.
+    PluginNotFound,
+    /// `POST /v1/plugins` with a name already taken.
+    PluginExists,
+    /// Loading a plug-in would exceed the plug-in memory budget and every resident one is in
+    /// use; retry when requests finish.
+    PluginMemoryExhausted,
     RouteNotFound,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -50,6 +59,13 @@ impl ErrorKind {
             UnsupportedParameter => (StatusCode::BAD_REQUEST, INVALID, "unsupported_parameter"),
             ContextLengthExceeded => (StatusCode::BAD_REQUEST, INVALID, "context_length_exceeded"),
             ModelNotFound => (StatusCode::NOT_FOUND, INVALID, "model_not_found"),
+            PluginNotFound => (StatusCode::NOT_FOUND, INVALID, "plugin_not_found"),
+            PluginExists => (StatusCode::CONFLICT, INVALID, "plugin_exists"),
+            PluginMemoryExhausted => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "plugin_memory_exhausted",
+            ),
             RouteNotFound => (StatusCode::NOT_FOUND, INVALID, "not_found"),
             MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -155,10 +171,34 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        let message = e.to_string();
+        let kind = match e {
+            PluginError::NotFound(_) => ErrorKind::PluginNotFound,
+            PluginError::AlreadyLoaded(_) => ErrorKind::PluginExists,
+            PluginError::OverBudget { .. } => ErrorKind::PluginMemoryExhausted,
+            PluginError::Tensor(_) => ErrorKind::Internal,
+            PluginError::UnknownType(_)
+            | PluginError::WrongType { .. }
+            | PluginError::BadParameter { .. }
+            | PluginError::BadName { .. }
+            | PluginError::BadFile { .. }
+            | PluginError::Incompatible { .. }
+            | PluginError::OutsideDir { .. }
+            | PluginError::NoPluginDir => ErrorKind::InvalidParameter,
+        };
+        Self::new(kind, message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if self.kind == ErrorKind::QueueFull {
+        if matches!(
+            self.kind,
+            ErrorKind::QueueFull | ErrorKind::PluginMemoryExhausted
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
@@ -205,5 +245,26 @@ mod tests {
             ErrorKind::InvalidParameter
         );
         assert_eq!(kind(EngineError::Internal("x".into())), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn plugin_errors_map_to_404_409_503_and_400() {
+        let status = |e: PluginError| ApiError::from(e).status();
+        assert_eq!(
+            status(PluginError::NotFound("a".into())),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(PluginError::AlreadyLoaded("a".into())),
+            StatusCode::CONFLICT
+        );
+        let over = PluginError::OverBudget {
+            name: "a".into(),
+            needed: 2,
+            free: 1,
+            budget: 3,
+        };
+        assert_eq!(status(over), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(PluginError::NoPluginDir), StatusCode::BAD_REQUEST);
     }
 }

@@ -4,12 +4,15 @@
 //! Each [`Metrics`] owns its own recorder instead of installing a global one, so several apps
 //! (the HTTP tests build one per test) never share counters. Besides graft's own `graft_*`
 //! series it exports the vLLM-named gauges the Kubernetes Gateway API Inference Extension
-//! reads (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`).
+//! reads (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+//! and `vllm:lora_requests_info`, whose labels list the adapters in use).
 
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, with_local_recorder, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusRecorder};
+
+use plugins::{ChainEntry, PluginInfo, PluginKind};
 
 use crate::engine::EngineStats;
 
@@ -27,6 +30,11 @@ pub const KV_USAGE: &str = "graft_kv_cache_usage_ratio";
 pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
 pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
 pub const VLLM_KV_USAGE: &str = "vllm:kv_cache_usage_perc";
+pub const PLUGIN_REQUESTS: &str = "graft_plugin_requests_total";
+pub const PLUGINS_REGISTERED: &str = "graft_plugins_registered";
+pub const PLUGIN_RESIDENT_BYTES: &str = "graft_plugin_resident_bytes";
+pub const PLUGIN_BUDGET_BYTES: &str = "graft_plugin_budget_bytes";
+pub const VLLM_LORA_INFO: &str = "vllm:lora_requests_info";
 
 // Buckets as vLLM's `vllm/v1/metrics/loggers.py`, so dashboards built for vLLM read ours.
 const TTFT_BUCKETS: &[f64] = &[
@@ -101,6 +109,21 @@ impl Metrics {
                 VLLM_KV_USAGE,
                 "Same as graft_kv_cache_usage_ratio (vLLM name)"
             );
+            describe_counter!(
+                PLUGIN_REQUESTS,
+                "Requests that ran a plug-in, by type and name"
+            );
+            describe_gauge!(PLUGINS_REGISTERED, "Registered plug-ins, by type");
+            describe_gauge!(
+                PLUGIN_RESIDENT_BYTES,
+                Unit::Bytes,
+                "Plug-in tensors in memory"
+            );
+            describe_gauge!(PLUGIN_BUDGET_BYTES, Unit::Bytes, "Plug-in memory budget");
+            describe_gauge!(
+                VLLM_LORA_INFO,
+                "LoRA adapters in use (label running_lora_adapters; value: scrape time)"
+            );
         });
     }
 
@@ -130,6 +153,49 @@ impl Metrics {
             histogram!(QUEUE_TIME).record(queue.as_secs_f64());
             counter!(PROMPT_TOKENS).increment(prompt as u64);
             counter!(GENERATION_TOKENS).increment(generated as u64);
+        });
+    }
+
+    /// A request was admitted with these plug-ins in its chain.
+    pub fn plugins_used(&self, chain: &[ChainEntry]) {
+        self.with(|| {
+            for entry in chain {
+                let labels = [("type", entry.kind.clone()), ("name", entry.name.clone())];
+                counter!(PLUGIN_REQUESTS, &labels).increment(1);
+            }
+        });
+    }
+
+    /// Plug-in gauges, set from the registry at scrape time. `vllm:lora_requests_info` follows
+    /// vLLM: one series whose labels name the adapters in use (graft does not tell running
+    /// from waiting requests apart here, so both are in `running_lora_adapters`), valued at
+    /// the scrape's Unix time.
+    pub fn plugin_gauges(&self, plugins: &[PluginInfo], (resident, budget): (usize, usize)) {
+        let loras: Vec<&PluginInfo> = plugins
+            .iter()
+            .filter(|p| p.kind == PluginKind::Lora)
+            .collect();
+        let running: Vec<&str> = loras
+            .iter()
+            .filter(|p| p.in_use > 0)
+            .map(|p| p.name.as_str())
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.with(|| {
+            for kind in PluginKind::ALL {
+                let n = plugins.iter().filter(|p| p.kind == kind).count();
+                gauge!(PLUGINS_REGISTERED, "type" => kind.name()).set(n as f64);
+            }
+            gauge!(PLUGIN_RESIDENT_BYTES).set(resident as f64);
+            gauge!(PLUGIN_BUDGET_BYTES).set(budget as f64);
+            let labels = [
+                ("running_lora_adapters", running.join(",")),
+                ("waiting_lora_adapters", String::new()),
+                ("max_lora", loras.len().to_string()),
+            ];
+            gauge!(VLLM_LORA_INFO, &labels).set(now);
         });
     }
 
@@ -191,5 +257,33 @@ mod tests {
         let b = Metrics::new().expect("metrics");
         a.request("/health", 200);
         assert!(!b.render(None).contains("route=\"/health\""));
+    }
+
+    #[test]
+    fn plugin_series_name_the_adapters_in_use() {
+        let m = Metrics::new().expect("metrics");
+        m.plugins_used(&[ChainEntry {
+            kind: "lora".into(),
+            name: "sql".into(),
+            hash: "sha256:0".into(),
+        }]);
+        let info = |name: &str, in_use| PluginInfo {
+            kind: PluginKind::Lora,
+            name: name.into(),
+            path: "/p".into(),
+            hash: "sha256:0".into(),
+            source: plugins::Source::Api,
+            resident: true,
+            bytes: 10,
+            in_use,
+        };
+        m.plugin_gauges(&[info("sql", 2), info("idle", 0)], (20, 100));
+        let text = m.render(None);
+        assert!(
+            text.contains("graft_plugin_requests_total{type=\"lora\",name=\"sql\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("graft_plugin_resident_bytes 20"), "{text}");
+        assert!(text.contains("vllm:lora_requests_info{running_lora_adapters=\"sql\",waiting_lora_adapters=\"\",max_lora=\"2\"}"), "{text}");
     }
 }

@@ -18,7 +18,9 @@ pub mod extract;
 mod generate;
 mod logprobs;
 pub mod metrics;
+mod plugin_api;
 mod routes;
+mod selection;
 pub mod state;
 mod stream;
 mod tokenize;
@@ -32,7 +34,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
@@ -55,6 +57,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/plugins", get(plugin_api::list).post(plugin_api::load))
+        .route("/v1/plugins/{name}", delete(plugin_api::unload))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));

@@ -1,4 +1,5 @@
-//! The small routes: GET /health, GET /metrics, GET /v1/models, and the fallbacks that give
+//! The small routes: GET /health, GET /metrics, GET /v1/models (the base model and its
+//! adapters), and the fallbacks that give
 //! unknown routes (404) and wrong methods (405) the same error body as everything else.
 
 use axum::extract::State;
@@ -6,6 +7,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+
+use plugins::PluginKind;
 
 use super::error::{ApiError, ErrorKind};
 use super::state::AppState;
@@ -20,6 +23,11 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 /// Prometheus text exposition; load gauges are read from the engine now.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.slot.peek().map(|e| e.stats());
+    if let Some(registry) = state.slot.plugins() {
+        state
+            .metrics
+            .plugin_gauges(&registry.list(), registry.memory());
+    }
     let body = state.metrics.render(stats);
     (
         [(
@@ -35,16 +43,36 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let info = engine.info();
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": info.id,
-            "object": "model",
-            "created": info.created,
-            "owned_by": "graft",
-            "max_model_len": info.context_length,
-        }],
-    })))
+    let mut data = vec![json!({
+        "id": info.id,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "graft",
+        "root": info.id,
+        "parent": null,
+        "max_model_len": info.context_length,
+    })];
+    // Adapters are models of their own to OpenAI clients and gateways, as vLLM lists them:
+    // selectable by name in `model`, with the base model as parent.
+    let registry = state.slot.plugins();
+    let plugins = registry.as_deref().map(|r| r.list()).unwrap_or_default();
+    data.extend(
+        plugins
+            .iter()
+            .filter(|p| p.kind == PluginKind::Lora)
+            .map(|p| {
+                json!({
+                    "id": p.name,
+                    "object": "model",
+                    "created": info.created,
+                    "owned_by": "graft",
+                    "root": p.path,
+                    "parent": info.id,
+                    "max_model_len": info.context_length,
+                })
+            }),
+    );
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn not_found() -> ApiError {

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use plugins::Registry;
+
 use super::error::{ApiError, ErrorKind};
 use super::metrics::{Metrics, MetricsError};
 use crate::engine::Engine;
@@ -45,10 +47,12 @@ impl Default for HttpConfig {
     }
 }
 
-/// The engine once loaded, and whether the server is shutting down.
+/// The engine and the plug-in registry once loaded, and whether the server is shutting down.
+/// The registry is filled before the engine, so a served request always finds it.
 #[derive(Default)]
 pub struct EngineSlot {
     engine: OnceLock<Arc<dyn Engine>>,
+    plugins: OnceLock<Arc<Registry>>,
     shutting_down: AtomicBool,
 }
 
@@ -69,6 +73,16 @@ impl EngineSlot {
     /// keeps serving.
     pub fn fill(&self, engine: Arc<dyn Engine>) -> bool {
         self.engine.set(engine).is_ok()
+    }
+
+    /// Puts the plug-in registry in; like `fill`, only the first one counts.
+    pub fn fill_plugins(&self, registry: Arc<Registry>) -> bool {
+        self.plugins.set(registry).is_ok()
+    }
+
+    /// The plug-in registry, once the model is loaded.
+    pub fn plugins(&self) -> Option<Arc<Registry>> {
+        self.plugins.get().cloned()
     }
 
     /// From now on model routes answer 503 `shutting_down`.

@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, select_all, StreamExt};
+use plugins::ChainEntry;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -31,6 +32,11 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// Whether this is a response chunk (error bodies are not).
+    fn is_chunk(&self) -> bool {
+        matches!(self, Frame::Json(v) if v.get("choices").is_some())
+    }
+
     fn into_sse(self) -> SseEvent {
         match self {
             Frame::Json(v) => SseEvent::default().data(v.to_string()),
@@ -49,6 +55,8 @@ pub struct Envelope {
     /// With `stream_options.include_usage`, every chunk carries `"usage": null` and the last
     /// one the totals (OpenAI's convention).
     pub include_usage: bool,
+    /// The resolved plug-in chain, echoed on the response (the first chunk of a stream).
+    pub plugins: Vec<ChainEntry>,
 }
 
 impl Envelope {
@@ -65,6 +73,13 @@ impl Envelope {
             chunk["usage"] = Value::Null;
         }
         chunk
+    }
+
+    /// Adds `"plugins"` (the resolved chain) to a body or chunk when a chain ran.
+    pub fn echo_plugins(&self, body: &mut Value) {
+        if !self.plugins.is_empty() {
+            body["plugins"] = json!(self.plugins);
+        }
     }
 
     /// The usage chunk: no choices, totals and server-side timings.
@@ -94,6 +109,8 @@ pub struct StreamState<F> {
     finished: Vec<Option<ChoiceTotals>>,
     n: usize,
     ended: bool,
+    /// Whether the first chunk (which carries the plug-in echo) has gone out.
+    echoed: bool,
 }
 
 impl<F: ChunkFormat> StreamState<F> {
@@ -106,13 +123,29 @@ impl<F: ChunkFormat> StreamState<F> {
             finished,
             n,
             ended: false,
+            echoed: false,
         }
     }
 
     pub fn opening(&mut self) -> Vec<Frame> {
-        (0..self.finished.len())
+        let mut frames: Vec<Frame> = (0..self.finished.len())
             .filter_map(|i| self.format.opening(i).map(Frame::Json))
-            .collect()
+            .collect();
+        self.echo_once(&mut frames);
+        frames
+    }
+
+    /// Puts the plug-in echo on the stream's first chunk, whichever call produces it.
+    fn echo_once(&mut self, frames: &mut [Frame]) {
+        if self.echoed {
+            return;
+        }
+        // Error bodies are not chunks and carry no echo.
+        let first = frames.first_mut().filter(|f| f.is_chunk());
+        if let Some(Frame::Json(chunk)) = first {
+            self.format.envelope().echo_plugins(chunk);
+            self.echoed = true;
+        }
     }
 
     pub fn is_ended(&self) -> bool {
@@ -121,6 +154,12 @@ impl<F: ChunkFormat> StreamState<F> {
 
     /// Frames for one event of choice `index`; `None` means its channel closed.
     pub fn on_event(&mut self, index: usize, event: Option<Event>) -> Vec<Frame> {
+        let mut frames = self.event_frames(index, event);
+        self.echo_once(&mut frames);
+        frames
+    }
+
+    fn event_frames(&mut self, index: usize, event: Option<Event>) -> Vec<Frame> {
         if self.ended {
             return Vec::new();
         }
@@ -268,6 +307,7 @@ mod tests {
             created: 0,
             model: "m".into(),
             include_usage,
+            plugins: Vec::new(),
         };
         StreamState::new(Plain(envelope), trackers, choices)
     }

@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::selection::select_for;
 use super::state::AppState;
-use super::validate::{chat_messages, check_model, check_token_ids};
+use super::validate::{chat_messages, check_token_ids};
 use super::wire::{DetokenizeRequest, TokenizeRequest};
 
 pub async fn tokenize(
@@ -16,7 +17,8 @@ pub async fn tokenize(
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    check_model(req.model.as_deref(), engine.info())?;
+    // The tokenizer is the base model's whatever adapter `model` names; the name is checked.
+    select_for(&state, engine.info(), req.model.as_deref(), &[])?;
     let text = match (&req.prompt, &req.messages) {
         (Some(prompt), None) => prompt.clone(),
         (None, Some(messages)) => engine.render_chat(&chat_messages(messages)?)?,
@@ -45,7 +47,8 @@ pub async fn detokenize(
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
-    check_model(req.model.as_deref(), engine.info())?;
+    // The tokenizer is the base model's whatever adapter `model` names; the name is checked.
+    select_for(&state, engine.info(), req.model.as_deref(), &[])?;
     check_token_ids(&req.tokens, engine.info().vocab_size, "tokens")?;
     let prompt = engine.detokenize(&req.tokens)?;
     Ok(Json(json!({ "prompt": prompt })))

@@ -7,27 +7,12 @@
 
 use models::chat_template::ChatMessage;
 use models::sampling::{SamplingError, SamplingParams};
+use models::HookCall;
 
 use super::error::{ApiError, ErrorKind};
 use super::state::{MAX_N, MAX_STOP};
 use super::wire::{Content, SamplingWire, WireMessage};
-use crate::engine::{Engine, GenerateRequest, ModelInfo};
-
-/// A missing `model` means the served one; any other id is a 404.
-pub fn check_model(requested: Option<&str>, info: &ModelInfo) -> Result<(), ApiError> {
-    match requested {
-        None => Ok(()),
-        Some(id) if id == info.id => Ok(()),
-        Some(id) => Err(ApiError::new(
-            ErrorKind::ModelNotFound,
-            format!(
-                "the model `{id}` does not exist; this server serves `{}`",
-                info.id
-            ),
-        )
-        .with_param("model")),
-    }
-}
+use crate::engine::{Engine, GenerateRequest};
 
 /// What the request asked for in log-probs, and which field to blame for a bad value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +274,7 @@ pub fn fan_out(
     prompts: &[PromptPlan],
     gen: &Generation,
     prompt_logprobs: Option<usize>,
+    hooks: &[HookCall],
 ) -> Vec<GenerateRequest> {
     let total = prompts.len() * gen.n;
     let mut requests = Vec::with_capacity(total);
@@ -311,6 +297,7 @@ pub fn fan_out(
                 stop: gen.stop.clone(),
                 stop_token_ids: gen.stop_token_ids.clone(),
                 prompt_logprobs,
+                hooks: hooks.to_vec(),
             });
         }
     }
@@ -321,29 +308,11 @@ pub fn fan_out(
 mod tests {
     use super::*;
 
-    fn info() -> ModelInfo {
-        ModelInfo {
-            id: "m".into(),
-            context_length: 100,
-            vocab_size: 10,
-            created: 0,
-        }
-    }
-
     const NO_LOGPROBS: LogprobsWanted = LogprobsWanted {
         logprobs: false,
         top: 0,
         top_param: "top_logprobs",
     };
-
-    #[test]
-    fn model_absent_or_served_is_fine_else_404() {
-        assert!(check_model(None, &info()).is_ok());
-        assert!(check_model(Some("m"), &info()).is_ok());
-        let e = check_model(Some("gpt-4"), &info()).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::ModelNotFound);
-        assert!(e.message.contains("gpt-4"));
-    }
 
     #[test]
     fn max_tokens_names_both_numbers_on_overflow() {
@@ -412,7 +381,7 @@ mod tests {
                 max_tokens: 6,
             },
         ];
-        let reqs = fan_out("r", &prompts, &gen, None);
+        let reqs = fan_out("r", &prompts, &gen, None, &[]);
         let ids: Vec<_> = reqs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3"]);
         let seeds: Vec<_> = reqs.iter().map(|r| (r.seed, r.sampling.seed)).collect();
@@ -422,7 +391,7 @@ mod tests {
         );
         assert_eq!(reqs[2].prompt, vec![5]);
         assert_eq!(reqs[3].max_tokens, 6);
-        let single = fan_out("r", &prompts[..1], &Generation { n: 1, ..gen }, None);
+        let single = fan_out("r", &prompts[..1], &Generation { n: 1, ..gen }, None, &[]);
         assert_eq!(single[0].id, "r");
     }
 

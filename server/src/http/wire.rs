@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use plugins::PluginSpec;
+
 use super::error::ApiError;
 use super::extract::Screen;
 
@@ -67,6 +69,9 @@ pub struct StreamOptions {
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub model: Option<String>,
+    /// The plug-in chain, in order (graft's extension; see `plugins::PluginSpec`).
+    #[serde(default)]
+    pub plugins: Vec<PluginSpec>,
     pub messages: Vec<WireMessage>,
     pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens`; wins when both are given.
@@ -199,6 +204,9 @@ pub enum Prompt {
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: Option<String>,
+    /// The plug-in chain, in order (graft's extension; see `plugins::PluginSpec`).
+    #[serde(default)]
+    pub plugins: Vec<PluginSpec>,
     pub prompt: Prompt,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
@@ -396,3 +404,20 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("best_of"));
     }
 }
+
+/// POST /v1/plugins: register (load) a plug-in at run time.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadPluginRequest {
+    /// The plug-in type (`lora`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    /// A folder or file under the plug-in folder; relative paths resolve against it.
+    pub path: std::path::PathBuf,
+    /// Replace a plug-in of the same name (running requests keep the old one).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+impl Screen for LoadPluginRequest {}

@@ -1,0 +1,463 @@
+//! Plug-in chains through the real engine and the HTTP routes, on the tiny seeded model:
+//! requests with different LoRA adapters (or none) share batches and each gets what it gets
+//! alone, an adapter selected per request gives the merged model's greedy output, and the
+//! registry routes load, list, refuse and unload adapters with OpenAI-shaped errors.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use candle_core::Device;
+use common::{chat, get, post, send};
+use models::sampling::SamplingParams;
+use models::tiny::{tiny_config, TinyModel};
+use models::{Architecture, HookCall};
+use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
+use plugins::{BaseModel, PluginKind, PluginSpec, Registry, RegistryConfig, Source};
+use serde_json::{json, Value};
+use server::engine::testing::{tiny_char_id, tiny_loaded_model};
+use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
+use server::http::{app, AppState, EngineSlot, HttpConfig};
+
+const SEED: u64 = 5;
+const BASE_ID: &str = "tiny";
+
+/// The tiny model (as the engine loads it), two adapters on disk and a registry holding them.
+struct Setup {
+    dir: tempfile::TempDir,
+    tiny: TinyModel,
+    adapters: Vec<TinyAdapter>,
+    registry: Arc<Registry>,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = TinyModel::random(tiny_config(Architecture::Llama), SEED).unwrap();
+        let plugins = dir.path().join("plugins");
+        let adapters: Vec<TinyAdapter> = [(3, 31), (2, 32)]
+            .into_iter()
+            .map(|(r, seed)| {
+                TinyAdapter::random(&tiny.config, r, 8.0, &ALL_PROJECTIONS, seed).unwrap()
+            })
+            .collect();
+        for (i, a) in adapters.iter().enumerate() {
+            a.write(&plugins.join(format!("a{i}"))).unwrap();
+        }
+        let base = BaseModel {
+            id: BASE_ID.into(),
+            config: tiny.config.clone(),
+            device: Device::Cpu,
+        };
+        let config = RegistryConfig {
+            dir: Some(plugins),
+            budget_bytes: 1 << 20,
+        };
+        let registry = Arc::new(Registry::new(base, config).unwrap());
+        for name in ["a0", "a1"] {
+            registry
+                .load(PluginKind::Lora, name, name.as_ref(), Source::Config, false)
+                .unwrap();
+        }
+        Self {
+            dir,
+            tiny,
+            adapters,
+            registry,
+        }
+    }
+
+    fn engine(&self, dir: &Path) -> RealEngine {
+        let config = EngineConfig {
+            model_id: BASE_ID.into(),
+            max_running: 16,
+            max_batch_tokens: 24,
+            prefill_chunk: 4,
+            ..EngineConfig::default()
+        };
+        RealEngine::new(tiny_loaded_model(dir, SEED).unwrap(), config).unwrap()
+    }
+
+    fn chain(&self, specs: &[(&str, f64)]) -> Vec<HookCall> {
+        let specs: Vec<PluginSpec> = specs
+            .iter()
+            .map(|(name, scale)| {
+                serde_json::from_value(json!({"type": "lora", "name": name, "scale": scale}))
+                    .unwrap()
+            })
+            .collect();
+        self.registry.resolve(&specs).unwrap().calls
+    }
+}
+
+fn ids(text: &str) -> Vec<u32> {
+    text.chars().map(|c| tiny_char_id(c).unwrap()).collect()
+}
+
+fn request(prompt: &str, temperature: f32, seed: u64, hooks: Vec<HookCall>) -> GenerateRequest {
+    GenerateRequest {
+        id: format!("r{seed}"),
+        prompt: ids(prompt),
+        sampling: SamplingParams {
+            temperature,
+            ..SamplingParams::default()
+        },
+        seed,
+        max_tokens: 24,
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        prompt_logprobs: None,
+        hooks,
+    }
+}
+
+fn tokens(rx: server::engine::EventReceiver) -> Vec<u32> {
+    let mut rx = rx;
+    let mut out = Vec::new();
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Token { id, .. } => out.push(id),
+            Event::Failed(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn requests_with_different_adapters_share_batches_and_each_equals_itself_alone() {
+    let s = Setup::new();
+    let engine = s.engine(s.dir.path());
+    let chains: [&[(&str, f64)]; 5] = [
+        &[("a0", 1.0)],
+        &[],
+        &[("a1", 1.0)],
+        &[("a0", 0.5)],
+        &[("a1", 1.0), ("a0", -1.0)],
+    ];
+    let requests: Vec<GenerateRequest> = (0..15u64)
+        .map(|i| {
+            let prompt = &"the quick brown fox jumps over"[..4 + i as usize];
+            request(
+                prompt,
+                1.0,
+                100 + i,
+                s.chain(chains[i as usize % chains.len()]),
+            )
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| tokens(engine.submit(r.clone()).unwrap()))
+        .collect();
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| engine.submit(r).unwrap())
+        .collect();
+    let together: Vec<Vec<u32>> = receivers.into_iter().map(tokens).collect();
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn greedy_output_with_an_adapter_equals_the_merged_model_and_differs_from_the_base() {
+    let s = Setup::new();
+    let engine = s.engine(s.dir.path());
+    let merged_dir = tempfile::tempdir().unwrap();
+    let merged = s.adapters[0].merge_into(&s.tiny, 1.0).unwrap();
+    // The merged weights written as the engine's tiny GGUF, so both runs share every loader
+    // and kernel: only where the adapter is applied differs.
+    let merged_engine = {
+        let path = merged_dir.path().join("merged.gguf");
+        merged
+            .write_gguf(&path, candle_core::quantized::GgmlDType::F32)
+            .unwrap();
+        let mut loaded = tiny_loaded_model(merged_dir.path(), SEED).unwrap();
+        loaded.model = models::loader::load_model(&path, &Device::Cpu, usize::MAX).unwrap();
+        RealEngine::new(loaded, EngineConfig::default()).unwrap()
+    };
+    let prompt = "pack my box with five dozen";
+    let with_adapter = tokens(
+        engine
+            .submit(request(prompt, 0.0, 1, s.chain(&[("a0", 1.0)])))
+            .unwrap(),
+    );
+    let reference = tokens(
+        merged_engine
+            .submit(request(prompt, 0.0, 1, Vec::new()))
+            .unwrap(),
+    );
+    let base = tokens(engine.submit(request(prompt, 0.0, 1, Vec::new())).unwrap());
+    assert_eq!(with_adapter, reference);
+    assert_ne!(
+        with_adapter, base,
+        "the adapter must change the greedy output"
+    );
+}
+
+// ------------------------------------------------------------------------------ HTTP
+
+fn http_app(s: &Setup, engine_dir: &Path) -> Router {
+    let engine: Arc<dyn Engine> = Arc::new(s.engine(engine_dir));
+    let slot = EngineSlot::ready(engine);
+    slot.fill_plugins(s.registry.clone());
+    app(AppState::new(slot, HttpConfig::default()).unwrap())
+}
+
+fn delete(uri: &str) -> Request<Body> {
+    Request::delete(uri).body(Body::empty()).unwrap()
+}
+
+fn greedy(model: &str, plugins: Value) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+           "temperature": 0, "ignore_eos": true, "plugins": plugins})
+}
+
+#[tokio::test]
+async fn adapters_are_selected_by_model_name_or_plugins_list_and_echoed() {
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let hash = s.registry.list()[0].hash.clone();
+
+    let base = chat(&app, greedy(BASE_ID, json!([]))).await.json();
+    assert!(base.get("plugins").is_none(), "no chain, no echo: {base}");
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut outputs = Vec::new();
+    for (model, plugins) in [
+        ("tiny::a0", json!([])),
+        ("a0", json!([])),
+        (BASE_ID, json!([{"type": "lora", "name": "a0"}])),
+        (
+            BASE_ID,
+            json!([{"type": "lora", "name": "a0", "scale": 1.0}]),
+        ),
+    ] {
+        let body = chat(&app, greedy(model, plugins)).await.ok();
+        assert_eq!(body["model"], model);
+        assert_eq!(
+            body["plugins"],
+            json!([{"type": "lora", "name": "a0", "hash": hash}])
+        );
+        outputs.push(text(&body));
+    }
+    assert!(outputs.iter().all(|o| *o == outputs[0]), "{outputs:?}");
+    assert_ne!(outputs[0], text(&base));
+
+    let mut streamed = greedy("a0", json!([]));
+    streamed["stream"] = json!(true);
+    let r = chat(&app, streamed).await;
+    let frames = r.sse_data();
+    let first: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(first["plugins"][0]["name"], "a0", "{first}");
+    let second: Value = serde_json::from_str(&frames[1]).unwrap();
+    assert!(
+        second.get("plugins").is_none(),
+        "only the first chunk echoes: {second}"
+    );
+}
+
+#[tokio::test]
+async fn bad_plugin_selections_get_openai_shaped_errors_naming_them() {
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let cases = [
+        (
+            greedy("nope", json!([])),
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            "model",
+        ),
+        (
+            greedy(BASE_ID, json!([{"type": "lora", "name": "nope"}])),
+            StatusCode::NOT_FOUND,
+            "plugin_not_found",
+            "plugins[0]",
+        ),
+        (
+            greedy(
+                BASE_ID,
+                json!([{"type": "lora", "name": "a0", "scale": 50}]),
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "plugins[0].scale",
+        ),
+        (
+            greedy(BASE_ID, json!([{"type": "lora", "name": "a0", "rank": 2}])),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "plugins[0].rank",
+        ),
+        (
+            greedy(BASE_ID, json!([{"type": "steer", "name": "a0"}])),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "plugins[0]",
+        ),
+        (
+            greedy(BASE_ID, json!([{"name": "a0"}])),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "plugins[0]",
+        ),
+        (
+            greedy(BASE_ID, json!("a0")),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "plugins",
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let r = chat(&app, body.clone()).await;
+        let error = r.error(status, code);
+        let got = error["param"].as_str().unwrap_or_default();
+        assert!(
+            got.starts_with(param),
+            "{body}: param {got:?}, wanted {param:?}: {error}"
+        );
+    }
+    // The server still serves.
+    assert_eq!(
+        chat(&app, greedy(BASE_ID, json!([]))).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_registry_routes_load_list_refuse_and_unload() {
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let load = |body: Value| post("/v1/plugins", body.to_string());
+
+    let r = send(
+        &app,
+        load(json!({"type": "lora", "name": "fresh", "path": "a1"})),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.json()["name"], "fresh");
+    let listed = send(&app, get("/v1/plugins")).await.json();
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a0", "a1", "fresh"]);
+    let models = send(&app, get("/v1/models")).await.json();
+    let fresh = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "fresh")
+        .unwrap()
+        .clone();
+    assert_eq!(fresh["parent"], BASE_ID);
+    assert_eq!(
+        chat(&app, greedy("fresh", json!([]))).await.status,
+        StatusCode::OK
+    );
+
+    // A file made for another model shape is refused whole, naming the mismatch.
+    let other = TinyModel::random(
+        models::ModelConfig {
+            hidden_size: 48,
+            ..tiny_config(Architecture::Llama)
+        },
+        1,
+    )
+    .unwrap();
+    TinyAdapter::random(&other.config, 2, 2.0, &ALL_PROJECTIONS, 3)
+        .unwrap()
+        .write(&s.dir.path().join("plugins/wrong"))
+        .unwrap();
+    let refusals = [
+        (
+            json!({"type": "lora", "name": "fresh", "path": "a1"}),
+            StatusCode::CONFLICT,
+            "plugin_exists",
+        ),
+        (
+            json!({"type": "lora", "name": "w", "path": "wrong"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            json!({"type": "lora", "name": "x", "path": "../../etc"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            json!({"type": "lora", "name": "x", "path": "missing"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            json!({"type": "dora", "name": "x", "path": "a1"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            json!({"type": "lora", "name": "tiny", "path": "a1"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            json!({"type": "lora", "name": "x", "path": "a1", "rank": 3}),
+            StatusCode::BAD_REQUEST,
+            "unsupported_parameter",
+        ),
+    ];
+    for (body, status, code) in refusals {
+        let r = send(&app, load(body.clone())).await;
+        let e = r.error(status, code);
+        assert!(!e["message"].as_str().unwrap().is_empty(), "{body}");
+    }
+    let e = send(
+        &app,
+        load(json!({"type": "lora", "name": "w", "path": "wrong"})),
+    )
+    .await
+    .json();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has shape"),
+        "{e}"
+    );
+
+    let r = send(&app, delete("/v1/plugins/fresh")).await;
+    assert_eq!(r.json()["deleted"], true);
+    send(&app, delete("/v1/plugins/fresh"))
+        .await
+        .error(StatusCode::NOT_FOUND, "plugin_not_found");
+    chat(&app, greedy("fresh", json!([])))
+        .await
+        .error(StatusCode::NOT_FOUND, "model_not_found");
+
+    let metrics = String::from_utf8(send(&app, get("/metrics")).await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("graft_plugin_requests_total{type=\"lora\",name=\"fresh\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vllm:lora_requests_info{"), "{metrics}");
+}
