@@ -6,7 +6,8 @@
 //! llama.cpp does, and several prompts have near-ties. The limits below are the ones
 //! llama.cpp itself meets against the same reference, with about 2x headroom (issue #2).
 
-use candle_core::{Device, Tensor, D};
+use candle_core::Device;
+use models::testing::{self, top_k};
 use models::{BatchRow, Llama, LogitsWanted};
 use serde_json::Value;
 
@@ -26,63 +27,12 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// log-softmax of every position's logits: `(n, vocab)`.
 fn log_probs(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache();
-    let mut b = [BatchRow {
-        seq_id: 0,
-        tokens,
-        cache: &mut cache,
-        hooks: &[],
-        logits: LogitsWanted::All,
-    }];
-    let logits: Tensor = m
-        .forward(&mut b)
-        .expect("forward")
-        .remove(0)
-        .expect("logits");
-    candle_nn::ops::log_softmax(&logits, D::Minus1)
-        .expect("log_softmax")
-        .to_vec2()
-        .expect("vec")
+    testing::log_probs(m, tokens, &[]).expect("forward")
 }
 
-fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<(u32, f32)> = lp.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
-    idx.truncate(k);
-    idx
-}
-
-/// Greedy continuation with the KV cache, one token per step.
 fn greedy(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.new_cache();
-    let mut out = Vec::with_capacity(n);
-    let mut next: Vec<u32> = prompt.to_vec();
-    for _ in 0..n {
-        let mut b = [BatchRow {
-            seq_id: 0,
-            tokens: &next,
-            cache: &mut cache,
-            hooks: &[],
-            logits: LogitsWanted::Last,
-        }];
-        let logits = m
-            .forward(&mut b)
-            .expect("forward")
-            .remove(0)
-            .expect("logits");
-        let id = logits
-            .flatten_all()
-            .expect("flat")
-            .argmax(0)
-            .expect("argmax")
-            .to_scalar::<u32>()
-            .expect("id");
-        out.push(id);
-        next = vec![id];
-    }
-    out
+    testing::greedy(m, prompt, n, &[]).expect("greedy")
 }
 
 #[test]

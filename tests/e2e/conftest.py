@@ -18,6 +18,10 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("GRAFT_SERVER_BIN", ROOT / "target" / "debug" / "server"))
 MODEL_ID = "smollm2-135m-instruct"
+# The plug-in folder of the session server: the LoRA adapter made with PEFT for the reference
+# tests (plugins/tests/fixtures/lora_smollm2), registered at start-up as "reference".
+PLUGIN_DIR = ROOT / "plugins" / "tests" / "fixtures"
+ADAPTER = "reference"
 
 
 def free_port() -> int:
@@ -72,7 +76,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server():
-    s = Server()
+    s = Server("--plugin-dir", str(PLUGIN_DIR), "--plugin", f"lora:{ADAPTER}=lora_smollm2")
     yield s
     assert s.stop() == 0, "server did not exit 0 on SIGTERM"
 

@@ -153,6 +153,13 @@ fn refuse_unsupported(map: &Map<String, Value>) -> std::result::Result<(), Strin
             "alora_invocation_tokens",
             "activated LoRA (aLoRA) is not supported",
         ),
+        // Variants newer PEFT versions write as `null` when unused; set, they change the
+        // forward pass in ways graft does not implement.
+        ("arrow_config", "Arrow adapter routing is not supported"),
+        ("use_bdlora", "block-diagonal LoRA is not supported"),
+        ("velora_config", "VeLoRA is not supported"),
+        ("kasa_config", "KaSA is not supported"),
+        ("monteclora_config", "MonteCLoRA is not supported"),
     ];
     match refused.iter().find(|(k, _)| set(k)) {
         Some((k, why)) => Err(format!("`{k}` is set: {why}")),
