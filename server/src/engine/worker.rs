@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use models::{BatchRow, KvCache, Llama, Tokenizer};
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::scheduler::{PlannedRow, Schedulable, Scheduler, SchedulerLimits};
@@ -221,15 +222,7 @@ impl<M: StepModel> Worker<M> {
             return;
         }
         match self.forward(&plan) {
-            Ok(outputs) => {
-                let now = Instant::now();
-                let running = self.scheduler.running_mut();
-                for (row, logits) in plan.iter().zip(outputs) {
-                    if let Some(seq) = running.get_mut(row.index) {
-                        guarded_after_step(seq, logits, &self.tokenizer, now);
-                    }
-                }
-            }
+            Ok(outputs) => self.after_step(&plan, outputs),
             Err(error) => {
                 tracing::error!(%error, rows = plan.len(), "forward step failed; failing its batch");
                 let running = self.scheduler.running_mut();
@@ -242,6 +235,29 @@ impl<M: StepModel> Worker<M> {
         }
         // Dropping the finished sequences frees their caches now, not at the next turn.
         drop(self.scheduler.take_running(Sequence::is_done));
+    }
+
+    /// Samples, detokenizes and streams each row's result. Rows are independent (each
+    /// sequence owns its sampler, seeded per request), so they run in parallel: with 16 rows
+    /// at temperature > 0 this per-row work is a sizeable part of a decode step, and serially
+    /// it would leave all but one core idle while the batch waits.
+    fn after_step(&mut self, plan: &[PlannedRow], outputs: Vec<Option<Tensor>>) {
+        let now = Instant::now();
+        let running = self.scheduler.running_mut();
+        let mut slots: Vec<Option<Option<Tensor>>> = vec![None; running.len()];
+        for (row, logits) in plan.iter().zip(outputs) {
+            if let Some(slot) = slots.get_mut(row.index) {
+                *slot = Some(logits);
+            }
+        }
+        let work: Vec<(&mut Sequence, Option<Tensor>)> = running
+            .iter_mut()
+            .zip(slots)
+            .filter_map(|(seq, slot)| slot.map(|logits| (seq, logits)))
+            .collect();
+        let tokenizer = &self.tokenizer;
+        work.into_par_iter()
+            .for_each(|(seq, logits)| guarded_after_step(seq, logits, tokenizer, now));
     }
 
     /// The planned rows whose sequences have something to feed; the others (a scheduling
