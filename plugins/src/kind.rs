@@ -9,10 +9,12 @@ use crate::error::{PluginError, Result};
 pub enum PluginKind {
     /// A LoRA adapter in the PEFT format.
     Lora,
+    /// A steering vector (llama.cpp control-vector GGUF).
+    Steer,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 1] = [PluginKind::Lora];
+    pub const ALL: [PluginKind; 2] = [PluginKind::Lora, PluginKind::Steer];
 
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL
@@ -24,6 +26,7 @@ impl PluginKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Lora => "lora",
+            Self::Steer => "steer",
         }
     }
 

@@ -21,6 +21,7 @@ mod paths;
 pub mod plugin;
 pub mod registry;
 pub mod spec;
+pub mod steer;
 
 pub use base::BaseModel;
 pub use chain::{Chain, ChainEntry};

@@ -55,6 +55,23 @@ pub(crate) fn number(
     Ok(x)
 }
 
+/// `[first, last]`: an inclusive range of 0-based layers below `layers`.
+pub(crate) fn layer_range(plugin: &str, v: &Value, layers: usize) -> Result<(usize, usize)> {
+    let pair = v.as_array().filter(|a| a.len() == 2).and_then(|a| {
+        let first = a[0].as_u64()? as usize;
+        let last = a[1].as_u64()? as usize;
+        Some((first, last))
+    });
+    match pair {
+        Some((first, last)) if first <= last && last < layers => Ok((first, last)),
+        _ => Err(bad(
+            plugin,
+            "layers",
+            format!("must be [first, last] with 0 <= first <= last < {layers}, got {v}"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +96,22 @@ mod tests {
             .contains("`scale` must be a number"));
         let e = number("a", &map(json!({"scale": 9})), "scale", 1.0, (-4.0, 4.0));
         assert!(e.unwrap_err().to_string().contains("within [-4, 4]"));
+    }
+
+    #[test]
+    fn layer_ranges_are_inclusive_and_bounded() {
+        assert_eq!(layer_range("a", &json!([2, 5]), 30).unwrap(), (2, 5));
+        assert_eq!(layer_range("a", &json!([7, 7]), 30).unwrap(), (7, 7));
+        for bad in [
+            json!([5, 2]),
+            json!([1, 30]),
+            json!([1]),
+            json!("1-3"),
+            json!([-1, 2]),
+        ] {
+            let e = layer_range("a", &bad, 30).unwrap_err().to_string();
+            assert!(e.contains("`layers` must be [first, last]"), "{bad}: {e}");
+        }
     }
 
     #[test]

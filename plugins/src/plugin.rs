@@ -13,6 +13,7 @@ use crate::base::BaseModel;
 use crate::error::Result;
 use crate::kind::PluginKind;
 use crate::lora::LoraAdapter;
+use crate::steer::SteeringVector;
 
 /// A loaded plug-in: the hook the forward pass calls, plus what the registry needs.
 ///
@@ -50,6 +51,7 @@ pub fn load(kind: PluginKind, name: &str, path: &Path, base: &BaseModel) -> Resu
     let mut hash = ContentHash::default();
     let plugin: Arc<dyn Plugin> = match kind {
         PluginKind::Lora => Arc::new(LoraAdapter::load(name, path, base, &mut hash)?),
+        PluginKind::Steer => Arc::new(SteeringVector::load(name, path, base, &mut hash)?),
     };
     Ok(LoadedPlugin {
         name: name.to_string(),

@@ -114,7 +114,8 @@ fn bad_requests_name_the_problem() {
     let err = |spec: PluginSpec| reg.resolve(&[spec]).unwrap_err().to_string();
 
     assert!(err(lora("nope")).contains("unknown plug-in `nope`"));
-    assert!(err(PluginSpec::named("steer", "sql")).contains("unknown plug-in type `steer`"));
+    assert!(err(PluginSpec::named("lorra", "sql")).contains("unknown plug-in type `lorra`"));
+    assert!(err(PluginSpec::named("steer", "sql")).contains("`sql` is a lora, not a steer"));
     let mut s = lora("sql");
     s.params.insert("scale".into(), json!("big"));
     assert!(err(s).contains("`scale` must be a number"));
