@@ -4,9 +4,11 @@
 # into .venv-e2e (git-ignored) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv-e2e/bin/pytest ]; then
-  python3 -m venv .venv-e2e
+# Re-installs when requirements.txt changed since the last install (the stamp holds its copy).
+if [ ! -x .venv-e2e/bin/pytest ] || ! cmp -s tests/e2e/requirements.txt .venv-e2e/requirements.stamp; then
+  [ -x .venv-e2e/bin/python ] || python3 -m venv .venv-e2e
   .venv-e2e/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+  cp tests/e2e/requirements.txt .venv-e2e/requirements.stamp
 fi
 cargo build -q -p server --locked
 .venv-e2e/bin/pytest -q tests/e2e "$@"

@@ -6,6 +6,7 @@ scripts/test.sh). Each server runs on a free local port and is stopped with SIGT
 which also checks that shutdown exits cleanly.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,9 +19,10 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("GRAFT_SERVER_BIN", ROOT / "target" / "debug" / "server"))
 MODEL_ID = "smollm2-135m-instruct"
-# The plug-in folder of the session server: the LoRA adapter made with PEFT for the reference
-# tests (plugins/tests/fixtures/lora_smollm2), registered at start-up as "reference".
-PLUGIN_DIR = ROOT / "plugins" / "tests" / "fixtures"
+# The session server's plug-in folder is a temporary copy holding the LoRA adapter made with
+# PEFT for the reference tests (plugins/tests/fixtures/lora_smollm2), registered at start-up as
+# "reference"; tests write further plug-in files into it.
+FIXTURES = ROOT / "plugins" / "tests" / "fixtures"
 ADAPTER = "reference"
 
 
@@ -75,8 +77,15 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server():
-    s = Server("--plugin-dir", str(PLUGIN_DIR), "--plugin", f"lora:{ADAPTER}=lora_smollm2")
+def plugin_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plugins")
+    shutil.copytree(FIXTURES / "lora_smollm2", d / "lora_smollm2")
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(plugin_dir):
+    s = Server("--plugin-dir", str(plugin_dir), "--plugin", f"lora:{ADAPTER}=lora_smollm2")
     yield s
     assert s.stop() == 0, "server did not exit 0 on SIGTERM"
 
