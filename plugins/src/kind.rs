@@ -11,10 +11,12 @@ pub enum PluginKind {
     Lora,
     /// A steering vector (llama.cpp control-vector GGUF).
     Steer,
+    /// A learned steering controller (config.json + model.safetensors).
+    Controller,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 2] = [PluginKind::Lora, PluginKind::Steer];
+    pub const ALL: [PluginKind; 3] = [PluginKind::Lora, PluginKind::Steer, PluginKind::Controller];
 
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL
@@ -27,6 +29,7 @@ impl PluginKind {
         match self {
             Self::Lora => "lora",
             Self::Steer => "steer",
+            Self::Controller => "controller",
         }
     }
 

@@ -13,6 +13,7 @@
 
 pub mod base;
 pub mod chain;
+pub mod controller;
 pub mod error;
 pub mod kind;
 pub mod lora;

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseModel;
+use crate::controller::SteeringController;
 use crate::error::Result;
 use crate::kind::PluginKind;
 use crate::lora::LoraAdapter;
@@ -52,6 +53,7 @@ pub fn load(kind: PluginKind, name: &str, path: &Path, base: &BaseModel) -> Resu
     let plugin: Arc<dyn Plugin> = match kind {
         PluginKind::Lora => Arc::new(LoraAdapter::load(name, path, base, &mut hash)?),
         PluginKind::Steer => Arc::new(SteeringVector::load(name, path, base, &mut hash)?),
+        PluginKind::Controller => Arc::new(SteeringController::load(name, path, base, &mut hash)?),
     };
     Ok(LoadedPlugin {
         name: name.to_string(),

@@ -1,0 +1,88 @@
+//! `config.json` of a steering controller: what it reads, what it steers, and the base model it
+//! was trained on (checked at load: a controller trained on another model would read and write
+//! activations it knows nothing about).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::BaseModel;
+use crate::error::{PluginError, Result};
+
+pub const TYPE: &str = "steering_controller";
+
+/// The base model a plug-in file was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseIdentity {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+}
+
+impl BaseIdentity {
+    pub fn of(base: &BaseModel) -> Self {
+        let c = &base.config;
+        Self {
+            architecture: c.architecture.name().to_string(),
+            hidden_size: c.hidden_size,
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Always [`TYPE`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub base_model: BaseIdentity,
+    /// Layers whose output at the last prompt token the controller reads, ascending.
+    pub input_layers: Vec<usize>,
+    /// Inclusive range of layers it steers; starts after the last input layer, so the
+    /// decision is made before the first steered layer runs on the last prompt token.
+    pub steered_layers: (usize, usize),
+    /// Width of the controller's hidden layer.
+    pub hidden_units: usize,
+    /// The patch scale α of `Δh_l = s · w_l · α · d_l`.
+    pub alpha: f32,
+}
+
+impl ControllerConfig {
+    pub fn read(path: &Path, bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| PluginError::bad_file(path, e))
+    }
+
+    /// Checks the config against itself and against the base model.
+    pub fn check(&self, name: &str, base: &BaseModel) -> Result<()> {
+        let bad = |m: String| Err(PluginError::incompatible(name, m));
+        if self.kind != TYPE {
+            return bad(format!("config.json type is `{}`, not `{TYPE}`", self.kind));
+        }
+        let expected = BaseIdentity::of(base);
+        if self.base_model != expected {
+            return bad(format!(
+                "made for {:?}, the base model is {expected:?}",
+                self.base_model
+            ));
+        }
+        let last_input = self.input_layers.iter().copied().max();
+        let (first, last) = self.steered_layers;
+        let sorted = self.input_layers.windows(2).all(|w| w[0] < w[1]);
+        match last_input {
+            None => bad("input_layers is empty".into()),
+            Some(_) if !sorted => bad("input_layers must be ascending without repeats".into()),
+            Some(l) if first <= l || first > last || last >= expected.num_layers => bad(format!(
+                "steered_layers [{first}, {last}] must follow the last input layer {l} and end before layer {}",
+                expected.num_layers
+            )),
+            Some(_) if self.hidden_units == 0 || !self.alpha.is_finite() => {
+                bad("hidden_units must be positive and alpha finite".into())
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}

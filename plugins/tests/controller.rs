@@ -1,0 +1,327 @@
+//! The steering controller on a tiny seeded model: it decides from the input layers' last-token
+//! activations (checked against the MLP computed by hand), steers the last prompt token and
+//! every generated token at the steered layers only (checked against a plain hook doing just
+//! that), acts per request in mixed batches, and refuses files made for another model.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use models::tiny::{tiny_config, TinyModel};
+use models::{
+    Architecture, BatchRow, Hook, HookCall, HookGroup, HookPoints, KvCache, Llama, LogitsWanted,
+    ModelConfig,
+};
+use plugins::controller::{
+    BaseIdentity, ControllerConfig, ControllerParams, ControllerTensors, SteeringController, TYPE,
+};
+use plugins::plugin::ContentHash;
+use plugins::steer::train::last_token_activations;
+use plugins::{BaseModel, Plugin};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+const MAX_POS: usize = 64;
+const ALPHA: f32 = 2.5;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        num_layers: 4,
+        ..tiny_config(Architecture::Llama)
+    }
+}
+
+fn base(c: &ModelConfig) -> BaseModel {
+    BaseModel {
+        id: "tiny".into(),
+        config: c.clone(),
+        device: Device::Cpu,
+    }
+}
+
+fn controller_config(c: &ModelConfig) -> ControllerConfig {
+    ControllerConfig {
+        kind: TYPE.into(),
+        base_model: BaseIdentity::of(&base(c)),
+        input_layers: vec![0, 1],
+        steered_layers: (2, 3),
+        hidden_units: 8,
+        alpha: ALPHA,
+    }
+}
+
+fn random(shape: (usize, usize), spread: f32, rng: &mut rand::rngs::StdRng) -> Tensor {
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| spread * (rng.random::<f32>() * 2.0 - 1.0))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Random weights; `fc2_bias` shifts the logits (large positive: strength and weights ~1).
+fn tensors(c: &ModelConfig, fc2_bias: f32, seed: u64) -> ControllerTensors {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (h, l) = (c.hidden_size, c.num_layers);
+    let directions = random((l, h), 1.0, &mut rng);
+    let norms = directions
+        .sqr()
+        .unwrap()
+        .sum_keepdim(1)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    ControllerTensors {
+        fc1_weight: random((8, 2 * h), 0.3, &mut rng),
+        fc1_bias: Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+        fc2_weight: random((1 + l, 8), 0.3, &mut rng),
+        fc2_bias: (Tensor::ones(1 + l, DType::F32, &Device::Cpu).unwrap() * fc2_bias as f64)
+            .unwrap(),
+        directions: directions.broadcast_div(&norms).unwrap(),
+    }
+}
+
+fn load(
+    c: &ModelConfig,
+    t: &ControllerTensors,
+    cfg: &ControllerConfig,
+) -> Result<Arc<SteeringController>, plugins::PluginError> {
+    let dir = tempfile::tempdir().unwrap();
+    t.save(dir.path(), cfg).unwrap();
+    SteeringController::load("ctl", dir.path(), &base(c), &mut ContentHash::default()).map(Arc::new)
+}
+
+fn call(ctl: &Arc<SteeringController>, scale: f64) -> (HookCall, Arc<ControllerParams>) {
+    let params = ctl
+        .request_params(json!({"scale": scale}).as_object().unwrap())
+        .unwrap();
+    let typed = params.clone().downcast::<ControllerParams>().unwrap();
+    let hook: Arc<dyn Hook> = ctl.clone();
+    (HookCall::new(hook, params), typed)
+}
+
+/// Adds `coef * d_l` at layers 2..=3 to the last entry of the row (prompt) or its token.
+struct LastTokenPatch {
+    directions: Tensor,
+    coef: Vec<f32>,
+}
+
+impl Hook for LastTokenPatch {
+    fn name(&self) -> &str {
+        "patch"
+    }
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            residual: true,
+            ..Default::default()
+        }
+    }
+    fn residual(
+        &self,
+        layer: usize,
+        _g: &HookGroup<'_>,
+        h: &Tensor,
+    ) -> models::Result<Option<Tensor>> {
+        if !(2..=3).contains(&layer) {
+            return Ok(None);
+        }
+        let n = h.dim(0)?;
+        let mut col = vec![0f32; n];
+        col[n - 1] = self.coef[layer];
+        let col = Tensor::from_vec(col, (n, 1), h.device())?;
+        let d = self.directions.get(layer)?.unsqueeze(0)?;
+        Ok(Some((h + col.broadcast_mul(&d)?)?))
+    }
+}
+
+/// Feeds the prompt, then `steps` greedy-free fixed tokens; returns every step's last logits.
+fn run(model: &Llama, prompt: &[u32], steps: &[u32], hooks: &[HookCall]) -> Vec<Vec<f32>> {
+    let mut cache: KvCache = model.new_cache();
+    let mut out = Vec::new();
+    for feed in std::iter::once(prompt.to_vec()).chain(steps.iter().map(|&t| vec![t])) {
+        let mut rows = [BatchRow {
+            seq_id: 0,
+            tokens: &feed,
+            cache: &mut cache,
+            hooks,
+            logits: LogitsWanted::Last,
+        }];
+        let l = model.forward(&mut rows).unwrap().remove(0).unwrap();
+        out.push(l.flatten_all().unwrap().to_vec1().unwrap());
+    }
+    out
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const PROMPT: [u32; 6] = [7, 21, 3, 60, 9, 14];
+const STEPS: [u32; 3] = [5, 44, 12];
+
+#[test]
+fn the_decision_is_the_mlp_of_the_input_layers_last_token_activations() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let t = tensors(&c, 0.0, 1);
+    let ctl = load(&c, &t, &controller_config(&c)).unwrap();
+    let (hook, params) = call(&ctl, 1.0);
+    run(&model, &PROMPT, &[], &[hook]);
+    let got = params.decision().expect("decided during prefill");
+
+    let acts = &last_token_activations(&model, &[PROMPT.to_vec()], 1).unwrap()[0];
+    let x: Vec<f32> = acts[0].iter().chain(&acts[1]).copied().collect();
+    let x = Tensor::from_vec(x, (1, 2 * c.hidden_size), &Device::Cpu).unwrap();
+    let hidden = x
+        .matmul(&t.fc1_weight.t().unwrap())
+        .unwrap()
+        .broadcast_add(&t.fc1_bias)
+        .unwrap()
+        .relu()
+        .unwrap();
+    let logits = hidden
+        .matmul(&t.fc2_weight.t().unwrap())
+        .unwrap()
+        .broadcast_add(&t.fc2_bias)
+        .unwrap();
+    let want: Vec<f32> = plugins::controller::sigmoid(&logits)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(
+        (got.strength - want[0]).abs() < 1e-5,
+        "{} vs {}",
+        got.strength,
+        want[0]
+    );
+    for (a, b) in got.weights.iter().zip(&want[1..]) {
+        assert!((a - b).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn it_steers_the_last_prompt_token_and_generated_tokens_at_the_steered_layers() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let t = tensors(&c, 0.0, 2);
+    let ctl = load(&c, &t, &controller_config(&c)).unwrap();
+    let (hook, params) = call(&ctl, 1.0);
+    let got = run(&model, &PROMPT, &STEPS, &[hook]);
+    let d = params.decision().unwrap();
+    let coef: Vec<f32> = d.weights.iter().map(|w| d.strength * w * ALPHA).collect();
+    let patch: Arc<dyn Hook> = Arc::new(LastTokenPatch {
+        directions: t.directions.clone(),
+        coef,
+    });
+    let want = run(&model, &PROMPT, &STEPS, &[HookCall::bare(patch)]);
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "controller vs explicit patch: {}",
+        max_diff(&got, &want)
+    );
+    assert!(
+        max_diff(&got, &run(&model, &PROMPT, &STEPS, &[])) > 1e-2,
+        "it must steer"
+    );
+
+    let (off, _) = call(&ctl, 0.0);
+    assert_eq!(
+        max_diff(
+            &run(&model, &PROMPT, &STEPS, &[off]),
+            &run(&model, &PROMPT, &STEPS, &[])
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn requests_in_one_batch_each_get_their_own_decision() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let ctl = load(&c, &tensors(&c, 0.0, 3), &controller_config(&c)).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4u32).map(|i| vec![i + 2, 30 + i, 9, 70 - i]).collect();
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let hooks: Vec<HookCall> = if i == 1 {
+                vec![]
+            } else {
+                vec![call(&ctl, 1.0 + i as f64).0]
+            };
+            run(&model, p, &STEPS, &hooks)
+        })
+        .collect();
+    let chains: Vec<Vec<HookCall>> = (0..4)
+        .map(|i| {
+            if i == 1 {
+                vec![]
+            } else {
+                vec![call(&ctl, 1.0 + i as f64).0]
+            }
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 4];
+    let feeds: Vec<Vec<Vec<u32>>> = std::iter::once(prompts.clone())
+        .chain(STEPS.iter().map(|&s| vec![vec![s]; 4]))
+        .collect();
+    for feed in &feeds {
+        let mut rows: Vec<BatchRow> = caches
+            .iter_mut()
+            .zip(&chains)
+            .zip(feed)
+            .enumerate()
+            .map(|(i, ((cache, hooks), tokens))| BatchRow {
+                seq_id: i as u64,
+                tokens,
+                cache,
+                hooks,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        for (i, l) in model.forward(&mut rows).unwrap().into_iter().enumerate() {
+            got[i].push(l.unwrap().flatten_all().unwrap().to_vec1().unwrap());
+        }
+    }
+    for i in 0..4 {
+        assert!(
+            max_diff(&got[i], &alone[i]) < 1e-4,
+            "row {i}: {}",
+            max_diff(&got[i], &alone[i])
+        );
+    }
+}
+
+#[test]
+fn files_for_another_model_or_with_bad_layer_plans_are_refused() {
+    let c = config();
+    let t = tensors(&c, 0.0, 5);
+    let mut other = controller_config(&c);
+    other.base_model.hidden_size = 64;
+    let err = load(&c, &t, &other).unwrap_err().to_string();
+    assert!(err.contains("made for"), "{err}");
+    let mut early = controller_config(&c);
+    early.steered_layers = (1, 3);
+    let err = load(&c, &t, &early).unwrap_err().to_string();
+    assert!(err.contains("must follow the last input layer"), "{err}");
+    let mut wide = controller_config(&c);
+    wide.input_layers = vec![0, 1, 2];
+    wide.steered_layers = (3, 3);
+    let err = load(&c, &t, &wide).unwrap_err().to_string();
+    assert!(err.contains("`fc1.weight` has shape"), "{err}");
+}
