@@ -23,6 +23,7 @@
 //! chunk before (one token earlier), a difference too small to matter.
 
 mod config;
+pub mod train;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
