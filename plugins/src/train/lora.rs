@@ -232,6 +232,11 @@ impl<'m> LoraTrainer<'m> {
         })
     }
 
+    /// The model the adapter trains against.
+    pub fn model(&self) -> &'m DenseLlama {
+        self.model
+    }
+
     /// The factors as trained so far (they change in place with every step).
     pub fn factors(&self) -> &LoraFactors {
         &self.factors
