@@ -35,8 +35,6 @@ pub enum TrainError {
         line: usize,
         message: String,
     },
-    #[error("`{path}` holds no usable examples{why}")]
-    EmptyData { path: PathBuf, why: String },
     #[error(
         "unknown target module `{0}` (LoRA can target {known})",
         known = crate::lora::SUPPORTED_MODULES.join(", ")

@@ -165,6 +165,10 @@ fn load_model(path: &Path, max_len: usize) -> anyhow::Result<LoadedModel> {
     let loaded = models::bundle::load(path, &Device::Cpu, &options)
         .with_context(|| format!("cannot load the model at {}", path.display()))?;
     tracing::info!(path = %path.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let context = loaded.model.config.max_position_embeddings;
+    if max_len > context {
+        bail!("--max-len {max_len} exceeds the model's context of {context} tokens");
+    }
     Ok(loaded)
 }
 
