@@ -122,6 +122,27 @@ impl TinyModel {
     /// Writes a GGUF file as llama.cpp's converter would: GGUF tensor names, q/k rows
     /// permuted for Llama architectures, matrices quantized to `dtype` (vectors stay f32).
     pub fn write_gguf(&self, path: &Path, dtype: GgmlDType) -> Result<()> {
+        self.write_gguf_with_metadata(path, dtype, &[])
+    }
+
+    /// [`Self::write_gguf`] with the [`tiny_tokenizer_metadata`] vocabulary and the
+    /// [`TINY_CHAT_TEMPLATE`] in the metadata: a complete model `bundle::load` can serve.
+    pub fn write_gguf_with_tokenizer(&self, path: &Path, dtype: GgmlDType) -> Result<()> {
+        let mut extra = tiny_tokenizer_metadata();
+        extra.push((
+            "tokenizer.chat_template".into(),
+            Value::String(TINY_CHAT_TEMPLATE.into()),
+        ));
+        self.write_gguf_with_metadata(path, dtype, &extra)
+    }
+
+    /// [`Self::write_gguf`] with `extra` metadata entries after the model's own.
+    pub fn write_gguf_with_metadata(
+        &self,
+        path: &Path,
+        dtype: GgmlDType,
+        extra: &[(String, Value)],
+    ) -> Result<()> {
         let c = &self.config;
         let mut qtensors: Vec<(String, QTensor)> = Vec::new();
         for (name, shape, bias) in weight_shapes(c) {
@@ -174,7 +195,11 @@ impl TinyModel {
             ),
             (format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta)),
         ];
-        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let md_refs: Vec<(&str, &Value)> = md
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
         let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;
         gguf_file::write(&mut file, &md_refs, &t_refs)?;
@@ -186,6 +211,35 @@ impl TinyModel {
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor { name: name.into() })
     }
+}
+
+/// A plain-text chat template for the tiny vocabulary, which has no role markers.
+pub const TINY_CHAT_TEMPLATE: &str =
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
+{% if add_generation_prompt %}assistant:{% endif %}";
+
+/// GGUF tokenizer metadata of a byte-level vocabulary of exactly `tiny_config`'s 96 tokens:
+/// id 0 `<|endoftext|>` (the end of sequence, a control token), id 1 the space (`Ġ`), ids
+/// 2..=95 the characters `!`..=`~` in order. No merges, so every string of those characters
+/// encodes to one id per character; no BOS.
+pub fn tiny_tokenizer_metadata() -> Vec<(String, Value)> {
+    let mut tokens = vec!["<|endoftext|>".to_string(), "Ġ".to_string()];
+    tokens.extend(('!'..='~').map(String::from));
+    let mut types = vec![Value::I32(3)];
+    types.resize(tokens.len(), Value::I32(1));
+    let s = |v: &str| Value::String(v.into());
+    vec![
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("gpt2")),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ]
 }
 
 /// Every weight the config implies: role, shape, and whether it has a bias.

@@ -9,7 +9,9 @@
 //! the response echoes back.
 //!
 //! Where it sits: the HTTP layer resolves chains during validation (so every failure is a
-//! 4xx before admission); the engine only ever sees [`models::HookCall`]s.
+//! 4xx before admission); the engine only ever sees [`models::HookCall`]s. Off the request
+//! path, [`train`] trains plug-ins on the frozen base model (`server train`) and writes the
+//! same files the registry loads.
 
 pub mod base;
 pub mod chain;
@@ -23,6 +25,7 @@ pub mod plugin;
 pub mod registry;
 pub mod spec;
 pub mod steer;
+pub mod train;
 
 pub use base::BaseModel;
 pub use chain::{Chain, ChainEntry};

@@ -1,5 +1,6 @@
 //! The `server` binary: `server serve` runs the OpenAI-compatible HTTP server, `server fetch`
-//! downloads the default model ahead of time and prints its path.
+//! downloads the default model ahead of time and prints its path, `server train lora` trains
+//! a LoRA adapter offline (see `train`).
 //!
 //! `serve` binds the socket first, so /health answers 503 while the model loads in the
 //! background; then it fills the app's engine slot and /health turns 200. On SIGINT/SIGTERM
@@ -22,6 +23,8 @@ use server::engine::Engine;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tokio::sync::{oneshot, watch};
 
+mod train;
+
 /// Time past the drain deadline for the engine's last step and the final bytes to leave.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -43,6 +46,11 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Fetch the default model into the cache and print its path
     Fetch,
+    /// Train a plug-in offline on the frozen base model
+    Train {
+        #[command(subcommand)]
+        kind: train::TrainCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +76,10 @@ fn main() -> anyhow::Result<()> {
             let path = models::default_model::path()?;
             println!("{}", path.display());
             Ok(())
+        }
+        Command::Train { kind } => {
+            init_logging(LogFormat::Text);
+            train::run(kind)
         }
         Command::Serve(args) => {
             let sub = matches

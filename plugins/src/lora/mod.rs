@@ -71,7 +71,9 @@ pub struct LoraAdapter {
     bytes: usize,
 }
 
-fn slot(layer: usize, projection: Projection) -> Option<usize> {
+/// Where a projection sits in a per-layer table of the seven adaptable projections
+/// (`layer * 7 + index`); `None` for the LM head, which LoRA here never targets.
+pub(crate) fn slot(layer: usize, projection: Projection) -> Option<usize> {
     let p = match projection {
         Projection::Q => 0,
         Projection::K => 1,

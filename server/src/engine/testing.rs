@@ -3,9 +3,11 @@
 //!
 //! Not on the request path; public so that the engine's integration tests (and the HTTP
 //! layer's, should they want a real engine on a model that runs in microseconds) share it.
-//! The vocabulary is one token per printable ASCII character: id 0 `<|endoftext|>` (the end
-//! of sequence), id 1 the space (`Ġ`), ids 2..=95 the characters `!`..=`~` in order. No
-//! merges, so every string of those characters encodes to one id per character.
+//! The vocabulary (`models::tiny::tiny_tokenizer_metadata`) is one token per printable ASCII
+//! character: id 0 `<|endoftext|>` (the end of sequence), id 1 the space (`Ġ`), ids 2..=95
+//! the characters `!`..=`~` in order. No merges, so every string of those characters encodes
+//! to one id per character. `TinyModel::write_gguf_with_tokenizer` writes a model file that
+//! carries this vocabulary and the chat template, for tests that run the binary.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -15,7 +17,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use models::bundle::{LoadError, LoadedModel};
 use models::chat_template::ChatTemplate;
-use models::tiny::{tiny_config, TinyModel};
+use models::tiny::{tiny_config, tiny_tokenizer_metadata, TinyModel, TINY_CHAT_TEMPLATE};
 use models::tokenizer::TokenizerError;
 use models::{Architecture, Tokenizer};
 
@@ -24,10 +26,6 @@ pub const TINY_VOCAB: usize = 96;
 
 /// The end-of-sequence id of [`tiny_tokenizer`].
 pub const TINY_EOS: u32 = 0;
-
-/// A plain-text chat template, since the vocabulary has no role markers.
-const TINY_TEMPLATE: &str = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
-{% if add_generation_prompt %}assistant:{% endif %}";
 
 /// The id of a printable ASCII character or the space in [`tiny_tokenizer`].
 pub fn tiny_char_id(c: char) -> Option<u32> {
@@ -40,23 +38,7 @@ pub fn tiny_char_id(c: char) -> Option<u32> {
 
 /// The 96-token byte-level tokenizer described in the module docs.
 pub fn tiny_tokenizer() -> Result<Tokenizer, TokenizerError> {
-    let mut tokens = vec!["<|endoftext|>".to_string(), "Ġ".to_string()];
-    tokens.extend(('!'..='~').map(String::from));
-    let mut types = vec![Value::I32(3)];
-    types.resize(tokens.len(), Value::I32(1));
-    let entries = [
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::String("gpt2".into())),
-        (
-            "tokenizer.ggml.tokens",
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        ("tokenizer.ggml.token_type", Value::Array(types)),
-        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
-        ("tokenizer.ggml.eos_token_id", Value::U32(TINY_EOS)),
-        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
-    ];
-    Tokenizer::from_gguf(&metadata_only_gguf(&entries)?)
+    Tokenizer::from_gguf(&metadata_only_gguf(&tiny_tokenizer_metadata())?)
 }
 
 /// Writes a seeded tiny Llama as an f32 GGUF into `dir` and loads it back with the
@@ -66,7 +48,7 @@ pub fn tiny_loaded_model(dir: &Path, seed: u64) -> Result<LoadedModel, LoadError
     TinyModel::random(tiny_config(Architecture::Llama), seed)?.write_gguf(&path, GgmlDType::F32)?;
     let model = models::loader::load_model(&path, &Device::Cpu, usize::MAX)?;
     let tokenizer = tiny_tokenizer()?;
-    let chat_template = ChatTemplate::new(TINY_TEMPLATE, None, Some("<|endoftext|>".into()))?;
+    let chat_template = ChatTemplate::new(TINY_CHAT_TEMPLATE, None, Some("<|endoftext|>".into()))?;
     Ok(LoadedModel {
         path,
         model,
@@ -76,8 +58,8 @@ pub fn tiny_loaded_model(dir: &Path, seed: u64) -> Result<LoadedModel, LoadError
 }
 
 /// Round-trips tokenizer metadata through an in-memory GGUF, as the loader reads it.
-fn metadata_only_gguf(entries: &[(&str, Value)]) -> Result<Content, TokenizerError> {
-    let refs: Vec<(&str, &Value)> = entries.iter().map(|(k, v)| (*k, v)).collect();
+fn metadata_only_gguf(entries: &[(String, Value)]) -> Result<Content, TokenizerError> {
+    let refs: Vec<(&str, &Value)> = entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut buf = Cursor::new(Vec::new());
     let fixture = |e: candle_core::Error| TokenizerError::Parse {
         path: "<in-memory tiny vocabulary>".into(),

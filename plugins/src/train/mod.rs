@@ -1,0 +1,60 @@
+//! Offline training of plug-ins on the frozen base model; nothing here is on the request path.
+//!
+//! The serving decoder (`models::Llama`) runs quantized weights through custom kernels and
+//! writes an in-place KV cache, none of which has gradients. Training therefore runs its own
+//! forward pass, [`DenseLlama`]: the same model with every weight dequantized to a plain f32
+//! tensor and only candle operations that have a backward, pinned to the serving forward by
+//! tests (same logits within 1e-4, with and without an adapter). [`data`] turns a JSONL file
+//! of chat or prompt/completion examples into token sequences with their loss masks, and
+//! [`LoraTrainer`] trains a LoRA adapter on them and writes it in the PEFT format that
+//! [`crate::lora::LoraAdapter::load`] serves. The `server train lora` command drives it.
+
+pub mod data;
+pub mod dense;
+pub mod lora;
+
+use std::path::PathBuf;
+
+pub use data::{Batch, Dataset, Encoder, Example};
+pub use dense::{DenseLlama, LoraFactors, LoraPair};
+pub use lora::{
+    mean_completion_ce, parse_targets, EvalReport, LoraTrainConfig, LoraTrainer, StepReport,
+};
+
+/// Why training could not start or go on. Messages name the file, line or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("`{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` line {line}: {message}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error(
+        "unknown target module `{0}` (LoRA can target {known})",
+        known = crate::lora::SUPPORTED_MODULES.join(", ")
+    )]
+    UnknownTarget(String),
+    #[error("invalid training option: {0}")]
+    BadOption(String),
+    #[error("the model cannot be used for training: {0}")]
+    Model(#[from] models::ModelError),
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

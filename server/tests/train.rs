@@ -1,0 +1,170 @@
+//! `server train lora` as a user runs it: the real binary on a tiny model file that carries
+//! its own tokenizer and chat template. A run writes the two PEFT files the server loads, one
+//! log line per step and the evaluation line; bad invocations fail with a message, not a panic.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use models::tiny::{tiny_config, TinyModel};
+use models::Architecture;
+use plugins::lora::{LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use plugins::plugin::ContentHash;
+use plugins::BaseModel;
+use serde_json::{json, Value};
+
+/// A tiny Llama with the byte-level vocabulary and plain chat template in its metadata.
+fn tiny_model(dir: &Path) -> (PathBuf, TinyModel) {
+    let path = dir.join("tiny.gguf");
+    let tiny = TinyModel::random(tiny_config(Architecture::Llama), 31).unwrap();
+    tiny.write_gguf_with_tokenizer(&path, GgmlDType::F32)
+        .unwrap();
+    (path, tiny)
+}
+
+/// Twenty examples, chat and prompt/completion lines alternating: answer in capitals.
+fn dataset(dir: &Path) -> PathBuf {
+    let words = [
+        "apple", "river", "stone", "cloud", "bread", "lamp", "train", "music", "field", "glass",
+    ];
+    let mut lines = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let chat = json!({"messages": [
+            {"role": "user", "content": format!("shout {w}")},
+            {"role": "assistant", "content": w.to_uppercase()}]});
+        let plain = json!({"prompt": format!("{w} loudly:"), "completion": format!(" {}!", w.to_uppercase()), "n": i});
+        lines.extend([chat.to_string(), plain.to_string()]);
+    }
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["train", "lora"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn train_lora_writes_the_peft_files_a_log_line_per_step_and_the_eval_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tiny) = tiny_model(dir.path());
+    let data = dataset(dir.path());
+    let out = dir.path().join("adapter");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+        "--rank",
+        "4",
+        "--steps",
+        "12",
+        "--lr",
+        "1e-2",
+        "--max-len",
+        "64",
+        "--eval-every",
+        "6",
+    ];
+    let run = train(&args);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    assert!(out.join(CONFIG_FILE).is_file() && out.join(WEIGHTS_FILE).is_file());
+    let base = BaseModel {
+        id: "tiny".into(),
+        config: tiny.config.clone(),
+        device: Device::Cpu,
+    };
+    let adapter = LoraAdapter::load("trained", &out, &base, &mut ContentHash::default()).unwrap();
+    assert_eq!(adapter.adapted_modules(), 7 * tiny.config.num_layers);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], json!("tiny.gguf"));
+
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12, "{log}");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["step"], json!(i + 1));
+        for key in ["loss", "lr", "tokens", "seconds"] {
+            assert!(line[key].is_number(), "step {}: {key} in {line}", i + 1);
+        }
+    }
+    assert!(
+        lines[5]["eval_ce"].is_number() && lines[4].get("eval_ce").is_none(),
+        "{log}"
+    );
+
+    // 20 examples: every tenth is held out.
+    let eval = stdout
+        .lines()
+        .find(|l| l.starts_with("eval: base CE"))
+        .unwrap_or_else(|| panic!("no eval line in\n{stdout}\nstderr:\n{stderr}"));
+    assert!(
+        eval.contains("-> adapter CE") && eval.contains("on 2 held-out examples"),
+        "{eval}"
+    );
+}
+
+#[test]
+fn bad_invocations_fail_with_a_message_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model(dir.path());
+    let data = dataset(dir.path());
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("notes.txt"), "keep me").unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // Every failure comes before the output folder is created, so one new name serves all.
+    let new = s(&dir.path().join("new"));
+    let (model, data, empty, full) = (s(&model), s(&data), s(&empty), s(&full));
+    let missing = s(&dir.path().join("missing.jsonl"));
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["--data", &missing, "--out", &new],
+            "missing.jsonl does not exist",
+        ),
+        (vec!["--data", &empty, "--out", &new], "no usable examples"),
+        (
+            vec!["--data", &data, "--out", &new, "--targets", "q_proj,qkv"],
+            "unknown target module `qkv`",
+        ),
+        (vec!["--data", &data, "--out", &new, "--rank", "0"], "rank"),
+        (vec!["--data", &data, "--out", &full], "not empty"),
+    ];
+    for (args, needle) in cases {
+        let run = train(&[&["--model", model.as_str()][..], &args].concat());
+        let stderr = text(&run.stderr);
+        assert!(!run.status.success(), "{args:?} must fail");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("full/notes.txt")).unwrap(),
+        "keep me"
+    );
+    assert!(!dir.path().join("new").exists());
+}
