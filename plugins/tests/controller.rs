@@ -315,10 +315,10 @@ fn files_for_another_model_or_with_bad_layer_plans_are_refused() {
     other.base_model.hidden_size = 64;
     let err = load(&c, &t, &other).unwrap_err().to_string();
     assert!(err.contains("made for"), "{err}");
-    let mut early = controller_config(&c);
-    early.steered_layers = (1, 3);
-    let err = load(&c, &t, &early).unwrap_err().to_string();
-    assert!(err.contains("must follow the last input layer"), "{err}");
+    let mut deep = controller_config(&c);
+    deep.steered_layers = (1, 4);
+    let err = load(&c, &t, &deep).unwrap_err().to_string();
+    assert!(err.contains("must lie below layer 4"), "{err}");
     let mut wide = controller_config(&c);
     wide.input_layers = vec![0, 1, 2];
     wide.steered_layers = (3, 3);

@@ -23,6 +23,7 @@ use server::engine::Engine;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tokio::sync::{oneshot, watch};
 
+mod eval;
 mod train;
 
 /// Time past the drain deadline for the engine's last step and the final bytes to leave.
@@ -50,6 +51,11 @@ enum Command {
     Train {
         #[command(subcommand)]
         kind: train::TrainCommand,
+    },
+    /// Evaluate plug-ins through the real generation path
+    Eval {
+        #[command(subcommand)]
+        kind: eval::EvalCommand,
     },
 }
 
@@ -80,6 +86,10 @@ fn main() -> anyhow::Result<()> {
         Command::Train { kind } => {
             init_logging(LogFormat::Text);
             train::run(kind)
+        }
+        Command::Eval { kind } => {
+            init_logging(LogFormat::Text);
+            eval::run(kind)
         }
         Command::Serve(args) => {
             let sub = matches

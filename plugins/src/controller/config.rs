@@ -42,8 +42,9 @@ pub struct ControllerConfig {
     pub base_model: BaseIdentity,
     /// Layers whose output at the last prompt token the controller reads, ascending.
     pub input_layers: Vec<usize>,
-    /// Inclusive range of layers it steers; starts after the last input layer, so the
-    /// decision is made before the first steered layer runs on the last prompt token.
+    /// Inclusive range of layers it steers. The decision is made at the last input layer, so
+    /// on the last prompt token only the steered layers after it act; generated tokens get
+    /// every steered layer.
     pub steered_layers: (usize, usize),
     /// Width of the controller's hidden layer.
     pub hidden_units: usize,
@@ -75,8 +76,8 @@ impl ControllerConfig {
         match last_input {
             None => bad("input_layers is empty".into()),
             Some(_) if !sorted => bad("input_layers must be ascending without repeats".into()),
-            Some(l) if first <= l || first > last || last >= expected.num_layers => bad(format!(
-                "steered_layers [{first}, {last}] must follow the last input layer {l} and end before layer {}",
+            Some(l) if l >= expected.num_layers || first > last || last >= expected.num_layers => bad(format!(
+                "input layers up to {l} and steered_layers [{first}, {last}] must lie below layer {}",
                 expected.num_layers
             )),
             Some(_) if self.hidden_units == 0 || !self.alpha.is_finite() => {

@@ -10,9 +10,10 @@
 //! research notes recommend, each because the released code does not do what the paper says:
 //! `s = σ(logit)` gates the patch (the code scales by the raw logit, pushing benign prompts
 //! away from refusal); `w_l` are trained to a real signal (see `server train controller`), not
-//! left at 0.5 by a regulariser; the input layers precede the steered ones, so the decision is
-//! made in the same forward pass before the first steered layer runs on the last prompt token
-//! (with the code's last-four input layers only the final layer is ever patched); and each
+//! left at 0.5 by a regulariser; the decision is made in the prompt's own forward pass at the
+//! last input layer, so steered layers after it already act on the last prompt token and
+//! every steered layer acts on generated tokens (in the code, which reads the last four layers
+//! and resets its state there, only the final layer is ever patched); and each
 //! layer has its own refusal direction (mean difference of harmful and harmless activations at
 //! that layer) where the paper uses one.
 //!

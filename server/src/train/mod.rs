@@ -2,7 +2,10 @@
 //! binary only; the training itself lives in `plugins::train`, this module turns flags into
 //! a run, shows progress, writes the run's log and reports the result.
 
+mod controller;
 mod lora;
+pub mod prompts;
+mod steer;
 
 use clap::Subcommand;
 
@@ -12,10 +15,18 @@ pub enum TrainCommand {
     /// Train a LoRA adapter on the frozen base model; writes the PEFT files
     /// (adapter_config.json, adapter_model.safetensors) the server loads as a plug-in
     Lora(Box<lora::LoraArgs>),
+    /// Compute per-layer steering directions from two prompt sets; writes a llama.cpp
+    /// control-vector GGUF the server loads as a `steer` plug-in
+    Steer(Box<steer::SteerArgs>),
+    /// Train a steering controller (Guiding Giants) from harmful and harmless instructions;
+    /// writes config.json + model.safetensors the server loads as a `controller` plug-in
+    Controller(Box<controller::ControllerArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
     match command {
         TrainCommand::Lora(args) => lora::run(*args),
+        TrainCommand::Steer(args) => steer::run(*args),
+        TrainCommand::Controller(args) => controller::run(*args),
     }
 }

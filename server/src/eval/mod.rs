@@ -1,0 +1,19 @@
+//! `server eval ...`: evaluations of plug-ins through the real generation path.
+
+mod refusal;
+mod svg;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Refusal rate on harmful and harmless prompts for the base model, a steering vector at
+    /// several scales and a steering controller; with fluency of the harmless answers
+    Refusal(Box<refusal::RefusalArgs>),
+}
+
+pub fn run(command: EvalCommand) -> anyhow::Result<()> {
+    match command {
+        EvalCommand::Refusal(args) => refusal::run(*args),
+    }
+}
