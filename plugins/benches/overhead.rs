@@ -1,22 +1,28 @@
-//! What a LoRA adapter costs per decode step on the default model, against the base model in
-//! the same run: batches of 1 and 8 decoding rows (each after a 64-token prompt), with no
-//! adapter, every row on one adapter, and rows split between two adapters and none (the
-//! mixed batches the server builds). Medians of several runs, scenarios interleaved within each
-//! run so machine noise hits them alike.
+//! What plug-ins cost per decode step on the default model, against the base model in the same
+//! run: batches of 1 and 8 decoding rows (each after a 64-token prompt) with no plug-in, a LoRA
+//! adapter (r16 on all projections; r8 on q/v), rows split between two adapters and none (the
+//! mixed batches the server builds), a steering vector on layers 1-29, and a steering
+//! controller (reading 4 layers, steering 20; weights set so it always steers, its worst
+//! case). Medians of several runs, scenarios interleaved within each run so machine noise hits
+//! them alike.
 //!
-//! Run: `cargo bench -p plugins --bench lora` (GRAFT_BENCH_RUNS, default 5;
+//! Run: `cargo bench -p plugins --bench overhead` (GRAFT_BENCH_RUNS, default 5;
 //! GRAFT_DEFAULT_MODEL_GGUF for the model path). Prints one JSON object; docs/BENCHMARKS.md
 //! has the table.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use models::{BatchRow, Hook, HookCall, KvCache, Llama, LogitsWanted, Projection};
+use plugins::controller::{
+    BaseIdentity, ControllerConfig, ControllerTensors, SteeringController, TYPE,
+};
 use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
 use plugins::lora::{LoraAdapter, LoraParams};
 use plugins::plugin::ContentHash;
-use plugins::BaseModel;
+use plugins::steer::{ControlVector, SteeringVector};
+use plugins::{BaseModel, Plugin};
 
 const PROMPT: usize = 64;
 const STEPS: usize = 64;
@@ -74,6 +80,80 @@ fn call(a: &Arc<LoraAdapter>) -> HookCall {
     HookCall::new(hook, Arc::new(LoraParams { scale: 1.0 }))
 }
 
+/// A fresh call of `p` with default parameters (a controller keeps per-request state).
+fn fresh(p: &Arc<dyn Plugin>) -> HookCall {
+    let hook: Arc<dyn Hook> = p.clone();
+    HookCall::new(
+        hook,
+        p.request_params(&serde_json::Map::new()).expect("params"),
+    )
+}
+
+fn base(m: &Llama) -> BaseModel {
+    BaseModel {
+        id: "bench".into(),
+        config: m.config.clone(),
+        device: Device::Cpu,
+    }
+}
+
+fn unit_rows(rows: usize, cols: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut x = seed;
+    (0..rows)
+        .map(|_| {
+            let v: Vec<f32> = (0..cols)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            plugins::steer::unit(v)
+        })
+        .collect()
+}
+
+fn steering_vector(m: &Llama) -> Arc<dyn Plugin> {
+    let (layers, hidden) = (m.config.num_layers, m.config.hidden_size);
+    let rows = unit_rows(layers, hidden, 7);
+    let cv = ControlVector {
+        model_hint: None,
+        directions: (1..layers).map(|l| (l, rows[l].clone())).collect(),
+    };
+    Arc::new(SteeringVector::from_control_vector("steer", &cv, &base(m)).expect("vector"))
+}
+
+fn controller(m: &Llama, dir: &std::path::Path) -> Arc<dyn Plugin> {
+    let (layers, hidden, units) = (m.config.num_layers, m.config.hidden_size, 128);
+    let t = |rows: usize, cols: usize, seed| {
+        let v: Vec<f32> = unit_rows(rows, cols, seed).into_iter().flatten().collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
+    };
+    let config = ControllerConfig {
+        kind: TYPE.into(),
+        base_model: BaseIdentity::of(&base(m)),
+        input_layers: vec![6, 8, 10, 12],
+        steered_layers: (1, 20),
+        hidden_units: units,
+        alpha: 4.0,
+    };
+    let tensors = ControllerTensors {
+        fc1_weight: t(units, 4 * hidden, 1),
+        fc1_bias: Tensor::zeros(units, DType::F32, &Device::Cpu).expect("zeros"),
+        fc2_weight: t(1 + layers, units, 2),
+        // Strength and weights near 1: the controller always steers.
+        fc2_bias: (Tensor::ones(1 + layers, DType::F32, &Device::Cpu).expect("ones") * 10.0)
+            .expect("bias"),
+        directions: t(layers, hidden, 3),
+    };
+    tensors.save(dir, &config).expect("save");
+    Arc::new(
+        SteeringController::load("controller", dir, &base(m), &mut ContentHash::default())
+            .expect("controller"),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -97,6 +177,8 @@ fn main() {
         &[Projection::Q, Projection::V],
         2,
     );
+    let steer = steering_vector(&m);
+    let ctl = controller(&m, &dir.path().join("controller"));
     let rows =
         |n: usize, pick: &dyn Fn(usize) -> Vec<HookCall>| (0..n).map(pick).collect::<Vec<_>>();
     let scenarios: Vec<(String, Vec<Vec<HookCall>>)> = [1usize, 8]
@@ -114,6 +196,11 @@ fn main() {
                         _ => vec![],
                     }),
                 ),
+                (
+                    format!("c{n} steer (layers 1-29)"),
+                    rows(n, &|_| vec![fresh(&steer)]),
+                ),
+                (format!("c{n} controller"), rows(n, &|_| vec![fresh(&ctl)])),
             ]
         })
         .collect();
