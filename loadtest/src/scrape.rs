@@ -36,13 +36,17 @@ impl Scrape {
     }
 }
 
-/// The increase of every counter series present in both texts.
+/// The increase of every counter series of `after`. A series missing from `before` counts
+/// from zero: exporters create a labelled counter at its first increment.
 pub fn counter_deltas(before: &str, after: &str) -> BTreeMap<String, f64> {
     let (b, _) = parse(before);
     let (a, types) = parse(after);
     a.into_iter()
         .filter(|(series, _)| is_counter(series, &types))
-        .filter_map(|(series, v)| b.get(&series).map(|old| (series, v - old)))
+        .map(|(series, v)| {
+            let old = b.get(&series).copied().unwrap_or(0.0);
+            (series, v - old)
+        })
         .collect()
 }
 
@@ -141,7 +145,11 @@ om_tokens_total 100 1700000000
         let before = "# TYPE x counter\nx{a=\"b c\"} 1\n";
         let after = "# TYPE x counter\nx{a=\"b c\"} 4\nx{a=\"new\"} 2\n";
         let d = counter_deltas(before, after);
-        assert_eq!(d.len(), 1, "a series missing before has no delta: {d:?}");
         assert_eq!(d.get("x{a=\"b c\"}"), Some(&3.0));
+        assert_eq!(
+            d.get("x{a=\"new\"}"),
+            Some(&2.0),
+            "a new series counts from zero"
+        );
     }
 }
