@@ -14,7 +14,7 @@ use serde::Serialize;
 pub enum ErrorKind {
     /// A non-2xx status.
     Http(u16),
-    /// The connection could not be opened.
+    /// The connection could not be opened (refused, unreachable, or not within 10 s).
     Connect,
     /// The request took longer than `--timeout`.
     Timeout,

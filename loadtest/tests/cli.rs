@@ -28,45 +28,38 @@ async fn a_sweep_writes_summary_records_csv_metrics_and_an_html_report() {
     let server = support::start().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let out_s = out.to_str().unwrap();
-    let args = [
-        "--url",
-        &server.url,
-        "--sweep-concurrency",
-        "1,2",
-        "--requests",
-        "4",
-        "--output-tokens",
-        "5",
-        "--mix",
-        "base=1,slow=1",
-        "--chain",
-        r#"slow={"model":"slow-first"}"#,
-        "--slo",
-        "ttft=80ms",
-        "--scrape-metrics",
-        "--no-progress",
-        "--out",
-        out_s,
-    ];
-    let result = loadtest(&args).await;
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
+    let args = format!(
+        r#"--url {} --sweep-concurrency 1,2 --requests 4 --output-tokens 5 --slo ttft=80ms
+        --mix base=1,slow=1 --chain slow={{"model":"slow-first"}} --scrape-metrics --no-progress
+        --out {}"#,
+        server.url,
+        out.display()
     );
+    let result = loadtest(&args.split_whitespace().collect::<Vec<_>>()).await;
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("== concurrency 2: 4 sent, 4 completed") && stdout.contains("== sweep"),
+        stdout.contains("== concurrency 2: 4 sent, 4 completed"),
         "{stdout}"
     );
-
-    let summary: Value = serde_json::from_str(&read(&out, "summary.json")).unwrap();
-    assert_eq!(summary["model"], "scripted");
-    assert_eq!(
-        summary["config"]["load"]["levels"],
-        serde_json::json!([{"concurrency": 1}, {"concurrency": 2}])
+    assert!(stdout.contains("== sweep"), "{stdout}");
+    check_summary(&out);
+    check_records(&out);
+    let html = read(&out, "report.html");
+    assert!(
+        html.matches("<svg").count() >= 9,
+        "4 against load, 4 CDFs, 1 timeline"
     );
+    let external = ["<script", "src=", "href="];
+    assert!(!external.iter().any(|e| html.contains(e)), "self-contained");
+}
+
+fn check_summary(out: &Path) {
+    let summary: Value = serde_json::from_str(&read(out, "summary.json")).unwrap();
+    assert_eq!(summary["model"], "scripted", "found through /v1/models");
+    let levels_asked = serde_json::json!([{"concurrency": 1}, {"concurrency": 2}]);
+    assert_eq!(summary["config"]["load"]["levels"], levels_asked);
     let levels = summary["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
     for level in levels {
@@ -78,48 +71,36 @@ async fn a_sweep_writes_summary_records_csv_metrics_and_an_html_report() {
         assert!(level["ttft_ms"]["p50"].as_f64().unwrap() >= 40.0);
         assert!(level["itl_ms"]["p99"].as_f64().is_some());
         // Two of the four requests are base (TTFT 40 ms < 80 ms): goodput is half the rate.
-        let (goodput, rate) = (
-            level["goodput"].as_f64().unwrap(),
-            level["request_rate"].as_f64().unwrap(),
-        );
+        let goodput = level["goodput"].as_f64().unwrap();
+        let rate = level["request_rate"].as_f64().unwrap();
         assert!((goodput * 2.0 - rate).abs() < 1e-9, "{goodput} vs {rate}");
         assert!(level["chains"][1]["overhead"]["ttft"].as_f64().unwrap() > 2.0);
-        assert_eq!(level["metrics"]["deltas"]["scripted_requests_total"], 4.0);
-        assert!(
-            level["metrics"]["deltas"]
-                .get("scripted_in_flight")
-                .is_none(),
-            "a gauge"
-        );
+        let deltas = &level["metrics"]["deltas"];
+        assert_eq!(deltas["scripted_requests_total"], 4.0);
+        assert!(deltas.get("scripted_in_flight").is_none(), "a gauge");
         assert!(!level["timeline"].as_array().unwrap().is_empty());
     }
-    assert!(read(&out, "metrics/level-1-after.txt").contains("scripted_requests_total 8"));
+    assert!(read(out, "metrics/level-1-after.txt").contains("scripted_requests_total 8"));
+}
 
-    let jsonl = read(&out, "requests.jsonl");
+fn check_records(out: &Path) {
+    let jsonl = read(out, "requests.jsonl");
     let rows: Vec<Value> = jsonl
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 8);
-    assert!(rows
-        .iter()
-        .all(|r| r["itl_ms"].as_array().unwrap().len() == 4 && r["outcome"] == "ok"));
+    for r in &rows {
+        assert_eq!(
+            (r["itl_ms"].as_array().unwrap().len(), &r["outcome"]),
+            (4, &Value::from("ok"))
+        );
+    }
     assert_eq!(rows[0]["token_source"], "usage");
-    let csv = read(&out, "requests.csv");
+    let csv = read(out, "requests.csv");
     assert_eq!(csv.lines().count(), 9);
-    assert!(csv.starts_with(
-        "level,level_label,load,index,chain,outcome,error,start_ms,ttft_ms,tpot_ms,e2e_ms"
-    ));
-
-    let html = read(&out, "report.html");
-    assert!(
-        html.matches("<svg").count() >= 9,
-        "4 vs load, 4 CDFs, 1 timeline"
-    );
-    assert!(
-        !html.contains("<script") && !html.contains("src=") && !html.contains("href="),
-        "self-contained"
-    );
+    let header = "level,level_label,load,index,chain,outcome,error,start_ms,ttft_ms,tpot_ms,e2e_ms";
+    assert!(csv.starts_with(header), "{csv}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,17 +24,16 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How late (or, for gaps, early) a timing may be against the script, in ms.
 const TOL: f64 = 8.0;
 
-async fn run(server: &Scripted, args: &[&str]) -> RunReport {
-    let mut argv = vec![
-        "loadtest",
-        "--url",
-        &server.url,
-        "--no-progress",
-        "--output-tokens",
-        "5",
-    ];
-    argv.extend_from_slice(args);
-    let config = Args::try_parse_from(argv).unwrap().into_config().unwrap();
+/// Runs the flags `args` (split at whitespace) against `server`, 5 output tokens each.
+async fn run(server: &Scripted, args: &str) -> RunReport {
+    let common = format!(
+        "loadtest --url {} --no-progress --output-tokens 5 {args}",
+        server.url
+    );
+    let config = Args::try_parse_from(common.split_whitespace())
+        .unwrap()
+        .into_config()
+        .unwrap();
     loadtest::run(&config, |_| {}).await.unwrap()
 }
 
@@ -54,18 +53,7 @@ fn stats(report: &RunReport) -> &LevelStats {
 async fn streamed_chat_timings_counts_and_rates_equal_the_script() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let report = run(
-        &server,
-        &[
-            "--model",
-            "scripted",
-            "--concurrency",
-            "2",
-            "--requests",
-            "8",
-        ],
-    )
-    .await;
+    let report = run(&server, "--model scripted --concurrency 2 --requests 8").await;
     let s = stats(&report);
     assert_eq!((s.sent, s.completed, s.errors, s.incomplete), (8, 8, 0, 0));
     // The script: first token at 40 ms, then 4 more 20 ms apart, so E2E 120 ms, TPOT 20 ms.
@@ -97,16 +85,8 @@ async fn streamed_chat_timings_counts_and_rates_equal_the_script() {
 async fn whole_completions_measure_e2e_as_ttft_and_have_no_tpot() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "scripted",
-        "--endpoint",
-        "completions",
-        "--no-stream",
-        "--requests",
-        "3",
-    ];
-    let report = run(&server, &args).await;
+    let args = "--model scripted --endpoint completions --no-stream --requests 3";
+    let report = run(&server, args).await;
     let s = stats(&report);
     assert_eq!(s.completed, 3);
     within(pct(&s.ttft_ms, 50.0), 120.0, 120.0 + TOL, "ttft");
@@ -121,14 +101,7 @@ async fn streams_without_usage_count_tokens_from_chunks() {
     let server = support::start().await;
     let report = run(
         &server,
-        &[
-            "--model",
-            "no-usage",
-            "--endpoint",
-            "completions",
-            "--requests",
-            "2",
-        ],
+        "--model no-usage --endpoint completions --requests 2",
     )
     .await;
     let s = stats(&report);
@@ -146,17 +119,8 @@ async fn streams_without_usage_count_tokens_from_chunks() {
 async fn closed_loop_holds_its_concurrency_and_ramps_up_linearly() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "scripted",
-        "--concurrency",
-        "4",
-        "--requests",
-        "16",
-        "--ramp-up",
-        "80ms",
-    ];
-    let report = run(&server, &args).await;
+    let args = "--model scripted --concurrency 4 --requests 16 --ramp-up 80ms";
+    let report = run(&server, args).await;
     assert_eq!(stats(&report).completed, 16);
     assert_eq!(server.max_in_flight(), 4, "never more, and reached");
     // Worker k starts at 80 ms * k / 4, before anyone's first request ends (120 ms).
@@ -174,33 +138,13 @@ async fn closed_loop_holds_its_concurrency_and_ramps_up_linearly() {
 async fn open_loop_offers_the_requested_rate() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "instant",
-        "--no-stream",
-        "--rate",
-        "200",
-        "--arrivals",
-        "constant",
-        "--requests",
-        "150",
-    ];
-    let s = stats(&run(&server, &args).await).clone();
+    let args = "--model instant --no-stream --rate 200 --arrivals constant --requests 150";
+    let s = stats(&run(&server, args).await).clone();
     assert_eq!(s.completed, 150);
     within(s.offered_rate.unwrap(), 196.0, 204.0, "constant rate");
 
-    let args = [
-        "--model",
-        "instant",
-        "--no-stream",
-        "--rate",
-        "200",
-        "--requests",
-        "300",
-        "--seed",
-        "5",
-    ];
-    let s = stats(&run(&server, &args).await).clone();
+    let args = "--model instant --no-stream --rate 200 --requests 300 --seed 5";
+    let s = stats(&run(&server, args).await).clone();
     // The seeded schedule's own rate, which the sends must follow...
     let last = Schedule::new(200.0, Arrivals::Poisson, None, 5)
         .nth(299)
@@ -220,23 +164,9 @@ async fn open_loop_offers_the_requested_rate() {
 async fn errors_are_counted_by_kind() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "scripted",
-        "--requests",
-        "8",
-        "--concurrency",
-        "2",
-        "--mix",
-        "base=1,e429=1,e500=1,broken=1",
-        "--chain",
-        r#"e429={"model":"e429"}"#,
-        "--chain",
-        r#"e500={"model":"e500"}"#,
-        "--chain",
-        r#"broken={"model":"broken"}"#,
-    ];
-    let report = run(&server, &args).await;
+    let args = r#"--model scripted --requests 8 --concurrency 2 --mix base=1,e429=1,e500=1,broken=1
+        --chain e429={"model":"e429"} --chain e500={"model":"e500"} --chain broken={"model":"broken"}"#;
+    let report = run(&server, args).await;
     let s = stats(&report);
     assert_eq!((s.completed, s.errors, s.incomplete), (2, 6, 0));
     let kinds: Vec<(&str, u64)> = s
@@ -260,33 +190,18 @@ async fn connect_failures_and_timeouts_are_their_own_kinds() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let argv = [
-        "loadtest",
-        "--url",
-        &url,
-        "--model",
-        "m",
-        "--requests",
-        "2",
-        "--no-progress",
-    ];
-    let config = Args::try_parse_from(argv).unwrap().into_config().unwrap();
+    let argv = format!("loadtest --url {url} --model m --requests 2 --no-progress");
+    let config = Args::try_parse_from(argv.split_whitespace())
+        .unwrap()
+        .into_config()
+        .unwrap();
     let report = loadtest::run(&config, |_| {}).await.unwrap();
     assert_eq!(stats(&report).errors_by_kind.get("connect"), Some(&2));
 
     let server = support::start().await;
     let report = run(
         &server,
-        &[
-            "--model",
-            "hang",
-            "--requests",
-            "2",
-            "--concurrency",
-            "2",
-            "--timeout",
-            "150ms",
-        ],
+        "--model hang --requests 2 --concurrency 2 --timeout 150ms",
     )
     .await;
     let s = stats(&report);
@@ -306,17 +221,8 @@ async fn connect_failures_and_timeouts_are_their_own_kinds() {
 async fn requests_still_running_get_the_drain_timeout_then_are_incomplete() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "hang",
-        "--requests",
-        "2",
-        "--concurrency",
-        "2",
-        "--drain-timeout",
-        "200ms",
-    ];
-    let report = run(&server, &args).await;
+    let args = "--model hang --requests 2 --concurrency 2 --drain-timeout 200ms";
+    let report = run(&server, args).await;
     let s = stats(&report);
     assert_eq!((s.sent, s.completed, s.errors, s.incomplete), (2, 0, 0, 2));
     within(
@@ -341,18 +247,7 @@ async fn requests_still_running_get_the_drain_timeout_then_are_incomplete() {
 async fn a_duration_bound_ends_the_loop_by_itself() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let report = run(
-        &server,
-        &[
-            "--model",
-            "scripted",
-            "--concurrency",
-            "2",
-            "--duration",
-            "300ms",
-        ],
-    )
-    .await;
+    let report = run(&server, "--model scripted --concurrency 2 --duration 300ms").await;
     let s = stats(&report);
     // Two workers, 120 ms per request: starts at 0, 120, 240 ms each, none after 300 ms.
     assert_eq!((s.sent, s.completed), (6, 6));
@@ -372,21 +267,9 @@ async fn a_duration_bound_ends_the_loop_by_itself() {
 async fn goodput_and_chain_overheads_equal_the_script() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "scripted",
-        "--requests",
-        "8",
-        "--concurrency",
-        "2",
-        "--mix",
-        "base=1,slow=1",
-        "--chain",
-        r#"slow={"model":"slow-first"}"#,
-        "--slo",
-        "ttft=80ms,tpot=30ms",
-    ];
-    let report = run(&server, &args).await;
+    let args = r#"--model scripted --requests 8 --concurrency 2 --slo ttft=80ms,tpot=30ms
+        --mix base=1,slow=1 --chain slow={"model":"slow-first"}"#;
+    let report = run(&server, args).await;
     let s = stats(&report);
     assert_eq!(s.completed, 8);
     // Only the 4 base requests (TTFT 40 ms) meet the TTFT SLO; the slow ones take 120 ms.
@@ -406,7 +289,7 @@ async fn goodput_and_chain_overheads_equal_the_script() {
 async fn warmup_is_sent_first_and_left_out() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let report = run(&server, &["--warmup", "3", "--requests", "4"]).await;
+    let report = run(&server, "--warmup 3 --requests 4").await;
     assert_eq!(report.model, "scripted", "found through /v1/models");
     let s = stats(&report);
     assert_eq!((server.requests(), s.sent, s.warmup_requests), (7, 4, 3));
@@ -418,19 +301,9 @@ async fn warmup_is_sent_first_and_left_out() {
 async fn every_level_of_a_sweep_sends_the_same_requests() {
     let _serial = SERIAL.lock().await;
     let server = support::start().await;
-    let args = [
-        "--model",
-        "scripted",
-        "--sweep-concurrency",
-        "1,3",
-        "--requests",
-        "6",
-        "--mix",
-        "base=1,slow=2",
-        "--chain",
-        r#"slow={"model":"slow-first"}"#,
-    ];
-    let report = run(&server, &args).await;
+    let args = r#"--model scripted --sweep-concurrency 1,3 --requests 6
+        --mix base=1,slow=2 --chain slow={"model":"slow-first"}"#;
+    let report = run(&server, args).await;
     let plan = |i: usize| {
         let mut v: Vec<(u64, String)> = report.levels[i]
             .records

@@ -27,6 +27,8 @@ use crate::workload::PreparedRequest;
 
 /// How long a finished stream may take to close, off the clock, so its connection is reused.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Longest wait for a connection (under `--timeout` when that is shorter).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -51,7 +53,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
-            .connect_timeout(target.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(target.timeout.min(CONNECT_TIMEOUT))
             .build()
             .map_err(ClientError::Build)?;
         Ok(Client {
@@ -68,14 +70,13 @@ impl Client {
     /// before the response ends, the request is dropped and recorded as incomplete.
     pub async fn send(
         &self,
-        req: PreparedRequest,
+        mut req: PreparedRequest,
         origin: Instant,
         mut cancel: watch::Receiver<bool>,
         live: &Live,
     ) -> RequestRecord {
-        let builder = self
-            .authorized(self.http.post(&self.route))
-            .body(req.body.clone());
+        let body = std::mem::take(&mut req.body);
+        let builder = self.authorized(self.http.post(&self.route)).body(body);
         let builder = builder.header("content-type", "application/json");
         let t0 = Instant::now();
         let mut probe = Probe::default();

@@ -126,21 +126,33 @@ fn chains(out: &mut String, chains: &[ChainStats]) {
     }
 }
 
-/// One line per level, for sweeps.
+/// `want` if it was asked for, else the asked percentile nearest to it.
+fn pick(percentiles: &[f64], want: f64) -> f64 {
+    percentiles
+        .iter()
+        .copied()
+        .min_by(|a, b| (a - want).abs().total_cmp(&(b - want).abs()))
+        .unwrap_or(want)
+}
+
+/// One line per level, for sweeps: the median-most and the tail-most of the asked percentiles.
 pub fn sweep(report: &RunReport) -> String {
+    let ps = &report.config.report.percentiles;
+    let (mid, tail) = (pick(ps, 50.0), pick(ps, 99.0));
+    let (m, t) = (percentile_key(mid), percentile_key(tail));
     let mut out = String::from("== sweep\n");
     let _ = writeln!(
         out,
-        "  {:<18} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "  {:<18} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "level",
         "req/s",
         "out tok/s",
         "goodput",
-        "ttft p50",
-        "ttft p99",
-        "tpot p50",
-        "itl p99",
-        "e2e p50",
+        format!("ttft {m}"),
+        format!("ttft {t}"),
+        format!("tpot {m}"),
+        format!("itl {t}"),
+        format!("e2e {m}"),
         "errors"
     );
     for l in &report.levels {
@@ -148,18 +160,30 @@ pub fn sweep(report: &RunReport) -> String {
         let p = |d: &Option<Distribution>, q: f64| d.as_ref().and_then(|d| d.percentile(q));
         let _ = writeln!(
             out,
-            "  {:<18} {:>7.2} {:>9.1} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "  {:<18} {:>7.2} {:>9.1} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             s.label,
             s.request_rate,
             s.output_token_rate,
             num(s.goodput, 2),
-            num(p(&s.ttft_ms, 50.0), 2),
-            num(p(&s.ttft_ms, 99.0), 2),
-            num(p(&s.tpot_ms, 50.0), 2),
-            num(p(&s.itl_ms, 99.0), 2),
-            num(p(&s.e2e_ms, 50.0), 2),
+            num(p(&s.ttft_ms, mid), 2),
+            num(p(&s.ttft_ms, tail), 2),
+            num(p(&s.tpot_ms, mid), 2),
+            num(p(&s.itl_ms, tail), 2),
+            num(p(&s.e2e_ms, mid), 2),
             s.errors
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_columns_use_the_nearest_asked_percentiles() {
+        assert_eq!(pick(&[50.0, 90.0, 99.0], 99.0), 99.0);
+        assert_eq!(pick(&[25.0, 75.0, 99.9], 50.0), 25.0);
+        assert_eq!(pick(&[25.0, 75.0, 99.9], 99.0), 99.9);
+    }
 }

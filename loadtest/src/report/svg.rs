@@ -109,43 +109,53 @@ pub fn line_chart(c: &Chart) -> String {
     let sy = |y: f64| H - BOTTOM - (y - y0) / (y1 - y0) * (H - TOP - BOTTOM);
     axes(&mut s, c, &xt, &yt, &sx, &sy);
     for (i, series) in c.series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> = series
-            .points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        let _ = write!(
-            s,
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{}"><title>{}</title></polyline>"#,
-            pts.join(" "),
-            esc(&series.name)
-        );
-        if c.markers && series.points.len() <= 30 {
-            for &(x, y) in &series.points {
-                let _ = write!(
-                    s,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"><title>{}: {}, {}</title></circle>"#,
-                    sx(x),
-                    sy(y),
-                    esc(&series.name),
-                    label(x),
-                    label(y)
-                );
-            }
-        }
-        let ly = TOP + 14.0 * i as f64;
-        let _ = write!(
-            s,
-            r#"<rect x="{}" y="{ly}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}">{}</text>"#,
-            W - RIGHT + 10.0,
-            W - RIGHT + 24.0,
-            ly + 9.0,
-            esc(&series.name)
-        );
+        draw_series(&mut s, series, i, c.markers, &sx, &sy);
     }
     s.push_str("</svg>");
     s
+}
+
+/// The `i`-th series: its line, its dots, its legend entry.
+fn draw_series(
+    s: &mut String,
+    series: &Series,
+    i: usize,
+    markers: bool,
+    sx: &dyn Fn(f64) -> f64,
+    sy: &dyn Fn(f64) -> f64,
+) {
+    let colour = COLOURS[i % COLOURS.len()];
+    let name = esc(&series.name);
+    let pts: Vec<String> = series
+        .points
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+        .collect();
+    let _ = write!(
+        s,
+        r#"<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{}"><title>{name}</title></polyline>"#,
+        pts.join(" "),
+    );
+    if markers && series.points.len() <= 30 {
+        for &(x, y) in &series.points {
+            let _ = write!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"><title>{name}: {}, {}</title></circle>"#,
+                sx(x),
+                sy(y),
+                label(x),
+                label(y)
+            );
+        }
+    }
+    let ly = TOP + 14.0 * i as f64;
+    let _ = write!(
+        s,
+        r#"<rect x="{}" y="{ly}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}">{name}</text>"#,
+        W - RIGHT + 10.0,
+        W - RIGHT + 24.0,
+        ly + 9.0,
+    );
 }
 
 fn axes(
