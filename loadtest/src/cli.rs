@@ -55,10 +55,10 @@ pub struct Args {
     #[arg(long, group = "load")]
     pub rate: Option<f64>,
     /// Closed-loop sweep, one level per concurrency, e.g. 1,4,8,16.
-    #[arg(long, group = "load", value_parser = parse::count_list)]
+    #[arg(long, group = "load", value_name = "N,...", value_parser = parse::count_list)]
     pub sweep_concurrency: Option<std::vec::Vec<usize>>,
     /// Open-loop sweep, one level per rate (requests/s), e.g. 0.5,1,2.
-    #[arg(long, group = "load", value_parser = parse::number_list)]
+    #[arg(long, group = "load", value_name = "R,...", value_parser = parse::number_list)]
     pub sweep_rate: Option<std::vec::Vec<f64>>,
     /// Arrival process of the open loop (seeded).
     #[arg(long, value_enum, default_value = "poisson")]
@@ -102,20 +102,20 @@ pub struct Args {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Shares of chains, e.g. base=50,sql=30,steer=20 (`base`: no fragment).
-    #[arg(long, value_parser = parse::mix)]
+    #[arg(long, value_name = "NAME=WEIGHT,...", value_parser = parse::mix)]
     pub mix: Option<std::vec::Vec<MixEntry>>,
     /// A chain: NAME=JSON merged into the request body (repeatable).
-    #[arg(long = "chain", value_parser = parse::chain)]
+    #[arg(long = "chain", value_name = "NAME=JSON", value_parser = parse::chain)]
     pub chains: Vec<ChainSpec>,
     /// JSON merged into every request body, e.g. '{"temperature":0}'.
-    #[arg(long, value_parser = parse::json_object)]
+    #[arg(long, value_name = "JSON", value_parser = parse::json_object)]
     pub extra_body: Option<Value>,
 
     /// Percentiles to report.
     #[arg(long, value_parser = parse::percentiles, default_value = "50,90,95,99")]
     pub percentiles: std::vec::Vec<f64>,
     /// SLOs for goodput, e.g. ttft=500ms,tpot=50ms,e2e=10s.
-    #[arg(long, value_parser = parse::slo)]
+    #[arg(long, value_name = "KEY=DURATION,...", value_parser = parse::slo)]
     pub slo: Option<Slo>,
     /// Write summary.json, requests.jsonl, requests.csv and report.html here.
     #[arg(long)]
