@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use axum::serve::ListenerExt;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use models::bundle::{LoadOptions, LoadedModel};
 use plugins::{BaseModel, PluginKind, Registry, RegistryConfig, Source};
@@ -174,6 +175,13 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
     tokio::spawn(load_in_background(config, life.clone(), fatal_tx));
     let stop = wait_for_stop(fatal_rx, life.clone(), stopping_tx);
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // back until the client's delayed ACK, adding milliseconds to every inter-token gap.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(stop);
     run_until_drained(server.into_future(), stopping_rx, life.drain).await?;
     finish(&life).await
