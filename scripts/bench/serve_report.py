@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Medians over repetitions of the loadtest summaries under OUT/rep-N/<server>/summary.json, as a
+markdown table per concurrency: output tokens/s, goodput, TTFT/ITL/TPOT/E2E percentiles, with the
+ratio graft / llama.cpp (for latencies, lower is better; for rates, higher). Standard library only.
+
+usage: scripts/bench/serve_report.py OUT
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def load(out):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out, "rep-*", "*", "summary.json"))):
+        server = os.path.basename(os.path.dirname(path))
+        with open(path) as f:
+            for level in json.load(f)["levels"]:
+                runs.setdefault((server, level["label"]), []).append(level)
+    return runs
+
+
+FIELDS = [
+    ("out tok/s", lambda l: l["output_token_rate"], "{:.1f}"),
+    ("req/s", lambda l: l["request_rate"], "{:.2f}"),
+    ("goodput", lambda l: l["goodput"] or 0.0, "{:.2f}"),
+    ("TTFT p50 ms", lambda l: l["ttft_ms"]["p50"], "{:.0f}"),
+    ("TTFT p99 ms", lambda l: l["ttft_ms"]["p99"], "{:.0f}"),
+    ("ITL p50 ms", lambda l: l["itl_ms"]["p50"], "{:.1f}"),
+    ("ITL p99 ms", lambda l: l["itl_ms"]["p99"], "{:.1f}"),
+    ("TPOT p50 ms", lambda l: l["tpot_ms"]["p50"], "{:.1f}"),
+    ("E2E p50 ms", lambda l: l["e2e_ms"]["p50"], "{:.0f}"),
+]
+
+
+def main():
+    out = sys.argv[1]
+    runs = load(out)
+    labels = sorted({label for _, label in runs}, key=lambda s: int(s.split()[-1]))
+    print("| concurrency | metric | graft | llama.cpp | graft / llama.cpp |")
+    print("|---|---|---|---|---|")
+    for label in labels:
+        g, l = runs.get(("graft", label), []), runs.get(("llama.cpp", label), [])
+        if not g or not l:
+            continue
+        for name, get, fmt in FIELDS:
+            mg, ml = statistics.median(map(get, g)), statistics.median(map(get, l))
+            ratio = f"{mg / ml:.2f}x" if ml else "-"
+            print(f"| {label.split()[-1]} | {name} | {fmt.format(mg)} | {fmt.format(ml)} | {ratio} |")
+    reps = max((len(v) for v in runs.values()), default=0)
+    print(f"\nmedians of {reps} repetitions; SLO for goodput: TTFT <= 1 s and TPOT <= 100 ms")
+
+
+if __name__ == "__main__":
+    main()
