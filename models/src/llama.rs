@@ -16,7 +16,7 @@ use crate::error::{ModelError, Result};
 use crate::hook_plan::{plan, PlannedGroup};
 use crate::hooks::{HookPoints, Projection};
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{ActivationQuantization, Linear};
 use crate::loader::{LayerWeight, WeightName, WeightSource};
 use crate::rope::Rope;
 
@@ -119,6 +119,18 @@ impl Llama {
     /// The longest sequence (prompt and generated tokens) this instance can hold.
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
+    }
+
+    /// Chooses how every projection's activations are quantized for the 8-bit CPU kernels
+    /// ([`ActivationQuantization`]); the default is two passes.
+    pub fn set_activation_quantization(&mut self, mode: ActivationQuantization) {
+        for layer in &mut self.layers {
+            let (a, m) = (&mut layer.attn, &mut layer.mlp);
+            for linear in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
+                linear.set_activation_quantization(mode);
+            }
+        }
+        self.lm_head.set_activation_quantization(mode);
     }
 
     /// A fresh, empty cache for a new sequence.

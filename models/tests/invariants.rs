@@ -270,3 +270,36 @@ fn misshapen_tensor_is_a_typed_error_naming_it() {
     let err = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect_err("must fail");
     assert!(err.to_string().contains("blk.0.attn_k.weight"), "{err}");
 }
+
+/// The single-pass mode is what llama.cpp computes: farther from float math than two passes,
+/// but still batch-invariant (each row's result depends on that row alone).
+#[test]
+fn single_pass_activations_are_less_accurate_but_still_batch_invariant() {
+    let mut cfg = tiny_config(Architecture::Llama);
+    (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (256, 512, 64);
+    let tiny = TinyModel::random(cfg, 4).expect("tiny");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q41.gguf");
+    tiny.write_gguf(&path, GgmlDType::Q4_1).expect("write");
+    let reference = rounded(&tiny, GgmlDType::Q4_1).build(MAX_POS).expect("build");
+    let two = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect("load");
+    let mut one = two.clone();
+    one.set_activation_quantization(models::linear::ActivationQuantization::Single);
+    let toks = tokens(12, 9);
+    let want = run_chunks(&reference, &toks, &[12], &[]);
+    let (err_two, err_one) = (
+        max_diff(&run_chunks(&two, &toks, &[12], &[]), &want),
+        max_diff(&run_chunks(&one, &toks, &[12], &[]), &want),
+    );
+    assert!(err_one > 4.0 * err_two, "single {err_one} vs two-pass {err_two}");
+    // Alone vs beside another row: bit for bit.
+    let alone = run_chunks(&one, &toks, &[12], &[]);
+    let (mut c1, mut c2) = (one.new_cache(), one.new_cache());
+    let other = tokens(5, 3);
+    let mut rows = [
+        BatchRow { seq_id: 1, tokens: &other, cache: &mut c1, hooks: &[], logits: LogitsWanted::All },
+        BatchRow { seq_id: 2, tokens: &toks, cache: &mut c2, hooks: &[], logits: LogitsWanted::All },
+    ];
+    let together = one.forward(&mut rows).expect("forward").remove(1).expect("logits");
+    assert_eq!(max_diff(&together, &alone), 0.0);
+}

@@ -39,16 +39,19 @@ def main():
     out = sys.argv[1]
     runs = load(out)
     labels = sorted({label for _, label in runs}, key=lambda s: int(s.split()[-1]))
-    print("| concurrency | metric | graft | llama.cpp | graft / llama.cpp |")
-    print("|---|---|---|---|---|")
+    ours = sorted({s for s, _ in runs if s != "llama.cpp"})
+    print("| concurrency | metric | " + " | ".join(ours) + " | llama.cpp | " + " | ".join(f"{s} / llama.cpp" for s in ours) + " |")
+    print("|---" * (2 + 2 * len(ours) + 1) + "|")
     for label in labels:
-        g, l = runs.get(("graft", label), []), runs.get(("llama.cpp", label), [])
-        if not g or not l:
+        ref = runs.get(("llama.cpp", label), [])
+        if not ref:
             continue
         for name, get, fmt in FIELDS:
-            mg, ml = statistics.median(map(get, g)), statistics.median(map(get, l))
-            ratio = f"{mg / ml:.2f}x" if ml else "-"
-            print(f"| {label.split()[-1]} | {name} | {fmt.format(mg)} | {fmt.format(ml)} | {ratio} |")
+            ml = statistics.median(map(get, ref))
+            mine = [statistics.median(map(get, runs[(s, label)])) if (s, label) in runs else None for s in ours]
+            cells = [fmt.format(m) if m is not None else "-" for m in mine]
+            ratios = [f"{m / ml:.2f}x" if m is not None and ml else "-" for m in mine]
+            print(f"| {label.split()[-1]} | {name} | " + " | ".join(cells) + f" | {fmt.format(ml)} | " + " | ".join(ratios) + " |")
     reps = max((len(v) for v in runs.values()), default=0)
     print(f"\nmedians of {reps} repetitions; SLO for goodput: TTFT <= 1 s and TPOT <= 100 ms")
 

@@ -3,11 +3,15 @@
 # cores, driven by our `loadtest` (streaming chat, closed loop, sweep over concurrency). For each
 # repetition each server in turn (never both at once: llama.cpp's threads spin-wait) is started
 # alone, waited for on /health, swept, and stopped; the order alternates between repetitions.
+# Servers: `graft` (default settings: two-pass activation quantization), `graft-single`
+# (`--activations single`, llama.cpp's numerics) and `llama.cpp`, whose prompt cache is turned
+# off per request (`cache_prompt: false`): every level of a sweep sends the same prompts, and
+# graft has no prefix cache, so with it on llama.cpp would skip most prefills.
 # Writes under target/bench/serve/: rep-N/<server>/{summary.json,requests.jsonl,report.html},
 # logs/, run.txt and table.md (medians over repetitions, ratios graft/llama.cpp).
 #
 # usage: scripts/bench/serve_vs_llamacpp.sh [REPS]   (default 3)
-# env:   DURATION (measured seconds per level, 30s), WARMUP (requests, 8), CONCURRENCY (1,4,8,16),
+# env:   SERVERS ("graft graft-single llama.cpp"), DURATION (measured seconds per level, 30s), WARMUP (requests, 8), CONCURRENCY (1,4,8,16),
 #        THREADS (2), INPUT (64 +- 16 tokens), OUTPUT (128 +- 32 tokens, ignore_eos, temperature 0.7),
 #        LLAMACPP_BIN (dir with llama-server), MODEL (GGUF), OUT, GRAFT_PORT, LLAMA_PORT
 # Needs llama.cpp from ../shared/tools/install-llamacpp.sh; builds the release binaries if missing.
@@ -25,6 +29,7 @@ GRAFT=$ROOT/target/release/server
 LOADTEST=$ROOT/target/release/loadtest
 OUT=${OUT:-$ROOT/target/bench/serve}
 MAXC=$(echo "$CONCURRENCY" | tr ',' '\n' | sort -n | tail -n 1)
+SERVERS=${SERVERS:-graft graft-single llama.cpp}
 
 [ -x "$GRAFT" ] && [ -x "$LOADTEST" ] || (cd "$ROOT" && cargo build --release -p server -p loadtest)
 [ -x "$BIN/llama-server" ] || { echo "no llama-server in $BIN: run ../shared/tools/install-llamacpp.sh" >&2; exit 1; }
@@ -62,13 +67,16 @@ wait_health() {  # port
 }
 
 run_one() {  # server rep
-  local server=$1 rep=$2 port
-  if [ "$server" = graft ]; then
+  local server=$1 rep=$2 port extra='{"temperature": 0.7}'
+  if [ "$server" = graft ] || [ "$server" = graft-single ]; then
     port=$GRAFT_PORT
+    local activations=two-pass
+    [ "$server" = graft-single ] && activations=single
     RAYON_NUM_THREADS=$THREADS "$GRAFT" serve --model "$MODEL" --host 127.0.0.1 --port "$port" \
-      --max-running "$MAXC" --drain-seconds 5 > "$OUT/logs/graft-$rep.log" 2>&1 &
+      --max-running "$MAXC" --drain-seconds 5 --activations $activations > "$OUT/logs/$server-$rep.log" 2>&1 &
   else
     port=$LLAMA_PORT
+    extra='{"temperature": 0.7, "cache_prompt": false}'
     "$BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" \
       -c $((MAXC * 512)) -np "$MAXC" -cb > "$OUT/logs/llamacpp-$rep.log" 2>&1 &
   fi
@@ -78,13 +86,14 @@ run_one() {  # server rep
   "$LOADTEST" --url "http://127.0.0.1:$port" --endpoint chat --sweep-concurrency "$CONCURRENCY" \
     --duration "$DURATION" --warmup "$WARMUP" --input-tokens 64 --input-std 16 \
     --output-tokens 128 --output-std 32 --ignore-eos --seed "$rep" \
-    --extra-body '{"temperature": 0.7}' --slo ttft=1s,tpot=100ms --no-progress \
+    --extra-body "$extra" --slo ttft=1s,tpot=100ms --no-progress \
     --out "$OUT/rep-$rep/$server" > "$OUT/logs/loadtest-$server-$rep.txt"
   stop_server
 }
 
 for rep in $(seq "$REPS"); do
-  if [ $((rep % 2)) = 1 ]; then order="graft llama.cpp"; else order="llama.cpp graft"; fi
+  order=$SERVERS
+  [ $((rep % 2)) = 1 ] || order=$(echo "$SERVERS" | tr ' ' '\n' | tac | tr '\n' ' ')
   for server in $order; do run_one "$server" "$rep"; done
 done
 python3 "$ROOT/scripts/bench/serve_report.py" "$OUT" | tee "$OUT/table.md"

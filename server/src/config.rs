@@ -43,6 +43,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the CPU's 8-bit kernels quantize activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activations {
+    /// Values and their rounding error: float accuracy (~0.002 nats), chunking-invariant.
+    #[default]
+    TwoPass,
+    /// One 8-bit pass as llama.cpp: faster prefill and large batches, up to ~0.4 nats off.
+    Single,
+}
+
+impl Activations {
+    pub fn mode(self) -> models::linear::ActivationQuantization {
+        match self {
+            Self::TwoPass => models::linear::ActivationQuantization::TwoPass,
+            Self::Single => models::linear::ActivationQuantization::Single,
+        }
+    }
+}
+
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +139,10 @@ pub struct ServeConfig {
     /// Where the model runs
     #[arg(long, env = "GRAFT_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// Activation quantization of the CPU's 8-bit kernels: two-pass (accurate) or single
+    /// (llama.cpp's numerics, faster where compute-bound)
+    #[arg(long, env = "GRAFT_ACTIVATIONS", value_enum, default_value_t = Activations::TwoPass)]
+    pub activations: Activations,
     /// Folder plug-in paths must lie under (config entries and POST /v1/plugins); unset: no
     /// plug-ins can be loaded
     #[arg(long, env = "GRAFT_PLUGIN_DIR")]
@@ -181,6 +205,7 @@ impl Default for ServeConfig {
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
             device: DeviceKind::Cpu,
+            activations: Activations::TwoPass,
             plugin_dir: None,
             plugin_memory_mib: PLUGIN_MEMORY_MIB,
             plugin: Vec::new(),

@@ -260,6 +260,8 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );
+    let mut loaded = loaded;
+    loaded.model.set_activation_quantization(config.activations.mode());
     let registry = Arc::new(build_registry(&loaded, &device, config)?);
     build_engine(loaded, registry, config)
 }
