@@ -126,7 +126,15 @@ impl Llama {
     pub fn set_activation_quantization(&mut self, mode: ActivationQuantization) {
         for layer in &mut self.layers {
             let (a, m) = (&mut layer.attn, &mut layer.mlp);
-            for linear in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
+            for linear in [
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut m.gate,
+                &mut m.up,
+                &mut m.down,
+            ] {
                 linear.set_activation_quantization(mode);
             }
         }

@@ -281,7 +281,9 @@ fn single_pass_activations_are_less_accurate_but_still_batch_invariant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("q41.gguf");
     tiny.write_gguf(&path, GgmlDType::Q4_1).expect("write");
-    let reference = rounded(&tiny, GgmlDType::Q4_1).build(MAX_POS).expect("build");
+    let reference = rounded(&tiny, GgmlDType::Q4_1)
+        .build(MAX_POS)
+        .expect("build");
     let two = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect("load");
     let mut one = two.clone();
     one.set_activation_quantization(models::linear::ActivationQuantization::Single);
@@ -291,15 +293,34 @@ fn single_pass_activations_are_less_accurate_but_still_batch_invariant() {
         max_diff(&run_chunks(&two, &toks, &[12], &[]), &want),
         max_diff(&run_chunks(&one, &toks, &[12], &[]), &want),
     );
-    assert!(err_one > 4.0 * err_two, "single {err_one} vs two-pass {err_two}");
+    assert!(
+        err_one > 4.0 * err_two,
+        "single {err_one} vs two-pass {err_two}"
+    );
     // Alone vs beside another row: bit for bit.
     let alone = run_chunks(&one, &toks, &[12], &[]);
     let (mut c1, mut c2) = (one.new_cache(), one.new_cache());
     let other = tokens(5, 3);
     let mut rows = [
-        BatchRow { seq_id: 1, tokens: &other, cache: &mut c1, hooks: &[], logits: LogitsWanted::All },
-        BatchRow { seq_id: 2, tokens: &toks, cache: &mut c2, hooks: &[], logits: LogitsWanted::All },
+        BatchRow {
+            seq_id: 1,
+            tokens: &other,
+            cache: &mut c1,
+            hooks: &[],
+            logits: LogitsWanted::All,
+        },
+        BatchRow {
+            seq_id: 2,
+            tokens: &toks,
+            cache: &mut c2,
+            hooks: &[],
+            logits: LogitsWanted::All,
+        },
     ];
-    let together = one.forward(&mut rows).expect("forward").remove(1).expect("logits");
+    let together = one
+        .forward(&mut rows)
+        .expect("forward")
+        .remove(1)
+        .expect("logits");
     assert_eq!(max_diff(&together, &alone), 0.0);
 }

@@ -3,7 +3,8 @@
 //! adapter (r16 on all projections; r8 on q/v), rows split between two adapters and none (the
 //! mixed batches the server builds), a steering vector on layers 1-29, and a steering
 //! controller (reading 4 layers, steering 20; weights set so it always steers, its worst
-//! case). Medians of several runs, scenarios interleaved within each run so machine noise hits
+//! case); and, at 8 rows, one adapter for all rows against eight distinct adapters, one per row
+//! (r8 and r64 on q/v, r8 on all projections). Medians of several runs, scenarios interleaved within each run so machine noise hits
 //! them alike.
 //!
 //! Run: `cargo bench -p plugins --bench overhead` (GRAFT_BENCH_RUNS, default 5;
@@ -26,6 +27,7 @@ use plugins::{BaseModel, Plugin};
 
 const PROMPT: usize = 64;
 const STEPS: usize = 64;
+const QV: [Projection; 2] = [Projection::Q, Projection::V];
 
 /// Decode tokens/s of `chains.len()` rows stepping together for `STEPS` steps.
 fn decode(m: &Llama, chains: &[Vec<HookCall>]) -> f64 {
@@ -170,40 +172,60 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     // r = 16 on all seven projections (4.9 M parameters) and r = 8 on q/v: the two common shapes.
     let all = adapter(&m, &dir.path().join("all"), 16, &ALL_PROJECTIONS, 1);
-    let qv = adapter(
-        &m,
-        &dir.path().join("qv"),
-        8,
-        &[Projection::Q, Projection::V],
-        2,
+    let qv = adapter(&m, &dir.path().join("qv"), 8, &QV, 2);
+    // Eight distinct adapters per shape: one per row of a batch of 8 (the multi-tenant case).
+    let distinct = |r: usize, targets: &[Projection], tag: &str| -> Vec<Arc<LoraAdapter>> {
+        (0..8)
+            .map(|i| {
+                adapter(
+                    &m,
+                    &dir.path().join(format!("{tag}-{i}")),
+                    r,
+                    targets,
+                    10 + i,
+                )
+            })
+            .collect()
+    };
+    let (qv8, qv64, all8) = (
+        distinct(8, &QV, "qv8"),
+        distinct(64, &QV, "qv64"),
+        distinct(8, &ALL_PROJECTIONS, "all8"),
     );
     let steer = steering_vector(&m);
     let ctl = controller(&m, &dir.path().join("controller"));
     let rows =
         |n: usize, pick: &dyn Fn(usize) -> Vec<HookCall>| (0..n).map(pick).collect::<Vec<_>>();
-    let scenarios: Vec<(String, Vec<Vec<HookCall>>)> = [1usize, 8]
-        .into_iter()
-        .flat_map(|n| {
-            vec![
-                (format!("c{n} base"), rows(n, &|_| vec![])),
-                (format!("c{n} lora r16 all"), rows(n, &|_| vec![call(&all)])),
-                (format!("c{n} lora r8 qv"), rows(n, &|_| vec![call(&qv)])),
-                (
-                    format!("c{n} mixed (r16 all / r8 qv / none)"),
-                    rows(n, &|i| match i % 3 {
-                        0 => vec![call(&all)],
-                        1 => vec![call(&qv)],
-                        _ => vec![],
-                    }),
-                ),
-                (
-                    format!("c{n} steer (layers 1-29)"),
-                    rows(n, &|_| vec![fresh(&steer)]),
-                ),
-                (format!("c{n} controller"), rows(n, &|_| vec![fresh(&ctl)])),
-            ]
-        })
-        .collect();
+    let mut scenarios: Vec<(String, Vec<Vec<HookCall>>)> = Vec::new();
+    for n in [1usize, 8] {
+        scenarios.extend([
+            (format!("c{n} base"), rows(n, &|_| vec![])),
+            (format!("c{n} lora r16 all"), rows(n, &|_| vec![call(&all)])),
+            (format!("c{n} lora r8 qv"), rows(n, &|_| vec![call(&qv)])),
+            (
+                format!("c{n} mixed (r16 all / r8 qv / none)"),
+                rows(n, &|i| match i % 3 {
+                    0 => vec![call(&all)],
+                    1 => vec![call(&qv)],
+                    _ => vec![],
+                }),
+            ),
+            (
+                format!("c{n} steer (layers 1-29)"),
+                rows(n, &|_| vec![fresh(&steer)]),
+            ),
+            (format!("c{n} controller"), rows(n, &|_| vec![fresh(&ctl)])),
+        ]);
+    }
+    for (label, set) in [("r8 qv", &qv8), ("r64 qv", &qv64), ("r8 all", &all8)] {
+        scenarios.extend([
+            (format!("c8 one {label}"), rows(8, &|_| vec![call(&set[0])])),
+            (
+                format!("c8 8 distinct {label}"),
+                rows(8, &|i| vec![call(&set[i])]),
+            ),
+        ]);
+    }
     decode(&m, &scenarios[0].1); // warm-up
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
     for _ in 0..runs {

@@ -53,6 +53,7 @@ fn check_padded_rows(
     dense: &DenseLlama,
     lora: Option<&LoraFactors>,
     hooks: &[HookCall],
+    tolerance: f32,
 ) {
     let mut padded = [0u32; LONG.len()];
     padded[..SHORT.len()].copy_from_slice(&SHORT);
@@ -62,7 +63,7 @@ fn check_padded_rows(
         let want = serving_logits(serving, row, hooks);
         let got = logits.get(r).unwrap().narrow(0, 0, row.len()).unwrap();
         let err = max_diff(&got, &want);
-        assert!(err < 1e-4, "row {r}: dense vs serving differ by {err}");
+        assert!(err < tolerance, "row {r}: dense vs serving differ by {err}");
     }
 }
 
@@ -81,7 +82,7 @@ fn the_dense_forward_equals_the_serving_forward_on_padded_rows() {
         .unwrap();
     for serving in [from_gguf, qwen] {
         let dense = DenseLlama::from_llama(&serving, MAX_POS, &Device::Cpu).unwrap();
-        check_padded_rows(&serving, &dense, None, &[]);
+        check_padded_rows(&serving, &dense, None, &[], 1e-4);
     }
 }
 
@@ -143,7 +144,7 @@ fn the_dense_forward_with_lora_factors_equals_the_serving_lora_hook() {
             &serving_logits(&serving, &LONG, &[]),
         );
         assert!(moved > 0.1, "the adapter must change the output ({moved})");
-        check_padded_rows(&serving, &dense, Some(&factors), &hook(&lora));
+        check_padded_rows(&serving, &dense, Some(&factors), &hook(&lora), 1e-4);
     }
 }
 
@@ -226,7 +227,16 @@ fn a_saved_adapter_loads_and_serves_the_logits_it_was_trained_to() {
         &serving_logits(&serving, &LONG, &[]),
     );
     assert!(moved > 1e-2, "training must move the output ({moved})");
-    check_padded_rows(&serving, &dense, Some(trainer.factors()), &hook(&lora));
+    // Trained factors are f32; the CPU serving path stores them in bf16 (8 significant bits),
+    // which moves these logits by ~1e-3. A misplaced factor moves them by far more.
+    let tolerance = 5e-3;
+    check_padded_rows(
+        &serving,
+        &dense,
+        Some(trainer.factors()),
+        &hook(&lora),
+        tolerance,
+    );
 
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();

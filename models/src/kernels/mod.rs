@@ -11,6 +11,7 @@
 //!   quantized to Q8_1 on the fly, with AVX512-VNNI, AVX2 and portable scalar paths picked at
 //!   runtime.
 //! - [`q8_0`]: the same for Q8_0 weights (the default model's tied lm_head).
+//! - [`low_rank`]: `B (A x)` from bf16 factors, for LoRA deltas at decode.
 //!
 //! Both share the activation quantiser (`acts`) and the threaded tile loop (`driver`).
 
@@ -23,6 +24,7 @@
 mod acts;
 pub(crate) mod attention;
 mod driver;
+pub mod low_rank;
 pub mod q4_1;
 pub mod q8_0;
 pub(crate) mod residual;
@@ -31,5 +33,6 @@ mod rows;
 mod testutil;
 
 pub use driver::SimdPath;
+pub use low_rank::LowRankBf16;
 pub use q4_1::Q4_1Matmul;
 pub use q8_0::Q8_0Matmul;

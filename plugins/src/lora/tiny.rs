@@ -59,7 +59,11 @@ impl TinyAdapter {
                     let v: Vec<f32> = (0..rows * cols)
                         .map(|_| spread * (rng.random::<f32>() * 2.0 - 1.0))
                         .collect();
-                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+                    // bf16-exact values, as in PEFT's bf16 files: the CPU path stores factors
+                    // in bf16, so it then equals the merged float weights up to summation order.
+                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
+                        .to_dtype(candle_core::DType::BF16)?
+                        .to_dtype(candle_core::DType::F32)
                 };
                 tensors.insert(
                     format!("base_model.model.{path}.lora_A.weight"),
