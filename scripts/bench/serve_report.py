@@ -52,6 +52,15 @@ def main():
             cells = [fmt.format(m) if m is not None else "-" for m in mine]
             ratios = [f"{m / ml:.2f}x" if m is not None and ml else "-" for m in mine]
             print(f"| {label.split()[-1]} | {name} | " + " | ".join(cells) + f" | {fmt.format(ml)} | " + " | ".join(ratios) + " |")
+    rss = {}
+    for path in glob.glob(os.path.join(out, "rep-*", "*", "peak_rss_kib")):
+        with open(path) as f:
+            text = f.read().strip()
+        if text:
+            rss.setdefault(os.path.basename(os.path.dirname(path)), []).append(int(text) / 1024)
+    if rss:
+        cells = ", ".join(f"{s} {statistics.median(v):.0f} MiB" for s, v in sorted(rss.items()))
+        print(f"\npeak RSS over the sweep (its largest level last): {cells}")
     reps = max((len(v) for v in runs.values()), default=0)
     print(f"\nmedians of {reps} repetitions; SLO for goodput: TTFT <= 1 s and TPOT <= 100 ms")
 

@@ -7,7 +7,7 @@
 # (`--activations single`, llama.cpp's numerics) and `llama.cpp`, whose prompt cache is turned
 # off per request (`cache_prompt: false`): every level of a sweep sends the same prompts, and
 # graft has no prefix cache, so with it on llama.cpp would skip most prefills.
-# Writes under target/bench/serve/: rep-N/<server>/{summary.json,requests.jsonl,report.html},
+# Writes under target/bench/serve/: rep-N/<server>/{summary.json,requests.jsonl,report.html,peak_rss_kib},
 # logs/, run.txt and table.md (medians over repetitions, ratios graft/llama.cpp).
 #
 # usage: scripts/bench/serve_vs_llamacpp.sh [REPS]   (default 3)
@@ -88,6 +88,8 @@ run_one() {  # server rep
     --output-tokens 128 --output-std 32 --ignore-eos --seed "$rep" \
     --extra-body "$extra" --slo ttft=1s,tpot=100ms --no-progress \
     --out "$OUT/rep-$rep/$server" > "$OUT/logs/loadtest-$server-$rep.txt"
+  # Peak resident memory of the whole sweep, whose last and largest level is MAXC.
+  awk '/VmHWM/ {print $2}' "/proc/$SERVER_PID/status" > "$OUT/rep-$rep/$server/peak_rss_kib"
   stop_server
 }
 

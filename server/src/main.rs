@@ -261,7 +261,9 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
         "model loaded"
     );
     let mut loaded = loaded;
-    loaded.model.set_activation_quantization(config.activations.mode());
+    loaded
+        .model
+        .set_activation_quantization(config.activations.mode());
     let registry = Arc::new(build_registry(&loaded, &device, config)?);
     build_engine(loaded, registry, config)
 }
