@@ -318,6 +318,18 @@ fn chat_lines_render_the_template_and_targets_end_with_the_end_of_turn_token() {
     let line = json!({"prompt": "2+2=", "completion": "4", "id": 7});
     let (prompt, target) = enc.encode(&line.to_string()).unwrap();
     assert_eq!((prompt, target), (tk("2+2="), [tk("4"), vec![0]].concat()));
+
+    // Text: every token after the first is a target, nothing appended, long texts keep their start.
+    let words = tk("one two three four");
+    let (prompt, target) = enc
+        .encode(&json!({"text": "one two three four"}).to_string())
+        .unwrap();
+    assert_eq!((prompt, target), (words[..1].to_vec(), words[1..].to_vec()));
+    let short = Encoder::new(&m.tokenizer, None, 3).unwrap();
+    let (prompt, target) = short
+        .encode(&json!({"text": "one two three four"}).to_string())
+        .unwrap();
+    assert_eq!([prompt, target].concat(), words[..3]);
 }
 
 #[test]
@@ -328,7 +340,11 @@ fn bad_lines_are_errors_naming_their_line_number() {
     let good = json!({"prompt": "a", "completion": "b"}).to_string();
     for (bad, needle) in [
         ("{not json".to_string(), "not JSON"),
-        (json!({"text": "x"}).to_string(), "expected"),
+        (json!({"txt": "x y"}).to_string(), "expected"),
+        (
+            json!({"text": "x y", "prompt": "x"}).to_string(),
+            "one form",
+        ),
         (
             json!({"prompt": "x"}).to_string(),
             "`completion` is missing",

@@ -1,4 +1,4 @@
-//! Training data: a JSONL file, one example per line, in one of two forms.
+//! Training data: a JSONL file, one example per line, in one of three forms.
 //!
 //! - `{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content":
 //!   "..."}]}`: OpenAI chat messages. The last message must be the assistant's; it is the
@@ -10,6 +10,9 @@
 //! - `{"prompt": "...", "completion": "..."}`: plain text without the chat template; the prompt
 //!   is tokenized as `/v1/completions` tokenizes it, the target is the completion followed by
 //!   the end-of-turn token.
+//! - `{"text": "..."}`: plain text for language modelling: every token after the first is a
+//!   target, nothing is appended (a document may go on in the next line), and a text longer
+//!   than `max_len` tokens keeps its beginning.
 //!
 //! Target text is tokenized on its own, without parsing special tokens (it is literal text).
 //! Other keys on a line are ignored. The loss covers target tokens only (prompt and padding
@@ -118,13 +121,19 @@ impl<'a> Encoder<'a> {
     pub fn encode(&self, line: &str) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
         let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let map = value.as_object().ok_or("not a JSON object")?;
+        if map.contains_key("text") {
+            if map.contains_key("messages") || map.contains_key("prompt") {
+                return Err("has `text` and another form's key; use one form".into());
+            }
+            return self.plain(&text(map, "text")?);
+        }
         let (prompt, target) = match (map.get("messages"), map.contains_key("prompt")) {
             (Some(messages), false) => self.chat(messages)?,
             (None, true) => (text(map, "prompt")?, text(map, "completion")?),
             (Some(_), true) => return Err("has both `messages` and `prompt`; use one form".into()),
             (None, false) => {
                 return Err(
-                    "expected {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}"
+                    "expected {\"messages\": [...]}, {\"prompt\": ..., \"completion\": ...} or {\"text\": ...}"
                         .into(),
                 )
             }
@@ -139,6 +148,21 @@ impl<'a> Encoder<'a> {
         let mut target = tk.encode(&target, false).map_err(|e| e.to_string())?;
         target.push(self.end_of_turn);
         Ok((prompt, target))
+    }
+
+    /// A `text` line: the first token (BOS when the model adds one) as the prompt, the rest,
+    /// cut to `max_len` tokens in all, as the target.
+    fn plain(&self, text: &str) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+        let mut tokens = self
+            .tokenizer
+            .encode_with_bos(text, true)
+            .map_err(|e| e.to_string())?;
+        if tokens.len() < 2 {
+            return Err("`text` needs at least two tokens: one to predict from, one target".into());
+        }
+        tokens.truncate(self.max_len);
+        let target = tokens.split_off(1);
+        Ok((tokens, target))
     }
 
     /// The rendered prompt and the assistant's reply of a `messages` line.

@@ -35,7 +35,7 @@ pub struct LoraArgs {
     /// fetched on first use]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Training examples, JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}
+    /// Training examples, JSONL: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}
     /// per line
     #[arg(long)]
     data: PathBuf,
