@@ -223,3 +223,35 @@ fn applying_qk_lora_b_in_the_gguf_row_order_would_fail_this_reference() {
         "a permuted q/k delta stays within {wrong_err} nats"
     );
 }
+
+/// Reference for the adapter `server train lora` made from data/ahoy (f32 factors), computed by
+/// Python `peft` after loading those very files (scripts/reference/trained_lora_reference.py).
+const TRAINED_FIXTURE: &str = include_str!("fixtures/ahoy_reference.json");
+const TRAINED_ADAPTER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/ahoy/adapter");
+
+/// Our trainer's output is a PEFT adapter that peft itself loads, and graft serves what peft
+/// computes from it; the base model alone is far off those numbers, so the check has teeth.
+#[test]
+fn a_trained_adapter_loads_in_peft_and_serves_what_peft_computes() {
+    let Some(m) = model() else { return };
+    let a = adapter(&m, Path::new(TRAINED_ADAPTER));
+    let f: Value = serde_json::from_str(TRAINED_FIXTURE).unwrap();
+    let worst = |hooks: &[HookCall]| {
+        let mut worst = 0f32;
+        for p in f["prompts"].as_array().unwrap() {
+            let lp = testing::log_probs(&m, &ids(&p["prompt_ids"]), hooks).unwrap();
+            let last = lp.last().unwrap();
+            for (id, want) in pairs(&p["top10"]) {
+                worst = worst.max((last[id as usize] - want).abs());
+            }
+        }
+        worst
+    };
+    let served = worst(&chain(&a, 1.0));
+    assert!(served <= TOP10_NATS, "served vs peft: {served} nats");
+    let base = worst(&[]);
+    eprintln!(
+        "trained adapter, worst top-10 difference: {served} nats as served, {base} without it"
+    );
+    assert!(base > 10.0 * TOP10_NATS, "base vs peft: only {base} nats");
+}
