@@ -121,6 +121,15 @@ impl HookGroup<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// One value per row, repeated for each of that row's entries: a per-entry column.
+    pub fn per_entry(&self, per_row: impl IntoIterator<Item = f32>) -> Vec<f32> {
+        per_row
+            .into_iter()
+            .zip(&self.lengths)
+            .flat_map(|(v, &n)| std::iter::repeat_n(v, n))
+            .collect()
+    }
 }
 
 /// A plug-in's presence inside the forward pass. All methods but `name` and `points` default

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use candle_core::D;
+use candle_core::{Tensor, D};
 
 use crate::error::Result;
-use crate::{BatchRow, HookCall, Llama, LogitsWanted};
+use crate::{BatchRow, HookCall, KvCache, Llama, LogitsWanted};
 
 /// The default model's GGUF for tests: `GRAFT_DEFAULT_MODEL_GGUF` when set, else the
 /// library's own cached copy, fetched on first use ([`crate::default_model::path`]).
@@ -26,19 +26,31 @@ pub fn default_model_for_tests() -> Option<PathBuf> {
     }
 }
 
-/// Log-softmax of every position's logits, `tokens` fed as one prefill row with `hooks`:
-/// one `vocab`-long vector per token.
-pub fn log_probs(m: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Result<Vec<Vec<f32>>> {
-    let mut cache = m.new_cache();
+/// One forward step of a single row: `tokens` extend `cache`, with `hooks`. Returns the
+/// logits `wanted`: `(tokens, vocab)` for every position, `(1, vocab)` for the last.
+pub fn step(
+    m: &Llama,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    hooks: &[HookCall],
+    wanted: LogitsWanted,
+) -> Result<Tensor> {
     let mut rows = [BatchRow {
         seq_id: 0,
         tokens,
-        cache: &mut cache,
+        cache,
         hooks,
-        logits: LogitsWanted::All,
+        logits: wanted,
     }];
-    let logits = m.forward(&mut rows)?.remove(0);
-    let logits = logits.ok_or_else(|| crate::ModelError::Batch("no logits returned".into()))?;
+    m.forward(&mut rows)?
+        .remove(0)
+        .ok_or_else(|| crate::ModelError::Batch("no logits returned".into()))
+}
+
+/// Log-softmax of every position's logits, `tokens` fed as one prefill row with `hooks`:
+/// one `vocab`-long vector per token.
+pub fn log_probs(m: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Result<Vec<Vec<f32>>> {
+    let logits = step(m, &mut m.new_cache(), tokens, hooks, LogitsWanted::All)?;
     Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2()?)
 }
 
@@ -56,15 +68,7 @@ pub fn greedy(m: &Llama, prompt: &[u32], n: usize, hooks: &[HookCall]) -> Result
     let mut out = Vec::with_capacity(n);
     let mut next: Vec<u32> = prompt.to_vec();
     for _ in 0..n {
-        let mut rows = [BatchRow {
-            seq_id: 0,
-            tokens: &next,
-            cache: &mut cache,
-            hooks,
-            logits: LogitsWanted::Last,
-        }];
-        let logits = m.forward(&mut rows)?.remove(0);
-        let logits = logits.ok_or_else(|| crate::ModelError::Batch("no logits returned".into()))?;
+        let logits = step(m, &mut cache, &next, hooks, LogitsWanted::Last)?;
         let id = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
         out.push(id);
         next = vec![id];

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::base::BaseModel;
 use crate::controller::SteeringController;
-use crate::error::Result;
+use crate::error::{PluginError, Result};
 use crate::kind::PluginKind;
 use crate::lora::LoraAdapter;
 use crate::steer::SteeringVector;
@@ -73,6 +73,14 @@ impl ContentHash {
         // Length-prefixed, so file boundaries count: (ab, c) and (a, bc) hash differently.
         self.0.update((bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
+    }
+
+    /// Reads a plug-in file and adds it to the hash; an unreadable file is a `BadFile` error
+    /// naming it.
+    pub fn read(&mut self, path: &Path) -> Result<Vec<u8>> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::bad_file(path, e))?;
+        self.update(&bytes);
+        Ok(bytes)
     }
 
     pub fn finish(self) -> String {

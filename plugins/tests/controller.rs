@@ -138,14 +138,8 @@ fn run(model: &Llama, prompt: &[u32], steps: &[u32], hooks: &[HookCall]) -> Vec<
     let mut cache: KvCache = model.new_cache();
     let mut out = Vec::new();
     for feed in std::iter::once(prompt.to_vec()).chain(steps.iter().map(|&t| vec![t])) {
-        let mut rows = [BatchRow {
-            seq_id: 0,
-            tokens: &feed,
-            cache: &mut cache,
-            hooks,
-            logits: LogitsWanted::Last,
-        }];
-        let l = model.forward(&mut rows).unwrap().remove(0).unwrap();
+        let last = LogitsWanted::Last;
+        let l = models::testing::step(model, &mut cache, &feed, hooks, last).unwrap();
         out.push(l.flatten_all().unwrap().to_vec1().unwrap());
     }
     out

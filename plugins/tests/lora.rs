@@ -39,15 +39,14 @@ fn call(adapter: &Arc<LoraAdapter>, scale: f32) -> HookCall {
 
 /// Logits at every position of `tokens` fed as one prefill row with `hooks`.
 fn logits(model: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Tensor {
-    let mut cache = model.new_cache();
-    let mut rows = [BatchRow {
-        seq_id: 0,
+    models::testing::step(
+        model,
+        &mut model.new_cache(),
         tokens,
-        cache: &mut cache,
         hooks,
-        logits: LogitsWanted::All,
-    }];
-    model.forward(&mut rows).unwrap().remove(0).unwrap()
+        LogitsWanted::All,
+    )
+    .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -59,21 +59,9 @@ fn call(v: &Arc<SteeringVector>, params: serde_json::Value) -> HookCall {
 }
 
 fn last_logits(model: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Tensor {
-    let mut cache = model.new_cache();
-    let mut rows = [BatchRow {
-        seq_id: 0,
-        tokens,
-        cache: &mut cache,
-        hooks,
-        logits: LogitsWanted::Last,
-    }];
-    model
-        .forward(&mut rows)
-        .unwrap()
-        .remove(0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
+    let last = LogitsWanted::Last;
+    let logits = models::testing::step(model, &mut model.new_cache(), tokens, hooks, last);
+    logits.unwrap().flatten_all().unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -12,7 +12,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use models::bundle::{LoadOptions, LoadedModel};
 use models::tiny::{tiny_config, TinyModel};
-use models::{Architecture, BatchRow, Hook, HookCall, Llama, LogitsWanted, Projection};
+use models::{Architecture, Hook, HookCall, Llama, LogitsWanted, Projection};
 use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
 use plugins::lora::{LoraAdapter, LoraParams, TensorName, CONFIG_FILE, WEIGHTS_FILE};
 use plugins::plugin::ContentHash;
@@ -27,15 +27,14 @@ const MAX_POS: usize = 64;
 
 /// Logits at every position of `tokens` fed to the serving decoder as one prefill row.
 fn serving_logits(model: &Llama, tokens: &[u32], hooks: &[HookCall]) -> Tensor {
-    let mut cache = model.new_cache();
-    let mut rows = [BatchRow {
-        seq_id: 0,
+    models::testing::step(
+        model,
+        &mut model.new_cache(),
         tokens,
-        cache: &mut cache,
         hooks,
-        logits: LogitsWanted::All,
-    }];
-    model.forward(&mut rows).unwrap().remove(0).unwrap()
+        LogitsWanted::All,
+    )
+    .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -12,6 +12,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_report import FIELDS  # noqa: E402
+
 
 def levels(out, name):
     found = []
@@ -30,14 +33,8 @@ def fmt(v, spec):
     return "-" if v is None else spec.format(v)
 
 
-AGGREGATE = [
-    ("output tok/s", lambda l: l["output_token_rate"], "{:.1f}"),
-    ("TTFT p50 ms", lambda l: l["ttft_ms"]["p50"], "{:.0f}"),
-    ("TTFT p99 ms", lambda l: l["ttft_ms"]["p99"], "{:.0f}"),
-    ("ITL p50 ms", lambda l: l["itl_ms"]["p50"], "{:.1f}"),
-    ("ITL p99 ms", lambda l: l["itl_ms"]["p99"], "{:.1f}"),
-    ("TPOT p50 ms", lambda l: l["tpot_ms"]["p50"], "{:.1f}"),
-]
+# The serving report's metrics, so both benchmarks read the loadtest summaries the same way.
+AGGREGATE = [f for f in FIELDS if f[0] in {"out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms"}]
 
 
 def main():

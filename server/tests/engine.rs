@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use models::bundle::{LoadOptions, LoadedModel};
 use models::chat_template::ChatMessage;
 use models::sampling::{Sampler, SamplingParams};
-use models::{BatchRow, Llama, LogitsWanted};
+use models::{Llama, LogitsWanted};
 use server::engine::testing::{tiny_char_id, tiny_loaded_model, TINY_EOS};
 use server::engine::{
     Engine, EngineConfig, Event, EventReceiver, FinishReason, GenerateRequest, RealEngine,
@@ -113,14 +113,8 @@ fn greedy_alone(model: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut feed = prompt.to_vec();
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut rows = [BatchRow {
-            seq_id: 0,
-            tokens: &feed,
-            cache: &mut cache,
-            hooks: &[],
-            logits: LogitsWanted::Last,
-        }];
-        let logits = model.forward(&mut rows).unwrap().remove(0).unwrap();
+        let logits =
+            models::testing::step(model, &mut cache, &feed, &[], LogitsWanted::Last).unwrap();
         let id = sampler
             .sample(&logits.get(0).unwrap().to_vec1::<f32>().unwrap())
             .id;

@@ -41,6 +41,7 @@ use crate::error::{PluginError, Result};
 use crate::kind::PluginKind;
 use crate::params;
 use crate::plugin::{ContentHash, Plugin};
+use crate::steer::add_along;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -152,16 +153,10 @@ pub struct SteeringController {
 impl SteeringController {
     /// Loads `dir/config.json` and `dir/model.safetensors`, checked against the base model.
     pub fn load(name: &str, dir: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
-        let read = |file: &str| {
-            let path = dir.join(file);
-            std::fs::read(&path).map_err(|e| PluginError::bad_file(&path, e))
-        };
-        let config_bytes = read(CONFIG_FILE)?;
-        hash.update(&config_bytes);
-        let config = ControllerConfig::read(&dir.join(CONFIG_FILE), &config_bytes)?;
+        let config_path = dir.join(CONFIG_FILE);
+        let config = ControllerConfig::read(&config_path, &hash.read(&config_path)?)?;
         config.check(name, base)?;
-        let weights = read(WEIGHTS_FILE)?;
-        hash.update(&weights);
+        let weights = hash.read(&dir.join(WEIGHTS_FILE))?;
         let tensors = safetensors::SafeTensors::deserialize(&weights)
             .map_err(|e| PluginError::bad_file(dir.join(WEIGHTS_FILE), e))?;
         Self::from_safetensors(name, config, &tensors, base)
@@ -330,16 +325,7 @@ impl Hook for SteeringController {
             return Ok(None);
         }
         let column = self.coefficients(layer, &rows, h.dim(0)?);
-        if column.iter().all(|&c| c == 0.0) {
-            return Ok(None);
-        }
-        let column = Tensor::from_vec(column, (h.dim(0)?, 1), h.device())?.to_dtype(h.dtype())?;
-        let direction = self
-            .directions
-            .get(layer)?
-            .unsqueeze(0)?
-            .to_dtype(h.dtype())?;
-        Ok(Some((h + column.broadcast_mul(&direction)?)?))
+        add_along(h, column, &self.directions.get(layer)?)
     }
 }
 

@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use super::ControllerTensors;
 use crate::error::{PluginError, Result};
+use crate::steer::add_along;
 
 /// `log p(R) − log(1 − p(R))` of next-token `logits`, `p(R)` the probability of any of `ids`.
 pub fn refusal_score(logits: &[f32], ids: &[u32]) -> f64 {
@@ -77,13 +78,7 @@ impl Hook for LayerPatch {
                 column[end - 1] = p.coef;
             }
         }
-        if column.iter().all(|&c| c == 0.0) {
-            return Ok(None);
-        }
-        let column = Tensor::from_vec(column, (h.dim(0)?, 1), h.device())?;
-        Ok(Some(
-            (h + column.broadcast_mul(&self.directions.get(layer)?.unsqueeze(0)?)?)?,
-        ))
+        add_along(h, column, &self.directions.get(layer)?)
     }
 }
 

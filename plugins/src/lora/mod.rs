@@ -125,6 +125,17 @@ pub struct LoraAdapter {
     bytes: usize,
 }
 
+/// The seven projections LoRA can adapt, in the order of [`slot`].
+pub const ALL_PROJECTIONS: [Projection; 7] = [
+    Projection::Q,
+    Projection::K,
+    Projection::V,
+    Projection::O,
+    Projection::Gate,
+    Projection::Up,
+    Projection::Down,
+];
+
 /// Where a projection sits in a per-layer table of the seven adaptable projections
 /// (`layer * 7 + index`); `None` for the LM head, which LoRA here never targets.
 pub(crate) fn slot(layer: usize, projection: Projection) -> Option<usize> {
@@ -145,16 +156,10 @@ impl LoraAdapter {
     /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors` and checks every
     /// tensor against the config and the base model; any mismatch refuses the whole adapter.
     pub fn load(name: &str, dir: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
-        let read = |file: &str| {
-            let path = dir.join(file);
-            std::fs::read(&path).map_err(|e| PluginError::bad_file(&path, e))
-        };
-        let config_bytes = read(CONFIG_FILE)?;
-        hash.update(&config_bytes);
-        let config = LoraConfig::parse(&dir.join(CONFIG_FILE), &config_bytes)?;
-        let weights_bytes = read(WEIGHTS_FILE)?;
-        hash.update(&weights_bytes);
+        let config_path = dir.join(CONFIG_FILE);
+        let config = LoraConfig::parse(&config_path, &hash.read(&config_path)?)?;
         let weights_path = dir.join(WEIGHTS_FILE);
+        let weights_bytes = hash.read(&weights_path)?;
         let tensors = SafeTensors::deserialize(&weights_bytes)
             .map_err(|e| PluginError::bad_file(&weights_path, e))?;
         let factors = read_factors(name, &tensors, &config, base)?;
@@ -327,18 +332,11 @@ impl Hook for LoraAdapter {
 
 /// Each entry's request `scale` (a row's scale repeated for each of its tokens).
 fn token_scales(group: &HookGroup<'_>) -> Vec<f32> {
-    group
-        .rows
-        .iter()
-        .zip(&group.lengths)
-        .flat_map(|(r, &n)| {
-            let s = r
-                .params
-                .downcast_ref::<LoraParams>()
-                .map_or(1.0, |p| p.scale);
-            std::iter::repeat_n(s, n)
-        })
-        .collect()
+    group.per_entry(group.rows.iter().map(|r| {
+        r.params
+            .downcast_ref::<LoraParams>()
+            .map_or(1.0, |p| p.scale)
+    }))
 }
 
 impl Plugin for LoraAdapter {

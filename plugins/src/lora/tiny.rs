@@ -22,15 +22,7 @@ pub struct TinyAdapter {
     pub tensors: HashMap<String, Tensor>,
 }
 
-pub const ALL_PROJECTIONS: [Projection; 7] = [
-    Projection::Q,
-    Projection::K,
-    Projection::V,
-    Projection::O,
-    Projection::Gate,
-    Projection::Up,
-    Projection::Down,
-];
+pub use super::ALL_PROJECTIONS;
 
 impl TinyAdapter {
     /// Rank-`r` factors with entries uniform in `±spread` on `projections` of every layer of

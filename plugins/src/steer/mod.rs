@@ -68,8 +68,7 @@ pub struct SteeringVector {
 impl SteeringVector {
     /// Loads a control-vector GGUF and checks it against the base model's shape.
     pub fn load(name: &str, path: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::bad_file(path, e))?;
-        hash.update(&bytes);
+        let bytes = hash.read(path)?;
         Self::from_control_vector(name, &ControlVector::parse(path, &bytes)?, base)
     }
 
@@ -129,32 +128,35 @@ impl Hook for SteeringVector {
         let Some(Some(dir)) = self.directions.get(layer) else {
             return Ok(None);
         };
-        let coefficients: Vec<f32> = group
-            .rows
-            .iter()
-            .map(|r| {
-                r.params
-                    .downcast_ref::<SteerParams>()
-                    .map_or(0.0, |p| p.coefficient(layer))
-            })
-            .collect();
-        if coefficients.iter().all(|&c| c == 0.0) {
-            return Ok(None);
-        }
-        let dir = dir.to_dtype(h.dtype())?;
-        let first = coefficients[0];
-        if coefficients.iter().all(|&c| c == first) {
-            return Ok(Some(h.broadcast_add(&(dir * first as f64)?)?));
-        }
-        let per_entry: Vec<f32> = coefficients
-            .iter()
-            .zip(&group.lengths)
-            .flat_map(|(&c, &n)| std::iter::repeat_n(c, n))
-            .collect();
-        let column =
-            Tensor::from_vec(per_entry, (h.dim(0)?, 1), h.device())?.to_dtype(h.dtype())?;
-        Ok(Some((h + column.broadcast_mul(&dir)?)?))
+        let per_entry = group.per_entry(group.rows.iter().map(|r| {
+            r.params
+                .downcast_ref::<SteerParams>()
+                .map_or(0.0, |p| p.coefficient(layer))
+        }));
+        add_along(h, per_entry, dir)
     }
+}
+
+/// `h + c_e * direction` for every entry `e` of `h` (`(entries, hidden)`; `per_entry[e] = c_e`,
+/// `direction`: `(hidden,)` or `(1, hidden)`), or `None` when every coefficient is 0 so the
+/// residual is left as it is. The residual add of every steering plug-in.
+pub(crate) fn add_along(
+    h: &Tensor,
+    per_entry: Vec<f32>,
+    direction: &Tensor,
+) -> models::Result<Option<Tensor>> {
+    let Some(&first) = per_entry.first() else {
+        return Ok(None);
+    };
+    if per_entry.iter().all(|&c| c == 0.0) {
+        return Ok(None);
+    }
+    let direction = direction.to_dtype(h.dtype())?;
+    if per_entry.iter().all(|&c| c == first) {
+        return Ok(Some(h.broadcast_add(&(direction * f64::from(first))?)?));
+    }
+    let column = Tensor::from_vec(per_entry, (h.dim(0)?, 1), h.device())?.to_dtype(h.dtype())?;
+    Ok(Some((h + column.broadcast_mul(&direction)?)?))
 }
 
 impl Plugin for SteeringVector {

@@ -166,11 +166,28 @@ pub fn separation(
     let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let threshold = (avg(&project(train.0)) + avg(&project(train.1))) / 2.0;
     let (p, n) = (project(held.0), project(held.1));
-    let pairs = (p.len() * n.len()).max(1) as f64;
-    let wins: f64 = p
+    let correct = p.iter().filter(|&&x| x > threshold).count()
+        + n.iter().filter(|&&x| x <= threshold).count();
+    let var = |v: &[f64]| {
+        let m = avg(v);
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64
+    };
+    let pooled = ((var(&p) + var(&n)) / 2.0).sqrt();
+    Separation {
+        auroc: auroc(&p, &n),
+        accuracy: correct as f64 / (p.len() + n.len()).max(1) as f64,
+        cohens_d: (avg(&p) - avg(&n)) / pooled.max(f64::MIN_POSITIVE),
+    }
+}
+
+/// Probability that a random `positive` score exceeds a random `negative` one (ties count
+/// half): the area under the ROC curve, by counting all pairs.
+pub fn auroc<T: PartialOrd>(positive: &[T], negative: &[T]) -> f64 {
+    let wins: f64 = positive
         .iter()
         .map(|a| {
-            n.iter()
+            negative
+                .iter()
                 .map(|b| {
                     if a > b {
                         1.0
@@ -183,18 +200,7 @@ pub fn separation(
                 .sum::<f64>()
         })
         .sum();
-    let correct = p.iter().filter(|&&x| x > threshold).count()
-        + n.iter().filter(|&&x| x <= threshold).count();
-    let var = |v: &[f64]| {
-        let m = avg(v);
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64
-    };
-    let pooled = ((var(&p) + var(&n)) / 2.0).sqrt();
-    Separation {
-        auroc: wins / pairs,
-        accuracy: correct as f64 / (p.len() + n.len()).max(1) as f64,
-        cohens_d: (avg(&p) - avg(&n)) / pooled.max(f64::MIN_POSITIVE),
-    }
+    wins / (positive.len() * negative.len()).max(1) as f64
 }
 
 fn to64(x: &[f32]) -> Vec<f64> {

@@ -26,18 +26,7 @@ use models::rope::Rope;
 use models::{Llama, ModelConfig, Projection};
 
 use super::{Batch, Result, TrainError};
-use crate::lora::{slot, SUPPORTED_MODULES};
-
-/// The seven projections of a layer, in the order of [`crate::lora::slot`].
-pub const PROJECTIONS: [Projection; 7] = [
-    Projection::Q,
-    Projection::K,
-    Projection::V,
-    Projection::O,
-    Projection::Gate,
-    Projection::Up,
-    Projection::Down,
-];
+use crate::lora::{slot, ALL_PROJECTIONS, SUPPORTED_MODULES};
 
 /// A frozen projection `y = x W^T (+ b)`.
 #[derive(Debug, Clone)]
@@ -70,7 +59,7 @@ impl Dense {
 struct DenseLayer {
     input_norm: Tensor,
     post_attention_norm: Tensor,
-    /// Indexed like [`PROJECTIONS`].
+    /// Indexed like [`ALL_PROJECTIONS`].
     projections: Vec<Dense>,
 }
 
@@ -95,7 +84,7 @@ impl LoraFactors {
     pub fn new(num_layers: usize, scaling: f64) -> Self {
         Self {
             scaling,
-            modules: vec![None; num_layers * PROJECTIONS.len()],
+            modules: vec![None; num_layers * ALL_PROJECTIONS.len()],
         }
     }
 
@@ -111,7 +100,7 @@ impl LoraFactors {
                 "LoRA factors for layer {layer} {}: the model has {} layers and LoRA applies \
                  to {}",
                 projection.hf_name(),
-                self.modules.len() / PROJECTIONS.len(),
+                self.modules.len() / ALL_PROJECTIONS.len(),
                 SUPPORTED_MODULES.join(", ")
             ))),
         }
@@ -130,8 +119,8 @@ impl LoraFactors {
         self.modules.iter().enumerate().filter_map(|(s, m)| {
             let pair = m.as_ref()?;
             Some((
-                s / PROJECTIONS.len(),
-                PROJECTIONS[s % PROJECTIONS.len()],
+                s / ALL_PROJECTIONS.len(),
+                ALL_PROJECTIONS[s % ALL_PROJECTIONS.len()],
                 pair,
             ))
         })

@@ -24,9 +24,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::dense::{DenseLlama, LoraFactors, LoraPair, PROJECTIONS};
+use super::dense::{DenseLlama, LoraFactors, LoraPair};
 use super::{Batch, Example, Result, TrainError};
 use crate::base::BaseModel;
+use crate::lora::ALL_PROJECTIONS;
 use crate::lora::{module_path, CONFIG_FILE, WEIGHTS_FILE};
 
 /// What to train and how.
@@ -50,7 +51,7 @@ impl Default for LoraTrainConfig {
             rank: 8,
             alpha: 16.0,
             rslora: false,
-            targets: PROJECTIONS.to_vec(),
+            targets: ALL_PROJECTIONS.to_vec(),
             steps: 200,
             batch_size: 4,
             lr: 2e-4,
@@ -93,13 +94,13 @@ impl LoraTrainConfig {
 pub fn parse_targets(list: &str) -> Result<Vec<Projection>> {
     let mut wanted = Vec::new();
     for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let p = PROJECTIONS
+        let p = ALL_PROJECTIONS
             .into_iter()
             .find(|p| p.hf_name() == name)
             .ok_or_else(|| TrainError::UnknownTarget(name.to_string()))?;
         wanted.push(p);
     }
-    Ok(PROJECTIONS
+    Ok(ALL_PROJECTIONS
         .into_iter()
         .filter(|p| wanted.contains(p))
         .collect())

@@ -17,7 +17,7 @@ use clap::Args;
 use models::bundle::LoadedModel;
 use plugins::controller::train::{sensitivities, train, weight_targets, Example, TrainOptions};
 use plugins::controller::{BaseIdentity, ControllerConfig, ControllerNet, TYPE};
-use plugins::steer::train::{direction, last_token_activations, Method};
+use plugins::steer::train::{auroc, direction, last_token_activations, Method};
 use plugins::BaseModel;
 
 use super::prompts::{chat_ids_all, load_model, model_path, parse_range, read_prompts};
@@ -266,23 +266,7 @@ fn report(
         scored.iter().filter(|s| s.1).map(|s| s.0).collect(),
         scored.iter().filter(|s| !s.1).map(|s| s.0).collect(),
     );
-    let wins: f64 = pos
-        .iter()
-        .map(|p| {
-            neg.iter()
-                .map(|n| {
-                    if p > n {
-                        1.0
-                    } else if p == n {
-                        0.5
-                    } else {
-                        0.0
-                    }
-                })
-                .sum::<f64>()
-        })
-        .sum();
-    let auroc = wins / (pos.len() * neg.len()).max(1) as f64;
+    let auroc = auroc(&pos, &neg);
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
     let best: Vec<usize> = gains
         .iter()
