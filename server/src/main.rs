@@ -253,14 +253,13 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
         chat_template: config.chat_template_text()?,
     };
     let started = Instant::now();
-    let loaded = models::bundle::load(&path, &device, &options)
+    let mut loaded = models::bundle::load(&path, &device, &options)
         .with_context(|| format!("cannot load the model at {}", path.display()))?;
     tracing::info!(
         path = %path.display(),
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );
-    let mut loaded = loaded;
     loaded
         .model
         .set_activation_quantization(config.activations.mode());
