@@ -13,7 +13,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::error::Result;
 use crate::kernels::q4_1::Q4_1Matmul;
-use crate::kernels::residual::two_pass;
+pub use crate::kernels::residual::ActivationQuantization;
 use crate::kernels::Q8_0Matmul;
 
 /// The matmul a projection runs.
@@ -25,19 +25,6 @@ enum Weight {
     Q4_1(Arc<Q4_1Matmul>),
     /// Our Q8_0 kernel (candle skips its fast path unless `in % 256 == 0`).
     Q8_0(Arc<Q8_0Matmul>),
-}
-
-/// How the 8-bit CPU kernels quantize activations (see `kernels::residual`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ActivationQuantization {
-    /// Values and their rounding error, one stacked kernel call: agrees with float math to
-    /// ~0.002 nats on the default model, and chunking a prompt does not move its logits.
-    #[default]
-    TwoPass,
-    /// One 8-bit pass, as llama.cpp and candle do: up to ~2x less integer work where the
-    /// kernels are compute-bound (prefill, large decode batches), at up to ~0.4 nats of
-    /// log-prob error on some prompts. Batching still never changes a row's result.
-    Single,
 }
 
 #[derive(Debug, Clone)]
@@ -117,14 +104,8 @@ impl Linear {
         let x = x.contiguous()?;
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(&x)?,
-            Weight::Q4_1(k) => match self.activations {
-                ActivationQuantization::TwoPass => two_pass(&x, k.path(), |t| k.forward(t))?,
-                ActivationQuantization::Single => k.forward(&x)?,
-            },
-            Weight::Q8_0(k) => match self.activations {
-                ActivationQuantization::TwoPass => two_pass(&x, k.path(), |t| k.forward(t))?,
-                ActivationQuantization::Single => k.forward(&x)?,
-            },
+            Weight::Q4_1(k) => k.forward_with(&x, self.activations)?,
+            Weight::Q8_0(k) => k.forward_with(&x, self.activations)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

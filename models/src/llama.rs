@@ -216,7 +216,7 @@ impl Llama {
         let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
         let gate = step.project(l, Projection::Gate, &layer.mlp.gate, &h)?;
         let up = step.project(l, Projection::Up, &layer.mlp.up, &h)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = crate::kernels::swiglu::swiglu(&gate, &up)?;
         Ok((x + step.project(l, Projection::Down, &layer.mlp.down, &act)?)?)
     }
 

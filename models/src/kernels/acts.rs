@@ -57,33 +57,90 @@ const PAR_MIN_VALUES: usize = 32 * 1024;
 
 /// Quantises `x` (`m` rows of `k` values, `k` a multiple of 32) with `path`'s quantiser.
 pub(crate) fn quantize(path: SimdPath, x: &[f32], m: usize, k: usize) -> Q8Rows {
+    quantize_passes(path, x, m, k, false)
+}
+
+/// The two-pass quantisation of `x` (see `kernels::residual`): `2m` rows, the first `m` as
+/// [`quantize`] gives them, row `m + i` the rounding error `x_i - d·q` of row `i`, quantised
+/// in turn. One walk over `x`, with no f32 copy of the stacked rows.
+pub(crate) fn quantize_two_pass(path: SimdPath, x: &[f32], m: usize, k: usize) -> Q8Rows {
+    quantize_passes(path, x, m, k, true)
+}
+
+fn quantize_passes(path: SimdPath, x: &[f32], m: usize, k: usize, residual: bool) -> Q8Rows {
     debug_assert_eq!(x.len(), m * k);
     let nb = k / QK;
-    let mut qs = vec![0i8; m * k];
-    let mut ds = vec![[0f32; 2]; m * nb];
-    let mut sums = vec![0i32; m * nb];
+    let out_rows = if residual { 2 * m } else { m };
+    let mut qs = vec![0i8; out_rows * k];
+    let mut ds = vec![[0f32; 2]; out_rows * nb];
+    let mut sums = vec![0i32; out_rows * nb];
+    let out = RowsPtr {
+        qs: SyncPtr(qs.as_mut_ptr()),
+        ds: SyncPtr(ds.as_mut_ptr()),
+        sums: SyncPtr(sums.as_mut_ptr()),
+        k,
+    };
+    let job = |rows: std::ops::Range<usize>| {
+        let x = &x[rows.start * k..rows.end * k];
+        // SAFETY: each call gets its own range of input rows (`execute_chunked` hands a range
+        // to exactly one worker), and writes only output rows `rows` and `m + rows`, sized
+        // for above; the vectors outlive the call.
+        let (qs, ds, sums) = unsafe { out.rows(rows.clone()) };
+        quantize_rows(path, x, qs, ds, sums);
+        if residual {
+            let mut error = vec![0f32; x.len()];
+            for (((e, x), q), &[d, _]) in error
+                .chunks_exact_mut(QK)
+                .zip(x.chunks_exact(QK))
+                .zip(qs.chunks_exact(QK))
+                .zip(ds.iter())
+            {
+                for ((e, &v), &q) in e.iter_mut().zip(x).zip(q) {
+                    *e = v - d * f32::from(q);
+                }
+            }
+            // SAFETY: as above.
+            let (qs, ds, sums) = unsafe { out.rows(m + rows.start..m + rows.end) };
+            quantize_rows(path, &error, qs, ds, sums);
+        }
+    };
     if m * k < PAR_MIN_VALUES || m == 1 {
-        quantize_rows(path, x, &mut qs, &mut ds, &mut sums);
+        job(0..m);
     } else {
-        let qs_ptr = SyncPtr(qs.as_mut_ptr());
-        let ds_ptr = SyncPtr(ds.as_mut_ptr());
-        let sums_ptr = SyncPtr(sums.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
-            let len = rows.end - rows.start;
-            // SAFETY: `execute_chunked` hands each row range to exactly one worker, so these
-            // sub-slices of `qs`, `ds` and `sums` (all sized for `m` rows above) never overlap,
-            // and the vectors outlive the call.
-            let (qs, ds, sums) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(qs_ptr.get().add(rows.start * k), len * k),
-                    std::slice::from_raw_parts_mut(ds_ptr.get().add(rows.start * nb), len * nb),
-                    std::slice::from_raw_parts_mut(sums_ptr.get().add(rows.start * nb), len * nb),
-                )
-            };
-            quantize_rows(path, &x[rows.start * k..rows.end * k], qs, ds, sums);
-        });
+        candle_core::utils::barrier_pool().execute_chunked(m, job);
     }
     Q8Rows { nb, qs, ds, sums }
+}
+
+/// The output buffers of a quantisation that workers fill by disjoint row ranges.
+struct RowsPtr {
+    qs: SyncPtr<i8>,
+    ds: SyncPtr<[f32; 2]>,
+    sums: SyncPtr<i32>,
+    k: usize,
+}
+
+impl RowsPtr {
+    /// The values, scales and sums of output rows `rows`.
+    ///
+    /// # Safety
+    /// The rows must lie inside the buffers, which must outlive the slices, and no other
+    /// slice of the same rows may be alive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(
+        &self,
+        rows: std::ops::Range<usize>,
+    ) -> (&mut [i8], &mut [[f32; 2]], &mut [i32]) {
+        let (k, nb, len) = (self.k, self.k / QK, rows.end - rows.start);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.qs.get().add(rows.start * k), len * k),
+                std::slice::from_raw_parts_mut(self.ds.get().add(rows.start * nb), len * nb),
+                std::slice::from_raw_parts_mut(self.sums.get().add(rows.start * nb), len * nb),
+            )
+        }
+    }
 }
 
 /// Quantises whole blocks: `x.len() == qs.len() == 32 * ds.len() == 32 * sums.len()`.
@@ -200,6 +257,31 @@ mod tests {
         assert_eq!(scalar.ds[1], [0.0, 0.0]);
         // The tie block: d = 1, values -8, -7.5, ...: ties go to even.
         assert_eq!(&scalar.qs[64..68], &[-8, -8, -7, -6]);
+    }
+
+    #[test]
+    fn two_pass_rows_are_the_values_then_their_quantised_rounding_error() {
+        // 64 x 576 crosses PAR_MIN_VALUES, so the threaded split is covered too.
+        for (m, k) in [(1, 96), (64, 576)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 2003) as f32 / 300.0 - 3.3)
+                .collect();
+            for path in available_paths() {
+                let one = quantize(path, &x, m, k);
+                let error: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v - one.ds[i / QK][0] * one.qs[i] as f32)
+                    .collect();
+                let second = quantize(path, &error, m, k);
+                let two = quantize_two_pass(path, &x, m, k);
+                assert_eq!(two.qs, [one.qs.clone(), second.qs].concat(), "{path:?}");
+                assert_eq!(two.sums, [one.sums.clone(), second.sums].concat());
+                assert_eq!(two.ds, [one.ds.clone(), second.ds].concat());
+                // The error is at most half a step of the first pass, so its scale is tiny.
+                assert!(two.ds[m * k / QK][0] <= two.ds[0][0] / 250.0);
+            }
+        }
     }
 
     #[test]

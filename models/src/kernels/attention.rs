@@ -492,7 +492,7 @@ fn softmax_numerators(s: &mut [f32]) -> f32 {
 /// vectorises; relative error below 3e-7 (tested). Inputs below -87 (including the `-inf` of a
 /// masked key) give 0, where `exp` is below f32's normal range anyway; NaN stays NaN.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     /// 1.5 * 2^23: adding it rounds to an integer that then sits in the low mantissa bits.
     const SHIFT: f32 = 12_582_912.0;
     // ln 2 split in two (Cody-Waite): LN2_HI has 9 significant bits, so `n * LN2_HI` is exact

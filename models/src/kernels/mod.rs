@@ -12,6 +12,7 @@
 //!   runtime.
 //! - [`q8_0`]: the same for Q8_0 weights (the default model's tied lm_head).
 //! - [`low_rank`]: `B (A x)` from bf16 factors, for LoRA deltas at decode.
+//! - [`swiglu`]: the MLP gate `silu(g) · u` in one vectorised pass.
 //!
 //! Both share the activation quantiser (`acts`) and the threaded tile loop (`driver`).
 
@@ -29,6 +30,7 @@ pub mod q4_1;
 pub mod q8_0;
 pub(crate) mod residual;
 mod rows;
+pub mod swiglu;
 #[cfg(test)]
 mod testutil;
 

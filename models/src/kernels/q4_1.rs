@@ -28,10 +28,11 @@ mod scalar;
 #[cfg(test)]
 mod tests;
 
-use super::acts::{self, ActRows};
-use super::driver::{self, SimdPath, TileJob, QK, TILE_ROWS};
+use super::acts::ActRows;
+use super::driver::{SimdPath, TileJob, QK, TILE_ROWS};
+use super::residual::{self, ActivationQuantization, TiledWeight, WithActivations};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, Result, Tensor};
 use pack::PackedBlock;
 
 const NAME: &str = "q4_1 matmul";
@@ -114,29 +115,29 @@ impl Q4_1Matmul {
 
     /// `x · Wᵀ` for f32 `x` of shape `(..., k)` on the CPU; returns `(..., n)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
+        self.forward_with(x, ActivationQuantization::Single)
+    }
+
+    /// [`Self::forward`] with the activations quantized as `mode` says.
+    pub fn forward_with(&self, x: &Tensor, mode: ActivationQuantization) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op1_no_bwd(&WithActivations(self, mode))
     }
 
     /// `dst = x · Wᵀ` on slices: `x` is `m` rows of `k` values, `dst` `m` rows of `n`.
     pub fn matmul_f32(&self, x: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
-        let (n, k, nb) = (self.n, self.k, self.k / QK);
-        driver::check_lens(NAME, (m, k, n), x, dst)?;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let acts = acts::quantize(self.path, x, m, k);
-        let path = self.path;
-        driver::run_tiled(
-            (m, k, n),
-            tile_shape(path, m),
-            &acts,
-            dst,
-            |job: TileJob<'_>| {
-                let w = &self.blocks[job.g0 * nb..(job.g0 + job.groups) * nb];
-                run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
-            },
-        );
-        Ok(())
+        self.matmul_f32_with(x, m, dst, ActivationQuantization::Single)
+    }
+
+    /// [`Self::matmul_f32`] with the activations quantized as `mode` says.
+    pub fn matmul_f32_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        dst: &mut [f32],
+        mode: ActivationQuantization,
+    ) -> Result<()> {
+        residual::matmul(self, x, m, dst, mode)
     }
 }
 
@@ -220,14 +221,24 @@ fn run_tile(
     }
 }
 
-impl CustomOp1 for Q4_1Matmul {
-    fn name(&self) -> &'static str {
-        "q4_1-matmul"
+impl TiledWeight for Q4_1Matmul {
+    const NAME: &'static str = NAME;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        driver::cpu_fwd_f32(NAME, (self.n, self.k), storage, layout, |x, m, dst| {
-            self.matmul_f32(x, m, dst)
-        })
+    fn path(&self) -> SimdPath {
+        self.path
+    }
+
+    fn tile_shape(&self, m: usize) -> (usize, usize) {
+        tile_shape(self.path, m)
+    }
+
+    fn tile(&self, job: TileJob<'_>) {
+        let (path, nb) = (self.path, self.k / QK);
+        let w = &self.blocks[job.g0 * nb..(job.g0 + job.groups) * nb];
+        run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
     }
 }
