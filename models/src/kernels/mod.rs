@@ -13,6 +13,7 @@
 //! - [`q8_0`]: the same for Q8_0 weights (the default model's tied lm_head).
 //! - [`low_rank`]: `B (A x)` from bf16 factors, for LoRA deltas at decode.
 //! - [`swiglu`]: the MLP gate `silu(g) · u` in one vectorised pass.
+//! - `exp_weights`: the vocabulary-wide max and `exp` of a sampling draw.
 //!
 //! Both share the activation quantiser (`acts`) and the threaded tile loop (`driver`).
 
@@ -25,6 +26,7 @@
 mod acts;
 pub(crate) mod attention;
 mod driver;
+pub(crate) mod exp_weights;
 pub mod low_rank;
 pub mod q4_1;
 pub mod q8_0;

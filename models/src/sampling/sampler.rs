@@ -31,6 +31,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::logprobs::{log_sum_exp, top_n_into};
 use super::SamplingParams;
+use crate::kernels::exp_weights::{exp_weights_into, row_max};
 
 /// One sampled token.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +147,7 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(scores);
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = row_max(scores);
         if !max.is_finite() {
             // Every token masked (-inf) or one forced (+inf): nothing to draw.
             return argmax(scores);
@@ -286,13 +287,7 @@ fn top_p_len(scale: &Scaled<'_>, order: &mut [u32], sorted: bool, top_p: f32) ->
 
 /// Step 5 without truncation: a draw over the whole row, in id order.
 fn draw_all(scale: &Scaled<'_>, weights: &mut Vec<f32>, u: f64) -> u32 {
-    weights.clear();
-    weights.extend(
-        scale
-            .scores
-            .iter()
-            .map(|s| ((s - scale.max) * scale.inv_t).exp()),
-    );
+    exp_weights_into(scale.scores, scale.max, scale.inv_t, weights);
     pick(weights, u) as u32
 }
 
@@ -305,19 +300,40 @@ fn draw_from(scale: &Scaled<'_>, order: &[u32], weights: &mut Vec<f32>, u: f64) 
 
 /// Inverse-CDF draw: the position where the running sum of `weights` first exceeds
 /// `u * total`. Zero weights can never be picked; rounding past the end picks the last
-/// positive weight.
+/// positive weight. The running sum moves a block at a time (f32 within a block, f64 across
+/// blocks), so only the block holding the target is walked weight by weight.
 fn pick(weights: &[f32], u: f64) -> usize {
-    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let block_sum = |b: &[f32]| -> f64 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = b.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, &w) in lanes.iter_mut().zip(c) {
+                *l += w;
+            }
+        }
+        f64::from(lanes.iter().chain(chunks.remainder()).sum::<f32>())
+    };
+    let total: f64 = weights.chunks(PICK_BLOCK).map(block_sum).sum();
     let target = u * total;
     let mut acc = 0.0f64;
-    for (pos, &w) in weights.iter().enumerate() {
-        acc += f64::from(w);
-        if acc > target {
-            return pos;
+    for (i, block) in weights.chunks(PICK_BLOCK).enumerate() {
+        let s = block_sum(block);
+        if acc + s > target {
+            for (pos, &w) in block.iter().enumerate() {
+                acc += f64::from(w);
+                if acc > target {
+                    return i * PICK_BLOCK + pos;
+                }
+            }
+        } else {
+            acc += s;
         }
     }
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
+
+/// Weights per block of [`pick`]'s running sum.
+const PICK_BLOCK: usize = 256;
 
 /// The first index of the largest score (lowest id on ties); NaN never wins.
 fn argmax(scores: &[f32]) -> u32 {
@@ -366,6 +382,39 @@ mod tests {
                 "token {i}: frequency {g:.4}, expected {w:.4} (all: {got:?})"
             );
         }
+    }
+
+    #[test]
+    fn blockwise_pick_lands_where_the_running_sum_crosses_the_target() {
+        let weights: Vec<f32> = (0..5000)
+            .map(|i| {
+                if i % 7 == 0 {
+                    0.0
+                } else {
+                    ((i * 7919) % 1000) as f32 / 1000.0
+                }
+            })
+            .collect();
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let mut before = vec![0f64; weights.len() + 1];
+        for (i, &w) in weights.iter().enumerate() {
+            before[i + 1] = before[i] + f64::from(w);
+        }
+        for k in 0..1000 {
+            let u = k as f64 / 1000.0;
+            let pos = pick(&weights, u);
+            let target = u * total;
+            assert!(weights[pos] > 0.0, "u {u}: picked a zero weight at {pos}");
+            assert!(
+                before[pos] <= target * (1.0 + 1e-6) + 1e-9,
+                "u {u}: {pos} too late"
+            );
+            assert!(
+                before[pos + 1] >= target * (1.0 - 1e-6),
+                "u {u}: {pos} too early"
+            );
+        }
+        assert_eq!(pick(&weights, 0.999_999_999), 4999);
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl<M: StepModel> Worker<M> {
     }
 
     /// Samples, detokenizes and streams each row's result. Rows are independent (each
-    /// sequence owns its sampler, seeded per request), so they run in parallel: with 16 rows
+    /// sequence owns its sampler, seeded per request), so two or more run in parallel: with 16 rows
     /// at temperature > 0 this per-row work is a sizeable part of a decode step, and serially
     /// it would leave all but one core idle while the batch waits.
     fn after_step(&mut self, plan: &[PlannedRow], outputs: Vec<Option<Tensor>>) {
@@ -256,8 +256,15 @@ impl<M: StepModel> Worker<M> {
             .filter_map(|(seq, slot)| slot.map(|logits| (seq, logits)))
             .collect();
         let tokenizer = &self.tokenizer;
-        work.into_par_iter()
-            .for_each(|(seq, logits)| guarded_after_step(seq, logits, tokenizer, now));
+        if work.len() < 2 {
+            // Handing one row to the pool would only add two thread wake-ups to the step.
+            for (seq, logits) in work {
+                guarded_after_step(seq, logits, tokenizer, now);
+            }
+        } else {
+            work.into_par_iter()
+                .for_each(|(seq, logits)| guarded_after_step(seq, logits, tokenizer, now));
+        }
     }
 
     /// The planned rows whose sequences have something to feed; the others (a scheduling
