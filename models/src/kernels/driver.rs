@@ -137,15 +137,18 @@ pub(crate) fn run_tiled(
                     for c in 0..gc {
                         let col = (g0 + c) * TILE_ROWS;
                         let cols = TILE_ROWS.min(n - col);
+                        let dst = dst_ptr.get().wrapping_add((r0 + r) * n + col);
                         // SAFETY: row r0 + r < m and columns col..col + cols <= n lie inside
                         // the m * n `dst`; this (row, group) pair belongs to this work item
-                        // alone, so no other worker writes these elements.
+                        // alone, so no other worker writes these elements. A full tile is a
+                        // fixed-size copy (two vector moves, not a `memcpy` call).
                         unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                out[r * gc + c].as_ptr(),
-                                dst_ptr.get().add((r0 + r) * n + col),
-                                cols,
-                            )
+                            if cols == TILE_ROWS {
+                                dst.cast::<[f32; TILE_ROWS]>()
+                                    .write_unaligned(out[r * gc + c]);
+                            } else {
+                                std::ptr::copy_nonoverlapping(out[r * gc + c].as_ptr(), dst, cols);
+                            }
                         };
                     }
                 }
