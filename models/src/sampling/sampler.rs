@@ -313,11 +313,11 @@ fn pick(weights: &[f32], u: f64) -> usize {
         }
         f64::from(lanes.iter().chain(chunks.remainder()).sum::<f32>())
     };
-    let total: f64 = weights.chunks(PICK_BLOCK).map(block_sum).sum();
+    let sums: Vec<f64> = weights.chunks(PICK_BLOCK).map(block_sum).collect();
+    let total: f64 = sums.iter().sum();
     let target = u * total;
     let mut acc = 0.0f64;
-    for (i, block) in weights.chunks(PICK_BLOCK).enumerate() {
-        let s = block_sum(block);
+    for (i, (block, &s)) in weights.chunks(PICK_BLOCK).zip(&sums).enumerate() {
         if acc + s > target {
             for (pos, &w) in block.iter().enumerate() {
                 acc += f64::from(w);
