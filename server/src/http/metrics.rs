@@ -71,7 +71,18 @@ impl Metrics {
             .build_recorder();
         let metrics = Self { recorder };
         metrics.describe();
+        metrics.zero_counters();
         Ok(metrics)
+    }
+
+    /// Unlabelled counters are exported as 0 from the start, not from their first event, so a
+    /// scraper's `rate()` and `increase()` see the first increment (Prometheus' advice).
+    fn zero_counters(&self) {
+        self.with(|| {
+            for name in [PROMPT_TOKENS, GENERATION_TOKENS, CANCELLED] {
+                metrics::counter!(name).absolute(0);
+            }
+        });
     }
 
     fn describe(&self) {
@@ -249,6 +260,14 @@ mod tests {
         assert!(
             text.contains("graft_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1")
         );
+    }
+
+    #[test]
+    fn counters_are_exported_from_zero_before_their_first_event() {
+        let text = Metrics::new().expect("metrics").render(None);
+        for name in [PROMPT_TOKENS, GENERATION_TOKENS, CANCELLED] {
+            assert!(text.contains(&format!("\n{name} 0\n")), "{name}: {text}");
+        }
     }
 
     #[test]
