@@ -529,7 +529,7 @@ async fn client_disconnect_cancels_the_request() {
     let mut frames = response.into_body().into_data_stream();
     assert!(frames.next().await.is_some(), "first frame arrives");
     drop(frames);
-    for _ in 0..200 {
+    for _ in 0..2000 {
         if fake.cancelled() == 1 {
             return;
         }
@@ -549,7 +549,7 @@ async fn abandoned_non_streaming_request_is_cancelled_and_counted_499() {
     assert!(tokio::time::timeout(Duration::from_millis(50), call)
         .await
         .is_err());
-    for _ in 0..200 {
+    for _ in 0..2000 {
         if fake.cancelled() == 1 {
             break;
         }
