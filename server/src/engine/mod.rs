@@ -10,11 +10,13 @@
 mod real;
 mod scheduler;
 mod sequence;
+mod step_metrics;
 mod stop;
 pub mod testing;
 mod worker;
 
 pub use real::{EngineConfig, RealEngine, StartError};
+pub use step_metrics::{HistogramSnapshot, StepMetricsSnapshot};
 
 use std::time::Duration;
 
@@ -178,4 +180,10 @@ pub trait Engine: Send + Sync + 'static {
     fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError>;
 
     fn stats(&self) -> EngineStats;
+
+    /// Per-step histograms (forward time, sampling time, tokens per step), for engines that
+    /// run steps.
+    fn step_metrics(&self) -> Option<StepMetricsSnapshot> {
+        None
+    }
 }

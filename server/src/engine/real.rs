@@ -20,7 +20,10 @@ use tokio::sync::mpsc;
 use super::scheduler::SchedulerLimits;
 use super::sequence::EVENT_SLACK;
 use super::worker::{Message, Shared, StepModel, Submission, Worker};
-use super::{Engine, EngineError, EngineStats, EventReceiver, GenerateRequest, ModelInfo};
+use super::{
+    Engine, EngineError, EngineStats, EventReceiver, GenerateRequest, ModelInfo,
+    StepMetricsSnapshot,
+};
 
 /// Limits of the engine and its scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +318,10 @@ impl Engine for RealEngine {
         Ok(receiver)
     }
 
+    fn step_metrics(&self) -> Option<StepMetricsSnapshot> {
+        Some(self.shared.steps.snapshot())
+    }
+
     fn stats(&self) -> EngineStats {
         let load = *self.shared.running_load();
         EngineStats {
@@ -519,6 +526,34 @@ mod tests {
         );
         let after = collect(f.engine.submit(request("ab", 5)).unwrap());
         assert!(matches!(last(&after), Event::Finished { .. }), "{after:?}");
+    }
+
+    #[test]
+    fn every_step_is_recorded_with_its_tokens_and_phases() {
+        let f = fixture(EngineConfig::default());
+        // One step that panics in the forward pass: timed, but nothing was sampled.
+        collect(f.engine.submit(request("a}", 5)).unwrap());
+        let events = collect(f.engine.submit(request("abc", 6)).unwrap());
+        let &Event::Finished {
+            completion_tokens: n,
+            ..
+        } = last(&events)
+        else {
+            panic!("{events:?}")
+        };
+        let steps = || {
+            f.engine
+                .step_metrics()
+                .expect("a real engine has step metrics")
+        };
+        // The finish is streamed before its step is recorded.
+        wait_until("last step recorded", || steps().sampling.count == n as u64);
+        let s = steps();
+        // The prompt's step yields the first token; each later token costs a one-token step.
+        assert_eq!(s.forward.count, 1 + n as u64);
+        assert_eq!(s.tokens.count, 1 + n as u64);
+        assert_eq!(s.tokens.sum, (2 + 3 + n - 1) as f64);
+        assert!(s.forward.sum > 0.0 && s.sampling.sum > 0.0);
     }
 
     #[test]

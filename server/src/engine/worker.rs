@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::scheduler::{PlannedRow, Schedulable, Scheduler, SchedulerLimits};
 use super::sequence::Sequence;
+use super::step_metrics::StepMetrics;
 use super::{EngineError, Event, GenerateRequest};
 
 /// What the engine thread needs from a model: [`Llama`] in production, a wrapper that fails
@@ -68,6 +69,8 @@ pub(crate) struct Shared {
     /// reader never sees one step's count with another step's memory.
     pub running: Mutex<RunningLoad>,
     pub shutting_down: AtomicBool,
+    /// What each step cost; written by the engine thread only.
+    pub steps: StepMetrics,
 }
 
 /// What the running set holds, as of the last step.
@@ -221,9 +224,18 @@ impl<M: StepModel> Worker<M> {
         if plan.is_empty() {
             return;
         }
-        match self.forward(&plan) {
-            Ok(outputs) => self.after_step(&plan, outputs),
+        let tokens = plan.iter().map(|row| row.tokens).sum();
+        let started = Instant::now();
+        let outputs = self.forward(&plan);
+        let forward = started.elapsed();
+        match outputs {
+            Ok(outputs) => {
+                self.after_step(&plan, outputs);
+                let sampling = started.elapsed() - forward;
+                self.shared.steps.record(tokens, forward, Some(sampling));
+            }
             Err(error) => {
+                self.shared.steps.record(tokens, forward, None);
                 tracing::error!(%error, rows = plan.len(), "forward step failed; failing its batch");
                 let running = self.scheduler.running_mut();
                 for row in &plan {

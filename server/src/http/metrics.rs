@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 use plugins::{ChainEntry, PluginInfo, PluginKind};
 
-use crate::engine::EngineStats;
+use crate::engine::{EngineStats, HistogramSnapshot, StepMetricsSnapshot};
 
 pub const REQUESTS_TOTAL: &str = "graft_requests_total";
 pub const REQUEST_DURATION: &str = "graft_request_duration_seconds";
@@ -35,6 +35,9 @@ pub const PLUGINS_REGISTERED: &str = "graft_plugins_registered";
 pub const PLUGIN_RESIDENT_BYTES: &str = "graft_plugin_resident_bytes";
 pub const PLUGIN_BUDGET_BYTES: &str = "graft_plugin_budget_bytes";
 pub const VLLM_LORA_INFO: &str = "vllm:lora_requests_info";
+pub const STEP_SECONDS: &str = "graft_engine_step_seconds";
+pub const STEP_TOKENS: &str = "graft_engine_step_tokens";
+pub const VLLM_ITERATION_TOKENS: &str = "vllm:iteration_tokens_total";
 
 // Buckets as vLLM's `vllm/v1/metrics/loggers.py`, so dashboards built for vLLM read ours.
 const TTFT_BUCKETS: &[f64] = &[
@@ -214,9 +217,9 @@ impl Metrics {
         self.with(|| counter!(CANCELLED).increment(1));
     }
 
-    /// The Prometheus text exposition, load gauges set from `stats` first (absent while the
-    /// model loads).
-    pub fn render(&self, stats: Option<EngineStats>) -> String {
+    /// The Prometheus text exposition, load gauges set from `stats` first and the engine's
+    /// step histograms appended (both absent while the model loads).
+    pub fn render(&self, stats: Option<EngineStats>, steps: Option<StepMetricsSnapshot>) -> String {
         if let Some(stats) = stats {
             let usage = match stats.kv_capacity_bytes {
                 0 => 0.0,
@@ -234,7 +237,68 @@ impl Metrics {
                 }
             });
         }
-        self.recorder.handle().render()
+        let mut text = self.recorder.handle().render();
+        if let Some(steps) = steps {
+            write_step_histograms(&mut text, &steps);
+        }
+        text
+    }
+}
+
+/// The engine's step histograms, which it keeps itself (its thread records without a
+/// recorder), in the text exposition format.
+fn write_step_histograms(out: &mut String, steps: &StepMetricsSnapshot) {
+    let phases = [
+        ("phase=\"forward\"", &steps.forward),
+        ("phase=\"sampling\"", &steps.sampling),
+    ];
+    let help = "Engine step wall time: the forward pass, and sampling plus streaming the rows";
+    write_histogram(out, STEP_SECONDS, help, &phases);
+    let tokens = [("", &steps.tokens)];
+    write_histogram(
+        out,
+        STEP_TOKENS,
+        "Tokens fed to the model per engine step",
+        &tokens,
+    );
+    let help = "Same as graft_engine_step_tokens (vLLM name)";
+    write_histogram(out, VLLM_ITERATION_TOKENS, help, &tokens);
+}
+
+/// One histogram family: `series` pairs a label set (`a="b"`, or empty) with its snapshot.
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: &[(&str, &HistogramSnapshot)],
+) {
+    use std::fmt::Write;
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (labels, h) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let infinite = [(f64::INFINITY, h.count)];
+        for (bound, count) in h.buckets.iter().chain(&infinite) {
+            let le = if bound.is_finite() {
+                bound.to_string()
+            } else {
+                "+Inf".into()
+            };
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}");
+        }
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{labels} {}\n{name}_count{labels} {}",
+            h.sum, h.count
+        );
     }
 }
 
@@ -247,12 +311,15 @@ mod tests {
         let m = Metrics::new().expect("metrics");
         m.request("/v1/chat/completions", 200);
         m.time_to_first_token(Duration::from_millis(30));
-        let text = m.render(Some(EngineStats {
-            running: 2,
-            waiting: 1,
-            kv_used_bytes: 1,
-            kv_capacity_bytes: 4,
-        }));
+        let text = m.render(
+            Some(EngineStats {
+                running: 2,
+                waiting: 1,
+                kv_used_bytes: 1,
+                kv_capacity_bytes: 4,
+            }),
+            None,
+        );
         assert!(text.contains("vllm:num_requests_running 2"), "{text}");
         assert!(text.contains("vllm:num_requests_waiting 1"), "{text}");
         assert!(text.contains("vllm:kv_cache_usage_perc 0.25"), "{text}");
@@ -264,10 +331,38 @@ mod tests {
 
     #[test]
     fn counters_are_exported_from_zero_before_their_first_event() {
-        let text = Metrics::new().expect("metrics").render(None);
+        let text = Metrics::new().expect("metrics").render(None, None);
         for name in [PROMPT_TOKENS, GENERATION_TOKENS, CANCELLED] {
             assert!(text.contains(&format!("\n{name} 0\n")), "{name}: {text}");
         }
+    }
+
+    #[test]
+    fn step_histograms_are_one_family_each_with_cumulative_buckets() {
+        let h = |buckets: Vec<(f64, u64)>, count, sum| HistogramSnapshot {
+            buckets,
+            count,
+            sum,
+        };
+        let steps = StepMetricsSnapshot {
+            forward: h(vec![(0.005, 1), (0.01, 3)], 4, 0.05),
+            sampling: h(vec![(0.005, 2), (0.01, 2)], 2, 0.001),
+            tokens: h(vec![(1.0, 5), (8.0, 6)], 7, 300.0),
+        };
+        let text = Metrics::new().expect("metrics").render(None, Some(steps));
+        for line in [
+            "# TYPE graft_engine_step_seconds histogram",
+            "graft_engine_step_seconds_bucket{phase=\"forward\",le=\"0.01\"} 3",
+            "graft_engine_step_seconds_bucket{phase=\"forward\",le=\"+Inf\"} 4",
+            "graft_engine_step_seconds_count{phase=\"sampling\"} 2",
+            "graft_engine_step_tokens_bucket{le=\"8\"} 6",
+            "graft_engine_step_tokens_sum 300",
+            "vllm:iteration_tokens_total_count 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+        let types = text.matches("# TYPE graft_engine_step_seconds ").count();
+        assert_eq!(types, 1, "one family for both phases");
     }
 
     #[test]
@@ -275,7 +370,7 @@ mod tests {
         let a = Metrics::new().expect("metrics");
         let b = Metrics::new().expect("metrics");
         a.request("/health", 200);
-        assert!(!b.render(None).contains("route=\"/health\""));
+        assert!(!b.render(None, None).contains("route=\"/health\""));
     }
 
     #[test]
@@ -297,7 +392,7 @@ mod tests {
             in_use,
         };
         m.plugin_gauges(&[info("sql", 2), info("idle", 0)], (20, 100));
-        let text = m.render(None);
+        let text = m.render(None, None);
         assert!(
             text.contains("graft_plugin_requests_total{type=\"lora\",name=\"sql\"} 1"),
             "{text}"

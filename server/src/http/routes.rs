@@ -22,13 +22,15 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 
 /// Prometheus text exposition; load gauges are read from the engine now.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.slot.peek().map(|e| e.stats());
+    let engine = state.slot.peek();
+    let stats = engine.as_ref().map(|e| e.stats());
+    let steps = engine.as_ref().and_then(|e| e.step_metrics());
     if let Some(registry) = state.slot.plugins() {
         state
             .metrics
             .plugin_gauges(&registry.list(), registry.memory());
     }
-    let body = state.metrics.render(stats);
+    let body = state.metrics.render(stats, steps);
     (
         [(
             header::CONTENT_TYPE,

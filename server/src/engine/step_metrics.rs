@@ -1,0 +1,159 @@
+//! What each engine step cost, as histograms the engine thread fills and `/metrics` reads.
+//!
+//! Request-level latencies (TTFT, ITL) say that serving slowed down; these say where: a slow
+//! forward pass, slow per-row sampling and streaming, or steps carrying more tokens (prefill
+//! chunks) than usual. The engine thread is the only writer, so recording is a few relaxed
+//! atomic adds per step and never takes a lock a scrape could hold.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Step-time buckets in seconds: a decode step of the default model on two cores takes a few
+/// milliseconds, a 512-token prefill step a few hundred.
+pub const STEP_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Tokens-per-step buckets, as vLLM's `vllm:iteration_tokens_total`.
+pub const STEP_TOKENS_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+/// A Prometheus histogram with fixed upper bounds, written by one thread at a time.
+#[derive(Debug)]
+pub struct AtomicHistogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative), plus one past the last bound for `+Inf`.
+    counts: Box<[AtomicU64]>,
+    /// `f64` bits of the sum of observations.
+    sum: AtomicU64,
+}
+
+/// A histogram as read at one moment: cumulative bucket counts, as the exposition wants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound, observations <= bound)`, bounds ascending; `+Inf` is [`Self::count`].
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl AtomicHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    /// Records one observation. Bounds are inclusive (`le`), as in Prometheus.
+    /// Only one thread may observe at a time: the sum is read, added to and stored back.
+    pub fn observe(&self, value: f64) {
+        let bucket = self.bounds.partition_point(|&b| b < value);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed)) + value;
+        self.sum.store(sum.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut running = 0;
+        let mut buckets = Vec::with_capacity(self.bounds.len());
+        for (&bound, count) in self.bounds.iter().zip(self.counts.iter()) {
+            running += count.load(Ordering::Relaxed);
+            buckets.push((bound, running));
+        }
+        let overflow = self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        HistogramSnapshot {
+            buckets,
+            count: running + overflow,
+            sum: f64::from_bits(self.sum.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The engine thread's per-step histograms.
+#[derive(Debug)]
+pub struct StepMetrics {
+    /// Wall time of the model's forward pass over the batch.
+    pub forward: AtomicHistogram,
+    /// Wall time of sampling, detokenizing and sending every row's result.
+    pub sampling: AtomicHistogram,
+    /// Tokens fed to the model in the step (decode rows plus prompt chunks).
+    pub tokens: AtomicHistogram,
+}
+
+/// [`StepMetrics`] as read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetricsSnapshot {
+    pub forward: HistogramSnapshot,
+    pub sampling: HistogramSnapshot,
+    pub tokens: HistogramSnapshot,
+}
+
+impl Default for StepMetrics {
+    fn default() -> Self {
+        Self {
+            forward: AtomicHistogram::new(STEP_SECONDS_BUCKETS),
+            sampling: AtomicHistogram::new(STEP_SECONDS_BUCKETS),
+            tokens: AtomicHistogram::new(STEP_TOKENS_BUCKETS),
+        }
+    }
+}
+
+impl StepMetrics {
+    /// One step that fed `tokens` tokens: its forward pass and, when it got that far, its
+    /// sampling.
+    pub fn record(&self, tokens: usize, forward: Duration, sampling: Option<Duration>) {
+        self.tokens.observe(tokens as f64);
+        self.forward.observe(forward.as_secs_f64());
+        if let Some(sampling) = sampling {
+            self.sampling.observe(sampling.as_secs_f64());
+        }
+    }
+
+    pub fn snapshot(&self) -> StepMetricsSnapshot {
+        StepMetricsSnapshot {
+            forward: self.forward.snapshot(),
+            sampling: self.sampling.snapshot(),
+            tokens: self.tokens.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_bounds_inclusive() {
+        static BOUNDS: &[f64] = &[1.0, 8.0, 16.0];
+        let h = AtomicHistogram::new(BOUNDS);
+        for v in [1.0, 1.0, 2.0, 8.0, 9.0, 100.0] {
+            h.observe(v);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.buckets, vec![(1.0, 2), (8.0, 4), (16.0, 5)]);
+        assert_eq!(s.count, 6);
+        assert_eq!(s.sum, 121.0);
+    }
+
+    #[test]
+    fn a_step_without_sampling_counts_its_forward_pass_only() {
+        let m = StepMetrics::default();
+        m.record(
+            17,
+            Duration::from_millis(4),
+            Some(Duration::from_micros(300)),
+        );
+        m.record(3, Duration::from_millis(2), None);
+        let s = m.snapshot();
+        assert_eq!(
+            (s.forward.count, s.sampling.count, s.tokens.count),
+            (2, 1, 2)
+        );
+        assert_eq!(s.tokens.sum, 20.0);
+        assert_eq!(s.tokens.buckets[..3], [(1.0, 0), (8.0, 1), (16.0, 1)]);
+        assert!((s.forward.sum - 0.006).abs() < 1e-12, "{}", s.forward.sum);
+    }
+}
