@@ -62,22 +62,51 @@ impl DecoderLayer {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let name = |w| WeightName::Layer(i, w);
         let bias = cfg.attention_bias;
+        // Projections of the same input are loaded together, so the source can stack them
+        // into one matmul (q/k/v, gate/up).
+        let [q, k, v] = load_together(
+            src,
+            [
+                (name(LayerWeight::Q), cfg.num_heads * d, h, bias),
+                (name(LayerWeight::K), cfg.num_kv_heads * d, h, bias),
+                (name(LayerWeight::V), cfg.num_kv_heads * d, h, bias),
+            ],
+        )?;
+        let [gate, up] = load_together(
+            src,
+            [
+                (name(LayerWeight::Gate), cfg.intermediate_size, h, false),
+                (name(LayerWeight::Up), cfg.intermediate_size, h, false),
+            ],
+        )?;
         Ok(Self {
             input_norm: src.vector(name(LayerWeight::InputNorm), h)?,
             attn: Attention {
-                q: src.linear(name(LayerWeight::Q), cfg.num_heads * d, h, bias)?,
-                k: src.linear(name(LayerWeight::K), cfg.num_kv_heads * d, h, bias)?,
-                v: src.linear(name(LayerWeight::V), cfg.num_kv_heads * d, h, bias)?,
+                q,
+                k,
+                v,
                 o: src.linear(name(LayerWeight::O), h, cfg.num_heads * d, false)?,
             },
             post_attention_norm: src.vector(name(LayerWeight::PostAttentionNorm), h)?,
             mlp: Mlp {
-                gate: src.linear(name(LayerWeight::Gate), cfg.intermediate_size, h, false)?,
-                up: src.linear(name(LayerWeight::Up), cfg.intermediate_size, h, false)?,
+                gate,
+                up,
                 down: src.linear(name(LayerWeight::Down), h, cfg.intermediate_size, false)?,
             },
         })
     }
+}
+
+/// [`WeightSource::linears`] for a fixed number of parts.
+fn load_together<const N: usize>(
+    src: &mut dyn WeightSource,
+    parts: [(WeightName, usize, usize, bool); N],
+) -> Result<[Linear; N]> {
+    let loaded = src.linears(&parts)?;
+    let got = loaded.len();
+    loaded
+        .try_into()
+        .map_err(|_| ModelError::Config(format!("weight source gave {got} of {N} projections")))
 }
 
 impl Llama {
@@ -214,8 +243,12 @@ impl Llama {
         let attn = self.self_attention(l, layer, &h, step, batch)?;
         let x = (x + step.project(l, Projection::O, &layer.attn.o, &attn)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
-        let gate = step.project(l, Projection::Gate, &layer.mlp.gate, &h)?;
-        let up = step.project(l, Projection::Up, &layer.mlp.up, &h)?;
+        let mlp = &layer.mlp;
+        let [gate, up] = step.project_stacked(
+            l,
+            [(Projection::Gate, &mlp.gate), (Projection::Up, &mlp.up)],
+            &h,
+        )?;
         let act = crate::kernels::swiglu::swiglu(&gate, &up)?;
         Ok((x + step.project(l, Projection::Down, &layer.mlp.down, &act)?)?)
     }
@@ -232,9 +265,13 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let n = h.dim(0)?;
-        let q = step.project(l, Projection::Q, &layer.attn.q, h)?;
-        let k = step.project(l, Projection::K, &layer.attn.k, h)?;
-        let v = step.project(l, Projection::V, &layer.attn.v, h)?;
+        let a = &layer.attn;
+        let qkv = [
+            (Projection::Q, &a.q),
+            (Projection::K, &a.k),
+            (Projection::V, &a.v),
+        ];
+        let [q, k, v] = step.project_stacked(l, qkv, h)?;
         let q = Rope::apply(
             &q.reshape((n, cfg.num_heads, cfg.head_dim))?,
             &step.cos,
@@ -349,7 +386,34 @@ impl<'a> Step<'a> {
 
     /// `linear(x)` plus the deltas of the hooks targeting this projection.
     fn project(&self, l: usize, proj: Projection, linear: &Linear, x: &Tensor) -> Result<Tensor> {
-        let mut y = linear.forward(x)?;
+        self.linear_deltas(l, proj, linear.forward(x)?, x)
+    }
+
+    /// [`Self::project`] for several projections of the same input, computed as one matmul
+    /// where their weights are stacked (see `Linear::from_qtensors_stacked`).
+    fn project_stacked<const N: usize>(
+        &self,
+        l: usize,
+        parts: [(Projection, &Linear); N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let ys = Linear::forward_stacked(&parts.map(|(_, linear)| linear), x)?;
+        let mut out = Vec::with_capacity(N);
+        for ((proj, _), y) in parts.into_iter().zip(ys) {
+            out.push(self.linear_deltas(l, proj, y, x)?);
+        }
+        out.try_into()
+            .map_err(|_| ModelError::Batch("stacked projection lost a part".into()))
+    }
+
+    /// `y` (projection `proj` of `x`) plus the deltas of the hooks targeting it.
+    fn linear_deltas(
+        &self,
+        l: usize,
+        proj: Projection,
+        mut y: Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         for g in self.linear.iter().filter(|g| g.hook.targets(l, proj)) {
             if let Some(delta) = g.hook.linear_delta(l, proj, &g.group, &g.gather(x)?)? {
                 y = g.add(&y, &delta)?;

@@ -9,6 +9,8 @@
 //! thread count follows `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` as candle's does), and
 //! copies each tile's valid columns into the output.
 
+use std::ops::Range;
+
 use super::acts::{ActRows, Q8Rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape};
@@ -99,35 +101,39 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// `dst (m x n) = acts (m x k) · Wᵀ`, one `tile` call per (row tile, column tile), with tiles
-/// of at most `tile_r` rows by `tile_c` 16-row groups.
+/// `dst (m x cols.len()) = acts (m x k) · W[cols]ᵀ`: the output columns `cols` of the weight
+/// (`cols.start` a multiple of 16, `cols.end` at most `n`), one `tile` call per (row tile,
+/// column tile), with tiles of at most `tile_r` rows by `tile_c` 16-row groups.
 pub(crate) fn run_tiled(
-    (m, k, n): (usize, usize, usize),
+    (m, k, cols): (usize, usize, Range<usize>),
     (tile_r, tile_c): (usize, usize),
     acts: &Q8Rows,
     dst: &mut [f32],
     tile: impl Fn(TileJob<'_>) + Sync,
 ) {
-    debug_assert!(tile_r * tile_c <= MAX_TILE && dst.len() == m * n);
-    let groups = n.div_ceil(TILE_ROWS);
+    let width = cols.len();
+    debug_assert!(tile_r * tile_c <= MAX_TILE && dst.len() == m * width);
+    debug_assert!(cols.start.is_multiple_of(TILE_ROWS));
+    let first_group = cols.start / TILE_ROWS;
+    let groups = cols.end.div_ceil(TILE_ROWS) - first_group;
     let units = groups.div_ceil(tile_c);
     let rows_per_item = if m == 1 { 1 } else { ROWS_PER_ITEM };
     let row_items = m.div_ceil(rows_per_item);
     let dst_ptr = SyncPtr(dst.as_mut_ptr());
     // Items are (column unit, row chunk) pairs, column-unit major, so a worker walking a
     // range of items keeps one weight tile hot in L1 across row chunks.
-    let work = |items: std::ops::Range<usize>| {
+    let work = |items: Range<usize>| {
         let mut out = [[0f32; TILE_ROWS]; MAX_TILE];
         for item in items {
-            let g0 = (item / row_items) * tile_c;
-            let gc = tile_c.min(groups - g0);
+            let g = (item / row_items) * tile_c;
+            let gc = tile_c.min(groups - g);
             let rows_start = (item % row_items) * rows_per_item;
             let rows_end = m.min(rows_start + rows_per_item);
             let mut r0 = rows_start;
             while r0 < rows_end {
                 let rc = tile_r.min(rows_end - r0);
                 tile(TileJob {
-                    g0,
+                    g0: first_group + g,
                     groups: gc,
                     rows: rc,
                     x: acts.rows(r0, rc),
@@ -135,19 +141,19 @@ pub(crate) fn run_tiled(
                 });
                 for r in 0..rc {
                     for c in 0..gc {
-                        let col = (g0 + c) * TILE_ROWS;
-                        let cols = TILE_ROWS.min(n - col);
-                        let dst = dst_ptr.get().wrapping_add((r0 + r) * n + col);
-                        // SAFETY: row r0 + r < m and columns col..col + cols <= n lie inside
-                        // the m * n `dst`; this (row, group) pair belongs to this work item
-                        // alone, so no other worker writes these elements. A full tile is a
-                        // fixed-size copy (two vector moves, not a `memcpy` call).
+                        let col = (g + c) * TILE_ROWS;
+                        let valid = TILE_ROWS.min(width - col);
+                        let dst = dst_ptr.get().wrapping_add((r0 + r) * width + col);
+                        // SAFETY: row r0 + r < m and columns col..col + valid <= width lie
+                        // inside the m * width `dst`; this (row, group) pair belongs to this
+                        // work item alone, so no other worker writes these elements. A full
+                        // tile is a fixed-size copy (two vector moves, not a `memcpy` call).
                         unsafe {
-                            if cols == TILE_ROWS {
+                            if valid == TILE_ROWS {
                                 dst.cast::<[f32; TILE_ROWS]>()
                                     .write_unaligned(out[r * gc + c]);
                             } else {
-                                std::ptr::copy_nonoverlapping(out[r * gc + c].as_ptr(), dst, cols);
+                                std::ptr::copy_nonoverlapping(out[r * gc + c].as_ptr(), dst, valid);
                             }
                         };
                     }
@@ -157,7 +163,7 @@ pub(crate) fn run_tiled(
         }
     };
     let n_items = units * row_items;
-    if m * n * k < PAR_MIN_MACS || n_items == 1 {
+    if m * width * k < PAR_MIN_MACS || n_items == 1 {
         work(0..n_items);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(n_items, work);
@@ -191,21 +197,4 @@ pub(crate) fn cpu_fwd_f32(
     let mut dims = lead.to_vec();
     dims.push(n);
     Ok((CpuStorage::F32(dst), Shape::from(dims)))
-}
-
-/// Checks the slice arguments of a `matmul_f32`.
-pub(crate) fn check_lens(
-    name: &str,
-    (m, k, n): (usize, usize, usize),
-    x: &[f32],
-    dst: &[f32],
-) -> Result<()> {
-    if x.len() != m * k || dst.len() != m * n {
-        bail!(
-            "{name}: {} activations and {} outputs for m = {m}, k = {k}, n = {n}",
-            x.len(),
-            dst.len()
-        )
-    }
-    Ok(())
 }

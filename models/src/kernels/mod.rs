@@ -37,6 +37,7 @@ pub mod swiglu;
 mod testutil;
 
 pub use driver::SimdPath;
+pub(crate) use driver::TILE_ROWS;
 pub use low_rank::LowRankBf16;
 pub use q4_1::Q4_1Matmul;
 pub use q8_0::Q8_0Matmul;

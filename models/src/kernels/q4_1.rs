@@ -30,7 +30,7 @@ mod tests;
 
 use super::acts::ActRows;
 use super::driver::{SimdPath, TileJob, QK, TILE_ROWS};
-use super::residual::{self, ActivationQuantization, TiledWeight, WithActivations};
+use super::residual::{self, ActivationQuantization, TiledWeight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Result, Tensor};
 use pack::PackedBlock;
@@ -120,8 +120,7 @@ impl Q4_1Matmul {
 
     /// [`Self::forward`] with the activations quantized as `mode` says.
     pub fn forward_with(&self, x: &Tensor, mode: ActivationQuantization) -> Result<Tensor> {
-        x.contiguous()?
-            .apply_op1_no_bwd(&WithActivations(self, mode))
+        residual::forward(self, x, 0..self.n, mode)
     }
 
     /// `dst = x · Wᵀ` on slices: `x` is `m` rows of `k` values, `dst` `m` rows of `n`.

@@ -95,6 +95,27 @@ impl GgufSource {
             _ => None,
         }
     }
+
+    /// A projection's weight `(out, inp)` and, when `bias`, its bias `(out,)` as f32.
+    fn read_linear(
+        &mut self,
+        name: WeightName,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<(QTensor, Option<Tensor>)> {
+        let base = name.gguf();
+        let heads = self.rope_heads(name);
+        let weight = self.read_checked(&format!("{base}.weight"), &[out, inp], heads)?;
+        let bias = match bias {
+            true => Some(
+                self.read_checked(&format!("{base}.bias"), &[out], heads)?
+                    .dequantize(&self.device)?,
+            ),
+            false => None,
+        };
+        Ok((weight, bias))
+    }
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: GGUF row `h*d + 2i + s` holds Hugging Face
@@ -125,17 +146,16 @@ impl WeightSource for GgufSource {
     }
 
     fn linear(&mut self, name: WeightName, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let base = name.gguf();
-        let heads = self.rope_heads(name);
-        let weight = self.read_checked(&format!("{base}.weight"), &[out, inp], heads)?;
-        let bias = match bias {
-            true => Some(
-                self.read_checked(&format!("{base}.bias"), &[out], heads)?
-                    .dequantize(&self.device)?,
-            ),
-            false => None,
-        };
+        let (weight, bias) = self.read_linear(name, out, inp, bias)?;
         Linear::from_qtensor(weight, bias)
+    }
+
+    fn linears(&mut self, parts: &[(WeightName, usize, usize, bool)]) -> Result<Vec<Linear>> {
+        let weights = parts
+            .iter()
+            .map(|&(name, out, inp, bias)| self.read_linear(name, out, inp, bias))
+            .collect::<Result<Vec<_>>>()?;
+        Linear::from_qtensors_stacked(weights)
     }
 
     fn vector(&mut self, name: WeightName, len: usize) -> Result<Tensor> {

@@ -99,6 +99,15 @@ pub trait WeightSource {
     fn device(&self) -> &Device;
     /// A projection `(out, inp)`, with a bias of `(out,)` when `bias`.
     fn linear(&mut self, name: WeightName, out: usize, inp: usize, bias: bool) -> Result<Linear>;
+    /// Projections of the same input, each `(name, out, inp, bias)` as [`Self::linear`]
+    /// takes it; a source may stack their weights so that they run as one matmul (see
+    /// [`Linear::from_qtensors_stacked`]). By default each is loaded on its own.
+    fn linears(&mut self, parts: &[(WeightName, usize, usize, bool)]) -> Result<Vec<Linear>> {
+        parts
+            .iter()
+            .map(|&(name, out, inp, bias)| self.linear(name, out, inp, bias))
+            .collect()
+    }
     /// A norm weight of `(len,)`, as f32.
     fn vector(&mut self, name: WeightName, len: usize) -> Result<Tensor>;
     /// The token embedding `(vocab, hidden)`, as a [`Linear`] so a tied LM head can reuse it.
