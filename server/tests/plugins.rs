@@ -38,6 +38,11 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with_budget(1 << 20)
+    }
+
+    /// With a plug-in memory budget of `budget_bytes`; the adapters are loaded in order.
+    fn with_budget(budget_bytes: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let tiny = TinyModel::random(tiny_config(Architecture::Llama), SEED).unwrap();
         let plugins = dir.path().join("plugins");
@@ -57,7 +62,7 @@ impl Setup {
         };
         let config = RegistryConfig {
             dir: Some(plugins),
-            budget_bytes: 1 << 20,
+            budget_bytes,
         };
         let registry = Arc::new(Registry::new(base, config).unwrap());
         for name in ["a0", "a1"] {
@@ -265,6 +270,37 @@ async fn adapters_are_selected_by_model_name_or_plugins_list_and_echoed() {
         second.get("plugins").is_none(),
         "only the first chunk echoes: {second}"
     );
+}
+
+#[tokio::test]
+async fn an_evicted_adapter_is_read_back_for_the_request_that_names_it() {
+    let roomy = Setup::new();
+    let largest = roomy.registry.list().iter().map(|p| p.bytes).max().unwrap();
+    // Room for one adapter: loading a1 evicted a0.
+    let tight = Setup::with_budget(largest);
+    let resident = |s: &Setup| -> Vec<String> {
+        let list = s.registry.list();
+        list.into_iter()
+            .filter(|p| p.resident)
+            .map(|p| p.name)
+            .collect()
+    };
+    assert_eq!(resident(&tight), ["a1"]);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (roomy_app, tight_app) = (
+        http_app(&roomy, dir_a.path()),
+        http_app(&tight, dir_b.path()),
+    );
+    for name in ["a0", "a1", "a0"] {
+        let want = chat(&roomy_app, greedy(name, json!([]))).await.ok();
+        let got = chat(&tight_app, greedy(name, json!([]))).await.ok();
+        assert_eq!(got["choices"], want["choices"], "{name}");
+        assert_eq!(
+            got["plugins"], want["plugins"],
+            "same file, same hash: {name}"
+        );
+        assert_eq!(resident(&tight), [name], "the other adapter made room");
+    }
 }
 
 #[tokio::test]

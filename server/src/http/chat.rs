@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::chat_entry;
-use super::selection::{select_for, Selection};
+use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
 use super::validate::{chat_messages, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan};
@@ -27,7 +27,8 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let selection = select_for(&state, engine.info(), req.model.as_deref(), &req.plugins)?;
+    let selection =
+        select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
     state.metrics.plugins_used(&selection.chain.entries);
     let requests = plan(
         &req,

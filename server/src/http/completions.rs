@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::LegacyLogprobs;
-use super::selection::{select_for, Selection};
+use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
 use super::stream::{sse_response, ChunkFormat, Envelope};
 use super::validate::{
@@ -47,7 +47,8 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let selection = select_for(&state, engine.info(), req.model.as_deref(), &req.plugins)?;
+    let selection =
+        select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
     state.metrics.plugins_used(&selection.chain.entries);
     let (requests, shape) = plan(
         &req,

@@ -21,6 +21,30 @@ pub struct Selection {
     pub model: String,
 }
 
+/// [`select_for`] for a generation request. One that names plug-ins resolves on the blocking
+/// pool: an evicted plug-in is read back from disk (and hashed and checked) there, not on a
+/// thread that also streams other requests' tokens.
+pub async fn select_for_generation(
+    state: &AppState,
+    info: &ModelInfo,
+    model: Option<&str>,
+    plugins: &[PluginSpec],
+) -> Result<Selection, ApiError> {
+    let base_only = plugins.is_empty() && model.is_none_or(|m| m == info.id);
+    let Some(registry) = state.slot.plugins().filter(|_| !base_only) else {
+        return select_for(state, info, model, plugins);
+    };
+    let (model, plugins, info) = (model.map(str::to_owned), plugins.to_vec(), info.clone());
+    tokio::task::spawn_blocking(move || select(model.as_deref(), &plugins, &info, Some(&registry)))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("plug-in selection failed: {e}"),
+            )
+        })?
+}
+
 /// [`select`] with the app's registry (none until the model is loaded).
 pub fn select_for(
     state: &AppState,
