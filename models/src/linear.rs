@@ -179,15 +179,16 @@ impl Linear {
     /// activation mode, otherwise one per part. Results equal each part's [`Self::forward`]
     /// bit for bit.
     pub fn forward_stacked(parts: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(cols) = stacked_columns(parts) else {
-            return parts.iter().map(|p| p.forward(x)).collect();
-        };
         let widths: Vec<usize> = parts.iter().map(|p| p.out_features).collect();
-        let mode = parts[0].activations;
-        let ys = match &parts[0].weight {
-            Weight::Q4_1(k) => residual::forward_parts(k.as_ref(), x, cols, &widths, mode)?,
-            Weight::Q8_0(k) => residual::forward_parts(k.as_ref(), x, cols, &widths, mode)?,
-            Weight::Candle(_) => return parts.iter().map(|p| p.forward(x)).collect(),
+        let mode = parts.first().map(|p| p.activations).unwrap_or_default();
+        let ys = match (stacked_columns(parts), parts.first().map(|p| &p.weight)) {
+            (Some(cols), Some(Weight::Q4_1(k))) => {
+                residual::forward_parts(k.as_ref(), x, cols, &widths, mode)?
+            }
+            (Some(cols), Some(Weight::Q8_0(k))) => {
+                residual::forward_parts(k.as_ref(), x, cols, &widths, mode)?
+            }
+            _ => return parts.iter().map(|p| p.forward(x)).collect(),
         };
         parts.iter().zip(ys).map(|(p, y)| p.add_bias(y)).collect()
     }

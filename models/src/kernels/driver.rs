@@ -179,6 +179,23 @@ pub(crate) fn cpu_fwd_f32(
     layout: &Layout,
     matmul: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
 ) -> Result<(CpuStorage, Shape)> {
+    let (x, lead) = f32_rows(name, k, storage, layout)?;
+    let m: usize = lead.iter().product();
+    let mut dst = vec![0f32; m * n];
+    matmul(x, m, &mut dst)?;
+    let mut dims = lead.to_vec();
+    dims.push(n);
+    Ok((CpuStorage::F32(dst), Shape::from(dims)))
+}
+
+/// The values of a contiguous f32 input `(..., k)` and its leading dims, or an error naming
+/// `name` and what is wrong with the input.
+pub(crate) fn f32_rows<'a>(
+    name: &str,
+    k: usize,
+    storage: &'a CpuStorage,
+    layout: &'a Layout,
+) -> Result<(&'a [f32], &'a [usize])> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("{name}: input is not contiguous {layout:?}")
     };
@@ -191,10 +208,5 @@ pub(crate) fn cpu_fwd_f32(
     let CpuStorage::F32(x) = storage else {
         bail!("{name}: input must be f32, got {:?}", storage.dtype())
     };
-    let m: usize = lead.iter().product();
-    let mut dst = vec![0f32; m * n];
-    matmul(&x[start..end], m, &mut dst)?;
-    let mut dims = lead.to_vec();
-    dims.push(n);
-    Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    Ok((&x[start..end], lead))
 }

@@ -117,26 +117,14 @@ pub(crate) fn forward_parts<W: TiledWeight>(
 ) -> Result<Vec<Tensor>> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        bail!("{}: input must be contiguous f32 on the CPU", W::NAME)
+    let Storage::Cpu(storage) = &*storage else {
+        bail!("{}: input must be on the CPU", W::NAME)
     };
-    let Some((&k, lead)) = x.dims().split_last() else {
-        bail!("{}: input is a scalar", W::NAME)
-    };
-    if k != w.dims().1 {
-        bail!(
-            "{}: input {:?} does not end in k = {}",
-            W::NAME,
-            x.shape(),
-            w.dims().1
-        )
-    }
+    let (data, lead) = driver::f32_rows(W::NAME, w.dims().1, storage, layout)?;
     let m: usize = lead.iter().product();
     let mut outs: Vec<Vec<f32>> = widths.iter().map(|&wd| vec![0f32; m * wd]).collect();
     let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
-    matmul_columns(w, cols, &data[start..end], m, &mut dsts, mode)?;
+    matmul_columns(w, cols, data, m, &mut dsts, mode)?;
     outs.into_iter()
         .zip(widths)
         .map(|(values, &width)| {
