@@ -188,19 +188,9 @@ impl Q8_0Matmul {
     }
 }
 
-/// (activation rows, 16-row weight groups) per micro-kernel call for `m` activation rows.
-fn tile_shape(path: SimdPath, m: usize) -> (usize, usize) {
-    match (path, m) {
-        (SimdPath::Avx512Vnni, 1) => (1, 2),
-        (SimdPath::Avx512Vnni, _) => (4, 2),
-        (SimdPath::Avx2, 1) => (1, 2),
-        (SimdPath::Avx2, _) => (2, 1),
-        (SimdPath::Scalar, _) => (1, 1),
-    }
-}
-
 /// Generates a dispatcher from runtime tile sizes to the monomorphised kernels of one path.
-/// It must list every shape `tile_shape` can produce, and every smaller one (edge tiles).
+/// It must list every shape `TiledWeight::tile_shape` can produce, and every smaller one (edge
+/// tiles).
 macro_rules! tile_dispatch {
     ($name:ident, $module:ident, $(($r:literal, $c:literal)),*) => {
         /// Runs the `(r, c)` tile kernel of this path.
@@ -280,10 +270,6 @@ impl TiledWeight for Q8_0Matmul {
 
     fn path(&self) -> SimdPath {
         self.path
-    }
-
-    fn tile_shape(&self, m: usize) -> (usize, usize) {
-        tile_shape(self.path, m)
     }
 
     fn tile(&self, job: TileJob<'_>) {

@@ -37,8 +37,17 @@ pub(crate) trait TiledWeight: Sync {
     /// `(n, k)`: output and input features.
     fn dims(&self) -> (usize, usize);
     fn path(&self) -> SimdPath;
-    /// (activation rows, 16-row weight groups) per micro-kernel call for `m` rows.
-    fn tile_shape(&self, m: usize) -> (usize, usize);
+    /// (activation rows, 16-row weight groups) per micro-kernel call for `m` rows: what fits
+    /// the path's registers, the same for every format so far.
+    fn tile_shape(&self, m: usize) -> (usize, usize) {
+        match (self.path(), m) {
+            (SimdPath::Avx512Vnni, 1) => (1, 2),
+            (SimdPath::Avx512Vnni, _) => (4, 2),
+            (SimdPath::Avx2, 1) => (1, 2),
+            (SimdPath::Avx2, _) => (2, 1),
+            (SimdPath::Scalar, _) => (1, 1),
+        }
+    }
     /// One micro-kernel call (see [`driver::run_tiled`]).
     fn tile(&self, job: TileJob<'_>);
 }
