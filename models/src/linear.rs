@@ -277,19 +277,19 @@ mod tests {
         QTensor::quantize(&w, dtype).expect("quantize")
     }
 
-    /// The parts built separately and built stacked.
+    /// The parts built separately and built stacked, each with its own bias (as Qwen2's
+    /// q/k/v have), so a bias applied to the wrong part shows.
     fn both(shapes: &[(GgmlDType, usize, usize)]) -> Result<(Vec<Linear>, Vec<Linear>)> {
-        let weights = || {
-            let seeds = 1..;
-            shapes
-                .iter()
-                .zip(seeds)
-                .map(|(&(t, n, k), s)| weight(t, n, k, s))
+        let parts = || {
+            shapes.iter().zip(1..).map(|(&(t, n, k), s)| {
+                let bias = Tensor::from_vec(values(n, 100 + s), n, &Device::Cpu);
+                (weight(t, n, k, s), bias.expect("bias"))
+            })
         };
-        let separate = weights()
-            .map(|w| Linear::from_qtensor(w, None))
+        let separate = parts()
+            .map(|(w, b)| Linear::from_qtensor(w, Some(b)))
             .collect::<Result<_>>()?;
-        let stacked = Linear::from_qtensors_stacked(weights().map(|w| (w, None)).collect())?;
+        let stacked = Linear::from_qtensors_stacked(parts().map(|(w, b)| (w, Some(b))).collect())?;
         Ok((separate, stacked))
     }
 
