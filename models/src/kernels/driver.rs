@@ -79,8 +79,10 @@ impl SimdPath {
 }
 
 /// One micro-kernel call: activation rows `x` against 16-row weight groups `g0..g0 + groups`,
-/// results into `out[row * groups + group]`.
-pub(crate) struct TileJob<'a> {
+/// results into `out[row * groups + group]`. Public in name only: `driver` is a private
+/// module, so no other crate can name or build one, nor implement or call
+/// `TileFormat::tile`.
+pub struct TileJob<'a> {
     pub(crate) g0: usize,
     pub(crate) groups: usize,
     pub(crate) rows: usize,

@@ -28,6 +28,7 @@ pub(crate) mod attention;
 mod driver;
 pub(crate) mod exp_weights;
 pub mod low_rank;
+pub mod packed;
 pub mod q4_1;
 pub mod q8_0;
 pub(crate) mod residual;

@@ -23,120 +23,43 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod pack;
-mod rows;
 mod scalar;
 #[cfg(test)]
 mod tests;
 
 use super::acts::ActRows;
-use super::driver::{SimdPath, TileJob, QK, TILE_ROWS};
-use super::residual::{self, ActivationQuantization, TiledWeight};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, Result, Tensor};
+use super::driver::{SimdPath, TileJob, TILE_ROWS};
+use super::packed::{PackedMatmul, TileFormat};
+use super::rows::lane_byte;
+use candle_core::quantized::GgmlDType;
+use candle_core::Result;
 use pack::PackedBlock;
 
-const NAME: &str = "q4_1 matmul";
+/// A Q4_1 `(n, k)` weight repacked for the CPU kernels, applied as `x · Wᵀ` (20 bytes per 32
+/// values, as in the file).
+pub type Q4_1Matmul = PackedMatmul<Q4_1Tiles>;
 
-/// A Q4_1 `(n, k)` weight repacked for the CPU kernels, applied as `x · Wᵀ`.
-///
-/// Built from a GGUF `QTensor` with [`Q4_1Matmul::try_new`]; the weights are copied (same
-/// size: 20 bytes per 32 values), so the `QTensor` may be dropped afterwards.
-pub struct Q4_1Matmul {
-    /// `n.div_ceil(16) * (k / 32)` tiles, group-major.
-    blocks: Vec<PackedBlock>,
-    n: usize,
-    k: usize,
-    path: SimdPath,
-}
+/// Q4_1 blocks, 16 weight rows to a tile (module `pack`).
+pub struct Q4_1Tiles(Vec<PackedBlock>);
 
-impl std::fmt::Debug for Q4_1Matmul {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Q4_1Matmul")
-            .field("n", &self.n)
-            .field("k", &self.k)
-            .field("path", &self.path)
-            .finish()
-    }
-}
+impl TileFormat for Q4_1Tiles {
+    const NAME: &'static str = "q4_1 matmul";
+    const DTYPE: GgmlDType = GgmlDType::Q4_1;
 
-impl Q4_1Matmul {
-    /// Repacks a Q4_1 weight of shape `(n, k)` (GGUF order: `n` output features, `k` inputs).
-    ///
-    /// Returns `Ok(None)` when the tensor is not for these kernels (not on the CPU, or not
-    /// Q4_1): the caller should use candle's `QMatMul` then. Errors on a Q4_1 CPU tensor that
-    /// is not 2-D or whose `k` is not a multiple of 32.
-    pub fn try_new(w: &QTensor) -> Result<Option<Self>> {
-        if !w.device().is_cpu() || w.dtype() != GgmlDType::Q4_1 {
-            return Ok(None);
-        }
-        let (n, k) = w.shape().dims2()?;
-        let blocks = pack::pack(&w.data()?, n, k)?;
-        Ok(Some(Self {
-            blocks,
-            n,
-            k,
-            path: SimdPath::detect(),
-        }))
+    fn pack(raw: &[u8], n: usize, k: usize) -> Result<Self> {
+        Ok(Self(pack::pack(raw, n, k)?))
     }
 
-    /// Like [`Self::try_new`], but a tensor these kernels do not handle is an error.
-    pub fn new(w: &QTensor) -> Result<Self> {
-        match Self::try_new(w)? {
-            Some(mm) => Ok(mm),
-            None => bail!(
-                "{NAME} needs a Q4_1 weight on the CPU, got {:?} on {:?}",
-                w.dtype(),
-                w.device().location()
-            ),
-        }
+    fn tile(&self, path: SimdPath, nb: usize, job: TileJob<'_>) {
+        let w = &self.0[job.g0 * nb..(job.g0 + job.groups) * nb];
+        run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
     }
 
-    /// The same weights run through another path (for tests and benchmarks). Errors when this
-    /// CPU lacks the path's instructions.
-    pub fn with_path(mut self, path: SimdPath) -> Result<Self> {
-        self.path = path.checked(NAME)?;
-        Ok(self)
-    }
-
-    /// The path this matmul runs.
-    pub fn path(&self) -> SimdPath {
-        self.path
-    }
-
-    /// Output features.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Input features.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// `x · Wᵀ` for f32 `x` of shape `(..., k)` on the CPU; returns `(..., n)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, ActivationQuantization::Single)
-    }
-
-    /// [`Self::forward`] with the activations quantized as `mode` says.
-    pub fn forward_with(&self, x: &Tensor, mode: ActivationQuantization) -> Result<Tensor> {
-        residual::forward(self, x, 0..self.n, mode)
-    }
-
-    /// `dst = x · Wᵀ` on slices: `x` is `m` rows of `k` values, `dst` `m` rows of `n`.
-    pub fn matmul_f32(&self, x: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
-        self.matmul_f32_with(x, m, dst, ActivationQuantization::Single)
-    }
-
-    /// [`Self::matmul_f32`] with the activations quantized as `mode` says.
-    pub fn matmul_f32_with(
-        &self,
-        x: &[f32],
-        m: usize,
-        dst: &mut [f32],
-        mode: ActivationQuantization,
-    ) -> Result<()> {
-        residual::matmul(self, x, m, dst, mode)
+    fn dequantize_block(&self, tile: usize, lane: usize, out: &mut Vec<f32>) {
+        let block = &self.0[tile];
+        let (d, m) = (block.d[lane].to_f32(), block.m[lane].to_f32());
+        out.extend((0..16).map(|j| d * (lane_byte(&block.qs, lane, j) & 0x0F) as f32 + m));
+        out.extend((0..16).map(|j| d * (lane_byte(&block.qs, lane, j) >> 4) as f32 + m));
     }
 }
 
@@ -207,23 +130,5 @@ fn run_tile(
                 }
             }
         }
-    }
-}
-
-impl TiledWeight for Q4_1Matmul {
-    const NAME: &'static str = NAME;
-
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn path(&self) -> SimdPath {
-        self.path
-    }
-
-    fn tile(&self, job: TileJob<'_>) {
-        let (path, nb) = (self.path, self.k / QK);
-        let w = &self.blocks[job.g0 * nb..(job.g0 + job.groups) * nb];
-        run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
     }
 }

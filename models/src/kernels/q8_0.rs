@@ -22,16 +22,16 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-mod rows;
 mod scalar;
 #[cfg(test)]
 mod tests;
 
 use super::acts::ActRows;
 use super::driver::{SimdPath, TileJob, QK, TILE_ROWS};
-use super::residual::{self, ActivationQuantization, TiledWeight};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, Result, Tensor};
+use super::packed::{PackedMatmul, TileFormat};
+use super::rows::lane_byte;
+use candle_core::quantized::GgmlDType;
+use candle_core::{bail, Result};
 use half::f16;
 
 const NAME: &str = "q8_0 matmul";
@@ -55,23 +55,37 @@ pub(crate) struct Weights<'a> {
 }
 
 /// A Q8_0 `(n, k)` weight repacked for the CPU kernels, applied as `x · Wᵀ`.
-pub struct Q8_0Matmul {
-    /// `n.div_ceil(16) * (k / 32)` tiles, group-major; rows past `n` are zero.
+pub type Q8_0Matmul = PackedMatmul<Q8_0Tiles>;
+
+/// Q8_0 blocks, 16 weight rows to a tile, and the matching per-row scales.
+pub struct Q8_0Tiles {
     qs: Vec<QsTile>,
-    /// The matching per-row scales.
     d: Vec<[f16; TILE_ROWS]>,
-    n: usize,
-    k: usize,
-    path: SimdPath,
 }
 
-impl std::fmt::Debug for Q8_0Matmul {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Q8_0Matmul")
-            .field("n", &self.n)
-            .field("k", &self.k)
-            .field("path", &self.path)
-            .finish()
+impl TileFormat for Q8_0Tiles {
+    const NAME: &'static str = NAME;
+    const DTYPE: GgmlDType = GgmlDType::Q8_0;
+
+    fn pack(raw: &[u8], n: usize, k: usize) -> Result<Self> {
+        let (qs, d) = pack(raw, n, k)?;
+        Ok(Self { qs, d })
+    }
+
+    fn tile(&self, path: SimdPath, nb: usize, job: TileJob<'_>) {
+        let tiles = job.g0 * nb..(job.g0 + job.groups) * nb;
+        let w = Weights {
+            qs: &self.qs[tiles.clone()],
+            d: &self.d[tiles],
+        };
+        run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
+    }
+
+    fn dequantize_block(&self, tile: usize, lane: usize, out: &mut Vec<f32>) {
+        let d = self.d[tile][lane].to_f32();
+        // Stored offset by +128 for vpdpbusd's unsigned operand.
+        let value = |j| d * (lane_byte(&self.qs[tile].qs, lane, j) as i32 - 128) as f32;
+        out.extend((0..QK).map(value));
     }
 }
 
@@ -104,88 +118,6 @@ fn pack(raw: &[u8], n: usize, k: usize) -> Result<(Vec<QsTile>, Vec<[f16; TILE_R
         }
     }
     Ok((qs, d))
-}
-
-impl Q8_0Matmul {
-    /// Repacks a Q8_0 weight of shape `(n, k)` (GGUF order: `n` output features, `k` inputs).
-    ///
-    /// Returns `Ok(None)` when the tensor is not for these kernels (not on the CPU, or not
-    /// Q8_0): the caller should use candle's `QMatMul` then. Errors on a Q8_0 CPU tensor that
-    /// is not 2-D or whose `k` is not a multiple of 32.
-    pub fn try_new(w: &QTensor) -> Result<Option<Self>> {
-        if !w.device().is_cpu() || w.dtype() != GgmlDType::Q8_0 {
-            return Ok(None);
-        }
-        let (n, k) = w.shape().dims2()?;
-        let (qs, d) = pack(&w.data()?, n, k)?;
-        Ok(Some(Self {
-            qs,
-            d,
-            n,
-            k,
-            path: SimdPath::detect(),
-        }))
-    }
-
-    /// Like [`Self::try_new`], but a tensor these kernels do not handle is an error.
-    pub fn new(w: &QTensor) -> Result<Self> {
-        match Self::try_new(w)? {
-            Some(mm) => Ok(mm),
-            None => bail!(
-                "{NAME} needs a Q8_0 weight on the CPU, got {:?} on {:?}",
-                w.dtype(),
-                w.device().location()
-            ),
-        }
-    }
-
-    /// The same weights run through another path (for tests and benchmarks). Errors when this
-    /// CPU lacks the path's instructions.
-    pub fn with_path(mut self, path: SimdPath) -> Result<Self> {
-        self.path = path.checked(NAME)?;
-        Ok(self)
-    }
-
-    /// The path this matmul runs.
-    pub fn path(&self) -> SimdPath {
-        self.path
-    }
-
-    /// Output features.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Input features.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// `x · Wᵀ` for f32 `x` of shape `(..., k)` on the CPU; returns `(..., n)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, ActivationQuantization::Single)
-    }
-
-    /// [`Self::forward`] with the activations quantized as `mode` says.
-    pub fn forward_with(&self, x: &Tensor, mode: ActivationQuantization) -> Result<Tensor> {
-        residual::forward(self, x, 0..self.n, mode)
-    }
-
-    /// `dst = x · Wᵀ` on slices: `x` is `m` rows of `k` values, `dst` `m` rows of `n`.
-    pub fn matmul_f32(&self, x: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
-        self.matmul_f32_with(x, m, dst, ActivationQuantization::Single)
-    }
-
-    /// [`Self::matmul_f32`] with the activations quantized as `mode` says.
-    pub fn matmul_f32_with(
-        &self,
-        x: &[f32],
-        m: usize,
-        dst: &mut [f32],
-        mode: ActivationQuantization,
-    ) -> Result<()> {
-        residual::matmul(self, x, m, dst, mode)
-    }
 }
 
 /// Generates a dispatcher from runtime tile sizes to the monomorphised kernels of one path.
@@ -258,27 +190,5 @@ fn run_tile(
                 }
             }
         }
-    }
-}
-
-impl TiledWeight for Q8_0Matmul {
-    const NAME: &'static str = NAME;
-
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn path(&self) -> SimdPath {
-        self.path
-    }
-
-    fn tile(&self, job: TileJob<'_>) {
-        let (path, nb) = (self.path, self.k / QK);
-        let tiles = job.g0 * nb..(job.g0 + job.groups) * nb;
-        let w = Weights {
-            qs: &self.qs[tiles.clone()],
-            d: &self.d[tiles],
-        };
-        run_tile(path, job.rows, job.groups, w, nb, job.x, job.out);
     }
 }

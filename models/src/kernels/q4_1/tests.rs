@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::kernels::testutil::{self, random_matrix};
+use candle_core::quantized::QTensor;
 
 #[test]
 fn matches_references_over_model_and_edge_shapes() {
@@ -40,12 +41,19 @@ fn packing_transposes_rows_into_lanes() {
     let mm = Q4_1Matmul::new(&w).unwrap();
     let (row, b, nb) = (17, 1, 2);
     let src = &raw[(row * nb + b) * 20..(row * nb + b + 1) * 20];
-    let tile = &mm.blocks[nb + b];
+    let tile = &mm.tiles().0[nb + b];
     assert_eq!(tile.d[1].to_bits(), u16::from_le_bytes([src[0], src[1]]));
     assert_eq!(tile.m[1].to_bits(), u16::from_le_bytes([src[2], src[3]]));
     for j in 0..16 {
         assert_eq!(tile.qs[64 * (j / 4) + 4 + j % 4], src[4 + j]);
     }
     // Lanes past n = 20 are zero.
-    assert!(mm.blocks[nb].d[4..].iter().all(|d| d.to_bits() == 0));
+    assert!(mm.tiles().0[nb].d[4..].iter().all(|d| d.to_bits() == 0));
+}
+
+#[test]
+fn rows_equal_candle_dequantization() -> Result<()> {
+    crate::kernels::rows::tests::check(GgmlDType::Q4_1, |w, rows| {
+        Q4_1Matmul::new(w)?.dequantize_rows(rows)
+    })
 }

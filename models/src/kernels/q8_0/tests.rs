@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::kernels::testutil::{self, random_matrix};
+use candle_core::quantized::QTensor;
 
 #[test]
 fn matches_references_over_model_and_edge_shapes() {
@@ -85,4 +86,11 @@ fn extreme_weights_do_not_saturate() {
         mm.matmul_f32(&x, 1, &mut out).unwrap();
         assert_eq!(out, scalar, "{path:?}");
     }
+}
+
+#[test]
+fn rows_equal_candle_dequantization() -> Result<()> {
+    crate::kernels::rows::tests::check(GgmlDType::Q8_0, |w, rows| {
+        Q8_0Matmul::new(w)?.dequantize_rows(rows)
+    })
 }
