@@ -250,9 +250,9 @@ impl<M: StepModel> Worker<M> {
     }
 
     /// Samples, detokenizes and streams each row's result. Rows are independent (each
-    /// sequence owns its sampler, seeded per request), so two or more run in parallel: with 16 rows
-    /// at temperature > 0 this per-row work is a sizeable part of a decode step, and serially
-    /// it would leave all but one core idle while the batch waits.
+    /// sequence owns its sampler, seeded per request), so two or more run in parallel: with
+    /// 16 rows at temperature > 0 this per-row work is a sizeable part of a decode step, and
+    /// serially it would leave all but one core idle while the batch waits.
     fn after_step(&mut self, plan: &[PlannedRow], outputs: Vec<Option<Tensor>>) {
         let now = Instant::now();
         let running = self.scheduler.running_mut();

@@ -112,6 +112,17 @@ pub struct ApiError {
     pub param: Option<String>,
 }
 
+/// Runs `f` on tokio's blocking pool (file reads, hashing), off the threads that stream
+/// responses; a task that panicked or was cancelled is a 500 naming `what`.
+pub async fn on_blocking_pool<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("{what} failed: {e}")))
+}
+
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {

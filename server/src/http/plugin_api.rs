@@ -10,7 +10,7 @@ use axum::Json;
 use plugins::{PluginKind, Registry, Source};
 use serde_json::{json, Value};
 
-use super::error::{ApiError, ErrorKind};
+use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::extract::ApiJson;
 use super::state::AppState;
 use super::wire::LoadPluginRequest;
@@ -40,16 +40,10 @@ pub async fn load(
 ) -> Result<Json<Value>, ApiError> {
     let registry = registry(&state)?;
     let kind = PluginKind::parse(&req.kind).map_err(|e| ApiError::from(e).with_param("type"))?;
-    let loaded = tokio::task::spawn_blocking(move || {
+    let loaded = on_blocking_pool("plug-in load task", move || {
         registry.load(kind, &req.name, &req.path, Source::Api, req.replace)
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            ErrorKind::Internal,
-            format!("plug-in load task failed: {e}"),
-        )
-    })?;
+    .await?;
     let info = loaded.map_err(|e| ApiError::from(e).with_param("path"))?;
     Ok(Json(json!(info)))
 }

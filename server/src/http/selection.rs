@@ -8,7 +8,7 @@
 
 use plugins::{Chain, PluginError, PluginSpec, Registry};
 
-use super::error::{ApiError, ErrorKind};
+use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::state::AppState;
 use crate::engine::ModelInfo;
 
@@ -35,14 +35,10 @@ pub async fn select_for_generation(
         return select_for(state, info, model, plugins);
     };
     let (model, plugins, info) = (model.map(str::to_owned), plugins.to_vec(), info.clone());
-    tokio::task::spawn_blocking(move || select(model.as_deref(), &plugins, &info, Some(&registry)))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorKind::Internal,
-                format!("plug-in selection failed: {e}"),
-            )
-        })?
+    on_blocking_pool("plug-in selection", move || {
+        select(model.as_deref(), &plugins, &info, Some(&registry))
+    })
+    .await?
 }
 
 /// [`select`] with the app's registry (none until the model is loaded).
