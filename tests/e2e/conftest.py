@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("GRAFT_SERVER_BIN", ROOT / "target" / "debug" / "server"))
@@ -66,6 +67,16 @@ class Server:
         )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
+
+    def metrics(self) -> dict:
+        """/metrics parsed by the official Prometheus client library (so the page must be valid
+        exposition text): {(sample name, labels as a sorted tuple): value}."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

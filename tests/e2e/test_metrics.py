@@ -3,19 +3,8 @@ library, and the engine's step histograms account for every step of a request.""
 import time
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODEL_ID
-
-
-def scrape(server) -> dict:
-    """{(sample name, labels as a sorted tuple): value}, parsed by prometheus_client."""
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def step_counts(m: dict) -> tuple:
@@ -25,7 +14,7 @@ def step_counts(m: dict) -> tuple:
 
 
 def test_step_histograms_count_each_step_of_a_request_and_its_tokens(server):
-    forward0, sampling0, tokens0 = step_counts(scrape(server))
+    forward0, sampling0, tokens0 = step_counts(server.metrics())
     body = {"model": MODEL_ID, "prompt": "The sky is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     r = requests.post(server.url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
@@ -33,9 +22,9 @@ def test_step_histograms_count_each_step_of_a_request_and_its_tokens(server):
     assert usage["completion_tokens"] == 8
     # The reply can arrive before the engine records the step that finished it.
     deadline = time.monotonic() + 10
-    while step_counts(scrape(server))[1] < sampling0 + 8 and time.monotonic() < deadline:
+    while step_counts(server.metrics())[1] < sampling0 + 8 and time.monotonic() < deadline:
         time.sleep(0.05)
-    m = scrape(server)
+    m = server.metrics()
     forward, sampling, tokens = step_counts(m)
     # One step takes the whole prompt and yields the first token; each later token is a step.
     assert (forward - forward0, sampling - sampling0) == (8, 8)
