@@ -19,9 +19,9 @@ use models::{BatchRow, Hook, HookCall, KvCache, Llama, LogitsWanted, Projection}
 use plugins::controller::{
     BaseIdentity, ControllerConfig, ControllerTensors, SteeringController, TYPE,
 };
+use plugins::files::PluginFiles;
 use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
 use plugins::lora::{LoraAdapter, LoraParams};
-use plugins::plugin::ContentHash;
 use plugins::steer::{ControlVector, SteeringVector};
 use plugins::{BaseModel, Plugin};
 
@@ -74,7 +74,7 @@ fn adapter(
         config: m.config.clone(),
         device: Device::Cpu,
     };
-    Arc::new(LoraAdapter::load("bench", dir, &base, &mut ContentHash::default()).expect("load"))
+    Arc::new(LoraAdapter::load("bench", dir, &base, &mut PluginFiles::unconfined()).expect("load"))
 }
 
 fn call(a: &Arc<LoraAdapter>) -> HookCall {
@@ -151,7 +151,7 @@ fn controller(m: &Llama, dir: &std::path::Path) -> Arc<dyn Plugin> {
     };
     tensors.save(dir, &config).expect("save");
     Arc::new(
-        SteeringController::load("controller", dir, &base(m), &mut ContentHash::default())
+        SteeringController::load("controller", dir, &base(m), &mut PluginFiles::unconfined())
             .expect("controller"),
     )
 }

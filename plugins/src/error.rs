@@ -29,6 +29,8 @@ pub enum PluginError {
     AlreadyLoaded(String),
     #[error("`{path}` cannot be used: {message}")]
     BadFile { path: PathBuf, message: String },
+    #[error("plug-in `{name}` has unusable weights: {message}")]
+    BadWeights { name: String, message: String },
     #[error("plug-in `{name}` does not fit the base model: {message}")]
     Incompatible { name: String, message: String },
     #[error("plug-in path `{path}` is outside the plug-in folder `{dir}`")]
@@ -46,6 +48,15 @@ pub enum PluginError {
         needed: usize,
         free: usize,
         budget: usize,
+    },
+    #[error(
+        "plug-in `{name}` changed on disk since it was registered ({registered}, now {found}); \
+         replace it explicitly to serve the new files"
+    )]
+    Changed {
+        name: String,
+        registered: String,
+        found: String,
     },
     #[error("tensor operation failed while preparing a plug-in: {0}")]
     Tensor(#[from] candle_core::Error),

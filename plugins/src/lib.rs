@@ -17,6 +17,7 @@ pub mod base;
 pub mod chain;
 pub mod controller;
 pub mod error;
+pub mod files;
 pub mod kind;
 pub mod lora;
 mod params;
@@ -26,6 +27,7 @@ pub mod registry;
 pub mod spec;
 pub mod steer;
 pub mod train;
+pub mod weights;
 
 pub use base::BaseModel;
 pub use chain::{Chain, ChainEntry};

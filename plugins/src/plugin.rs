@@ -1,17 +1,19 @@
 //! The plug-in trait every loaded plug-in implements, and a loaded plug-in's identity.
 
+use std::any::Any;
 use std::fmt::Debug;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use models::hooks::HookParams;
 use models::Hook;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::base::BaseModel;
 use crate::controller::SteeringController;
 use crate::error::{PluginError, Result};
+use crate::files::PluginFiles;
 use crate::kind::PluginKind;
 use crate::lora::LoraAdapter;
 use crate::steer::SteeringVector;
@@ -46,46 +48,45 @@ pub struct LoadedPlugin {
     pub plugin: Arc<dyn Plugin>,
 }
 
-/// Loads a plug-in of `kind` from `path` (already resolved and confined) and checks it
-/// against the base model. Nothing is returned unless the whole file applies.
-pub fn load(kind: PluginKind, name: &str, path: &Path, base: &BaseModel) -> Result<LoadedPlugin> {
-    let mut hash = ContentHash::default();
-    let plugin: Arc<dyn Plugin> = match kind {
-        PluginKind::Lora => Arc::new(LoraAdapter::load(name, path, base, &mut hash)?),
-        PluginKind::Steer => Arc::new(SteeringVector::load(name, path, base, &mut hash)?),
-        PluginKind::Controller => Arc::new(SteeringController::load(name, path, base, &mut hash)?),
-    };
+/// Loads a plug-in of `kind` from `path` (already resolved and confined), reading its files
+/// through `files`, and checks it against the base model. Nothing is returned unless the whole
+/// file applies.
+///
+/// A loader that panics on a file it should have refused (a bug, but the file comes from
+/// outside) is answered like any bad file: the panic never reaches the caller.
+pub fn load(
+    kind: PluginKind,
+    name: &str,
+    path: &Path,
+    base: &BaseModel,
+    mut files: PluginFiles,
+) -> Result<LoadedPlugin> {
+    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Arc<dyn Plugin>> {
+        Ok(match kind {
+            PluginKind::Lora => Arc::new(LoraAdapter::load(name, path, base, &mut files)?),
+            PluginKind::Steer => Arc::new(SteeringVector::load(name, path, base, &mut files)?),
+            PluginKind::Controller => {
+                Arc::new(SteeringController::load(name, path, base, &mut files)?)
+            }
+        })
+    }));
+    let plugin =
+        loaded.unwrap_or_else(|panic| Err(PluginError::bad_file(path, panic_message(&panic))))?;
     Ok(LoadedPlugin {
         name: name.to_string(),
         kind,
         path: path.to_path_buf(),
-        hash: hash.finish(),
+        hash: files.finish(),
         plugin,
     })
 }
 
-/// SHA-256 over the bytes a loader reads, fed in the order it reads them.
-#[derive(Default)]
-pub struct ContentHash(Sha256);
-
-impl ContentHash {
-    pub fn update(&mut self, bytes: &[u8]) {
-        // Length-prefixed, so file boundaries count: (ab, c) and (a, bc) hash differently.
-        self.0.update((bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
-    }
-
-    /// Reads a plug-in file and adds it to the hash; an unreadable file is a `BadFile` error
-    /// naming it.
-    pub fn read(&mut self, path: &Path) -> Result<Vec<u8>> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::bad_file(path, e))?;
-        self.update(&bytes);
-        Ok(bytes)
-    }
-
-    pub fn finish(self) -> String {
-        let digest = self.0.finalize();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
-    }
+/// What a caught panic said, for an error message (never a backtrace).
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    let said = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("the loader could not read it ({said})")
 }

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::base::BaseModel;
 use crate::chain::{Chain, ChainEntry};
 use crate::error::{PluginError, Result};
+use crate::files::PluginFiles;
 use crate::kind::PluginKind;
 use crate::paths::confine;
 use crate::plugin::{self, LoadedPlugin, Plugin};
@@ -153,7 +154,7 @@ impl Registry {
         if !replace && self.lock().entries.contains_key(name) {
             return Err(PluginError::AlreadyLoaded(name.to_string()));
         }
-        let loaded = plugin::load(kind, name, &path, &self.base)?;
+        let loaded = plugin::load(kind, name, &path, &self.base, PluginFiles::confined_to(dir))?;
         let mut state = self.lock();
         if !replace && state.entries.contains_key(name) {
             return Err(PluginError::AlreadyLoaded(name.to_string()));
@@ -212,8 +213,12 @@ impl Registry {
     }
 
     /// The resident plug-in `name` (loading it again if it was evicted) and its hash.
+    ///
+    /// A plug-in loaded again must be the one registered: if its files changed on disk since,
+    /// the load is refused ([`PluginError::Changed`]) rather than serving other weights under
+    /// the same name; only an explicit replace changes what a name means.
     fn acquire(&self, name: &str, requested: PluginKind) -> Result<(Arc<dyn Plugin>, String)> {
-        let path = {
+        let (path, registered_hash) = {
             let mut state = self.lock();
             state.clock += 1;
             let clock = state.clock;
@@ -232,33 +237,40 @@ impl Registry {
             if let Some(p) = &entry.resident {
                 return Ok((p.clone(), entry.hash.clone()));
             }
-            entry.path.clone()
+            (entry.path.clone(), entry.hash.clone())
         };
-        let loaded = plugin::load(requested, name, &path, &self.base)?;
+        let dir = self.dir.as_ref().ok_or(PluginError::NoPluginDir)?;
+        let loaded = plugin::load(
+            requested,
+            name,
+            &path,
+            &self.base,
+            PluginFiles::confined_to(dir),
+        )?;
         let mut state = self.lock();
-        let still_same = state
+        let entry = state
             .entries
             .get(name)
-            .is_some_and(|e| e.path == path && e.kind == requested);
-        if !still_same {
-            return Err(PluginError::NotFound(name.to_string()));
+            .filter(|e| e.path == path && e.kind == requested)
+            .ok_or_else(|| PluginError::NotFound(name.to_string()))?;
+        // Loaded by another request, or replaced, while this one read the files.
+        if let Some(p) = &entry.resident {
+            return Ok((p.clone(), entry.hash.clone()));
         }
-        if let Some(e) = state.entries.get(name).filter(|e| e.resident.is_some()) {
-            let p = e.resident.clone();
-            return Ok((
-                p.ok_or_else(|| PluginError::NotFound(name.to_string()))?,
-                e.hash.clone(),
-            ));
+        if loaded.hash != registered_hash {
+            return Err(PluginError::Changed {
+                name: name.to_string(),
+                registered: registered_hash,
+                found: loaded.hash,
+            });
         }
         self.make_room(&mut state, &loaded, None)?;
         let plugin = loaded.plugin.clone();
-        let hash = loaded.hash.clone();
         if let Some(e) = state.entries.get_mut(name) {
-            (e.resident, e.hash, e.bytes) =
-                (Some(loaded.plugin), loaded.hash, plugin.resident_bytes());
+            (e.resident, e.bytes) = (Some(loaded.plugin), plugin.resident_bytes());
         }
         tracing::info!(plugin = name, "evicted plug-in loaded again");
-        Ok((plugin, hash))
+        Ok((plugin, registered_hash))
     }
 
     /// Evicts idle resident plug-ins, least recently used first, until `new` fits. `replacing`
@@ -302,8 +314,8 @@ impl Registry {
         }
     }
 
-    /// Names are path- and URL-safe, and may not shadow the base model or look like a
-    /// `base::adapter` model reference.
+    /// Names are plain identifiers (path- and URL-safe, never `.` or `..`), and may not
+    /// shadow the base model or look like a `base::adapter` model reference.
     fn check_name(&self, name: &str) -> Result<()> {
         let bad = |m: &str| {
             Err(PluginError::BadName {
@@ -312,8 +324,12 @@ impl Registry {
             })
         };
         let ok_char = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
-        if name.is_empty() || name.len() > 128 || !name.chars().all(ok_char) {
-            return bad("use 1 to 128 characters among letters, digits, '.', '_' and '-'");
+        let starts_plain = name.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !starts_plain || name.len() > 128 || !name.chars().all(ok_char) {
+            return bad(
+                "use 1 to 128 characters among letters, digits, '.', '_' and '-', \
+                 starting with a letter or digit",
+            );
         }
         if name == self.base.id {
             return bad("it is the base model's name");

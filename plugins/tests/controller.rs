@@ -16,7 +16,7 @@ use models::{
 use plugins::controller::{
     BaseIdentity, ControllerConfig, ControllerParams, ControllerTensors, SteeringController, TYPE,
 };
-use plugins::plugin::ContentHash;
+use plugins::files::PluginFiles;
 use plugins::steer::train::last_token_activations;
 use plugins::{BaseModel, Plugin};
 use rand::{Rng, SeedableRng};
@@ -87,7 +87,8 @@ fn load(
 ) -> Result<Arc<SteeringController>, plugins::PluginError> {
     let dir = tempfile::tempdir().unwrap();
     t.save(dir.path(), cfg).unwrap();
-    SteeringController::load("ctl", dir.path(), &base(c), &mut ContentHash::default()).map(Arc::new)
+    SteeringController::load("ctl", dir.path(), &base(c), &mut PluginFiles::unconfined())
+        .map(Arc::new)
 }
 
 fn call(ctl: &Arc<SteeringController>, scale: f64) -> (HookCall, Arc<ControllerParams>) {
@@ -318,4 +319,27 @@ fn files_for_another_model_or_with_bad_layer_plans_are_refused() {
     wide.steered_layers = (3, 3);
     let err = load(&c, &t, &wide).unwrap_err().to_string();
     assert!(err.contains("`fc1.weight` has shape"), "{err}");
+}
+
+#[test]
+fn regression_non_finite_or_absurd_weights_are_refused_at_load() {
+    let c = config();
+    let cfg = controller_config(&c);
+    for bad in [f32::NAN, f32::INFINITY, 1e30] {
+        let mut t = tensors(&c, 0.0, 5);
+        let mut v = t
+            .fc2_weight
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v[3] = bad;
+        t.fc2_weight = Tensor::from_vec(v, t.fc2_weight.dims(), &Device::Cpu).unwrap();
+        let err = load(&c, &t, &cfg).unwrap_err();
+        assert!(
+            matches!(err, plugins::PluginError::BadWeights { .. })
+                && err.to_string().contains("fc2.weight"),
+            "{bad}: {err}"
+        );
+    }
 }

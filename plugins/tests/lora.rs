@@ -12,9 +12,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, BatchRow, Hook, HookCall, Llama, LogitsWanted, Projection};
+use plugins::files::PluginFiles;
 use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
 use plugins::lora::{LoraAdapter, LoraParams};
-use plugins::plugin::ContentHash;
 use plugins::{BaseModel, PluginError};
 use serde_json::json;
 
@@ -29,7 +29,7 @@ fn base_of(model: &TinyModel) -> BaseModel {
 }
 
 fn load(dir: &Path, model: &TinyModel) -> Result<LoraAdapter, PluginError> {
-    LoraAdapter::load("a", dir, &base_of(model), &mut ContentHash::default())
+    LoraAdapter::load("a", dir, &base_of(model), &mut PluginFiles::unconfined())
 }
 
 fn call(adapter: &Arc<LoraAdapter>, scale: f32) -> HookCall {
@@ -287,4 +287,26 @@ fn files_that_cannot_be_applied_whole_are_refused_naming_the_problem() {
         let msg = refusal(edit);
         assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
     }
+}
+
+#[test]
+fn regression_non_finite_or_absurd_factors_and_alpha_are_refused_at_load() {
+    let name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight";
+    for bad in [f32::NAN, f32::INFINITY, -1e30] {
+        let msg = refusal(move |a| {
+            let t = &a.tensors[name];
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[0] = bad;
+            let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            a.tensors.insert(name.into(), t);
+        });
+        assert!(
+            msg.contains("unusable weights") && msg.contains(name),
+            "{bad}: {msg}"
+        );
+    }
+    let msg = refusal(|a| a.config["lora_alpha"] = json!(1e308));
+    assert!(msg.contains("`lora_alpha`"), "{msg}");
+    let msg = refusal(|a| a.config["rank_pattern"] = json!({"q_proj": 0}));
+    assert!(msg.contains("rank_pattern"), "{msg}");
 }

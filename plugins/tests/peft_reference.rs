@@ -16,8 +16,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use models::testing::{self, top_k};
 use models::{Hook, HookCall, Llama};
+use plugins::files::PluginFiles;
 use plugins::lora::{LoraAdapter, LoraParams, WEIGHTS_FILE};
-use plugins::plugin::ContentHash;
 use plugins::BaseModel;
 use serde_json::Value;
 
@@ -42,7 +42,7 @@ fn adapter(m: &Llama, dir: &Path) -> Arc<LoraAdapter> {
         config: m.config.clone(),
         device: Device::Cpu,
     };
-    Arc::new(LoraAdapter::load("reference", dir, &base, &mut ContentHash::default()).unwrap())
+    Arc::new(LoraAdapter::load("reference", dir, &base, &mut PluginFiles::unconfined()).unwrap())
 }
 
 fn chain(a: &Arc<LoraAdapter>, scale: f32) -> Vec<HookCall> {

@@ -129,7 +129,16 @@ fn names_paths_and_duplicates_are_checked() {
     let f = Fixture::new();
     let reg = f.registry(1 << 20);
     let path = f.adapter("sql", 2, 1);
-    for bad in ["", "a/b", "base::x", "tiny-base", "../x"] {
+    for bad in [
+        "",
+        "a/b",
+        "base::x",
+        "tiny-base",
+        "../x",
+        "..",
+        ".",
+        ".hidden",
+    ] {
         assert!(
             matches!(load(&reg, bad, &path), Err(PluginError::BadName { .. })),
             "{bad:?}"
@@ -211,4 +220,81 @@ fn over_budget_evicts_the_least_recently_used_idle_adapter_and_reloads_it_on_dem
     drop((held, held_c));
     reg.resolve(&[lora("a")]).unwrap();
     assert_eq!(reg.memory().0, 2 * one);
+}
+
+#[cfg(unix)]
+#[test]
+fn regression_files_symlinked_out_of_the_plugin_folder_are_refused() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let outside = tempfile::tempdir().unwrap();
+    let path = f.adapter("sql", 2, 1);
+    // The folder is inside, its weights file points outside (a copy of a valid file, so
+    // only the confinement can refuse it).
+    let weights = f.dir.path().join("sql/adapter_model.safetensors");
+    let target = outside.path().join("weights.safetensors");
+    std::fs::rename(&weights, &target).unwrap();
+    std::os::unix::fs::symlink(&target, &weights).unwrap();
+    let err = load(&reg, "sql", &path).unwrap_err();
+    assert!(matches!(err, PluginError::OutsideDir { .. }), "{err}");
+
+    // A config symlinked to any readable file is not read, so nothing of it is echoed.
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, "{\"s3cr3t\": true}").unwrap();
+    let p2 = f.adapter("ctl", 2, 2);
+    let config = f.dir.path().join("ctl/adapter_config.json");
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink(&secret, &config).unwrap();
+    let err = load(&reg, "ctl", &p2).unwrap_err();
+    assert!(matches!(err, PluginError::OutsideDir { .. }), "{err}");
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn regression_a_fifo_in_the_plugin_folder_is_refused_without_hanging() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let path = f.adapter("sql", 2, 1);
+    let weights = f.dir.path().join("sql/adapter_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&weights).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo failed");
+    let err = load(&reg, "sql", &path).unwrap_err();
+    assert!(
+        matches!(err, PluginError::BadFile { .. }) && err.to_string().contains("regular file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn regression_an_evicted_plugin_whose_files_changed_is_not_reloaded_under_its_name() {
+    let f = Fixture::new();
+    let probe = f.registry(usize::MAX);
+    let one = load(&probe, "p", &f.adapter("p", 2, 1)).unwrap().bytes;
+    let reg = f.registry(one);
+    let a = f.adapter("a", 2, 1);
+    let registered = load(&reg, "a", &a).unwrap().hash;
+    load(&reg, "b", &f.adapter("b", 2, 2)).unwrap(); // evicts a
+    f.adapter("a", 2, 7); // other weights, same folder
+    let err = reg.resolve(&[lora("a")]).unwrap_err();
+    match &err {
+        PluginError::Changed {
+            name,
+            registered: r,
+            found,
+        } => {
+            assert_eq!((name.as_str(), r), ("a", &registered));
+            assert_ne!(found, &registered);
+        }
+        other => panic!("expected Changed, got {other}"),
+    }
+    // Only an explicit replace changes what the name serves.
+    let replaced = reg
+        .load(PluginKind::Lora, "a", &a, Source::Api, true)
+        .unwrap();
+    assert_eq!(
+        reg.resolve(&[lora("a")]).unwrap().entries[0].hash,
+        replaced.hash
+    );
 }

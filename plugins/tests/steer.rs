@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, D};
 use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, BatchRow, Hook, HookCall, Llama, LogitsWanted};
-use plugins::plugin::ContentHash;
+use plugins::files::PluginFiles;
 use plugins::steer::train::{direction, last_token_activations, separation, Method};
 use plugins::steer::{ControlVector, SteeringVector};
 use plugins::{BaseModel, Plugin, PluginError};
@@ -49,7 +49,7 @@ fn vector(m: &TinyModel, layers: &[usize], seed: u64) -> Arc<SteeringVector> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.gguf");
     cv.write(&path).unwrap();
-    Arc::new(SteeringVector::load("v", &path, &base(m), &mut ContentHash::default()).unwrap())
+    Arc::new(SteeringVector::load("v", &path, &base(m), &mut PluginFiles::unconfined()).unwrap())
 }
 
 fn call(v: &Arc<SteeringVector>, params: serde_json::Value) -> HookCall {
@@ -238,5 +238,30 @@ fn directions_from_two_prompt_sets_separate_held_out_prompts() {
         let d = direction(method, &p[..16], &n[..16]);
         let s = separation(&d, (&p[..16], &n[..16]), (&p[16..], &n[16..]));
         assert!(s.auroc > 0.95 && s.accuracy > 0.85, "{method:?}: {s:?}");
+    }
+}
+
+#[test]
+fn regression_non_finite_or_absurd_directions_are_refused_at_load() {
+    let t = tiny();
+    let h = t.config.hidden_size;
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [f32::NAN, f32::NEG_INFINITY, 1e30] {
+        let mut values = random_unit(h, 1);
+        values[7] = bad;
+        let cv = ControlVector {
+            model_hint: None,
+            directions: BTreeMap::from([(1, values)]),
+        };
+        // Through the file, as the registry loads it.
+        let path = dir.path().join("bad.gguf");
+        cv.write(&path).unwrap();
+        let err = SteeringVector::load("v", &path, &base(&t), &mut PluginFiles::unconfined())
+            .unwrap_err();
+        assert!(
+            matches!(err, PluginError::BadWeights { .. })
+                && err.to_string().contains("direction.1"),
+            "{bad}: {err}"
+        );
     }
 }

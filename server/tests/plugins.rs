@@ -467,6 +467,22 @@ async fn the_registry_routes_load_list_refuse_and_unload() {
         let e = r.error(status, code);
         assert!(!e["message"].as_str().unwrap().is_empty(), "{body}");
     }
+    // Each refusal names the field at fault.
+    for (body, param) in [
+        (json!({"type": "lora", "name": "..", "path": "a1"}), "name"),
+        (
+            json!({"type": "lora", "name": "fresh", "path": "a1"}),
+            "name",
+        ),
+        (json!({"type": "lorra", "name": "x", "path": "a1"}), "type"),
+        (
+            json!({"type": "lora", "name": "x", "path": "../../etc"}),
+            "path",
+        ),
+    ] {
+        let e = send(&app, load(body.clone())).await.json();
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
     let e = send(
         &app,
         load(json!({"type": "lora", "name": "w", "path": "wrong"})),

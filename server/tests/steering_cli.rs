@@ -12,7 +12,7 @@ use candle_core::Device;
 use models::tiny::{tiny_config, TinyModel};
 use models::Architecture;
 use plugins::controller::SteeringController;
-use plugins::plugin::ContentHash;
+use plugins::files::PluginFiles;
 use plugins::steer::{ControlVector, SteeringVector};
 use plugins::BaseModel;
 use serde_json::{json, Value};
@@ -110,7 +110,7 @@ fn train_steer_writes_a_control_vector_with_unit_directions_and_a_layer_table() 
         let norm: f32 = d.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     }
-    SteeringVector::load("v", &out, &base, &mut ContentHash::default()).unwrap();
+    SteeringVector::load("v", &out, &base, &mut PluginFiles::unconfined()).unwrap();
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         "4",
     ]));
     assert!(stdout.contains("AUROC"), "{stdout}");
-    SteeringController::load("c", &ctl, &base, &mut ContentHash::default()).unwrap();
+    SteeringController::load("c", &ctl, &base, &mut PluginFiles::unconfined()).unwrap();
 
     let vector = dir.path().join("v.gguf");
     ok(&server(&[

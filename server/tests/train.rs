@@ -11,8 +11,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use models::tiny::{tiny_config, TinyModel};
 use models::Architecture;
+use plugins::files::PluginFiles;
 use plugins::lora::{LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use plugins::plugin::ContentHash;
 use plugins::BaseModel;
 use serde_json::{json, Value};
 
@@ -90,7 +90,8 @@ fn train_lora_writes_the_peft_files_a_log_line_per_step_and_the_eval_line() {
         config: tiny.config.clone(),
         device: Device::Cpu,
     };
-    let adapter = LoraAdapter::load("trained", &out, &base, &mut ContentHash::default()).unwrap();
+    let adapter =
+        LoraAdapter::load("trained", &out, &base, &mut PluginFiles::unconfined()).unwrap();
     assert_eq!(adapter.adapted_modules(), 7 * tiny.config.num_layers);
     let config: Value =
         serde_json::from_slice(&std::fs::read(out.join(CONFIG_FILE)).unwrap()).unwrap();

@@ -38,10 +38,12 @@ pub use config::{BaseIdentity, ControllerConfig, TYPE};
 
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
+use crate::files::{FileRole, PluginFiles};
 use crate::kind::PluginKind;
 use crate::params;
-use crate::plugin::{ContentHash, Plugin};
+use crate::plugin::Plugin;
 use crate::steer::add_along;
+use crate::weights;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -152,11 +154,12 @@ pub struct SteeringController {
 
 impl SteeringController {
     /// Loads `dir/config.json` and `dir/model.safetensors`, checked against the base model.
-    pub fn load(name: &str, dir: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
+    pub fn load(name: &str, dir: &Path, base: &BaseModel, files: &mut PluginFiles) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
-        let config = ControllerConfig::read(&config_path, &hash.read(&config_path)?)?;
+        let config =
+            ControllerConfig::read(&config_path, &files.read(&config_path, FileRole::Config)?)?;
         config.check(name, base)?;
-        let weights = hash.read(&dir.join(WEIGHTS_FILE))?;
+        let weights = files.read(&dir.join(WEIGHTS_FILE), FileRole::Tensors)?;
         let tensors = safetensors::SafeTensors::deserialize(&weights)
             .map_err(|e| PluginError::bad_file(dir.join(WEIGHTS_FILE), e))?;
         Self::from_safetensors(name, config, &tensors, base)
@@ -191,6 +194,7 @@ impl SteeringController {
                 PluginError::incompatible(name, format!("tensor `{tensor}` is missing"))
             })?;
             let t = view.load(&base.device)?.to_dtype(DType::F32)?;
+            weights::check_tensor(name, &format!("tensor `{tensor}`"), &t)?;
             match t.dims() == shape {
                 true => Ok(t),
                 false => Err(PluginError::incompatible(

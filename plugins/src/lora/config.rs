@@ -59,23 +59,21 @@ impl LoraConfig {
         refuse_unsupported(map).map_err(bad)?;
         let r = map
             .get("r")
-            .and_then(Value::as_u64)
-            .filter(|&r| r > 0)
-            .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+            .and_then(rank_value)
+            .ok_or_else(|| bad("`r` must be a positive integer".into()))?;
         let alpha = match map.get("lora_alpha") {
             None => 8.0, // PEFT's default
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?,
+            Some(v) => {
+                alpha_value(v).ok_or_else(|| bad(format!("`lora_alpha` {ALPHA_RULE}, got {v}")))?
+            }
         };
         Ok(Self {
             r,
             alpha,
             use_rslora: flag(map, "use_rslora").map_err(bad)?,
             targets: targets(map).map_err(bad)?,
-            rank_pattern: pattern(map, "rank_pattern", |v| v.as_u64().map(|x| x as usize))
-                .map_err(bad)?,
-            alpha_pattern: pattern(map, "alpha_pattern", Value::as_f64).map_err(bad)?,
+            rank_pattern: pattern(map, "rank_pattern", rank_value).map_err(bad)?,
+            alpha_pattern: pattern(map, "alpha_pattern", alpha_value).map_err(bad)?,
             layers: layers(map).map_err(bad)?,
         })
     }
@@ -204,6 +202,20 @@ fn targets(map: &Map<String, Value>) -> std::result::Result<Targets, String> {
     }
 }
 
+/// The largest `lora_alpha` accepted. PEFT configs use alphas up to a few hundred; the
+/// scaling `alpha / r` multiplies every delta, so 1e308 would make every output infinite.
+const MAX_ALPHA: f64 = 65536.0;
+const ALPHA_RULE: &str = "must be a finite number of magnitude at most 65536";
+
+fn alpha_value(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|a| a.is_finite() && a.abs() <= MAX_ALPHA)
+}
+
+/// A rank: a positive integer, as `r` must be.
+fn rank_value(v: &Value) -> Option<usize> {
+    v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
+}
+
 fn pattern<T>(
     map: &Map<String, Value>,
     key: &str,
@@ -322,5 +334,28 @@ mod tests {
             assert!(err.contains(needle), "{key}: {err}");
         }
         assert!(parse(json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn regression_non_finite_absurd_and_zero_scalars_are_refused() {
+        let cases = [
+            ("lora_alpha", json!(1e308), "`lora_alpha`"),
+            ("lora_alpha", json!(-1e6), "`lora_alpha`"),
+            ("rank_pattern", json!({"q_proj": 0}), "rank_pattern"),
+            ("alpha_pattern", json!({"q_proj": 1e300}), "alpha_pattern"),
+        ];
+        for (key, value, needle) in cases {
+            let mut v = base();
+            v[key] = value;
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(needle), "{key}: {err}");
+        }
+        let mut v = base();
+        v["lora_alpha"] = json!(-16);
+        v["rank_pattern"] = json!({"q_proj": 2});
+        assert!(
+            parse(v).is_ok(),
+            "a negative alpha and non-zero ranks are valid"
+        );
     }
 }

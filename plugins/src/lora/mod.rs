@@ -36,9 +36,11 @@ pub use names::{module_path, Factor, TensorName};
 
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
+use crate::files::{FileRole, PluginFiles};
 use crate::kind::PluginKind;
 use crate::params;
-use crate::plugin::{ContentHash, Plugin};
+use crate::plugin::Plugin;
+use crate::weights;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -155,11 +157,11 @@ pub(crate) fn slot(layer: usize, projection: Projection) -> Option<usize> {
 impl LoraAdapter {
     /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors` and checks every
     /// tensor against the config and the base model; any mismatch refuses the whole adapter.
-    pub fn load(name: &str, dir: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
+    pub fn load(name: &str, dir: &Path, base: &BaseModel, files: &mut PluginFiles) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
-        let config = LoraConfig::parse(&config_path, &hash.read(&config_path)?)?;
+        let config = LoraConfig::parse(&config_path, &files.read(&config_path, FileRole::Config)?)?;
         let weights_path = dir.join(WEIGHTS_FILE);
-        let weights_bytes = hash.read(&weights_path)?;
+        let weights_bytes = files.read(&weights_path, FileRole::Tensors)?;
         let tensors = SafeTensors::deserialize(&weights_bytes)
             .map_err(|e| PluginError::bad_file(&weights_path, e))?;
         let factors = read_factors(name, &tensors, &config, base)?;
@@ -272,6 +274,7 @@ fn read_factors(
             .load(&base.device)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| PluginError::incompatible(name, format!("tensor `{tensor_name}`: {e}")))?;
+        weights::check_tensor(name, &format!("tensor `{tensor_name}`"), &tensor)?;
         let s = slot(parsed.layer, parsed.projection).unwrap_or_default();
         let pair = factors.entry((parsed.layer, s)).or_insert(FactorPair {
             projection: parsed.projection,

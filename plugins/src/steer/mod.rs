@@ -28,9 +28,11 @@ pub use file::{ControlVector, ARCHITECTURE};
 
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
+use crate::files::{FileRole, PluginFiles};
 use crate::kind::PluginKind;
 use crate::params;
-use crate::plugin::{ContentHash, Plugin};
+use crate::plugin::Plugin;
+use crate::weights;
 
 /// The coefficient range a request may ask for: unit directions need coefficients of a few
 /// units on small models; beyond this a value is a typo, not an intent.
@@ -67,8 +69,13 @@ pub struct SteeringVector {
 
 impl SteeringVector {
     /// Loads a control-vector GGUF and checks it against the base model's shape.
-    pub fn load(name: &str, path: &Path, base: &BaseModel, hash: &mut ContentHash) -> Result<Self> {
-        let bytes = hash.read(path)?;
+    pub fn load(
+        name: &str,
+        path: &Path,
+        base: &BaseModel,
+        files: &mut PluginFiles,
+    ) -> Result<Self> {
+        let bytes = files.read(path, FileRole::Tensors)?;
         Self::from_control_vector(name, &ControlVector::parse(path, &bytes)?, base)
     }
 
@@ -87,6 +94,7 @@ impl SteeringVector {
                 );
                 return Err(PluginError::incompatible(name, m));
             }
+            weights::check_values(name, &format!("direction.{layer}"), values)?;
             directions[layer] = Some(Tensor::from_slice(values, (1, hidden), &base.device)?);
         }
         let first = cv.directions.keys().next().copied().unwrap_or(1);

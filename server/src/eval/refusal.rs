@@ -22,7 +22,7 @@ use models::sampling::SamplingParams;
 use models::{Hook, HookCall, Llama};
 use plugins::controller::train::{last_logits, refusal_score};
 use plugins::controller::SteeringController;
-use plugins::plugin::ContentHash;
+use plugins::files::PluginFiles;
 use plugins::steer::SteeringVector;
 use plugins::{BaseModel, Plugin};
 use serde_json::{json, Value};
@@ -208,7 +208,7 @@ fn configurations(args: &RefusalArgs, base: &BaseModel) -> anyhow::Result<Vec<Co
             "steer",
             path,
             base,
-            &mut ContentHash::default(),
+            &mut PluginFiles::unconfined(),
         )?);
         for scale in scales(&args.steer_scales)? {
             let mut params = serde_json::Map::new();
@@ -230,7 +230,7 @@ fn configurations(args: &RefusalArgs, base: &BaseModel) -> anyhow::Result<Vec<Co
             "controller",
             path,
             base,
-            &mut ContentHash::default(),
+            &mut PluginFiles::unconfined(),
         )?);
         for scale in scales(&args.controller_scales)? {
             let params = json!({"scale": scale})

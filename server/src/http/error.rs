@@ -37,6 +37,9 @@ pub enum ErrorKind {
     /// Loading a plug-in would exceed the plug-in memory budget and every resident one is in
     /// use; retry when requests finish.
     PluginMemoryExhausted,
+    /// An evicted plug-in's files changed on disk since it was registered; only an explicit
+    /// replace may change what its name serves.
+    PluginChanged,
     RouteNotFound,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -65,6 +68,11 @@ impl ErrorKind {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 "plugin_memory_exhausted",
+            ),
+            PluginChanged => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "plugin_changed",
             ),
             RouteNotFound => (StatusCode::NOT_FOUND, INVALID, "not_found"),
             MethodNotAllowed => (
@@ -189,6 +197,7 @@ impl From<PluginError> for ApiError {
             PluginError::NotFound(_) => ErrorKind::PluginNotFound,
             PluginError::AlreadyLoaded(_) => ErrorKind::PluginExists,
             PluginError::OverBudget { .. } => ErrorKind::PluginMemoryExhausted,
+            PluginError::Changed { .. } => ErrorKind::PluginChanged,
             PluginError::Tensor(_) => ErrorKind::Internal,
             PluginError::UnknownType(_)
             | PluginError::WrongType { .. }
@@ -196,6 +205,7 @@ impl From<PluginError> for ApiError {
             | PluginError::BadName { .. }
             | PluginError::BadFile { .. }
             | PluginError::Incompatible { .. }
+            | PluginError::BadWeights { .. }
             | PluginError::OutsideDir { .. }
             | PluginError::NoPluginDir => ErrorKind::InvalidParameter,
         };
@@ -276,6 +286,12 @@ mod tests {
             budget: 3,
         };
         assert_eq!(status(over), StatusCode::SERVICE_UNAVAILABLE);
+        let changed = PluginError::Changed {
+            name: "a".into(),
+            registered: "sha256:1".into(),
+            found: "sha256:2".into(),
+        };
+        assert_eq!(status(changed), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status(PluginError::NoPluginDir), StatusCode::BAD_REQUEST);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use plugins::{PluginKind, Registry, Source};
+use plugins::{PluginError, PluginKind, Registry, Source};
 use serde_json::{json, Value};
 
 use super::error::{on_blocking_pool, ApiError, ErrorKind};
@@ -44,8 +44,20 @@ pub async fn load(
         registry.load(kind, &req.name, &req.path, Source::Api, req.replace)
     })
     .await?;
-    let info = loaded.map_err(|e| ApiError::from(e).with_param("path"))?;
+    let info = loaded.map_err(|e| {
+        let param = load_param(&e);
+        ApiError::from(e).with_param(param)
+    })?;
     Ok(Json(json!(info)))
+}
+
+/// The field of a `POST /v1/plugins` body a load error is about.
+fn load_param(e: &PluginError) -> &'static str {
+    match e {
+        PluginError::BadName { .. } | PluginError::AlreadyLoaded(_) => "name",
+        PluginError::UnknownType(_) | PluginError::WrongType { .. } => "type",
+        _ => "path",
+    }
 }
 
 pub async fn unload(
