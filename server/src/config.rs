@@ -14,6 +14,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::http::auth::{KeyFileError, KeyTable};
+
 /// The served name of the default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
 
@@ -100,7 +102,8 @@ pub struct ServeConfig {
         hide_env_values = true
     )]
     pub api_key: Vec<String>,
-    /// File with one API key per line (# comments and blank lines ignored)
+    /// API key file: one key per line (# comments and blank lines ignored), or TOML
+    /// [[keys]] tables with names, allowed models and plug-ins, admin and limits
     #[arg(long, env = "GRAFT_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Most sequences in the running batch
@@ -235,6 +238,10 @@ pub enum ConfigError {
     Serialize(#[from] toml::ser::Error),
     #[error("cannot combine the configuration sources: {0}")]
     Merge(Box<toml::de::Error>),
+    #[error("api_key_file {path}: {source}")]
+    KeyFile { path: PathBuf, source: KeyFileError },
+    #[error("{0}")]
+    Keys(KeyFileError),
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -356,20 +363,18 @@ impl ServeConfig {
         }
     }
 
-    /// `api_key` plus the keys in `api_key_file`.
-    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
-        let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
-        if let Some(path) = &self.api_key_file {
-            let text = read(path)?;
-            let lines = text.lines().map(str::trim);
-            keys.extend(
-                lines
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
-        }
-        keys.retain(|k| !k.is_empty());
-        Ok(keys)
+    /// `api_key` plus the keys in `api_key_file` (either format), checked.
+    pub fn api_keys(&self) -> Result<KeyTable, ConfigError> {
+        let text = self.api_key_file.as_deref().map(read).transpose()?;
+        KeyTable::from_sources(&self.api_key, text.as_deref()).map_err(|e| {
+            match (&e, &self.api_key_file) {
+                (KeyFileError::Line { .. }, Some(path)) => ConfigError::KeyFile {
+                    path: path.clone(),
+                    source: e,
+                },
+                _ => ConfigError::Keys(e),
+            }
+        })
     }
 
     /// The chat template file's text, if one is configured.
@@ -465,7 +470,27 @@ mod tests {
             api_key_file: Some(path),
             ..ServeConfig::default()
         };
-        assert_eq!(c.api_keys().expect("keys"), ["k0", "k1", "k2"]);
+        let keys = c.api_keys().expect("keys");
+        let names: Vec<&str> = keys.keys().iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["api-key-1", "key-2", "key-4"]);
+        assert_eq!(keys.find("k2"), Some(2));
+    }
+
+    #[test]
+    fn key_file_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "[[keys]]\nname = \"a\"\nkey = \"k\"\nrpm = 3\n").expect("write");
+        let c = ServeConfig {
+            api_key_file: Some(path.clone()),
+            ..ServeConfig::default()
+        };
+        let e = c.api_keys().unwrap_err().to_string();
+        let expected = format!(
+            "api_key_file {}: line 4: unknown field `rpm`",
+            path.display()
+        );
+        assert!(e.starts_with(&expected), "{e}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Each submitted request carries a [`Tracker`] that sees every event on its way to the
 //! client and records time to first token, inter-token gaps, queue time and token counts.
 //! A tracker dropped before its request finished means the client went away (the event
-//! receiver is dropped with it, which cancels the request in the engine).
+//! receiver is dropped with it, which cancels the request in the engine). For a key with a tokens-per-minute limit the tracker
+//! also charges the tokens its request used to the key's [`Meter`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use futures::future::try_join_all;
 use serde::Serialize;
 
+use super::auth::Meter;
 use super::error::{ApiError, ErrorKind};
 use super::metrics::Metrics;
 use crate::engine::{
@@ -25,6 +27,9 @@ pub struct Tracker {
     started: Instant,
     last_token: Option<Instant>,
     done: bool,
+    meter: Option<Meter>,
+    /// Tokens to charge: the prompt's (for one choice per prompt) plus those generated.
+    tokens: usize,
 }
 
 impl Tracker {
@@ -35,7 +40,16 @@ impl Tracker {
             started: Instant::now(),
             last_token: None,
             done: false,
+            meter: None,
+            tokens: 0,
         }
+    }
+
+    /// Charges `prompt_tokens` and the tokens generated to `meter` when the request ends.
+    pub fn charging(mut self, meter: Option<Meter>, prompt_tokens: usize) -> Self {
+        self.meter = meter;
+        self.tokens = prompt_tokens;
+        self
     }
 
     pub fn observe(&mut self, event: &Event) {
@@ -71,6 +85,7 @@ impl Tracker {
     }
 
     fn on_token(&mut self) {
+        self.tokens += 1;
         let now = Instant::now();
         match self.last_token {
             None => self.metrics.time_to_first_token(now - self.started),
@@ -82,9 +97,12 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
+        if let Some(meter) = &self.meter {
+            meter.charge(self.tokens);
+        }
         if !self.done {
             self.metrics.cancelled();
-            tracing::info!(request_id = %self.id, "generation cancelled (client gone)");
+            tracing::info!(request_id = %self.id, "generation cancelled before it finished");
         }
     }
 }
@@ -100,16 +118,26 @@ pub struct Submission {
 }
 
 /// Submits every request, or none: on a failure (a full queue) the ones already submitted
-/// are dropped here, which cancels them.
+/// are dropped here, which cancels them. `requests` are `n` choices per prompt in a row (as
+/// `fan_out` makes them); `meter` is charged each prompt once, as `usage` counts it.
 pub fn submit_all(
     engine: &dyn Engine,
     requests: Vec<GenerateRequest>,
     metrics: &Arc<Metrics>,
+    meter: Option<Meter>,
+    n: usize,
 ) -> Result<Vec<Submission>, ApiError> {
     requests
         .into_iter()
-        .map(|request| {
-            let tracker = Tracker::new(metrics.clone(), request.id.clone());
+        .enumerate()
+        .map(|(i, request)| {
+            let prompt = if i % n.max(1) == 0 {
+                request.prompt.len()
+            } else {
+                0
+            };
+            let tracker =
+                Tracker::new(metrics.clone(), request.id.clone()).charging(meter.clone(), prompt);
             let rx = engine.submit(request)?;
             Ok(Submission { rx, tracker })
         })
