@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -32,6 +34,7 @@ pub mod defaults {
     pub const DRAIN_SECONDS: u64 = 30;
     pub const MAX_TOKENS_DEFAULT: usize = 512;
     pub const PLUGIN_MEMORY_MIB: usize = 512;
+    pub const REQUEST_TIMEOUT: u64 = 0;
 }
 
 /// Log line format.
@@ -130,6 +133,10 @@ pub struct ServeConfig {
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM
     #[arg(long, env = "GRAFT_DRAIN_SECONDS", default_value_t = defaults::DRAIN_SECONDS)]
     pub drain_seconds: u64,
+    /// Seconds a generation may run before it is cancelled with a 408 (or an error event in
+    /// its stream); 0 = no limit
+    #[arg(long, env = "GRAFT_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT)]
+    pub request_timeout: u64,
     /// Jinja chat template file overriding the model's
     #[arg(long, env = "GRAFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -204,6 +211,7 @@ impl Default for ServeConfig {
             max_context: None,
             max_body_bytes: MAX_BODY_BYTES,
             drain_seconds: DRAIN_SECONDS,
+            request_timeout: REQUEST_TIMEOUT,
             chat_template: None,
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
@@ -331,6 +339,11 @@ impl ServeConfig {
         }
         self.plugin_entries()?;
         Ok(())
+    }
+
+    /// `request_timeout` as a duration; `None` for no limit.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        (self.request_timeout > 0).then(|| Duration::from_secs(self.request_timeout))
     }
 
     /// The `plugin` entries, parsed.
@@ -491,6 +504,14 @@ mod tests {
             path.display()
         );
         assert!(e.starts_with(&expected), "{e}");
+    }
+
+    #[test]
+    fn request_timeout_zero_is_none() {
+        let mut c = ServeConfig::default();
+        assert_eq!(c.request_timeout(), None);
+        c.request_timeout = 30;
+        assert_eq!(c.request_timeout(), Some(Duration::from_secs(30)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! API keys, per-key permissions and limits, through the whole
+//! API keys, per-key permissions and limits and the request timeout, through the whole
 //! router (`server::http::app`) driven with `tower::ServiceExt::oneshot` over the scripted
 //! fake engine: 401/403/429 bodies and headers, the admin-only plug-in routes, the key label
-//! on the request metrics.
+//! on the request metrics, and a generation cut off by `request_timeout` (and cancelled in the
+//! engine).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -318,4 +319,62 @@ async fn request_metrics_are_labelled_with_the_key_name() {
         );
     }
     assert!(!text.contains("sk-"), "no key in the metrics");
+}
+
+// ---------------------------------------------------------------- request timeout
+
+fn slow_app() -> (Router, Arc<FakeEngine>) {
+    let fake = Arc::new(FakeEngine::new(FakeConfig {
+        delay: Duration::from_millis(50),
+        ..FakeConfig::default()
+    }));
+    let http = HttpConfig {
+        request_timeout: Some(Duration::from_millis(100)),
+        ..HttpConfig::default()
+    };
+    let state = AppState::new(EngineSlot::ready(fake.clone()), http).expect("state");
+    (app(state), fake)
+}
+
+async fn wait_for_cancellation(fake: &FakeEngine) {
+    for _ in 0..2000 {
+        if fake.cancelled() == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the engine never saw the cancellation");
+}
+
+#[tokio::test]
+async fn a_generation_past_the_request_timeout_is_408_and_cancelled() {
+    let (app, fake) = slow_app();
+    let req = common::post(
+        "/v1/chat/completions",
+        chat_body(json!({"max_tokens": 20})).to_string(),
+    );
+    let e = send(&app, req)
+        .await
+        .error(StatusCode::REQUEST_TIMEOUT, "request_timeout");
+    assert_eq!(e["type"], "timeout_error");
+    assert!(e["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("request_timeout")));
+    wait_for_cancellation(&fake).await;
+}
+
+#[tokio::test]
+async fn a_stream_past_the_request_timeout_ends_with_an_error_event_then_done() {
+    let (app, fake) = slow_app();
+    let req = common::post(
+        "/v1/completions",
+        json!({"prompt": "hello world", "max_tokens": 20, "stream": true}).to_string(),
+    );
+    let r = send(&app, req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let error: Value = serde_json::from_str(&data[data.len() - 2]).expect("error JSON");
+    assert_eq!(error["error"]["code"], "request_timeout");
+    wait_for_cancellation(&fake).await;
 }

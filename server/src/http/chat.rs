@@ -28,6 +28,7 @@ pub async fn chat_completions(
     caller: Caller,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let deadline = state.deadline();
     let engine = state.engine()?;
     caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
     let selection =
@@ -62,9 +63,9 @@ pub async fn chat_completions(
             engine,
             logprobs,
         };
-        return Ok(sse_response(subs, format, n));
+        return Ok(sse_response(subs, format, n, deadline));
     }
-    let outcomes = collect_all(subs).await?;
+    let outcomes = collect_all(subs, deadline).await?;
     Ok(Json(response(&envelope, engine.as_ref(), &outcomes, n, logprobs)).into_response())
 }
 

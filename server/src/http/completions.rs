@@ -48,6 +48,7 @@ pub async fn completions(
     caller: Caller,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let deadline = state.deadline();
     let engine = state.engine()?;
     caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
     let selection =
@@ -84,9 +85,9 @@ pub async fn completions(
             shape,
             offsets,
         };
-        return Ok(sse_response(subs, format, n));
+        return Ok(sse_response(subs, format, n, deadline));
     }
-    let outcomes = collect_all(subs).await?;
+    let outcomes = collect_all(subs, deadline).await?;
     Ok(Json(response(&envelope, engine.as_ref(), &shape, &outcomes)).into_response())
 }
 

@@ -49,6 +49,8 @@ pub enum ErrorKind {
     AdminRequired,
     /// The API key is over one of its limits (its 429, unlike the overload 429 `QueueFull`).
     RateLimited,
+    /// The generation ran past `request_timeout` and was cancelled.
+    RequestTimeout,
     /// The engine's waiting queue is full.
     QueueFull,
     ModelLoading,
@@ -94,6 +96,11 @@ impl ErrorKind {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "rate_limit_exceeded",
+            ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                "request_timeout",
             ),
             QueueFull => (
                 StatusCode::TOO_MANY_REQUESTS,

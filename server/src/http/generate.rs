@@ -3,12 +3,13 @@
 //!
 //! Each submitted request carries a [`Tracker`] that sees every event on its way to the
 //! client and records time to first token, inter-token gaps, queue time and token counts.
-//! A tracker dropped before its request finished means the client went away (the event
-//! receiver is dropped with it, which cancels the request in the engine). For a key with a tokens-per-minute limit the tracker
+//! A tracker dropped before its request finished means the client went away or the request
+//! ran past its [`Deadline`] (the event receiver is dropped with it, which cancels the request
+//! in the engine and frees its KV cache). For a key with a tokens-per-minute limit the tracker
 //! also charges the tokens its request used to the key's [`Meter`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use serde::Serialize;
@@ -206,9 +207,50 @@ pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
     Err(engine_gone())
 }
 
-/// Reads every request concurrently; the first failure drops (cancels) the others.
-pub async fn collect_all(subs: Vec<Submission>) -> Result<Vec<Outcome>, ApiError> {
-    try_join_all(subs.into_iter().map(collect)).await
+/// Reads every request concurrently; the first failure, or the deadline passing, drops
+/// (cancels) the others.
+pub async fn collect_all(
+    subs: Vec<Submission>,
+    deadline: Option<Deadline>,
+) -> Result<Vec<Outcome>, ApiError> {
+    let all = try_join_all(subs.into_iter().map(collect));
+    match deadline {
+        None => all.await,
+        Some(d) => tokio::time::timeout_at(d.at, all)
+            .await
+            .unwrap_or_else(|_| Err(d.expired())),
+    }
+}
+
+/// When a generation must end (`request_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Self {
+        Self {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The error for a request that ran past it (its sequences are cancelled by the caller
+    /// dropping them).
+    pub fn expired(&self) -> ApiError {
+        tracing::warn!(limit = ?self.limit, "generation ran past the request timeout; cancelled");
+        ApiError::new(
+            ErrorKind::RequestTimeout,
+            format!(
+                "the request ran longer than the server's request timeout ({:?}, \
+                 request_timeout) and was cancelled",
+                self.limit
+            ),
+        )
+    }
 }
 
 /// OpenAI `usage`.

@@ -115,7 +115,7 @@ impl Metrics {
             describe_counter!(GENERATION_TOKENS, "Generated tokens");
             describe_counter!(
                 CANCELLED,
-                "Generations dropped before finishing (disconnects)"
+                "Generations dropped before finishing (disconnects, request timeouts)"
             );
             describe_gauge!(RUNNING, "Sequences in the running batch");
             describe_gauge!(WAITING, "Sequences in the waiting queue");

@@ -7,11 +7,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use plugins::Registry;
 
 use super::auth::{Auth, KeyTable};
 use super::error::{ApiError, ErrorKind};
+use super::generate::Deadline;
 use super::metrics::{Metrics, MetricsError};
 use crate::engine::Engine;
 
@@ -36,6 +38,8 @@ pub struct HttpConfig {
     /// `max_tokens` when the request gives none; `0` means the rest of the context. Always
     /// clamped to the context left after the prompt.
     pub max_tokens_default: usize,
+    /// Longest a generation may run before it is cancelled (408 or a stream error event).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for HttpConfig {
@@ -44,6 +48,7 @@ impl Default for HttpConfig {
             api_keys: KeyTable::default(),
             max_body_bytes: 2 * 1024 * 1024,
             max_tokens_default: 512,
+            request_timeout: None,
         }
     }
 }
@@ -131,6 +136,11 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()?),
         })
+    }
+
+    /// When a generation starting now must end, if `request_timeout` is set.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.config.request_timeout.map(Deadline::after)
     }
 
     /// The engine, or the 503 to answer.
