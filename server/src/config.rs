@@ -17,6 +17,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::http::auth::{KeyFileError, KeyTable};
+use crate::http::cors::AllowedOrigins;
 
 /// The served name of the default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
@@ -137,6 +138,10 @@ pub struct ServeConfig {
     /// its stream); 0 = no limit
     #[arg(long, env = "GRAFT_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT)]
     pub request_timeout: u64,
+    /// Origins browsers may call from, for CORS (repeatable; comma-separated in
+    /// GRAFT_ALLOWED_ORIGINS), e.g. https://app.example.com, or * for any; none = no CORS
+    #[arg(long, env = "GRAFT_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Jinja chat template file overriding the model's
     #[arg(long, env = "GRAFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -212,6 +217,7 @@ impl Default for ServeConfig {
             max_body_bytes: MAX_BODY_BYTES,
             drain_seconds: DRAIN_SECONDS,
             request_timeout: REQUEST_TIMEOUT,
+            allowed_origins: Vec::new(),
             chat_template: None,
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
@@ -338,7 +344,16 @@ impl ServeConfig {
             });
         }
         self.plugin_entries()?;
+        self.allowed_origins()?;
         Ok(())
+    }
+
+    /// The CORS origins, checked.
+    pub fn allowed_origins(&self) -> Result<AllowedOrigins, ConfigError> {
+        AllowedOrigins::parse(&self.allowed_origins).map_err(|message| ConfigError::Invalid {
+            option: "allowed_origins",
+            message,
+        })
     }
 
     /// `request_timeout` as a duration; `None` for no limit.
@@ -507,11 +522,14 @@ mod tests {
     }
 
     #[test]
-    fn request_timeout_zero_is_none() {
+    fn request_timeout_zero_is_none_and_origins_are_checked() {
         let mut c = ServeConfig::default();
         assert_eq!(c.request_timeout(), None);
         c.request_timeout = 30;
         assert_eq!(c.request_timeout(), Some(Duration::from_secs(30)));
+        c.allowed_origins = vec!["https://a.example/".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("allowed_origins: "), "{e}");
     }
 
     #[test]

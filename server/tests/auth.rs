@@ -1,8 +1,8 @@
-//! API keys, per-key permissions and limits and the request timeout, through the whole
+//! API keys, per-key permissions and limits, the request timeout and CORS, through the whole
 //! router (`server::http::app`) driven with `tower::ServiceExt::oneshot` over the scripted
 //! fake engine: 401/403/429 bodies and headers, the admin-only plug-in routes, the key label
-//! on the request metrics, and a generation cut off by `request_timeout` (and cancelled in the
-//! engine).
+//! on the request metrics, a generation cut off by `request_timeout` (and cancelled in the
+//! engine), and a CORS preflight answered before authentication.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use server::engine::fake::{FakeConfig, FakeEngine};
 use server::http::auth::KeyTable;
+use server::http::cors::AllowedOrigins;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tower::ServiceExt;
 
@@ -377,4 +378,79 @@ async fn a_stream_past_the_request_timeout_ends_with_an_error_event_then_done() 
     let error: Value = serde_json::from_str(&data[data.len() - 2]).expect("error JSON");
     assert_eq!(error["error"]["code"], "request_timeout");
     wait_for_cancellation(&fake).await;
+}
+
+// ---------------------------------------------------------------- CORS
+
+fn cors_app(origins: &[&str]) -> Router {
+    let owned: Vec<String> = origins.iter().map(|o| o.to_string()).collect();
+    let http = HttpConfig {
+        allowed_origins: AllowedOrigins::parse(&owned).expect("origins"),
+        ..HttpConfig::default()
+    };
+    keyed_app(FakeConfig::default(), http).0
+}
+
+fn preflight(origin: &str) -> Request<Body> {
+    Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/chat/completions")
+        .header(header::ORIGIN, origin)
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+            "authorization,content-type,x-stainless-lang",
+        )
+        .body(Body::empty())
+        .expect("request")
+}
+
+#[tokio::test]
+async fn cors_preflight_is_answered_without_a_key() {
+    let app = cors_app(&["https://app.example"]);
+    let r = send(&app, preflight("https://app.example")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let h = |name: header::HeaderName| {
+        r.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        h(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "https://app.example"
+    );
+    assert!(h(header::ACCESS_CONTROL_ALLOW_METHODS).contains("POST"));
+    assert!(h(header::ACCESS_CONTROL_ALLOW_HEADERS).contains("authorization"));
+    assert!(h(header::ACCESS_CONTROL_ALLOW_HEADERS).contains("x-stainless-lang"));
+    // A real request from the page, 401 included, carries the header so the page can read it.
+    let unauthorized = Request::get("/v1/models")
+        .header(header::ORIGIN, "https://app.example")
+        .body(Body::empty())
+        .expect("request");
+    let r = send(&app, unauthorized).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://app.example"
+    );
+    let exposed = r.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+}
+
+#[tokio::test]
+async fn other_origins_and_servers_without_origins_get_no_cors_headers() {
+    let app = cors_app(&["https://app.example"]);
+    let r = send(&app, preflight("https://evil.example")).await;
+    assert!(!r.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    let app = cors_app(&[]);
+    let r = send(&app, preflight("https://app.example")).await;
+    assert!(!r.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    let any = cors_app(&["*"]);
+    let r = send(&any, preflight("https://anyone.example")).await;
+    assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
 }

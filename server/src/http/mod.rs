@@ -2,11 +2,11 @@
 //!
 //! [`app`] builds the whole router from an [`AppState`]; it needs no socket, so tests drive
 //! it with `tower::ServiceExt::oneshot`. Every request passes, outermost first: `observe`
-//! (request id, tracing span, `graft_requests_total`, `x-request-id` header), the body limit
-//! (413 in our error shape), and on every route except /health and /metrics the API-key check
-//! with its per-key limits ([`auth`]). /metrics stays open like vLLM's, so Prometheus and the
-//! Kubernetes inference gateway scrape it without a key; it exposes counts, never request
-//! content.
+//! (request id, tracing span, `graft_requests_total`, `x-request-id` header), CORS when
+//! origins are configured, the body limit (413 in our error shape), and on every route except
+//! /health and /metrics the API-key check with its per-key limits ([`auth`]). /metrics stays
+//! open like vLLM's, so Prometheus and the Kubernetes inference gateway scrape it without a
+//! key; it exposes counts, never request content.
 //!
 //! Request path of a generation: [`extract::ApiJson`] parses and screens the body,
 //! `validate` turns it into `GenerateRequest`s, `generate` submits them and reads the
@@ -15,6 +15,7 @@
 pub mod auth;
 mod chat;
 mod completions;
+pub mod cors;
 pub mod error;
 pub mod extract;
 mod generate;
@@ -80,7 +81,7 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics));
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .merge(protected)
         .merge(open)
         .fallback(routes::not_found)
@@ -91,7 +92,12 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::map_response_with_state(
             state.clone(),
             payload_too_large_in_our_shape,
-        ))
+        ));
+    let router = match state.config.allowed_origins.layer() {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use plugins::Registry;
 
 use super::auth::{Auth, KeyTable};
+use super::cors::AllowedOrigins;
 use super::error::{ApiError, ErrorKind};
 use super::generate::Deadline;
 use super::metrics::{Metrics, MetricsError};
@@ -40,6 +41,8 @@ pub struct HttpConfig {
     pub max_tokens_default: usize,
     /// Longest a generation may run before it is cancelled (408 or a stream error event).
     pub request_timeout: Option<Duration>,
+    /// Origins browsers may call from (CORS); none: no CORS headers.
+    pub allowed_origins: AllowedOrigins,
 }
 
 impl Default for HttpConfig {
@@ -49,6 +52,7 @@ impl Default for HttpConfig {
             max_body_bytes: 2 * 1024 * 1024,
             max_tokens_default: 512,
             request_timeout: None,
+            allowed_origins: AllowedOrigins::None,
         }
     }
 }
