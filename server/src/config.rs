@@ -10,9 +10,14 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+use crate::http::auth::{KeyFileError, KeyTable};
+use crate::http::cors::AllowedOrigins;
 
 /// The served name of the default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
@@ -30,6 +35,7 @@ pub mod defaults {
     pub const DRAIN_SECONDS: u64 = 30;
     pub const MAX_TOKENS_DEFAULT: usize = 512;
     pub const PLUGIN_MEMORY_MIB: usize = 512;
+    pub const REQUEST_TIMEOUT: u64 = 0;
 }
 
 /// Log line format.
@@ -100,7 +106,8 @@ pub struct ServeConfig {
         hide_env_values = true
     )]
     pub api_key: Vec<String>,
-    /// File with one API key per line (# comments and blank lines ignored)
+    /// API key file: one key per line (# comments and blank lines ignored), or TOML
+    /// [[keys]] tables with names, allowed models and plug-ins, admin and limits
     #[arg(long, env = "GRAFT_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Most sequences in the running batch
@@ -127,6 +134,14 @@ pub struct ServeConfig {
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM
     #[arg(long, env = "GRAFT_DRAIN_SECONDS", default_value_t = defaults::DRAIN_SECONDS)]
     pub drain_seconds: u64,
+    /// Seconds a generation may run before it is cancelled with a 408 (or an error event in
+    /// its stream); 0 = no limit
+    #[arg(long, env = "GRAFT_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT)]
+    pub request_timeout: u64,
+    /// Origins browsers may call from, for CORS (repeatable; comma-separated in
+    /// GRAFT_ALLOWED_ORIGINS), e.g. https://app.example.com, or * for any; none = no CORS
+    #[arg(long, env = "GRAFT_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Jinja chat template file overriding the model's
     #[arg(long, env = "GRAFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -201,6 +216,8 @@ impl Default for ServeConfig {
             max_context: None,
             max_body_bytes: MAX_BODY_BYTES,
             drain_seconds: DRAIN_SECONDS,
+            request_timeout: REQUEST_TIMEOUT,
+            allowed_origins: Vec::new(),
             chat_template: None,
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
@@ -235,6 +252,10 @@ pub enum ConfigError {
     Serialize(#[from] toml::ser::Error),
     #[error("cannot combine the configuration sources: {0}")]
     Merge(Box<toml::de::Error>),
+    #[error("api_key_file {path}: {source}")]
+    KeyFile { path: PathBuf, source: KeyFileError },
+    #[error("{0}")]
+    Keys(KeyFileError),
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -323,7 +344,21 @@ impl ServeConfig {
             });
         }
         self.plugin_entries()?;
+        self.allowed_origins()?;
         Ok(())
+    }
+
+    /// The CORS origins, checked.
+    pub fn allowed_origins(&self) -> Result<AllowedOrigins, ConfigError> {
+        AllowedOrigins::parse(&self.allowed_origins).map_err(|message| ConfigError::Invalid {
+            option: "allowed_origins",
+            message,
+        })
+    }
+
+    /// `request_timeout` as a duration; `None` for no limit.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        (self.request_timeout > 0).then(|| Duration::from_secs(self.request_timeout))
     }
 
     /// The `plugin` entries, parsed.
@@ -356,20 +391,18 @@ impl ServeConfig {
         }
     }
 
-    /// `api_key` plus the keys in `api_key_file`.
-    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
-        let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
-        if let Some(path) = &self.api_key_file {
-            let text = read(path)?;
-            let lines = text.lines().map(str::trim);
-            keys.extend(
-                lines
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
-        }
-        keys.retain(|k| !k.is_empty());
-        Ok(keys)
+    /// `api_key` plus the keys in `api_key_file` (either format), checked.
+    pub fn api_keys(&self) -> Result<KeyTable, ConfigError> {
+        let text = self.api_key_file.as_deref().map(read).transpose()?;
+        KeyTable::from_sources(&self.api_key, text.as_deref()).map_err(|e| {
+            match (&e, &self.api_key_file) {
+                (KeyFileError::Line { .. }, Some(path)) => ConfigError::KeyFile {
+                    path: path.clone(),
+                    source: e,
+                },
+                _ => ConfigError::Keys(e),
+            }
+        })
     }
 
     /// The chat template file's text, if one is configured.
@@ -465,7 +498,38 @@ mod tests {
             api_key_file: Some(path),
             ..ServeConfig::default()
         };
-        assert_eq!(c.api_keys().expect("keys"), ["k0", "k1", "k2"]);
+        let keys = c.api_keys().expect("keys");
+        let names: Vec<&str> = keys.keys().iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["api-key-1", "key-2", "key-4"]);
+        assert_eq!(keys.find("k2"), Some(2));
+    }
+
+    #[test]
+    fn key_file_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "[[keys]]\nname = \"a\"\nkey = \"k\"\nrpm = 3\n").expect("write");
+        let c = ServeConfig {
+            api_key_file: Some(path.clone()),
+            ..ServeConfig::default()
+        };
+        let e = c.api_keys().unwrap_err().to_string();
+        let expected = format!(
+            "api_key_file {}: line 4: unknown field `rpm`",
+            path.display()
+        );
+        assert!(e.starts_with(&expected), "{e}");
+    }
+
+    #[test]
+    fn request_timeout_zero_is_none_and_origins_are_checked() {
+        let mut c = ServeConfig::default();
+        assert_eq!(c.request_timeout(), None);
+        c.request_timeout = 30;
+        assert_eq!(c.request_timeout(), Some(Duration::from_secs(30)));
+        c.allowed_origins = vec!["https://a.example/".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("allowed_origins: "), "{e}");
     }
 
     #[test]

@@ -156,6 +156,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         api_keys: config.api_keys()?,
         max_body_bytes: config.max_body_bytes,
         max_tokens_default: config.max_tokens_default,
+        request_timeout: config.request_timeout(),
+        allowed_origins: config.allowed_origins()?,
     };
     let state = AppState::new(EngineSlot::loading(), http)?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

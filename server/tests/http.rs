@@ -278,7 +278,7 @@ async fn queue_full_is_429_with_retry_after() {
 #[tokio::test]
 async fn api_keys_guard_everything_but_health_and_metrics() {
     let http = HttpConfig {
-        api_keys: vec!["k1".into(), "k2".into()],
+        api_keys: server::http::auth::KeyTable::parse("k1\nk2\n").expect("keys"),
         ..HttpConfig::default()
     };
     let app = app(state_with(Arc::new(FakeEngine::default()), http));

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
@@ -24,9 +25,12 @@ use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLog
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
+    caller: Caller,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let deadline = state.deadline();
     let engine = state.engine()?;
+    caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
     let selection =
         select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
     state.metrics.plugins_used(&selection.chain.entries);
@@ -39,7 +43,7 @@ pub async fn chat_completions(
     )?;
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
-    let subs = submit_all(engine.as_ref(), requests, &state.metrics)?;
+    let subs = submit_all(engine.as_ref(), requests, &state.metrics, caller.meter(), n)?;
     let stream = req.stream.unwrap_or(false);
     let envelope = Envelope {
         id: format!("chatcmpl-{}", request_id.0),
@@ -59,9 +63,9 @@ pub async fn chat_completions(
             engine,
             logprobs,
         };
-        return Ok(sse_response(subs, format, n));
+        return Ok(sse_response(subs, format, n, deadline));
     }
-    let outcomes = collect_all(subs).await?;
+    let outcomes = collect_all(subs, deadline).await?;
     Ok(Json(response(&envelope, engine.as_ref(), &outcomes, n, logprobs)).into_response())
 }
 

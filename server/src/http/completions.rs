@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
@@ -44,9 +45,12 @@ struct Shape {
 pub async fn completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
+    caller: Caller,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let deadline = state.deadline();
     let engine = state.engine()?;
+    caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
     let selection =
         select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
     state.metrics.plugins_used(&selection.chain.entries);
@@ -57,7 +61,13 @@ pub async fn completions(
         &request_id.0,
         &selection,
     )?;
-    let subs = submit_all(engine.as_ref(), requests, &state.metrics)?;
+    let subs = submit_all(
+        engine.as_ref(),
+        requests,
+        &state.metrics,
+        caller.meter(),
+        shape.n,
+    )?;
     let envelope = Envelope {
         id: format!("cmpl-{}", request_id.0),
         object: "text_completion",
@@ -75,9 +85,9 @@ pub async fn completions(
             shape,
             offsets,
         };
-        return Ok(sse_response(subs, format, n));
+        return Ok(sse_response(subs, format, n, deadline));
     }
-    let outcomes = collect_all(subs).await?;
+    let outcomes = collect_all(subs, deadline).await?;
     Ok(Json(response(&envelope, engine.as_ref(), &shape, &outcomes)).into_response())
 }
 

@@ -44,6 +44,16 @@ pub enum ErrorKind {
     MethodNotAllowed,
     PayloadTooLarge,
     Unauthorized,
+    /// The API key may not use the requested model.
+    ModelNotAllowed,
+    /// The API key may not run a requested plug-in.
+    PluginNotAllowed,
+    /// Loading, replacing or unloading plug-ins needs an admin key.
+    AdminRequired,
+    /// The API key is over one of its limits (its 429, unlike the overload 429 `QueueFull`).
+    RateLimited,
+    /// The generation ran past `request_timeout` and was cancelled.
+    RequestTimeout,
     /// The engine's waiting queue is full.
     QueueFull,
     ModelLoading,
@@ -56,6 +66,7 @@ impl ErrorKind {
     pub fn spec(self) -> (StatusCode, &'static str, &'static str) {
         use ErrorKind::*;
         const INVALID: &str = "invalid_request_error";
+        const FORBIDDEN: &str = "permission_error";
         match self {
             InvalidJson => (StatusCode::BAD_REQUEST, INVALID, "invalid_json"),
             InvalidParameter => (StatusCode::BAD_REQUEST, INVALID, "invalid_value"),
@@ -85,6 +96,19 @@ impl ErrorKind {
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 "invalid_api_key",
+            ),
+            ModelNotAllowed => (StatusCode::FORBIDDEN, FORBIDDEN, "model_not_allowed"),
+            PluginNotAllowed => (StatusCode::FORBIDDEN, FORBIDDEN, "plugin_not_allowed"),
+            AdminRequired => (StatusCode::FORBIDDEN, FORBIDDEN, "admin_required"),
+            RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                "request_timeout",
             ),
             QueueFull => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -3,15 +3,18 @@
 //!
 //! Each submitted request carries a [`Tracker`] that sees every event on its way to the
 //! client and records time to first token, inter-token gaps, queue time and token counts.
-//! A tracker dropped before its request finished means the client went away (the event
-//! receiver is dropped with it, which cancels the request in the engine).
+//! A tracker dropped before its request finished means the client went away or the request
+//! ran past its [`Deadline`] (the event receiver is dropped with it, which cancels the request
+//! in the engine and frees its KV cache). For a key with a tokens-per-minute limit the tracker
+//! also charges the tokens its request used to the key's [`Meter`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use serde::Serialize;
 
+use super::auth::Meter;
 use super::error::{ApiError, ErrorKind};
 use super::metrics::Metrics;
 use crate::engine::{
@@ -25,6 +28,9 @@ pub struct Tracker {
     started: Instant,
     last_token: Option<Instant>,
     done: bool,
+    meter: Option<Meter>,
+    /// Tokens to charge: the prompt's (for one choice per prompt) plus those generated.
+    tokens: usize,
 }
 
 impl Tracker {
@@ -35,7 +41,16 @@ impl Tracker {
             started: Instant::now(),
             last_token: None,
             done: false,
+            meter: None,
+            tokens: 0,
         }
+    }
+
+    /// Charges `prompt_tokens` and the tokens generated to `meter` when the request ends.
+    pub fn charging(mut self, meter: Option<Meter>, prompt_tokens: usize) -> Self {
+        self.meter = meter;
+        self.tokens = prompt_tokens;
+        self
     }
 
     pub fn observe(&mut self, event: &Event) {
@@ -71,6 +86,7 @@ impl Tracker {
     }
 
     fn on_token(&mut self) {
+        self.tokens += 1;
         let now = Instant::now();
         match self.last_token {
             None => self.metrics.time_to_first_token(now - self.started),
@@ -82,9 +98,12 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
+        if let Some(meter) = &self.meter {
+            meter.charge(self.tokens);
+        }
         if !self.done {
             self.metrics.cancelled();
-            tracing::info!(request_id = %self.id, "generation cancelled (client gone)");
+            tracing::info!(request_id = %self.id, "generation cancelled before it finished");
         }
     }
 }
@@ -100,16 +119,26 @@ pub struct Submission {
 }
 
 /// Submits every request, or none: on a failure (a full queue) the ones already submitted
-/// are dropped here, which cancels them.
+/// are dropped here, which cancels them. `requests` are `n` choices per prompt in a row (as
+/// `fan_out` makes them); `meter` is charged each prompt once, as `usage` counts it.
 pub fn submit_all(
     engine: &dyn Engine,
     requests: Vec<GenerateRequest>,
     metrics: &Arc<Metrics>,
+    meter: Option<Meter>,
+    n: usize,
 ) -> Result<Vec<Submission>, ApiError> {
     requests
         .into_iter()
-        .map(|request| {
-            let tracker = Tracker::new(metrics.clone(), request.id.clone());
+        .enumerate()
+        .map(|(i, request)| {
+            let prompt = if i % n.max(1) == 0 {
+                request.prompt.len()
+            } else {
+                0
+            };
+            let tracker =
+                Tracker::new(metrics.clone(), request.id.clone()).charging(meter.clone(), prompt);
             let rx = engine.submit(request)?;
             Ok(Submission { rx, tracker })
         })
@@ -178,9 +207,50 @@ pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
     Err(engine_gone())
 }
 
-/// Reads every request concurrently; the first failure drops (cancels) the others.
-pub async fn collect_all(subs: Vec<Submission>) -> Result<Vec<Outcome>, ApiError> {
-    try_join_all(subs.into_iter().map(collect)).await
+/// Reads every request concurrently; the first failure, or the deadline passing, drops
+/// (cancels) the others.
+pub async fn collect_all(
+    subs: Vec<Submission>,
+    deadline: Option<Deadline>,
+) -> Result<Vec<Outcome>, ApiError> {
+    let all = try_join_all(subs.into_iter().map(collect));
+    match deadline {
+        None => all.await,
+        Some(d) => tokio::time::timeout_at(d.at, all)
+            .await
+            .unwrap_or_else(|_| Err(d.expired())),
+    }
+}
+
+/// When a generation must end (`request_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Self {
+        Self {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The error for a request that ran past it (its sequences are cancelled by the caller
+    /// dropping them).
+    pub fn expired(&self) -> ApiError {
+        tracing::warn!(limit = ?self.limit, "generation ran past the request timeout; cancelled");
+        ApiError::new(
+            ErrorKind::RequestTimeout,
+            format!(
+                "the request ran longer than the server's request timeout ({:?}, \
+                 request_timeout) and was cancelled",
+                self.limit
+            ),
+        )
+    }
 }
 
 /// OpenAI `usage`.

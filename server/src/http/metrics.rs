@@ -91,7 +91,10 @@ impl Metrics {
     fn describe(&self) {
         use metrics::{describe_counter, describe_gauge, describe_histogram};
         self.with(|| {
-            describe_counter!(REQUESTS_TOTAL, "HTTP requests by route and status");
+            describe_counter!(
+                REQUESTS_TOTAL,
+                "HTTP requests by route, status and API key name"
+            );
             describe_histogram!(
                 REQUEST_DURATION,
                 Unit::Seconds,
@@ -112,7 +115,7 @@ impl Metrics {
             describe_counter!(GENERATION_TOKENS, "Generated tokens");
             describe_counter!(
                 CANCELLED,
-                "Generations dropped before finishing (disconnects)"
+                "Generations dropped before finishing (disconnects, request timeouts)"
             );
             describe_gauge!(RUNNING, "Sequences in the running batch");
             describe_gauge!(WAITING, "Sequences in the waiting queue");
@@ -148,7 +151,17 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, status: u16) {
-        let labels = [("route", route.to_string()), ("status", status.to_string())];
+        self.request_for_key(route, status, None);
+    }
+
+    /// A request answered; `key` is the name of the API key that authenticated it. Requests
+    /// without one (authentication off, /health, /metrics, 401s) carry no `key` label, which
+    /// PromQL reads as `key=""`.
+    pub fn request_for_key(&self, route: &str, status: u16, key: Option<&str>) {
+        let mut labels = vec![("route", route.to_string()), ("status", status.to_string())];
+        if let Some(key) = key {
+            labels.push(("key", key.to_string()));
+        }
         self.with(|| counter!(REQUESTS_TOTAL, &labels).increment(1));
     }
 
@@ -363,6 +376,18 @@ mod tests {
         }
         let types = text.matches("# TYPE graft_engine_step_seconds ").count();
         assert_eq!(types, 1, "one family for both phases");
+    }
+
+    #[test]
+    fn request_counts_carry_the_key_name_when_there_is_one() {
+        let m = Metrics::new().expect("metrics");
+        m.request_for_key("/v1/models", 200, Some("alice"));
+        m.request_for_key("/v1/models", 200, None);
+        let text = m.render(None, None);
+        let labelled = "graft_requests_total{route=\"/v1/models\",status=\"200\",key=\"alice\"} 1";
+        assert!(text.contains(labelled), "{text}");
+        let bare = "graft_requests_total{route=\"/v1/models\",status=\"200\"} 1";
+        assert!(text.contains(bare), "{text}");
     }
 
     #[test]

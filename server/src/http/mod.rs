@@ -2,17 +2,20 @@
 //!
 //! [`app`] builds the whole router from an [`AppState`]; it needs no socket, so tests drive
 //! it with `tower::ServiceExt::oneshot`. Every request passes, outermost first: `observe`
-//! (request id, tracing span, `graft_requests_total`, `x-request-id` header), the body limit
-//! (413 in our error shape), and on every route except /health and /metrics the optional
-//! API-key check. /metrics stays open like vLLM's, so Prometheus and the Kubernetes
-//! inference gateway scrape it without a key; it exposes counts, never request content.
+//! (request id, tracing span, `graft_requests_total`, `x-request-id` header), CORS when
+//! origins are configured, the body limit (413 in our error shape), and on every route except
+//! /health and /metrics the API-key check with its per-key limits ([`auth`]). /metrics stays
+//! open like vLLM's, so Prometheus and the Kubernetes inference gateway scrape it without a
+//! key; it exposes counts, never request content.
 //!
 //! Request path of a generation: [`extract::ApiJson`] parses and screens the body,
 //! `validate` turns it into `GenerateRequest`s, `generate` submits them and reads the
 //! events, `chat` / `completions` shape the reply or `stream` the SSE chunks.
 
+pub mod auth;
 mod chat;
 mod completions;
+pub mod cors;
 pub mod error;
 pub mod extract;
 mod generate;
@@ -31,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -39,6 +42,7 @@ use axum::Router;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
+use self::auth::KeyLabel;
 use self::metrics::Metrics;
 pub use error::{ApiError, ErrorKind};
 pub use state::{AppState, EngineSlot, HttpConfig};
@@ -57,16 +61,27 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(routes::models))
-        .route("/v1/plugins", get(plugin_api::list).post(plugin_api::load))
-        .route("/v1/plugins/{name}", delete(plugin_api::unload))
+        .route(
+            "/v1/plugins",
+            get(plugin_api::list).merge(
+                post(plugin_api::load).route_layer(middleware::from_fn(auth::require_admin)),
+            ),
+        )
+        .route(
+            "/v1/plugins/{name}",
+            delete(plugin_api::unload).route_layer(middleware::from_fn(auth::require_admin)),
+        )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ));
     let open = Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics));
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .merge(protected)
         .merge(open)
         .fallback(routes::not_found)
@@ -77,7 +92,12 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::map_response_with_state(
             state.clone(),
             payload_too_large_in_our_shape,
-        ))
+        ));
+    let router = match state.config.allowed_origins.layer() {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -94,23 +114,32 @@ pub fn unix_now() -> u64 {
 async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = uuid::Uuid::new_v4().simple().to_string();
     req.extensions_mut().insert(RequestId(id.clone()));
+    let key = KeyLabel::default();
+    req.extensions_mut().insert(key.clone());
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
-    let span =
-        tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route);
+    // `key` is recorded by the auth middleware once it knows the key's name.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        route = %route,
+        key = tracing::field::Empty,
+    );
     let started = Instant::now();
     let mut pending = Pending {
         metrics: state.metrics.clone(),
         route: route.clone(),
+        key: key.clone(),
         answered: false,
     };
     let mut response = next.run(req).instrument(span.clone()).await;
     pending.answered = true;
     let status = response.status().as_u16();
-    state.metrics.request(&route, status);
+    state.metrics.request_for_key(&route, status, key.get());
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| match route.as_str() {
         // Probes and scrapes arrive every few seconds; keep them out of the default log.
@@ -131,53 +160,18 @@ const CLIENT_CLOSED: u16 = 499;
 struct Pending {
     metrics: Arc<Metrics>,
     route: String,
+    key: KeyLabel,
     answered: bool,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.answered {
-            self.metrics.request(&self.route, CLIENT_CLOSED);
+            self.metrics
+                .request_for_key(&self.route, CLIENT_CLOSED, self.key.get());
             tracing::info!(route = %self.route, "client closed the connection before the reply");
         }
     }
-}
-
-/// With API keys configured, a request needs `Authorization: Bearer <one of them>`.
-async fn authorize(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let keys = &state.config.api_keys;
-    if keys.is_empty() {
-        return Ok(next.run(req).await);
-    }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        Some(token)
-            if keys
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), token.as_bytes())) =>
-        {
-            Ok(next.run(req).await)
-        }
-        _ => Err(ApiError::new(
-            ErrorKind::Unauthorized,
-            "a valid API key is required: send `Authorization: Bearer <key>`",
-        )),
-    }
-}
-
-/// Compares without an early exit, so response time does not reveal how much of a key
-/// matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// tower-http answers an announced oversize body itself, in plain text, and the JSON
@@ -195,16 +189,4 @@ async fn payload_too_large_in_our_shape(
         format!("the request body is larger than the limit of {limit} bytes (max_body_bytes)"),
     )
     .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_keys() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 }

@@ -1,5 +1,5 @@
 //! The small routes: GET /health, GET /metrics, GET /v1/models (the base model and its
-//! adapters), and the fallbacks that give
+//! adapters, those the caller's API key may use), and the fallbacks that give
 //! unknown routes (404) and wrong methods (405) the same error body as everything else.
 
 use axum::extract::State;
@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use plugins::PluginKind;
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorKind};
 use super::state::AppState;
 
@@ -42,7 +43,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// The served model, OpenAI's list shape plus vLLM's `max_model_len`.
-pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn models(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     let info = engine.info();
     let mut data = vec![json!({
@@ -74,6 +78,12 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                 })
             }),
     );
+    // A key restricted to some models sees those (LiteLLM's behaviour).
+    data.retain(|m| {
+        m["id"]
+            .as_str()
+            .is_some_and(|id| caller.may_use_model(&info.id, id))
+    });
     Ok(Json(json!({"object": "list", "data": data})))
 }
 

@@ -1,5 +1,5 @@
-//! What every handler shares: the engine (absent while the model loads), the HTTP limits and
-//! the metrics registry.
+//! What every handler shares: the engine (absent while the model loads), the HTTP limits, the
+//! API keys with their limiters and the metrics registry.
 //!
 //! The socket is bound before the model is loaded, so the engine lives in an [`EngineSlot`]
 //! that starts empty: model routes answer 503 `model_loading` until the binary fills it, and
@@ -7,10 +7,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use plugins::Registry;
 
+use super::auth::{Auth, KeyTable};
+use super::cors::AllowedOrigins;
 use super::error::{ApiError, ErrorKind};
+use super::generate::Deadline;
 use super::metrics::{Metrics, MetricsError};
 use crate::engine::Engine;
 
@@ -28,21 +32,27 @@ pub const MAX_CHOICES: usize = 64;
 /// The HTTP layer's share of the configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
-    /// Accepted bearer tokens; empty means no authentication.
-    pub api_keys: Vec<String>,
+    /// Accepted API keys with their access and limits; empty means no authentication.
+    pub api_keys: KeyTable,
     /// Largest request body in bytes (413 beyond).
     pub max_body_bytes: usize,
     /// `max_tokens` when the request gives none; `0` means the rest of the context. Always
     /// clamped to the context left after the prompt.
     pub max_tokens_default: usize,
+    /// Longest a generation may run before it is cancelled (408 or a stream error event).
+    pub request_timeout: Option<Duration>,
+    /// Origins browsers may call from (CORS); none: no CORS headers.
+    pub allowed_origins: AllowedOrigins,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            api_keys: Vec::new(),
+            api_keys: KeyTable::default(),
             max_body_bytes: 2 * 1024 * 1024,
             max_tokens_default: 512,
+            request_timeout: None,
+            allowed_origins: AllowedOrigins::None,
         }
     }
 }
@@ -118,15 +128,23 @@ pub struct AppState {
     pub slot: Arc<EngineSlot>,
     pub config: Arc<HttpConfig>,
     pub metrics: Arc<Metrics>,
+    /// The API keys' limiters, built from `config.api_keys`.
+    pub auth: Arc<Auth>,
 }
 
 impl AppState {
     pub fn new(slot: EngineSlot, config: HttpConfig) -> Result<Self, MetricsError> {
         Ok(Self {
             slot: Arc::new(slot),
+            auth: Arc::new(Auth::new(&config.api_keys)),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()?),
         })
+    }
+
+    /// When a generation starting now must end, if `request_timeout` is set.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.config.request_timeout.map(Deadline::after)
     }
 
     /// The engine, or the 503 to answer.

@@ -6,8 +6,8 @@
 //! the ordering rules live in [`StreamState`], a synchronous state machine tested without an
 //! engine. The returned stream owns the event receivers, so when the client disconnects and
 //! axum drops the body, the receivers are dropped and the engine cancels the requests.
-//! An engine failure mid-stream becomes one `data: {"error": ...}` event (the same body as a
-//! JSON error reply) followed by `[DONE]`.
+//! An engine failure mid-stream, or the request's deadline passing, becomes one
+//! `data: {"error": ...}` event (the same body as a JSON error reply) followed by `[DONE]`.
 
 use std::convert::Infallible;
 
@@ -20,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::generate::{
-    engine_gone, summarize, ChoiceTotals, GenToken, Submission, TimingsOut, Tracker, Usage,
+    engine_gone, summarize, ChoiceTotals, Deadline, GenToken, Submission, TimingsOut, Tracker,
+    Usage,
 };
 use crate::engine::{Event, FinishReason, TokenLogprob};
 
@@ -225,8 +226,13 @@ impl<F: ChunkFormat> StreamState<F> {
     }
 }
 
-/// The SSE response for `subs`, shaped by `format`.
-pub fn sse_response<F: ChunkFormat>(subs: Vec<Submission>, format: F, n: usize) -> Response {
+/// The SSE response for `subs`, shaped by `format`, ended with an error event at `deadline`.
+pub fn sse_response<F: ChunkFormat>(
+    subs: Vec<Submission>,
+    format: F,
+    n: usize,
+    deadline: Option<Deadline>,
+) -> Response {
     let mut receivers = Vec::with_capacity(subs.len());
     let mut trackers = Vec::with_capacity(subs.len());
     for sub in subs {
@@ -240,10 +246,18 @@ pub fn sse_response<F: ChunkFormat>(subs: Vec<Submission>, format: F, n: usize) 
             .map(move |event| (i, Some(event)))
             .chain(stream::iter([(i, None)]))
     }));
-    let frames = stream::unfold(Some((merged, state)), |st| async move {
+    let frames = stream::unfold(Some((merged, state)), move |st| async move {
         let (mut merged, mut state) = st?;
         loop {
-            let Some((index, event)) = merged.next().await else {
+            let next = match deadline {
+                None => merged.next().await,
+                Some(d) => match tokio::time::timeout_at(d.at, merged.next()).await {
+                    Ok(next) => next,
+                    // Dropping `merged` cancels every choice still running.
+                    Err(_) => return Some((state.fail(d.expired()), None)),
+                },
+            };
+            let Some((index, event)) = next else {
                 // Every channel closed and reported: cannot happen without `ended`, but end
                 // the body rather than wait forever.
                 return None;

@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::selection::select_for;
@@ -14,9 +15,11 @@ use super::wire::{DetokenizeRequest, TokenizeRequest};
 
 pub async fn tokenize(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
+    caller.check(&engine.info().id, req.model.as_deref(), &[])?;
     // The tokenizer is the base model's whatever adapter `model` names; the name is checked.
     select_for(&state, engine.info(), req.model.as_deref(), &[])?;
     let text = match (&req.prompt, &req.messages) {
@@ -44,9 +47,11 @@ pub async fn tokenize(
 
 pub async fn detokenize(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
+    caller.check(&engine.info().id, req.model.as_deref(), &[])?;
     // The tokenizer is the base model's whatever adapter `model` names; the name is checked.
     select_for(&state, engine.info(), req.model.as_deref(), &[])?;
     check_token_ids(&req.tokens, engine.info().vocab_size, "tokens")?;
