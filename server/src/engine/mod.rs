@@ -152,6 +152,11 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("prompt is empty")]
     EmptyPrompt,
+    #[error(
+        "the model produced unusable logits for this request ({0}); a plug-in's weights or \
+         parameters may overflow"
+    )]
+    NonFiniteLogits(String),
     #[error("engine failure: {0}")]
     Internal(String),
 }

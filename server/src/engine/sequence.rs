@@ -270,6 +270,7 @@ impl Sequence {
         tokenizer: &Tokenizer,
         now: Instant,
     ) -> Result<(), EngineError> {
+        check_logits(logits)?;
         let sampled = self.sampler.sample(logits);
         let id = sampled.id;
         self.generated.push(id);
@@ -374,6 +375,26 @@ impl Schedulable for Sequence {
 
 fn internal(message: impl Into<String>) -> EngineError {
     EngineError::Internal(message.into())
+}
+
+/// Refuses a row of logits nothing sensible can be sampled from: a NaN or `+inf` anywhere
+/// (an overflowing plug-in, say), or no finite value at all. The sampler would otherwise pick
+/// some token (id 0, often a stop token) and the request would end "successfully" with
+/// garbage; failing the sequence ends that request alone, with an error that says why.
+fn check_logits(logits: &[f32]) -> Result<(), EngineError> {
+    let mut any_finite = false;
+    for (id, &x) in logits.iter().enumerate() {
+        if x.is_nan() || x == f32::INFINITY {
+            return Err(EngineError::NonFiniteLogits(format!(
+                "token {id} has logit {x}"
+            )));
+        }
+        any_finite |= x.is_finite();
+    }
+    match any_finite {
+        true => Ok(()),
+        false => Err(EngineError::NonFiniteLogits("every logit is -inf".into())),
+    }
 }
 
 #[cfg(test)]
@@ -603,5 +624,33 @@ mod tests {
             events(&mut rx).as_slice(),
             [Event::Failed(EngineError::Internal(_))]
         ));
+    }
+
+    #[test]
+    fn regression_non_finite_logits_fail_that_sequence_with_an_error() {
+        let one_at = |id: usize, x: f32| {
+            let mut v = vec![0f32; TINY_VOCAB];
+            v[id] = x;
+            Tensor::from_vec(v, (1, TINY_VOCAB), &Device::Cpu).unwrap()
+        };
+        for logits in [
+            one_at(3, f32::NAN),
+            one_at(0, f32::INFINITY),
+            Tensor::full(f32::NEG_INFINITY, (1, TINY_VOCAB), &Device::Cpu).unwrap(),
+        ] {
+            let (mut bad, mut bad_rx) = start(request("ab", 5), 256);
+            let (mut good, mut good_rx) = start(request("ab", 1), 256);
+            step(&mut bad, 2, LogitsWanted::Last, Some(logits));
+            generate(&mut good, "x");
+            assert!(bad.is_done());
+            assert!(
+                matches!(
+                    events(&mut bad_rx).as_slice(),
+                    [Event::Failed(EngineError::NonFiniteLogits(_))]
+                ),
+                "the row must fail, not stop with a token"
+            );
+            assert_eq!(finished(&events(&mut good_rx)), (FinishReason::Length, 1));
+        }
     }
 }

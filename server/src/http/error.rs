@@ -207,9 +207,9 @@ impl From<EngineError> for ApiError {
                 Self::invalid("messages", message)
             }
             EngineError::EmptyPrompt => Self::invalid("prompt", message),
-            EngineError::Tokenizer(_) | EngineError::Internal(_) => {
-                Self::new(ErrorKind::Internal, message)
-            }
+            EngineError::Tokenizer(_)
+            | EngineError::NonFiniteLogits(_)
+            | EngineError::Internal(_) => Self::new(ErrorKind::Internal, message),
         }
     }
 }
