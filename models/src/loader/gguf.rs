@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 
 use super::{check_shape, WeightName, WeightSource};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
-use crate::error::{ModelError, Result};
+use crate::error::{candle_message, ModelError, Result};
 use crate::linear::Linear;
 use crate::loader::LayerWeight;
 
@@ -39,7 +39,7 @@ impl GgufSource {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| ModelError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: candle_message(e),
         })?;
         let config = read_config(&content, &mut reader, path)?;
         Ok(Self {
@@ -65,7 +65,7 @@ impl GgufSource {
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| ModelError::Parse {
                 path: self.path.clone(),
-                message: format!("tensor `{name}`: {e}"),
+                message: format!("tensor `{name}`: {}", candle_message(e)),
             })
     }
 
@@ -185,7 +185,7 @@ fn metadata_str<'a>(c: &'a Content, key: &str) -> Result<&'a str> {
         .map(|s| s.as_str())
         .map_err(|e| ModelError::BadMetadata {
             key: key.into(),
-            message: e.to_string(),
+            message: candle_message(e),
         })
 }
 
@@ -287,7 +287,7 @@ fn read_rope_factors(c: &Content, reader: &mut BufReader<File>, path: &Path) -> 
         .tensor(reader, "rope_freqs.weight", &Device::Cpu)
         .map_err(|e| ModelError::Parse {
             path: path.into(),
-            message: format!("rope_freqs.weight: {e}"),
+            message: format!("rope_freqs.weight: {}", candle_message(e)),
         })?;
     Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
