@@ -42,6 +42,11 @@ pub enum ModelError {
     Batch(String),
     #[error("plug-in hook `{hook}` failed: {message}")]
     Hook { hook: String, message: String },
+    #[error("{path} is not a valid GGUF file: {error}")]
+    Gguf {
+        path: PathBuf,
+        error: crate::loader::gguf_check::GgufError,
+    },
     /// Built through `From`, which drops candle's backtrace (see [`without_backtrace`]).
     #[error(transparent)]
     Candle(candle_core::Error),
