@@ -42,8 +42,44 @@ pub enum ModelError {
     Batch(String),
     #[error("plug-in hook `{hook}` failed: {message}")]
     Hook { hook: String, message: String },
+    #[error("{path} is not a valid GGUF file: {error}")]
+    Gguf {
+        path: PathBuf,
+        error: crate::loader::gguf_check::GgufError,
+    },
+    /// Built through `From`, which drops candle's backtrace (see [`without_backtrace`]).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(without_backtrace(e))
+    }
+}
+
+/// `e` without the backtraces candle attaches to its errors when `RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE` is set (`Error::bt`, used by `bail!`): its `Display` would print the
+/// whole stack into a message meant for a client or an operator. Context and path layers stay.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        other => other,
+    }
+}
+
+/// The message of a candle error, without its backtrace.
+pub fn candle_message(e: candle_core::Error) -> String {
+    without_backtrace(e).to_string()
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -54,5 +90,36 @@ impl ModelError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `bail!` builds when `RUST_BACKTRACE` is set, captured whatever the environment.
+    fn with_backtrace(message: &str) -> candle_core::Error {
+        candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(message.into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+    }
+
+    #[test]
+    fn candle_backtraces_never_reach_model_error_messages() {
+        assert_ne!(
+            with_backtrace("boom").to_string(),
+            "boom",
+            "no backtrace captured"
+        );
+        assert_eq!(ModelError::from(with_backtrace("boom")).to_string(), "boom");
+        let layered = with_backtrace("boom")
+            .context("reading x")
+            .with_path("/m.gguf");
+        assert_eq!(
+            ModelError::from(layered).to_string(),
+            "path: \"/m.gguf\" reading x\nboom"
+        );
+        assert_eq!(candle_message(with_backtrace("boom")), "boom");
     }
 }

@@ -58,8 +58,15 @@ pub enum PluginError {
         registered: String,
         found: String,
     },
+    /// Built through `From`, which drops candle's backtrace.
     #[error("tensor operation failed while preparing a plug-in: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+impl From<candle_core::Error> for PluginError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Tensor(models::error::without_backtrace(e))
+    }
 }
 
 impl PluginError {
@@ -79,3 +86,20 @@ impl PluginError {
 }
 
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_never_reach_plugin_error_messages() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("boom".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(
+            PluginError::from(e).to_string(),
+            "tensor operation failed while preparing a plug-in: boom"
+        );
+    }
+}

@@ -248,6 +248,7 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
         DeviceKind::Cpu => candle_core::Device::Cpu,
         // candle answers with an error when built without the `cuda` feature.
         DeviceKind::Cuda => candle_core::Device::new_cuda(0)
+            .map_err(models::error::without_backtrace)
             .context("device = cuda needs a GPU and a binary built with `--features cuda`")?,
     };
     let options = LoadOptions {

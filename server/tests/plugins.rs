@@ -513,3 +513,63 @@ async fn the_registry_routes_load_list_refuse_and_unload() {
     );
     assert!(metrics.contains("vllm:lora_requests_info{"), "{metrics}");
 }
+
+/// Control-vector GGUFs that made candle panic (a 500 "task panicked"): each is a 400 naming
+/// the file and the field.
+#[tokio::test]
+async fn malformed_control_vectors_are_400s_naming_the_file_and_the_field() {
+    use candle_core::quantized::gguf_file::{self, Value as GgufValue};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let plugins = s.dir.path().join("plugins");
+    let hidden = s.tiny.config.hidden_size;
+    let direction = candle_core::Tensor::new(vec![0.5f32; hidden], &Device::Cpu).unwrap();
+    let direction = QTensor::quantize(&direction, GgmlDType::F32).unwrap();
+    let write = |file: &str, alignment: u32| {
+        let arch = GgufValue::String("controlvector".into());
+        let alignment = GgufValue::U32(alignment);
+        let md = [
+            ("general.architecture", &arch),
+            ("general.alignment", &alignment),
+        ];
+        let mut f = std::fs::File::create(plugins.join(file)).unwrap();
+        gguf_file::write(&mut f, &md, &[("direction.1", &direction)]).unwrap();
+    };
+    write("good.gguf", 32);
+    write("zero.gguf", 0);
+    // The one dimension of `direction.1` (after its name and n_dims) set to 2^62.
+    let mut huge = std::fs::read(plugins.join("good.gguf")).unwrap();
+    let at = huge.windows(11).position(|w| w == b"direction.1").unwrap() + 11 + 4;
+    huge[at..at + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    std::fs::write(plugins.join("huge.gguf"), huge).unwrap();
+
+    let load = |path: &str| {
+        post(
+            "/v1/plugins",
+            json!({"type": "steer", "name": path, "path": path}).to_string(),
+        )
+    };
+    let r = send(&app, load("good.gguf")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    for (file, field) in [
+        ("zero.gguf", "general.alignment"),
+        ("huge.gguf", "`direction.1`: dims"),
+    ] {
+        let e = send(&app, load(file))
+            .await
+            .error(StatusCode::BAD_REQUEST, "invalid_value");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(file) && message.contains(field),
+            "{message}"
+        );
+        assert_eq!(e["param"], "path");
+    }
+}

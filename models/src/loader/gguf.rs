@@ -17,9 +17,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::gguf_check::check_gguf_reader;
 use super::{check_shape, WeightName, WeightSource};
 use crate::config::{Architecture, ModelConfig, RopeScaling};
-use crate::error::{ModelError, Result};
+use crate::error::{candle_message, ModelError, Result};
 use crate::linear::Linear;
 use crate::loader::LayerWeight;
 
@@ -37,9 +38,14 @@ impl GgufSource {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let mut reader = BufReader::new(file);
+        // candle panics on some malformed headers; it only sees files that pass this walk.
+        check_gguf_reader(&mut reader).map_err(|error| ModelError::Gguf {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let content = Content::read(&mut reader).map_err(|e| ModelError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: candle_message(e),
         })?;
         let config = read_config(&content, &mut reader, path)?;
         Ok(Self {
@@ -65,7 +71,7 @@ impl GgufSource {
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| ModelError::Parse {
                 path: self.path.clone(),
-                message: format!("tensor `{name}`: {e}"),
+                message: format!("tensor `{name}`: {}", candle_message(e)),
             })
     }
 
@@ -185,7 +191,7 @@ fn metadata_str<'a>(c: &'a Content, key: &str) -> Result<&'a str> {
         .map(|s| s.as_str())
         .map_err(|e| ModelError::BadMetadata {
             key: key.into(),
-            message: e.to_string(),
+            message: candle_message(e),
         })
 }
 
@@ -287,7 +293,7 @@ fn read_rope_factors(c: &Content, reader: &mut BufReader<File>, path: &Path) -> 
         .tensor(reader, "rope_freqs.weight", &Device::Cpu)
         .map_err(|e| ModelError::Parse {
             path: path.into(),
-            message: format!("rope_freqs.weight: {e}"),
+            message: format!("rope_freqs.weight: {}", candle_message(e)),
         })?;
     Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
@@ -308,6 +314,31 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_zero_alignment_fails_the_model_load_by_name_instead_of_panicking() {
+        use crate::tiny::{tiny_config, TinyModel};
+        use candle_core::quantized::GgmlDType;
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = TinyModel::random(tiny_config(Architecture::Llama), 1).unwrap();
+        let good = dir.path().join("good.gguf");
+        tiny.write_gguf(&good, GgmlDType::Q8_0).unwrap();
+        let source = GgufSource::open(&good, &Device::Cpu).unwrap();
+        let mut reader = BufReader::new(File::open(&good).unwrap());
+        let summary = check_gguf_reader(&mut reader).unwrap();
+        assert_eq!(summary.data_offset, source.content().tensor_data_offset);
+
+        let bad = dir.path().join("bad.gguf");
+        let zero = [("general.alignment".to_string(), Value::U32(0))];
+        tiny.write_gguf_with_metadata(&bad, GgmlDType::Q8_0, &zero)
+            .unwrap();
+        let err = GgufSource::open(&bad, &Device::Cpu).err().unwrap();
+        let ModelError::Gguf { path, error } = &err else {
+            panic!("expected a GGUF fault, got {err}");
+        };
+        assert_eq!((path, error.field.as_str()), (&bad, "general.alignment"));
+        assert!(err.to_string().contains("bad.gguf"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! missing or misshapen tensor is a [`ModelError`] naming it.
 
 pub mod gguf;
+pub mod gguf_check;
 pub mod safetensors;
 
 use std::path::Path;

@@ -76,7 +76,7 @@ impl SafetensorsSource {
 fn parse_error(path: &Path, e: candle_core::Error) -> ModelError {
     ModelError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: crate::error::candle_message(e),
     }
 }
 

@@ -14,6 +14,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use models::error::candle_message;
+use models::loader::gguf_check::check_gguf;
 
 use crate::error::{PluginError, Result};
 
@@ -38,9 +40,12 @@ impl ControlVector {
     /// Parses the bytes of a file; `path` only names it in errors.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let bad = |m: String| PluginError::bad_file(path, m);
+        // candle panics on some malformed headers (a zero alignment, sizes that overflow);
+        // it only sees files that pass this walk.
+        check_gguf(bytes).map_err(|e| bad(format!("invalid GGUF: {e}")))?;
         let mut file = std::io::Cursor::new(bytes);
         let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+            .map_err(|e| bad(format!("not a GGUF file: {}", candle_message(e))))?;
         let arch = content
             .metadata
             .get("general.architecture")
@@ -71,7 +76,7 @@ impl ControlVector {
             }
             let t = content
                 .tensor(&mut file, name, &Device::Cpu)
-                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| bad(format!("tensor `{name}`: {}", candle_message(e))))?;
             let values = t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
             directions.insert(layer, values);
         }
@@ -166,5 +171,108 @@ mod tests {
         .unwrap();
         let err = ControlVector::read(&path).unwrap_err().to_string();
         assert!(err.contains("not \"controlvector\""), "{err}");
+    }
+
+    /// A control vector's bytes with a patch at `at` bytes after the first `marker`.
+    fn patched(bytes: &[u8], marker: &[u8], at: usize, patch: &[u8]) -> Vec<u8> {
+        let start = bytes
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .unwrap();
+        let mut out = bytes.to_vec();
+        let at = start + marker.len() + at;
+        out[at..at + patch.len()].copy_from_slice(patch);
+        out
+    }
+
+    fn written() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.gguf");
+        let cv = ControlVector {
+            model_hint: Some("llama".into()),
+            directions: BTreeMap::from([(1, vec![0.5, -1.0, 2.0, 4.0])]),
+        };
+        cv.write(&path).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    /// The message of the `BadFile` that `bytes` must give; any other outcome fails.
+    fn bad_file_message(bytes: &[u8]) -> String {
+        let path = Path::new("/plugins/v.gguf");
+        match ControlVector::parse(path, bytes) {
+            Err(PluginError::BadFile { path: p, message }) if p == path => message,
+            other => panic!("expected a BadFile for {path:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_control_vectors_are_bad_files_naming_the_field_not_panics() {
+        let good = written();
+        assert!(ControlVector::parse(Path::new("v.gguf"), &good).is_ok());
+        // After the tensor name: n_dims (u32), one dim (u64), type (u32), offset (u64).
+        let name = b"direction.1".as_slice();
+        let cases = [
+            (
+                patched(&good, name, 4, &(1u64 << 62).to_le_bytes()),
+                "`direction.1`: dims",
+            ),
+            (
+                patched(&good, name, 0, &1000u32.to_le_bytes()),
+                "`direction.1`: dims",
+            ),
+            (
+                patched(&good, name, 16, &(1u64 << 40).to_le_bytes()),
+                "`direction.1`: offset",
+            ),
+            (
+                patched(
+                    &good,
+                    b"general.architecture",
+                    4,
+                    &(1u64 << 60).to_le_bytes(),
+                ),
+                "general.architecture:",
+            ),
+        ];
+        for (bytes, field) in cases {
+            let message = bad_file_message(&bytes);
+            assert!(message.contains(field), "{field}: {message}");
+        }
+        let zero = Value::U32(0);
+        let arch = Value::String(ARCHITECTURE.into());
+        let t = QTensor::quantize(
+            &Tensor::new(&[1f32; 4], &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let mut aligned = std::io::Cursor::new(Vec::new());
+        let md = [
+            ("general.architecture", &arch),
+            ("general.alignment", &zero),
+        ];
+        gguf_file::write(&mut aligned, &md, &[("direction.1", &t)]).unwrap();
+        let message = bad_file_message(aligned.get_ref());
+        assert!(message.contains("general.alignment"), "{message}");
+    }
+
+    #[test]
+    fn truncated_or_mutated_control_vectors_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let good = written();
+        for cut in 0..good.len() {
+            // Only the zero padding after the last tensor may go.
+            if ControlVector::parse(Path::new("v.gguf"), &good[..cut]).is_ok() {
+                assert!(good[cut..].iter().all(|&b| b == 0), "cut at {cut}");
+            }
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+        for _ in 0..5_000 {
+            let mut bytes = good.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                let at = rng.random_range(0..bytes.len());
+                bytes[at] = rng.random();
+            }
+            let _ = ControlVector::parse(Path::new("v.gguf"), &bytes);
+        }
     }
 }

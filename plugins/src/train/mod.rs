@@ -44,8 +44,15 @@ pub enum TrainError {
     BadOption(String),
     #[error("the model cannot be used for training: {0}")]
     Model(#[from] models::ModelError),
+    /// Built through `From`, which drops candle's backtrace.
     #[error("tensor operation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Tensor(models::error::without_backtrace(e))
+    }
 }
 
 impl TrainError {

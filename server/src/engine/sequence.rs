@@ -193,7 +193,9 @@ impl Sequence {
             )));
         }
         let rows = match logits {
-            Some(t) => t.to_vec2::<f32>().map_err(|e| internal(e.to_string()))?,
+            Some(t) => t
+                .to_vec2::<f32>()
+                .map_err(|e| internal(models::error::candle_message(e)))?,
             None => Vec::new(),
         };
         if start < self.prompt.len() {
