@@ -4,7 +4,9 @@
 //! Each submitted request carries a [`Tracker`] that sees every event on its way to the
 //! client and records time to first token, inter-token gaps, queue time and token counts.
 //! A tracker dropped before its request finished means the client went away (the event
-//! receiver is dropped with it, which cancels the request in the engine).
+//! receiver is dropped with it, which cancels the request in the engine); a request the
+//! server itself gives up on (a sibling refused with 429, or failed) is [`Tracker::abandon`]ed
+//! first, so `graft_requests_cancelled_total` counts only clients that left.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,6 +72,15 @@ impl Tracker {
         }
     }
 
+    /// Ends tracking without counting a cancellation: the server answers this request with
+    /// an error (its client is still there), and dropping it cancels it in the engine.
+    pub fn abandon(&mut self) {
+        if !self.done {
+            self.done = true;
+            tracing::debug!(request_id = %self.id, "generation abandoned with its request");
+        }
+    }
+
     fn on_token(&mut self) {
         let now = Instant::now();
         match self.last_token {
@@ -100,20 +111,28 @@ pub struct Submission {
 }
 
 /// Submits every request, or none: on a failure (a full queue) the ones already submitted
-/// are dropped here, which cancels them.
+/// are dropped here, which cancels them. A refused request is answered (429 or 503), not
+/// cancelled, so neither it nor its dropped siblings count in `graft_requests_cancelled_total`.
 pub fn submit_all(
     engine: &dyn Engine,
     requests: Vec<GenerateRequest>,
     metrics: &Arc<Metrics>,
 ) -> Result<Vec<Submission>, ApiError> {
-    requests
-        .into_iter()
-        .map(|request| {
-            let tracker = Tracker::new(metrics.clone(), request.id.clone());
-            let rx = engine.submit(request)?;
-            Ok(Submission { rx, tracker })
-        })
-        .collect()
+    let mut subs = Vec::with_capacity(requests.len());
+    for request in requests {
+        let id = request.id.clone();
+        match engine.submit(request) {
+            Ok(rx) => subs.push(Submission {
+                rx,
+                tracker: Tracker::new(metrics.clone(), id),
+            }),
+            Err(e) => {
+                subs.iter_mut().for_each(|sub| sub.tracker.abandon());
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(subs)
 }
 
 /// One generated token as the routes need it.
@@ -145,7 +164,7 @@ pub fn engine_gone() -> ApiError {
 }
 
 /// Reads one request's events to the end.
-pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
+pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
     let mut tokens = Vec::new();
     let mut prompt_logprobs = None;
     while let Some(event) = sub.rx.recv().await {
@@ -178,9 +197,14 @@ pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
     Err(engine_gone())
 }
 
-/// Reads every request concurrently; the first failure drops (cancels) the others.
-pub async fn collect_all(subs: Vec<Submission>) -> Result<Vec<Outcome>, ApiError> {
-    try_join_all(subs.into_iter().map(collect)).await
+/// Reads every request concurrently; the first failure drops (cancels) the others, which
+/// end with the request's error rather than as cancellations.
+pub async fn collect_all(mut subs: Vec<Submission>) -> Result<Vec<Outcome>, ApiError> {
+    let outcomes = try_join_all(subs.iter_mut().map(collect)).await;
+    if outcomes.is_err() {
+        subs.iter_mut().for_each(|sub| sub.tracker.abandon());
+    }
+    outcomes
 }
 
 /// OpenAI `usage`.
