@@ -97,9 +97,9 @@ async fn shutting_down_is_503() {
     let state = state_with(fake, HttpConfig::default());
     state.slot.begin_shutdown();
     let app = app(state);
-    chat(&app, json!({"messages": hello()}))
-        .await
-        .error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    let r = chat(&app, json!({"messages": hello()})).await;
+    r.error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    assert_eq!(r.headers[header::RETRY_AFTER], "1");
     send(&app, get("/health"))
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
