@@ -4,9 +4,11 @@
 //!
 //! `serve` binds the socket first, so /health answers 503 while the model loads in the
 //! background; then it fills the app's engine slot and /health turns 200. On SIGINT/SIGTERM
-//! it stops accepting connections, answers new requests on open connections with 503, lets
-//! in-flight requests finish for up to `drain_seconds` (the engine fails what is left), and
-//! exits 0. A model that fails to load stops the server with an error (exit 1).
+//! it drains: it keeps accepting connections, so a readiness probe sees /health answer 503
+//! and new generation requests get 503 with Retry-After, while in-flight requests finish for
+//! up to `drain_seconds` (the engine fails what is left); then it closes the listener, lets
+//! the last responses go out, and exits 0. A model that fails to load stops the server with
+//! an error (exit 1).
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -145,8 +147,6 @@ struct Lifecycle {
     drain: Duration,
     /// The engine's shutdown, set once the model is loaded.
     engine_stop: Mutex<Option<EngineStop>>,
-    /// The engine's shutdown in progress, awaited before the process exits.
-    engine_stopping: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Why the server stopped, when it was not a signal.
     failure: Mutex<Option<anyhow::Error>>,
 }
@@ -170,13 +170,12 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         slot: state.slot.clone(),
         drain: Duration::from_secs(config.drain_seconds),
         engine_stop: Mutex::default(),
-        engine_stopping: Mutex::default(),
         failure: Mutex::default(),
     });
     let (fatal_tx, fatal_rx) = oneshot::channel();
     let (stopping_tx, stopping_rx) = watch::channel(false);
     tokio::spawn(load_in_background(config, life.clone(), fatal_tx));
-    let stop = wait_for_stop(fatal_rx, life.clone(), stopping_tx);
+    let drained = drain_on_stop(fatal_rx, life.clone(), stopping_tx);
     // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
     // back until the client's delayed ACK, adding milliseconds to every inter-token gap.
     let listener = listener.tap_io(|tcp| {
@@ -184,21 +183,14 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(stop);
+    // The listener closes only once the drain is over; until then it keeps accepting.
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(drained);
     run_until_drained(server.into_future(), stopping_rx, life.drain).await?;
-    finish(&life).await
+    finish(&life)
 }
 
-/// Waits for the engine's own shutdown (bounded by the drain time), then reports how the
-/// server ended.
-async fn finish(life: &Lifecycle) -> anyhow::Result<()> {
-    let stopping = life.engine_stopping.lock().ok().and_then(|mut s| s.take());
-    if let Some(stopping) = stopping {
-        let limit = life.drain + SHUTDOWN_GRACE;
-        if tokio::time::timeout(limit, stopping).await.is_err() {
-            tracing::warn!("the engine did not stop in time; exiting anyway");
-        }
-    }
+/// Reports how the server ended.
+fn finish(life: &Lifecycle) -> anyhow::Result<()> {
     let failed = life.failure.lock().ok().and_then(|mut f| f.take());
     match failed {
         Some(e) => Err(e),
@@ -320,9 +312,12 @@ fn build_engine(
     })
 }
 
-/// Resolves on SIGINT/SIGTERM or a fatal load error, after starting the drain: model routes
-/// answer 503 from now on and the engine gets `drain` to finish what it accepted.
-async fn wait_for_stop(
+/// Resolves when the server has drained. On SIGINT/SIGTERM (or a fatal load error) it starts
+/// the drain: /health and the model routes answer 503 from now on, and the engine gets `drain`
+/// to finish what it accepted; it resolves once the engine has stopped. Until then the
+/// listener keeps accepting, so probes and clients get their 503s instead of a refused
+/// connection.
+async fn drain_on_stop(
     fatal: oneshot::Receiver<anyhow::Error>,
     life: Arc<Lifecycle>,
     stopping: watch::Sender<bool>,
@@ -344,15 +339,20 @@ async fn wait_for_stop(
     if let Some(stop) = stop {
         let drain = life.drain;
         // The engine's shutdown blocks until its thread has drained and exited.
-        let handle = tokio::task::spawn_blocking(move || stop(drain));
-        if let Ok(mut stopping) = life.engine_stopping.lock() {
-            *stopping = Some(handle);
+        let stopped = tokio::task::spawn_blocking(move || stop(drain));
+        if tokio::time::timeout(drain + SHUTDOWN_GRACE, stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the engine did not stop in time; closing anyway");
         }
     }
+    tracing::info!("drained; closing the listener");
 }
 
-/// Runs the server until it has drained, or until `drain` (plus a grace) after the stop
-/// began, whichever is first: a client that never reads must not keep the process alive.
+/// Runs the server until it has drained and sent its last responses, or until `drain` (plus
+/// a grace) after the stop began, whichever is first: a client that never reads must not
+/// keep the process alive.
 async fn run_until_drained(
     server: impl std::future::Future<Output = std::io::Result<()>>,
     mut stopping: watch::Receiver<bool>,

@@ -154,6 +154,29 @@ fn greedy_generation_equals_the_model_run_alone() {
     assert_eq!(out.reason, Some(FinishReason::Length));
 }
 
+/// A temperature below 1e-5 is greedy (vLLM's rule). Below about 3e-39 the draw used to turn
+/// NaN and pick id 0, the end of sequence: one token, finish `stop`, empty text.
+#[test]
+fn regression_a_tiny_temperature_generates_the_greedy_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tiny_engine(dir.path(), EngineConfig::default());
+    let eos_stops = |mut r: GenerateRequest| {
+        r.stop_token_ids = vec![TINY_EOS];
+        r
+    };
+    let greedy = run(&engine, eos_stops(request(ids("hello"), 12, 0.0, 1)));
+    assert_eq!(greedy.reason, Some(FinishReason::Length), "{greedy:?}");
+    for temperature in [1e-39, 1e-30, 9e-6] {
+        for seed in [1, 2] {
+            let tiny = run(
+                &engine,
+                eos_stops(request(ids("hello"), 12, temperature, seed)),
+            );
+            assert_eq!(tiny, greedy, "temperature {temperature:e}, seed {seed}");
+        }
+    }
+}
+
 #[test]
 fn sixteen_concurrent_requests_each_equal_the_same_request_alone() {
     let dir = tempfile::tempdir().unwrap();

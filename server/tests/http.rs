@@ -97,9 +97,9 @@ async fn shutting_down_is_503() {
     let state = state_with(fake, HttpConfig::default());
     state.slot.begin_shutdown();
     let app = app(state);
-    chat(&app, json!({"messages": hello()}))
-        .await
-        .error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    let r = chat(&app, json!({"messages": hello()})).await;
+    r.error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    assert_eq!(r.headers[header::RETRY_AFTER], "1");
     send(&app, get("/health"))
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
@@ -559,6 +559,88 @@ async fn abandoned_non_streaming_request_is_cancelled_and_counted_499() {
     let text = String::from_utf8_lossy(&send(&app, get("/metrics")).await.body).into_owned();
     assert!(text.contains("status=\"499\"} 1"), "{text}");
     assert!(text.contains("graft_requests_cancelled_total 1"), "{text}");
+}
+
+/// The /metrics page as text.
+async fn metrics_text(app: &Router) -> String {
+    String::from_utf8_lossy(&send(app, get("/metrics")).await.body).into_owned()
+}
+
+/// The sum of the samples of `name` whose label set contains `labels` (`""`: all of them).
+fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let labelled = series.strip_prefix(name);
+            labelled.is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+                && series.contains(labels)
+        })
+        .map(|(_, value)| value.parse::<f64>().expect("a sample value"))
+        .sum()
+}
+
+/// Under overload every request ends as exactly one outcome: served (200), refused (429) or
+/// left by its client (499), and only the last are cancellations. Pins the bug where a
+/// refused request's tracker was dropped unfinished and counted as cancelled.
+#[tokio::test]
+async fn regression_429s_are_not_cancellations_and_outcomes_add_up_under_overload() {
+    // Room for 6 sequences: 3 clients that leave, then 7 requests of 2 choices each, of
+    // which one is served, one gets a choice in before the queue is full, and 6 are refused.
+    let (app, fake) = fake_app(FakeConfig {
+        capacity: Some(6),
+        delay: Duration::from_millis(5),
+        ..FakeConfig::default()
+    });
+    let leaving: Vec<_> = (0..3)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(
+                async move { chat(&app, json!({"messages": hello(), "max_tokens": 50})).await },
+            )
+        })
+        .collect();
+    while fake.submitted().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for call in leaving {
+        call.abort();
+        assert!(call.await.is_err_and(|e| e.is_cancelled()));
+    }
+    let body = json!({"messages": hello(), "max_tokens": 2, "n": 2});
+    let answers = futures::future::join_all((0..7).map(|_| chat(&app, body.clone()))).await;
+    let count = |status| answers.iter().filter(|a| a.status == status).count();
+    assert_eq!(count(StatusCode::OK), 1);
+    assert_eq!(count(StatusCode::TOO_MANY_REQUESTS), 6);
+
+    let text = metrics_text(&app).await;
+    let total = |labels| metric_sum(&text, "graft_requests_total", labels);
+    assert_eq!(total("route=\"/v1/chat/completions\""), 10.0, "{text}");
+    assert_eq!(total("status=\"200\""), 1.0, "{text}");
+    assert_eq!(total("status=\"429\""), 6.0, "{text}");
+    assert_eq!(total("status=\"499\""), 3.0, "{text}");
+    let cancelled = metric_sum(&text, "graft_requests_cancelled_total", "");
+    assert_eq!(cancelled, 3.0, "only the clients that left: {text}");
+}
+
+/// When one choice fails, the request is answered with the error and its other choices are
+/// dropped: the client did not leave, so nothing counts as cancelled.
+#[tokio::test]
+async fn regression_a_failed_choice_does_not_count_its_siblings_as_cancelled() {
+    let (app, _) = fake_app(FakeConfig {
+        fail_after: Some(1),
+        ..FakeConfig::default()
+    });
+    let body = json!({"messages": hello(), "max_tokens": 5, "n": 3});
+    chat(&app, body.clone())
+        .await
+        .error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = chat(&app, streamed).await;
+    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+    let text = metrics_text(&app).await;
+    let cancelled = metric_sum(&text, "graft_requests_cancelled_total", "");
+    assert_eq!(cancelled, 0.0, "{text}");
 }
 
 // ---------------------------------------------------------------- completions

@@ -1,10 +1,12 @@
 """/metrics over real HTTP: the whole exposition parses with the official Prometheus client
-library, and the engine's step histograms account for every step of a request."""
+library, the engine's step histograms account for every step of a request, and under overload
+the request counters add up."""
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from conftest import MODEL_ID
+from conftest import MODEL_ID, Server
 
 
 def step_counts(m: dict) -> tuple:
@@ -32,3 +34,33 @@ def test_step_histograms_count_each_step_of_a_request_and_its_tokens(server):
     assert m[("vllm:iteration_tokens_total_sum", ())] == tokens
     inf = m[("graft_engine_step_seconds_bucket", (("le", "+Inf"), ("phase", "forward")))]
     assert inf == forward
+
+
+def test_overload_outcomes_add_up_and_429s_are_not_cancellations():
+    # One running sequence and one waiting place: while a long request runs, five more arrive;
+    # one waits and is served, four are refused.
+    s = Server("--max-running", "1", "--max-waiting", "1")
+    try:
+        def total(m, name, **labels):
+            return sum(v for (sample, ls), v in m.items()
+                       if sample == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+        before = s.metrics()
+        route = "/v1/completions"
+        long = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        short = {"model": MODEL_ID, "prompt": "The sky is", "max_tokens": 2, "temperature": 0}
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            first = pool.submit(requests.post, s.url + route, json=long, timeout=120)
+            deadline = time.monotonic() + 30
+            while s.metrics()[("vllm:num_requests_running", ())] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            rest = [pool.submit(requests.post, s.url + route, json=short, timeout=120) for _ in range(5)]
+            codes = [f.result().status_code for f in [first, *rest]]
+        assert sorted(codes) == [200, 200, 429, 429, 429, 429], codes
+        after = s.metrics()
+        delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)
+        assert delta("graft_requests_total", route=route) == 6
+        assert delta("graft_requests_total", route=route, status="429") == 4
+        assert delta("graft_requests_cancelled_total") == 0
+    finally:
+        assert s.stop() == 0

@@ -13,5 +13,5 @@ mod params;
 mod sampler;
 
 pub use logprobs::{log_softmax_at, log_sum_exp, token_logprobs, TokenLogprobs};
-pub use params::{SamplingError, SamplingParams, MAX_TOP_LOGPROBS};
+pub use params::{SamplingError, SamplingParams, GREEDY_BELOW_TEMPERATURE, MAX_TOP_LOGPROBS};
 pub use sampler::{SampledToken, Sampler};

@@ -11,13 +11,19 @@ use thiserror::Error;
 /// The largest `top_logprobs` the OpenAI API accepts.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// Temperatures below this sample greedily, as in vLLM (`_SAMPLING_EPS`): below about 3e-39
+/// `1 / temperature` overflows `f32` and the draw's weights turn to NaN, and well before that
+/// the draw is an argmax in all but name.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
+
 /// How one request wants its next token chosen.
 ///
 /// Every field's "off" value is its [`Default`], so `SamplingParams::default()` with only
 /// `temperature` set is plain temperature sampling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// Softmax temperature in `0..=2`; `0` means greedy (argmax), which ignores the truncations.
+    /// Softmax temperature in `0..=2`; `0`, or anything below [`GREEDY_BELOW_TEMPERATURE`],
+    /// means greedy (argmax), which ignores the truncations.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; `0` turns it off.
     pub top_k: usize,
@@ -147,6 +153,12 @@ impl SamplingParams {
             }
         }
         Ok(())
+    }
+
+    /// Whether the next token is the argmax rather than a draw: a temperature of 0 or below
+    /// [`GREEDY_BELOW_TEMPERATURE`].
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW_TEMPERATURE
     }
 
     /// True when no step would change the logits before the argmax or draw: no bias, no

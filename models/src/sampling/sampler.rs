@@ -7,7 +7,7 @@
 //! 1. logit bias (OpenAI `logit_bias`, added to the raw logits);
 //! 2. penalties: repetition (HF, over prompt and generated tokens), then frequency and
 //!    presence (OpenAI, over generated tokens only), as vLLM's `apply_penalties` does;
-//! 3. temperature (`0` stops here and takes the argmax);
+//! 3. temperature (below 1e-5, `0` included, stops here and takes the argmax, as vLLM does);
 //! 4. truncation: top-k, then top-p, then min-p (Hugging Face's warper order; vLLM v1 applies
 //!    min-p before top-k/top-p, which only differs when both top-p and min-p are set);
 //! 5. a draw from what is left, using the request's own seeded RNG.
@@ -144,7 +144,7 @@ impl Sampler {
             self.apply_bias_and_penalties(logits);
             &self.work
         };
-        if self.params.temperature == 0.0 {
+        if self.params.is_greedy() {
             return argmax(scores);
         }
         let max = row_max(scores);
@@ -355,7 +355,7 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::log_softmax_at;
+    use crate::sampling::{log_softmax_at, GREEDY_BELOW_TEMPERATURE};
 
     fn params() -> SamplingParams {
         SamplingParams::default()
@@ -446,6 +446,35 @@ mod tests {
             assert_eq!(a.sample(&[0.0, 5.0, 1.0]).id, 1);
             assert_eq!(b.sample(&[0.0, 5.0, 1.0]).id, 1);
         }
+    }
+
+    /// Below about 3e-39, `1 / temperature` overflowed to infinity, the top token's weight
+    /// became `0 * inf = NaN` and the draw fell back to id 0 (the end of sequence on most
+    /// models): an empty completion.
+    #[test]
+    fn regression_tiny_temperatures_are_greedy_not_id_0() {
+        let logits = [0.5, 2.0, -1.0, 1.9, 0.0];
+        for temperature in [f32::from_bits(1), 1e-39, 1e-38, 1e-20, 9.9e-6] {
+            for seed in 0..8 {
+                let p = SamplingParams {
+                    temperature,
+                    top_p: 0.9,
+                    ..params()
+                };
+                let mut s = Sampler::new(p.clone(), seed);
+                assert_eq!(s.sample(&logits).id, 1, "temperature {temperature:e}");
+                let mut plain = Sampler::new(SamplingParams { top_p: 1.0, ..p }, seed);
+                assert_eq!(plain.sample(&logits).id, 1, "temperature {temperature:e}");
+            }
+        }
+        let at_threshold = SamplingParams {
+            temperature: GREEDY_BELOW_TEMPERATURE,
+            ..params()
+        };
+        assert!(
+            !at_threshold.is_greedy(),
+            "1e-5 itself is a (very sharp) draw"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A scripted [`Engine`] for HTTP tests: no model, a byte-level tokenizer, a fixed chat
 //! template, and replies that are either the prompt echoed back or a fixed list of events.
 //!
-//! It can also refuse every request (queue full), fail after some tokens, and wait between
+//! It can also refuse every request (queue full) or every request past a number accepted (a
+//! queue that fills under overload), fail after some tokens, and wait between
 //! events; it records every submitted request and counts requests whose receiver was dropped
 //! before the last event (cancellation), so tests can check what the HTTP layer sent.
 
@@ -45,6 +46,9 @@ pub struct FakeConfig {
     pub reply: Reply,
     /// Refuse every request with [`EngineError::QueueFull`].
     pub queue_full: bool,
+    /// Accept this many requests (choices) in all, then refuse the rest with
+    /// [`EngineError::QueueFull`]; `None`: no limit.
+    pub capacity: Option<usize>,
     /// With [`Reply::Echo`]: fail with [`EngineError::Internal`] after this many tokens.
     pub fail_after: Option<usize>,
     /// Wait this long before each event (events are sent from a tokio task).
@@ -65,6 +69,7 @@ impl Default for FakeConfig {
             },
             reply: Reply::Echo,
             queue_full: false,
+            capacity: None,
             fail_after: None,
             delay: Duration::ZERO,
             stats: EngineStats::default(),
@@ -78,6 +83,8 @@ impl Default for FakeConfig {
 pub struct FakeEngine {
     config: FakeConfig,
     submitted: Mutex<Vec<GenerateRequest>>,
+    /// Requests accepted so far, against `capacity`.
+    accepted: AtomicUsize,
     cancelled: Arc<AtomicUsize>,
 }
 
@@ -269,6 +276,13 @@ impl Engine for FakeEngine {
     fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError> {
         if self.config.queue_full {
             return Err(EngineError::QueueFull { capacity: 1 });
+        }
+        if let Some(capacity) = self.config.capacity {
+            self.accepted
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < capacity).then_some(n + 1)
+                })
+                .map_err(|_| EngineError::QueueFull { capacity })?;
         }
         let events = self.events_for(&request);
         if let Ok(mut submitted) = self.submitted.lock() {

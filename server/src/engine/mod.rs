@@ -7,6 +7,8 @@
 //! the event receiver cancels the request (the engine notices within one step and frees the
 //! sequence's KV cache).
 
+#[cfg(test)]
+mod disconnect_tests;
 mod real;
 mod scheduler;
 mod sequence;

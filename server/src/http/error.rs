@@ -240,9 +240,14 @@ impl From<PluginError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
+        // Every "not now" answer says when to come back; a draining server's clients retry
+        // elsewhere or after the restart.
         if matches!(
             self.kind,
-            ErrorKind::QueueFull | ErrorKind::PluginMemoryExhausted
+            ErrorKind::QueueFull
+                | ErrorKind::PluginMemoryExhausted
+                | ErrorKind::ModelLoading
+                | ErrorKind::ShuttingDown
         ) {
             response
                 .headers_mut()
@@ -279,6 +284,15 @@ mod tests {
         let response = e.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn regression_loading_and_shutting_down_are_503_with_retry_after() {
+        for kind in [ErrorKind::ModelLoading, ErrorKind::ShuttingDown] {
+            let response = ApiError::new(kind, "not now").into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{kind:?}");
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            // The body limit surfaces here when the client did not announce the length.
+            // `body_limit` answers oversize bodies before this; an axum limit would land here.
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(ErrorKind::PayloadTooLarge, "request body is too large")
             } else {

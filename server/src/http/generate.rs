@@ -5,8 +5,11 @@
 //! client and records time to first token, inter-token gaps, queue time and token counts.
 //! A tracker dropped before its request finished means the client went away or the request
 //! ran past its [`Deadline`] (the event receiver is dropped with it, which cancels the request
-//! in the engine and frees its KV cache). For a key with a tokens-per-minute limit the tracker
-//! also charges the tokens its request used to the key's [`Meter`].
+//! in the engine and frees its KV cache); a request the server itself gives up on (a sibling
+//! refused with 429, failed, or timed out) is [`Tracker::abandon`]ed first, so
+//! `graft_requests_cancelled_total` counts only clients that left. For a key with a
+//! tokens-per-minute limit the tracker also charges the tokens its request used to the key's
+//! [`Meter`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,6 +88,15 @@ impl Tracker {
         }
     }
 
+    /// Ends tracking without counting a cancellation: the server answers this request with
+    /// an error (its client is still there), and dropping it cancels it in the engine.
+    pub fn abandon(&mut self) {
+        if !self.done {
+            self.done = true;
+            tracing::debug!(request_id = %self.id, "generation abandoned with its request");
+        }
+    }
+
     fn on_token(&mut self) {
         self.tokens += 1;
         let now = Instant::now();
@@ -119,8 +131,10 @@ pub struct Submission {
 }
 
 /// Submits every request, or none: on a failure (a full queue) the ones already submitted
-/// are dropped here, which cancels them. `requests` are `n` choices per prompt in a row (as
-/// `fan_out` makes them); `meter` is charged each prompt once, as `usage` counts it.
+/// are dropped here, which cancels them. A refused request is answered (429 or 503), not
+/// cancelled, so neither it nor its dropped siblings count in `graft_requests_cancelled_total`.
+/// `requests` are `n` choices per prompt in a row (as `fan_out` makes them); `meter` is
+/// charged each prompt once, as `usage` counts it.
 pub fn submit_all(
     engine: &dyn Engine,
     requests: Vec<GenerateRequest>,
@@ -128,21 +142,26 @@ pub fn submit_all(
     meter: Option<Meter>,
     n: usize,
 ) -> Result<Vec<Submission>, ApiError> {
-    requests
-        .into_iter()
-        .enumerate()
-        .map(|(i, request)| {
-            let prompt = if i % n.max(1) == 0 {
-                request.prompt.len()
-            } else {
-                0
-            };
-            let tracker =
-                Tracker::new(metrics.clone(), request.id.clone()).charging(meter.clone(), prompt);
-            let rx = engine.submit(request)?;
-            Ok(Submission { rx, tracker })
-        })
-        .collect()
+    let mut subs = Vec::with_capacity(requests.len());
+    for (i, request) in requests.into_iter().enumerate() {
+        let prompt = if i % n.max(1) == 0 {
+            request.prompt.len()
+        } else {
+            0
+        };
+        let id = request.id.clone();
+        match engine.submit(request) {
+            Ok(rx) => subs.push(Submission {
+                rx,
+                tracker: Tracker::new(metrics.clone(), id).charging(meter.clone(), prompt),
+            }),
+            Err(e) => {
+                subs.iter_mut().for_each(|sub| sub.tracker.abandon());
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(subs)
 }
 
 /// One generated token as the routes need it.
@@ -174,7 +193,7 @@ pub fn engine_gone() -> ApiError {
 }
 
 /// Reads one request's events to the end.
-pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
+pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
     let mut tokens = Vec::new();
     let mut prompt_logprobs = None;
     while let Some(event) = sub.rx.recv().await {
@@ -208,18 +227,22 @@ pub async fn collect(mut sub: Submission) -> Result<Outcome, ApiError> {
 }
 
 /// Reads every request concurrently; the first failure, or the deadline passing, drops
-/// (cancels) the others.
+/// (cancels) the others, which end with the request's error rather than as cancellations.
 pub async fn collect_all(
-    subs: Vec<Submission>,
+    mut subs: Vec<Submission>,
     deadline: Option<Deadline>,
 ) -> Result<Vec<Outcome>, ApiError> {
-    let all = try_join_all(subs.into_iter().map(collect));
-    match deadline {
+    let all = try_join_all(subs.iter_mut().map(collect));
+    let outcomes = match deadline {
         None => all.await,
         Some(d) => tokio::time::timeout_at(d.at, all)
             .await
             .unwrap_or_else(|_| Err(d.expired())),
+    };
+    if outcomes.is_err() {
+        subs.iter_mut().for_each(|sub| sub.tracker.abandon());
     }
+    outcomes
 }
 
 /// When a generation must end (`request_timeout`).

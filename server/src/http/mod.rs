@@ -3,16 +3,18 @@
 //! [`app`] builds the whole router from an [`AppState`]; it needs no socket, so tests drive
 //! it with `tower::ServiceExt::oneshot`. Every request passes, outermost first: `observe`
 //! (request id, tracing span, `graft_requests_total`, `x-request-id` header), CORS when
-//! origins are configured, the body limit (413 in our error shape), and on every route except
-//! /health and /metrics the API-key check with its per-key limits ([`auth`]). /metrics stays
-//! open like vLLM's, so Prometheus and the Kubernetes inference gateway scrape it without a
-//! key; it exposes counts, never request content.
+//! origins are configured, the body limit (`body_limit`: 413 in our error shape, after reading
+//! the refused body so the client sees it), and on every route except /health and /metrics
+//! the API-key check with its per-key limits ([`auth`]). /metrics stays open like vLLM's, so
+//! Prometheus and the Kubernetes inference gateway scrape it without a key; it exposes
+//! counts, never request content.
 //!
 //! Request path of a generation: [`extract::ApiJson`] parses and screens the body,
 //! `validate` turns it into `GenerateRequest`s, `generate` submits them and reads the
 //! events, `chat` / `completions` shape the reply or `stream` the SSE chunks.
 
 pub mod auth;
+mod body_limit;
 mod chat;
 mod completions;
 pub mod cors;
@@ -34,12 +36,11 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
 use self::auth::KeyLabel;
@@ -80,18 +81,16 @@ pub fn app(state: AppState) -> Router {
     let open = Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics));
-    let limit = state.config.max_body_bytes;
     let router = Router::new()
         .merge(protected)
         .merge(open)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        // tower-http's limit replaces axum's default one (2 MiB) rather than stacking on it.
+        // `body_limit` replaces axum's default limit (2 MiB) rather than stacking on it.
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(limit))
-        .layer(middleware::map_response_with_state(
+        .layer(middleware::from_fn_with_state(
             state.clone(),
-            payload_too_large_in_our_shape,
+            body_limit::limit_body,
         ));
     let router = match state.config.allowed_origins.layer() {
         Some(cors) => router.layer(cors),
@@ -172,21 +171,4 @@ impl Drop for Pending {
             tracing::info!(route = %self.route, "client closed the connection before the reply");
         }
     }
-}
-
-/// tower-http answers an announced oversize body itself, in plain text, and the JSON
-/// extractor reports an unannounced one without the limit: every 413 gets our body, naming it.
-async fn payload_too_large_in_our_shape(
-    State(state): State<AppState>,
-    response: Response,
-) -> Response {
-    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
-        return response;
-    }
-    let limit = state.config.max_body_bytes;
-    ApiError::new(
-        ErrorKind::PayloadTooLarge,
-        format!("the request body is larger than the limit of {limit} bytes (max_body_bytes)"),
-    )
-    .into_response()
 }

@@ -222,6 +222,8 @@ impl<F: ChunkFormat> StreamState<F> {
 
     fn fail(&mut self, error: ApiError) -> Vec<Frame> {
         self.ended = true;
+        // The other choices end with this error, not as cancellations: the client is still here.
+        self.trackers.iter_mut().for_each(Tracker::abandon);
         vec![Frame::Json(error.body()), Frame::Done]
     }
 }
