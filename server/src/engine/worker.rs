@@ -12,9 +12,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use models::{BatchRow, KvCache, Llama, Tokenizer};
@@ -98,7 +98,12 @@ pub(crate) struct Worker<M> {
     /// Set by `Shutdown`: past it, whatever is left fails.
     deadline: Option<Instant>,
     next_id: u64,
+    /// Whether a step ran since memory was last given back.
+    stepped_since_trim: bool,
 }
+
+/// How long the engine waits idle before giving freed memory back to the system.
+const IDLE_BEFORE_TRIM: Duration = Duration::from_millis(250);
 
 impl<M: StepModel> Worker<M> {
     pub fn new(
@@ -118,6 +123,7 @@ impl<M: StepModel> Worker<M> {
             shared,
             deadline: None,
             next_id: 0,
+            stepped_since_trim: false,
         }
     }
 
@@ -153,9 +159,9 @@ impl<M: StepModel> Worker<M> {
             if self.deadline.is_some() {
                 return false;
             }
-            match self.inbox.recv() {
-                Ok(message) => self.handle(message),
-                Err(_) => return false,
+            match self.wait_while_idle() {
+                Some(message) => self.handle(message),
+                None => return false,
             }
         }
         loop {
@@ -169,6 +175,22 @@ impl<M: StepModel> Worker<M> {
                 }
             }
         }
+    }
+
+    /// Blocks for the next message. When nothing arrives for [`IDLE_BEFORE_TRIM`] after a
+    /// step, the memory the steps freed goes back to the system first (see
+    /// [`crate::memory`]); back-to-back requests never wait for that.
+    fn wait_while_idle(&mut self) -> Option<Message> {
+        if self.stepped_since_trim {
+            match self.inbox.recv_timeout(IDLE_BEFORE_TRIM) {
+                Ok(message) => return Some(message),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            crate::memory::release_free_memory();
+            self.stepped_since_trim = false;
+        }
+        self.inbox.recv().ok()
     }
 
     fn handle(&mut self, message: Message) {
@@ -224,6 +246,7 @@ impl<M: StepModel> Worker<M> {
         if plan.is_empty() {
             return;
         }
+        self.stepped_since_trim = true;
         let tokens = plan.iter().map(|row| row.tokens).sum();
         let started = Instant::now();
         let outputs = self.forward(&plan);

@@ -27,6 +27,10 @@ pub const CANCELLED: &str = "graft_requests_cancelled_total";
 pub const RUNNING: &str = "graft_requests_running";
 pub const WAITING: &str = "graft_requests_waiting";
 pub const KV_USAGE: &str = "graft_kv_cache_usage_ratio";
+pub const KV_USED_BYTES: &str = "graft_kv_cache_used_bytes";
+/// The standard Prometheus process metric, so RSS can be read against what graft keeps on
+/// purpose (KV caches, resident plug-ins).
+pub const RESIDENT_BYTES: &str = "process_resident_memory_bytes";
 pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
 pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
 pub const VLLM_KV_USAGE: &str = "vllm:kv_cache_usage_perc";
@@ -120,6 +124,11 @@ impl Metrics {
             describe_gauge!(RUNNING, "Sequences in the running batch");
             describe_gauge!(WAITING, "Sequences in the waiting queue");
             describe_gauge!(KV_USAGE, "KV cache in use, 0..1");
+            describe_gauge!(KV_USED_BYTES, "Bytes of KV cache held by running sequences");
+            describe_gauge!(
+                RESIDENT_BYTES,
+                "Resident memory size of the process in bytes"
+            );
             describe_gauge!(VLLM_RUNNING, "Same as graft_requests_running (vLLM name)");
             describe_gauge!(VLLM_WAITING, "Same as graft_requests_waiting (vLLM name)");
             describe_gauge!(
@@ -248,7 +257,11 @@ impl Metrics {
                 for name in [KV_USAGE, VLLM_KV_USAGE] {
                     gauge!(name).set(usage);
                 }
+                gauge!(KV_USED_BYTES).set(stats.kv_used_bytes as f64);
             });
+        }
+        if let Some(rss) = crate::memory::resident_bytes() {
+            self.with(|| gauge!(RESIDENT_BYTES).set(rss as f64));
         }
         let mut text = self.recorder.handle().render();
         if let Some(steps) = steps {
@@ -336,6 +349,9 @@ mod tests {
         assert!(text.contains("vllm:num_requests_running 2"), "{text}");
         assert!(text.contains("vllm:num_requests_waiting 1"), "{text}");
         assert!(text.contains("vllm:kv_cache_usage_perc 0.25"), "{text}");
+        assert!(text.contains("graft_kv_cache_used_bytes 1\n"), "{text}");
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("graft_time_to_first_token_seconds_bucket{le=\"0.04\"} 1"));
         assert!(
             text.contains("graft_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1")
