@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use plugins::PluginError;
 
+use super::replies::{ErrorBody, ErrorObject};
 use crate::engine::EngineError;
 
 /// Seconds a client is asked to wait after a 429 before retrying; the queue drains at the
@@ -184,14 +185,21 @@ impl ApiError {
     }
 
     /// The OpenAI error body, for JSON replies and stream error events alike.
-    pub fn body(&self) -> Value {
+    pub fn payload(&self) -> ErrorBody {
         let (_, kind, code) = self.kind.spec();
-        json!({"error": {
-            "message": self.message,
-            "type": kind,
-            "param": self.param,
-            "code": code,
-        }})
+        ErrorBody {
+            error: ErrorObject {
+                message: self.message.clone(),
+                kind,
+                param: self.param.clone(),
+                code,
+            },
+        }
+    }
+
+    /// [`Self::payload`] as JSON.
+    pub fn body(&self) -> Value {
+        json!(self.payload())
     }
 }
 
@@ -239,7 +247,7 @@ impl From<PluginError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), Json(self.body())).into_response();
+        let mut response = (self.status(), Json(self.payload())).into_response();
         if matches!(
             self.kind,
             ErrorKind::QueueFull | ErrorKind::PluginMemoryExhausted

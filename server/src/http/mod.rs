@@ -4,9 +4,10 @@
 //! it with `tower::ServiceExt::oneshot`. Every request passes, outermost first: `observe`
 //! (request id, tracing span, `graft_requests_total`, `x-request-id` header), CORS when
 //! origins are configured, the body limit (413 in our error shape), and on every route except
-//! /health and /metrics the API-key check with its per-key limits ([`auth`]). /metrics stays
-//! open like vLLM's, so Prometheus and the Kubernetes inference gateway scrape it without a
-//! key; it exposes counts, never request content.
+//! /health, /metrics and /openapi.json the API-key check with its per-key limits ([`auth`]).
+//! /metrics stays open like vLLM's, so Prometheus and the Kubernetes inference gateway scrape
+//! it without a key; it exposes counts, never request content. /openapi.json ([`openapi`])
+//! describes the API and nothing of the deployment.
 //!
 //! Request path of a generation: [`extract::ApiJson`] parses and screens the body,
 //! `validate` turns it into `GenerateRequest`s, `generate` submits them and reads the
@@ -21,7 +22,9 @@ pub mod extract;
 mod generate;
 mod logprobs;
 pub mod metrics;
+pub mod openapi;
 mod plugin_api;
+pub mod replies;
 mod routes;
 mod selection;
 pub mod state;
@@ -79,7 +82,8 @@ pub fn app(state: AppState) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics));
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json));
     let limit = state.config.max_body_bytes;
     let router = Router::new()
         .merge(protected)
