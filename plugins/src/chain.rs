@@ -5,6 +5,7 @@ use serde::Serialize;
 
 /// What a response echoes for one plug-in of its chain, so the client knows exactly what ran.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChainEntry {
     #[serde(rename = "type")]
     pub kind: String,

@@ -6,6 +6,11 @@ use crate::error::{PluginError, Result};
 
 /// A plug-in type, as written in requests (`"type": "lora"`) and in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(rename_all = "lowercase")
+)]
 pub enum PluginKind {
     /// A LoRA adapter in the PEFT format.
     Lora,

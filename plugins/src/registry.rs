@@ -39,6 +39,7 @@ pub struct RegistryConfig {
 
 /// How a plug-in got registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Config,
@@ -47,10 +48,12 @@ pub enum Source {
 
 /// One registered plug-in as `GET /v1/plugins` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PluginInfo {
     #[serde(rename = "type")]
     pub kind: PluginKind,
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
     pub hash: String,
     pub source: Source,

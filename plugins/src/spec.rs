@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 /// and every other field as that plug-in type's per-request parameters (checked by the
 /// plug-in, so an unknown or out-of-range parameter is an error naming it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PluginSpec {
     #[serde(rename = "type")]
     pub kind: String,

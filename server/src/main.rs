@@ -74,7 +74,19 @@ struct ServeArgs {
     options: ServeConfig,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Start-up and command errors are printed as their chain of causes and exit 1; returning
+/// them from `main` would print anyhow's backtrace too when RUST_BACKTRACE is set.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // Before any thread starts: candle otherwise re-reads /proc/cpuinfo on every matmul.
     models::threads::pin_cpu_threads(None);
     let matches = Cli::command().get_matches();

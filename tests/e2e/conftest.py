@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("GRAFT_SERVER_BIN", ROOT / "target" / "debug" / "server"))
+# The HTTP stack over the scripted fake engine (server/examples/fake_server.rs), for fuzzing.
+FAKE_BIN = BIN.parent / "examples" / "fake_server"
 MODEL_ID = "smollm2-135m-instruct"
 # The session server's plug-in folder is a temporary copy holding the LoRA adapter made with
 # PEFT for the reference tests (plugins/tests/fixtures/lora_smollm2), registered at start-up as
@@ -34,12 +36,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, command: tuple[str, ...] = (str(BIN), "serve")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / "target" / f"e2e-server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(self.port), *args],
+            [*command, "--port", str(self.port), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

@@ -273,7 +273,10 @@ fn read_factors(
         let tensor = view
             .load(&base.device)
             .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| PluginError::incompatible(name, format!("tensor `{tensor_name}`: {e}")))?;
+            .map_err(|e| {
+                let e = models::error::candle_message(e);
+                PluginError::incompatible(name, format!("tensor `{tensor_name}`: {e}"))
+            })?;
         weights::check_tensor(name, &format!("tensor `{tensor_name}`"), &tensor)?;
         let s = slot(parsed.layer, parsed.projection).unwrap_or_default();
         let pair = factors.entry((parsed.layer, s)).or_insert(FactorPair {

@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::chat_entry;
+use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
@@ -22,6 +23,23 @@ use super::wire::ChatRequest;
 use super::{unix_now, RequestId};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
 
+/// Create a chat completion
+///
+/// OpenAI's chat completions with vLLM's sampling extras and graft's `plugins` chain. With
+/// `stream: true` the reply is server-sent events: `data: <ChatCompletionChunk>` events
+/// (schema in components), a `data: <ErrorBody>` event if generation fails half-way, then
+/// `data: [DONE]`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "createChatCompletion",
+    tag = "generation",
+    request_body = ChatRequest,
+    responses((status = 200, description = "The completion, or its chunks with `stream`", content(
+        (ChatCompletion = "application/json"),
+        (String = "text/event-stream"),
+    ))),
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -114,13 +132,13 @@ fn plan(
     Ok(fan_out(id, &[prompt], &gen, None, &selection.chain.calls))
 }
 
-fn logprobs_of(engine: &dyn Engine, tokens: &[GenToken]) -> Value {
-    let content: Vec<Value> = tokens
+fn logprobs_of(engine: &dyn Engine, tokens: &[GenToken]) -> ChatLogprobs {
+    let content = tokens
         .iter()
         .filter_map(|t| t.logprob.as_ref())
         .map(|lp| chat_entry(engine, lp))
         .collect();
-    json!({ "content": content })
+    ChatLogprobs { content }
 }
 
 /// The non-streaming `chat.completion` body.
@@ -130,17 +148,18 @@ fn response(
     outcomes: &[Outcome],
     n: usize,
     logprobs: bool,
-) -> Value {
-    let choices: Vec<Value> = outcomes
+) -> ChatCompletion {
+    let choices = outcomes
         .iter()
         .enumerate()
-        .map(|(index, o)| {
-            json!({
-                "index": index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": if logprobs { logprobs_of(engine, &o.tokens) } else { Value::Null },
-                "finish_reason": o.finish_reason.as_str(),
-            })
+        .map(|(index, o)| ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: o.text.clone(),
+            },
+            logprobs: logprobs.then(|| logprobs_of(engine, &o.tokens)),
+            finish_reason: o.finish_reason.as_str(),
         })
         .collect();
     let totals: Vec<_> = outcomes
@@ -149,17 +168,16 @@ fn response(
         .map(|(i, o)| o.totals(i))
         .collect();
     let (usage, timings) = summarize(&totals, n);
-    let mut body = json!({
-        "id": envelope.id,
-        "object": envelope.object,
-        "created": envelope.created,
-        "model": envelope.model,
-        "choices": choices,
-        "usage": usage,
-        "timings": timings,
-    });
-    envelope.echo_plugins(&mut body);
-    body
+    ChatCompletion {
+        id: envelope.id.clone(),
+        object: envelope.object,
+        created: envelope.created,
+        model: envelope.model.clone(),
+        choices,
+        usage,
+        timings,
+        plugins: envelope.plugins.clone(),
+    }
 }
 
 /// `chat.completion.chunk`s: a role chunk per choice first, content deltas, a final chunk

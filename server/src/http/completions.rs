@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::LegacyLogprobs;
+use super::replies::{TextChoice, TextCompletion};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
 use super::stream::{sse_response, ChunkFormat, Envelope};
@@ -42,6 +43,23 @@ struct Shape {
     logprobs: bool,
 }
 
+/// Create a (legacy) completion
+///
+/// OpenAI's legacy completions: one or more prompts as text or token ids, `echo` and
+/// `logprobs` for scoring. With `stream: true` the reply is server-sent events:
+/// `data: <TextCompletionChunk>` events (schema in components), a `data: <ErrorBody>` event
+/// if generation fails half-way, then `data: [DONE]`.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    operation_id = "createCompletion",
+    tag = "generation",
+    request_body = CompletionRequest,
+    responses((status = 200, description = "The completion, or its chunks with `stream`", content(
+        (TextCompletion = "application/json"),
+        (String = "text/event-stream"),
+    ))),
+)]
 pub async fn completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -185,8 +203,8 @@ fn response(
     engine: &dyn Engine,
     shape: &Shape,
     outcomes: &[Outcome],
-) -> Value {
-    let choices: Vec<Value> = outcomes
+) -> TextCompletion {
+    let choices = outcomes
         .iter()
         .enumerate()
         .map(|(index, o)| choice(engine, shape, index, o))
@@ -197,20 +215,19 @@ fn response(
         .map(|(i, o)| o.totals(i))
         .collect();
     let (usage, timings) = summarize(&totals, shape.n);
-    let mut body = json!({
-        "id": envelope.id,
-        "object": envelope.object,
-        "created": envelope.created,
-        "model": envelope.model,
-        "choices": choices,
-        "usage": usage,
-        "timings": timings,
-    });
-    envelope.echo_plugins(&mut body);
-    body
+    TextCompletion {
+        id: envelope.id.clone(),
+        object: envelope.object,
+        created: envelope.created,
+        model: envelope.model.clone(),
+        choices,
+        usage,
+        timings,
+        plugins: envelope.plugins.clone(),
+    }
 }
 
-fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> Value {
+fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> TextChoice {
     let mut text = String::new();
     let mut lps = LegacyLogprobs::default();
     // Offsets count token texts (as vLLM's do), continuing from the echoed prompt's.
@@ -228,12 +245,12 @@ fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> Valu
         }
     }
     text.push_str(&o.text);
-    json!({
-        "index": index,
-        "text": text,
-        "logprobs": if shape.logprobs { json!(lps) } else { Value::Null },
-        "finish_reason": o.finish_reason.as_str(),
-    })
+    TextChoice {
+        index,
+        text,
+        logprobs: shape.logprobs.then_some(lps),
+        finish_reason: o.finish_reason.as_str(),
+    }
 }
 
 /// Streamed `text_completion` chunks; with `echo`, the prompt (and its log-probs) first.

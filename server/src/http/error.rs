@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use plugins::PluginError;
 
+use super::replies::{ErrorBody, ErrorObject};
 use crate::engine::EngineError;
 
 /// Seconds a client is asked to wait after a 429 before retrying; the queue drains at the
@@ -150,9 +151,31 @@ pub async fn on_blocking_pool<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("{what} failed: {e}")))
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        // The join error carries the panic's message: the log gets it, the client does not.
+        tracing::error!(error = %e, "{what} failed");
+        ApiError::new(
+            ErrorKind::Internal,
+            format!("{what} failed; the server log has the details"),
+        )
+    })
+}
+
+/// The answer to a handler that panicked (tower-http's `CatchPanicLayer` calls it): a 500 in
+/// our error shape that says nothing of the panic, which the log records. The connection and
+/// the server survive either way; without this the client got no reply at all.
+pub fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let said = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %said, "request handler panicked");
+    ApiError::new(
+        ErrorKind::Internal,
+        "internal error while handling the request; the server log has the details",
+    )
+    .into_response()
 }
 
 impl ApiError {
@@ -184,14 +207,21 @@ impl ApiError {
     }
 
     /// The OpenAI error body, for JSON replies and stream error events alike.
-    pub fn body(&self) -> Value {
+    pub fn payload(&self) -> ErrorBody {
         let (_, kind, code) = self.kind.spec();
-        json!({"error": {
-            "message": self.message,
-            "type": kind,
-            "param": self.param,
-            "code": code,
-        }})
+        ErrorBody {
+            error: ErrorObject {
+                message: self.message.clone(),
+                kind,
+                param: self.param.clone(),
+                code,
+            },
+        }
+    }
+
+    /// [`Self::payload`] as JSON.
+    pub fn body(&self) -> Value {
+        json!(self.payload())
     }
 }
 
@@ -239,7 +269,7 @@ impl From<PluginError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), Json(self.body())).into_response();
+        let mut response = (self.status(), Json(self.payload())).into_response();
         // Every "not now" answer says when to come back; a draining server's clients retry
         // elsewhere or after the restart.
         if matches!(
@@ -260,6 +290,19 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_a_handler_panic_is_a_500_that_does_not_echo_the_panic() {
+        let response = panicked(Box::new("index out of bounds: secret detail".to_string()));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("internal_error") && !text.contains("secret"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn body_has_the_four_openai_fields() {

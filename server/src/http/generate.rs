@@ -277,7 +277,7 @@ impl Deadline {
 }
 
 /// OpenAI `usage`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -285,7 +285,7 @@ pub struct Usage {
 }
 
 /// Server-side timings under llama.cpp's names, plus the time spent queued.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TimingsOut {
     pub prompt_n: usize,
     pub prompt_ms: f64,

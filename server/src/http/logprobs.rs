@@ -3,45 +3,62 @@
 //! parallel lists `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` (what
 //! lm-evaluation-harness scores with `echo=true, logprobs=N`).
 
-use serde::Serialize;
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
+use serde::Serialize;
+
+use super::replies::{ChatLogprob, TopLogprob};
 use crate::engine::{Engine, TokenLogprob};
 
 /// OpenAI reports an impossible token as -9999 rather than -inf, which JSON cannot carry.
-const FLOOR: f32 = -9999.0;
+const FLOOR: f64 = -9999.0;
 
-fn finite(logprob: f32) -> f32 {
+/// Widened to f64 as JSON numbers are, so every route writes the same digits.
+fn finite(logprob: f32) -> f64 {
     if logprob.is_finite() {
-        logprob
+        f64::from(logprob)
     } else {
         FLOOR
     }
 }
 
 /// One chat `logprobs.content` entry.
-pub fn chat_entry(engine: &dyn Engine, lp: &TokenLogprob) -> Value {
-    let top: Vec<Value> = lp
+pub fn chat_entry(engine: &dyn Engine, lp: &TokenLogprob) -> ChatLogprob {
+    let top = lp
         .top
         .iter()
         .map(|&(id, logprob)| chat_token(engine, id, logprob))
         .collect();
-    let mut entry = chat_token(engine, lp.id, lp.logprob);
-    entry["top_logprobs"] = Value::Array(top);
-    entry
+    let TopLogprob {
+        token,
+        logprob,
+        bytes,
+    } = chat_token(engine, lp.id, lp.logprob);
+    ChatLogprob {
+        token,
+        logprob,
+        bytes,
+        top_logprobs: top,
+    }
 }
 
-fn chat_token(engine: &dyn Engine, id: u32, logprob: f32) -> Value {
-    let text = engine.token_text(id);
-    json!({"token": text, "logprob": finite(logprob), "bytes": text.as_bytes()})
+fn chat_token(engine: &dyn Engine, id: u32, logprob: f32) -> TopLogprob {
+    let token = engine.token_text(id);
+    TopLogprob {
+        bytes: token.as_bytes().to_vec(),
+        logprob: finite(logprob),
+        token,
+    }
 }
 
 /// Legacy completions log-probs; the first prompt token has none (`null`), as in OpenAI.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LegacyLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<Option<f32>>,
-    pub top_logprobs: Vec<Option<Map<String, Value>>>,
+    /// `null` for the prompt's first token.
+    pub token_logprobs: Vec<Option<f64>>,
+    /// Per token: each alternative's text and log-prob; `null` where `token_logprobs` is.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f64>>>,
     /// Character offset of each token in the returned text.
     pub text_offset: Vec<usize>,
 }
@@ -63,7 +80,7 @@ impl LegacyLogprobs {
         self.top_logprobs.push(lp.map(|lp| {
             lp.top
                 .iter()
-                .map(|&(id, logprob)| (engine.token_text(id), json!(finite(logprob))))
+                .map(|&(id, logprob)| (engine.token_text(id), finite(logprob)))
                 .collect()
         }));
     }

@@ -4,10 +4,11 @@
 //! it with `tower::ServiceExt::oneshot`. Every request passes, outermost first: `observe`
 //! (request id, tracing span, `graft_requests_total`, `x-request-id` header), CORS when
 //! origins are configured, the body limit (`body_limit`: 413 in our error shape, after reading
-//! the refused body so the client sees it), and on every route except /health and /metrics
-//! the API-key check with its per-key limits ([`auth`]). /metrics stays open like vLLM's, so
-//! Prometheus and the Kubernetes inference gateway scrape it without a key; it exposes
-//! counts, never request content.
+//! the refused body so the client sees it), and on every route except /health, /metrics and
+//! /openapi.json the API-key check with its per-key limits ([`auth`]). /metrics stays open
+//! like vLLM's, so Prometheus and the Kubernetes inference gateway scrape it without a key; it
+//! exposes counts, never request content. /openapi.json ([`openapi`]) describes the API and
+//! nothing of the deployment.
 //!
 //! Request path of a generation: [`extract::ApiJson`] parses and screens the body,
 //! `validate` turns it into `GenerateRequest`s, `generate` submits them and reads the
@@ -23,7 +24,9 @@ pub mod extract;
 mod generate;
 mod logprobs;
 pub mod metrics;
+pub mod openapi;
 mod plugin_api;
+pub mod replies;
 mod routes;
 mod selection;
 pub mod state;
@@ -41,6 +44,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
 use self::auth::KeyLabel;
@@ -80,7 +84,8 @@ pub fn app(state: AppState) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics));
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json));
     let router = Router::new()
         .merge(protected)
         .merge(open)
@@ -97,6 +102,8 @@ pub fn app(state: AppState) -> Router {
         None => router,
     };
     router
+        // Inside `observe`, so a handler's panic is counted and logged as the 500 it becomes.
+        .layer(CatchPanicLayer::custom(error::panicked))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use plugins::{PluginError, PluginKind, Registry, Source};
-use serde_json::{json, Value};
+use plugins::{PluginError, PluginInfo, PluginKind, Registry, Source};
 
 use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::extract::ApiJson;
+use super::replies::{PluginDeleted, PluginList, PluginMemory};
 use super::state::AppState;
 use super::wire::LoadPluginRequest;
 
@@ -24,20 +24,47 @@ fn registry(state: &AppState) -> Result<Arc<Registry>, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorKind::ModelLoading, "the plug-in registry is not ready"))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// List plug-ins
+///
+/// Every registered plug-in (type, name, path, content hash, resident memory, requests
+/// using it) and the registry's memory use.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    operation_id = "listPlugins",
+    tag = "plugins",
+    responses((status = 200, description = "The registry", body = PluginList)),
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<PluginList>, ApiError> {
     let registry = registry(&state)?;
-    let (resident, budget) = registry.memory();
-    Ok(Json(json!({
-        "object": "list",
-        "data": registry.list(),
-        "memory": {"resident_bytes": resident, "budget_bytes": budget},
-    })))
+    let (resident_bytes, budget_bytes) = registry.memory();
+    Ok(Json(PluginList {
+        object: "list",
+        data: registry.list(),
+        memory: PluginMemory {
+            resident_bytes,
+            budget_bytes,
+        },
+    }))
 }
 
+/// Load a plug-in
+///
+/// Registers a plug-in from a file or folder under the plug-in folder (`--plugin-dir`);
+/// with `replace`, a plug-in of the same name is replaced (running requests keep the old
+/// one). Needs an admin key when keys are configured.
+#[utoipa::path(
+    post,
+    path = "/v1/plugins",
+    operation_id = "loadPlugin",
+    tag = "plugins",
+    request_body = LoadPluginRequest,
+    responses((status = 200, description = "The registered plug-in", body = PluginInfo)),
+)]
 pub async fn load(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<LoadPluginRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PluginInfo>, ApiError> {
     let registry = registry(&state)?;
     let kind = PluginKind::parse(&req.kind).map_err(|e| ApiError::from(e).with_param("type"))?;
     let loaded = on_blocking_pool("plug-in load task", move || {
@@ -48,7 +75,7 @@ pub async fn load(
         let param = load_param(&e);
         ApiError::from(e).with_param(param)
     })?;
-    Ok(Json(json!(info)))
+    Ok(Json(info))
 }
 
 /// The field of a `POST /v1/plugins` body a load error is about.
@@ -60,13 +87,27 @@ fn load_param(e: &PluginError) -> &'static str {
     }
 }
 
+/// Unload a plug-in
+///
+/// Removes a plug-in from the registry (running requests keep it until they finish). Needs
+/// an admin key when keys are configured.
+#[utoipa::path(
+    delete,
+    path = "/v1/plugins/{name}",
+    operation_id = "unloadPlugin",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plug-in's registered name")),
+    responses((status = 200, description = "The plug-in is unloaded", body = PluginDeleted)),
+)]
 pub async fn unload(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PluginDeleted>, ApiError> {
     let registry = registry(&state)?;
     let info = registry.unload(&name)?;
-    Ok(Json(
-        json!({"name": info.name, "type": info.kind, "deleted": true}),
-    ))
+    Ok(Json(PluginDeleted {
+        name: info.name,
+        kind: info.kind,
+        deleted: true,
+    }))
 }

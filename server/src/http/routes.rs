@@ -6,22 +6,41 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 
 use plugins::PluginKind;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorKind};
+use super::replies::{Health, ModelCard, ModelList};
 use super::state::AppState;
 
+/// Readiness
+///
 /// 200 once the model is loaded; 503 (with the reason) while loading or shutting down, so a
 /// load balancer stops sending traffic in both cases.
-pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "operations",
+    responses((status = 200, description = "The model is loaded", body = Health)),
+)]
+pub async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state.engine()?;
-    Ok(Json(json!({"status": "ok"})))
+    Ok(Json(Health { status: "ok" }))
 }
 
-/// Prometheus text exposition; load gauges are read from the engine now.
+/// Prometheus metrics
+///
+/// Prometheus text exposition (vLLM's metric names where they exist); load gauges are read
+/// from the engine now. Open like /health: counts only, never request content.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let engine = state.slot.peek();
     let stats = engine.as_ref().map(|e| e.stats());
@@ -42,22 +61,33 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// The served model, OpenAI's list shape plus vLLM's `max_model_len`.
+/// List models
+///
+/// The served model and its LoRA adapters (selectable by name in `model`), those the
+/// caller's key may use: OpenAI's list shape plus vLLM's `root`, `parent`, `max_model_len`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "listModels",
+    tag = "models",
+    responses((status = 200, description = "The models", body = ModelList)),
+)]
 pub async fn models(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ModelList>, ApiError> {
     let engine = state.engine()?;
     let info = engine.info();
-    let mut data = vec![json!({
-        "id": info.id,
-        "object": "model",
-        "created": info.created,
-        "owned_by": "graft",
-        "root": info.id,
-        "parent": null,
-        "max_model_len": info.context_length,
-    })];
+    let card = |id: &str, root: String, parent: Option<String>| ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: info.created,
+        owned_by: "graft",
+        root,
+        parent,
+        max_model_len: info.context_length,
+    };
+    let mut data = vec![card(&info.id, info.id.clone(), None)];
     // Adapters are models of their own to OpenAI clients and gateways, as vLLM lists them:
     // selectable by name in `model`, with the base model as parent.
     let registry = state.slot.plugins();
@@ -67,24 +97,16 @@ pub async fn models(
             .iter()
             .filter(|p| p.kind == PluginKind::Lora)
             .map(|p| {
-                json!({
-                    "id": p.name,
-                    "object": "model",
-                    "created": info.created,
-                    "owned_by": "graft",
-                    "root": p.path,
-                    "parent": info.id,
-                    "max_model_len": info.context_length,
-                })
+                let root = p.path.to_string_lossy().into_owned();
+                card(&p.name, root, Some(info.id.clone()))
             }),
     );
     // A key restricted to some models sees those (LiteLLM's behaviour).
-    data.retain(|m| {
-        m["id"]
-            .as_str()
-            .is_some_and(|id| caller.may_use_model(&info.id, id))
-    });
-    Ok(Json(json!({"object": "list", "data": data})))
+    data.retain(|m| caller.may_use_model(&info.id, &m.id));
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    }))
 }
 
 pub async fn not_found() -> ApiError {

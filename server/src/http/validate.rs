@@ -176,14 +176,16 @@ pub fn max_tokens(
     default: usize,
 ) -> Result<usize, ApiError> {
     let left = context.saturating_sub(prompt_len);
+    // u128: a client's `max_tokens` may be as large as JSON allows (u64::MAX overflowed).
+    let total = |max: usize| prompt_len as u128 + max as u128;
     match requested {
-        Some((max, param)) if prompt_len + max > context => Err(context_error(
+        Some((max, param)) if total(max) > context as u128 => Err(context_error(
             param,
             format!(
                 "This model's maximum context length is {context} tokens, but {} tokens were \
                  requested ({prompt_len} in the prompt, {max} for the completion); reduce the \
                  prompt or `{param}`",
-                prompt_len + max
+                total(max)
             ),
         )),
         Some((max, _)) => Ok(max),
@@ -313,6 +315,16 @@ mod tests {
         top: 0,
         top_param: "top_logprobs",
     };
+
+    #[test]
+    fn max_tokens_near_usize_max_is_a_400_not_an_overflow_panic() {
+        // `prompt + max_tokens` overflowed: the debug build panicked and dropped the
+        // connection without a reply (found while fuzzing the API for its OpenAPI document).
+        let e = max_tokens(Some((usize::MAX, "max_tokens")), 6, 128, 512).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ContextLengthExceeded);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert!(e.message.contains("18446744073709551621"), "{}", e.message);
+    }
 
     #[test]
     fn max_tokens_names_both_numbers_on_overflow() {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use plugins::PluginSpec;
 
@@ -41,7 +42,7 @@ pub struct SamplingWire {
 }
 
 /// `stop`: one string or a list.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     One(String),
@@ -57,7 +58,7 @@ impl Stop {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -65,30 +66,48 @@ pub struct StreamOptions {
 }
 
 /// POST /v1/chat/completions.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub model: Option<String>,
     /// The plug-in chain, in order (graft's extension; see `plugins::PluginSpec`).
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    #[schema(min_items = 1)]
     pub messages: Vec<WireMessage>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens`; wins when both are given.
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<usize>,
+    /// 0 is greedy.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
+    /// `-1` or `0` turns it off (vLLM).
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f32>,
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
+    /// Token id (a string) to a bias in -100..=100.
     pub logit_bias: Option<HashMap<String, f32>>,
+    /// At most 4 non-empty strings.
     pub stop: Option<Stop>,
     pub seed: Option<u64>,
+    /// Choices per prompt.
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
     pub logprobs: Option<bool>,
+    /// Alternatives per token, with `logprobs`.
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<usize>,
     /// End-user id; logged, no effect on the output.
     pub user: Option<String>,
@@ -116,7 +135,7 @@ impl ChatRequest {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 pub struct WireMessage {
     pub role: Role,
     /// May be null on an assistant message (OpenAI clients replay such messages).
@@ -127,7 +146,7 @@ pub struct WireMessage {
     pub tool_calls: Option<Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -149,7 +168,7 @@ impl Role {
 }
 
 /// Message content: a string or a list of typed parts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(
     untagged,
     expecting = "a string or an array of content parts like {\"type\": \"text\", \"text\": \"...\"}"
@@ -160,8 +179,9 @@ pub enum Content {
 }
 
 /// One content part; only `text` parts are supported, others are rejected by validation.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// `text`; other part types (images, audio) are refused with 400 `unsupported_parameter`.
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
@@ -187,7 +207,7 @@ impl Screen for ChatRequest {
 }
 
 /// `prompt` on /v1/completions: the forms vLLM accepts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(
     untagged,
     expecting = "a string, a list of strings, a list of token ids or a list of token-id lists"
@@ -200,7 +220,7 @@ pub enum Prompt {
 }
 
 /// POST /v1/completions.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: Option<String>,
@@ -209,19 +229,33 @@ pub struct CompletionRequest {
     pub plugins: Vec<PluginSpec>,
     pub prompt: Prompt,
     pub max_tokens: Option<usize>,
+    /// 0 is greedy.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
+    /// `-1` or `0` turns it off (vLLM).
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f32>,
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
+    /// Token id (a string) to a bias in -100..=100.
     pub logit_bias: Option<HashMap<String, f32>>,
+    /// At most 4 non-empty strings.
     pub stop: Option<Stop>,
     pub seed: Option<u64>,
+    /// Choices per prompt.
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
     /// Legacy: return the log-probs of each token and of its top-N alternatives.
+    #[schema(maximum = 20)]
     pub logprobs: Option<usize>,
     /// Prepend the prompt to the returned text (and, with `logprobs`, its tokens' log-probs).
     pub echo: Option<bool>,
@@ -264,7 +298,7 @@ impl Screen for CompletionRequest {
 }
 
 /// POST /tokenize: a prompt, or chat messages rendered with the template first.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
@@ -286,7 +320,7 @@ impl Screen for TokenizeRequest {
 }
 
 /// POST /detokenize.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
@@ -406,7 +440,7 @@ mod tests {
 }
 
 /// POST /v1/plugins: register (load) a plug-in at run time.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadPluginRequest {
     /// The plug-in type (`lora`).
@@ -414,6 +448,7 @@ pub struct LoadPluginRequest {
     pub kind: String,
     pub name: String,
     /// A folder or file under the plug-in folder; relative paths resolve against it.
+    #[schema(value_type = String)]
     pub path: std::path::PathBuf,
     /// Replace a plug-in of the same name (running requests keep the old one).
     #[serde(default)]

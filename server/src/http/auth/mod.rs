@@ -1,7 +1,7 @@
 //! API keys on the protected routes: who is calling ([`keys`]), what it may use
 //! ([`access`]) and how much ([`limits`]).
 //!
-//! [`authorize`] runs on every route except /health and /metrics. With keys configured it
+//! [`authorize`] runs on every route except /health, /metrics and /openapi.json. With keys configured it
 //! needs `Authorization: Bearer <key>` (the scheme in any case, RFC 9110) and answers 401
 //! without one; it names the request's key for the metrics and logs, applies the key's
 //! limits (429 `rate_limit_exceeded` with `Retry-After`) and holds the key's in-flight slot
