@@ -20,6 +20,9 @@ cargo run -q -p server --locked -- fetch
 step "Rust tests"
 cargo test --workspace --locked
 
+step "fuzz targets (coverage-guided libFuzzer, FUZZ_SECONDS each; docs/FUZZING.md)"
+scripts/fuzz.sh
+
 if [ -d tests/e2e ]; then
   step "end-to-end tests (real binary, real HTTP, openai client)"
   scripts/e2e.sh

@@ -88,7 +88,7 @@ pub async fn chat_completions(
 }
 
 /// Validates the request into one generate request per choice.
-fn plan(
+pub(super) fn plan(
     req: &ChatRequest,
     engine: &dyn Engine,
     config: &HttpConfig,

@@ -36,7 +36,7 @@ struct PromptInput {
 }
 
 /// What the response needs to know besides the engine's events.
-struct Shape {
+pub(super) struct Shape {
     prompts: Vec<PromptInput>,
     n: usize,
     echo: bool,
@@ -109,7 +109,7 @@ pub async fn completions(
     Ok(Json(response(&envelope, engine.as_ref(), &shape, &outcomes)).into_response())
 }
 
-fn plan(
+pub(super) fn plan(
     req: &CompletionRequest,
     engine: &dyn Engine,
     config: &HttpConfig,

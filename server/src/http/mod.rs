@@ -21,6 +21,7 @@ mod completions;
 pub mod cors;
 pub mod error;
 pub mod extract;
+pub mod fuzzing;
 mod generate;
 mod logprobs;
 pub mod metrics;
