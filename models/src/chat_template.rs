@@ -68,6 +68,11 @@ pub struct ChatTemplate {
     eos_token: Option<String>,
 }
 
+/// The most instructions one rendering may run. Real chat templates spend a few hundred per
+/// message, so a million-message conversation still fits; nested loops over large ranges (a
+/// template that would run for hours) end with an error instead.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` once; `bos_token` / `eos_token` are the tokenizer's special tokens
     /// as text (e.g. `<s>`), left undefined in the template (so they print as nothing) when
@@ -81,6 +86,7 @@ impl ChatTemplate {
         // transformers' ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -436,6 +442,19 @@ mod tests {
         assert!(err
             .to_string()
             .contains("raised an exception: Conversation roles must alternate"));
+    }
+
+    #[test]
+    fn regression_a_template_that_would_loop_for_hours_ends_with_an_error() {
+        let src =
+            "{% for i in range(10000) %}{% for j in range(10000) %}{{ j }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let err = t.render(&[msg("user", "hi")], true, None).unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+        // A long real conversation stays well inside the budget.
+        let long: Vec<ChatMessage> = (0..5000).map(|i| msg("user", &format!("m{i}"))).collect();
+        let t = ChatTemplate::new(SMOLLM2, None, None).unwrap();
+        assert!(t.render(&long, true, None).is_ok());
     }
 
     #[test]
