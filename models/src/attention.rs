@@ -27,8 +27,12 @@ pub(crate) fn attend(
     k: &Tensor,
     v: &Tensor,
     key_positions: Option<&[u32]>,
+    head_keys: Option<&HeadKeys>,
     start: usize,
 ) -> Result<Tensor> {
+    if let Some(sel) = head_keys {
+        return attend_gathered(q, k, v, key_positions, sel, start);
+    }
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
         let op = RowAttention {
@@ -39,6 +43,44 @@ pub(crate) fn attend(
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }
     attend_ops(q, k, v, key_positions, start)
+}
+
+/// Which of a row's keys each key/value head reads (TEMPORARY until the kernel reads them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadKeys {
+    pub ranges: Vec<Vec<std::ops::Range<u32>>>,
+}
+
+fn attend_gathered(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_positions: Option<&[u32]>,
+    sel: &HeadKeys,
+    start: usize,
+) -> Result<Tensor> {
+    let (l, n_heads, d) = q.dims3()?;
+    let n_kv = k.dim(0)?;
+    let group = n_heads / n_kv;
+    let mut outs = Vec::new();
+    for (h, ranges) in sel.ranges.iter().enumerate() {
+        let idx: Vec<u32> = ranges.iter().flat_map(|r| r.clone()).collect();
+        let qh = q.narrow(1, h * group, group)?;
+        if idx.is_empty() {
+            outs.push(Tensor::zeros((l, group * d), q.dtype(), q.device())?);
+            continue;
+        }
+        let pos: Vec<u32> = idx
+            .iter()
+            .map(|&j| key_positions.map_or(j, |p| p[j as usize]))
+            .collect();
+        let t = Tensor::new(idx.as_slice(), k.device())?;
+        let kh = k.narrow(0, h, 1)?.index_select(&t, 1)?;
+        let vh = v.narrow(0, h, 1)?.index_select(&t, 1)?;
+        outs.push(attend(&qh, &kh, &vh, Some(&pos), None, start)?);
+    }
+    let out = Tensor::stack(&outs, 1)?; // (l, n_kv, group*d)
+    Ok(out.reshape((l, n_heads * d))?)
 }
 
 /// [`attend`] from candle ops: batched matmuls over the key/value heads, an additive mask,
@@ -100,12 +142,6 @@ fn causal_mask(
         }
     }
     Ok(Some(Tensor::from_vec(mask, (l, t), device)?))
-}
-
-/// Keys and values of the selected cache positions, `(n_kv, |keep|, d)` each.
-pub(crate) fn select_keys(k: &Tensor, v: &Tensor, keep: &[u32]) -> Result<(Tensor, Tensor)> {
-    let idx = Tensor::new(keep, k.device())?;
-    Ok((k.index_select(&idx, 1)?, v.index_select(&idx, 1)?))
 }
 
 /// Sum over the last dim, used only by tests to check probabilities.
@@ -179,7 +215,7 @@ mod tests {
             let k = randn(&[2, t, 8], 2);
             let v = randn(&[2, t, 8], 3);
             let want = reference(&q, &k, &v, None, start)?;
-            let ours = attend(&q, &k, &v, None, start)?;
+            let ours = attend(&q, &k, &v, None, None, start)?;
             let diff = max_diff(&ours, &want)?;
             assert!(diff < 1e-5, "L={l} start={start} diff={diff}");
             let ops = attend_ops(&q, &k, &v, None, start)?;
@@ -211,7 +247,7 @@ mod tests {
                 // keys than queries, start at 0); and a row that sees every key.
                 for start in [t.saturating_sub(l), t + 2] {
                     let want = reference(&q, &k, &v, None, start)?;
-                    let ours = attend(&q, &k, &v, None, start)?;
+                    let ours = attend(&q, &k, &v, None, None, start)?;
                     let diff = max_diff(&ours, &want)?;
                     assert!(diff < 1e-5, "L={l} T={t} start={start} diff={diff}");
                 }
@@ -219,13 +255,13 @@ mod tests {
                 let keep: Vec<u32> = (0..t as u32).map(|j| 2 * j).collect();
                 let start = (2 * t).saturating_sub(l + 1);
                 let want = reference(&q, &k, &v, Some(&keep), start)?;
-                let ours = attend(&q, &k, &v, Some(&keep), start)?;
+                let ours = attend(&q, &k, &v, Some(&keep), None, start)?;
                 let diff = max_diff(&ours, &want)?;
                 assert!(diff < 1e-5, "L={l} T={t} kept diff={diff}");
                 // The same positions out of order (the kernel then masks key by key).
                 let shuffled: Vec<u32> = keep.iter().rev().copied().collect();
                 let want = reference(&q, &k, &v, Some(&shuffled), start)?;
-                let ours = attend(&q, &k, &v, Some(&shuffled), start)?;
+                let ours = attend(&q, &k, &v, Some(&shuffled), None, start)?;
                 let diff = max_diff(&ours, &want)?;
                 assert!(diff < 1e-5, "L={l} T={t} unsorted diff={diff}");
             }
@@ -243,7 +279,7 @@ mod tests {
         let v = cache_view(n_kv, t, d, 7)?;
         let start = t - l;
         let want = reference(&q, &k, &v, None, start)?;
-        let diff = max_diff(&attend(&q, &k, &v, None, start)?, &want)?;
+        let diff = max_diff(&attend(&q, &k, &v, None, None, start)?, &want)?;
         assert!(diff < 1e-5, "diff={diff}");
         Ok(())
     }
@@ -283,7 +319,7 @@ mod tests {
             let start = t - l;
             let reps = if l * t > 10_000 { 5 } else { 50 };
             let ops = best_of(&|| attend_ops(&q, &k, &v, None, start), reps)?;
-            let ours = best_of(&|| attend(&q, &k, &v, None, start), reps)?;
+            let ours = best_of(&|| attend(&q, &k, &v, None, None, start), reps)?;
             println!(
                 "L={l:4} T={t:5}: candle ops {ops:9.1} us, kernel {ours:9.1} us, x{:.2}",
                 ops / ours
@@ -319,7 +355,7 @@ mod tests {
             };
             let base = per_token(&|_, _| Ok(q.clone()))?;
             let ops = per_token(&|k, v| attend_ops(&q, k, v, None, t - 1))? - base;
-            let ours = per_token(&|k, v| attend(&q, k, v, None, t - 1))? - base;
+            let ours = per_token(&|k, v| attend(&q, k, v, None, None, t - 1))? - base;
             println!(
                 "30 layers, cold, T={t:5}: candle ops {ops:7.0} us, kernel {ours:7.0} us per token"
             );

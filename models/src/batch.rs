@@ -7,7 +7,8 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::hooks::HookCall;
+use crate::hook_state::ChainState;
+use crate::hooks::{HookCall, HookRow};
 use crate::kv_cache::KvCache;
 
 /// Which positions of a row need logits after the step.
@@ -27,7 +28,8 @@ pub struct BatchRow<'a> {
     pub seq_id: u64,
     /// The tokens to feed, starting at position `cache.len()`.
     pub tokens: &'a [u32],
-    /// The sequence's cache; the step appends `tokens.len()` positions to it.
+    /// The sequence's cache (and its plug-in state); the step appends `tokens.len()`
+    /// positions to it.
     pub cache: &'a mut KvCache,
     /// The row's plug-in chain, in order (empty: the base model).
     pub hooks: &'a [HookCall],
@@ -47,23 +49,41 @@ impl BatchRow<'_> {
 }
 
 /// The parts of a row that hooks and packing read, copied out of the [`BatchRow`] so the
-/// rows' caches stay free to be borrowed mutably during the step.
+/// rows' caches stay free to be borrowed mutably during the step. The plug-in state is moved
+/// out of the cache for the step (see `Llama::forward`) and borrowed from there.
 #[derive(Clone, Copy)]
 pub(crate) struct RowInfo<'a> {
     pub seq_id: u64,
     pub tokens: &'a [u32],
     pub hooks: &'a [HookCall],
     pub start: usize,
+    pub logits: LogitsWanted,
+    pub state: &'a ChainState,
 }
 
 impl<'a> RowInfo<'a> {
-    pub fn of(row: &BatchRow<'a>) -> Self {
+    pub fn of(row: &BatchRow<'a>, state: &'a ChainState) -> Self {
         Self {
             seq_id: row.seq_id,
             tokens: row.tokens,
             hooks: row.hooks,
             start: row.cache.len(),
+            logits: row.logits,
+            state,
         }
+    }
+
+    /// The row as the hook at chain position `position` sees it.
+    pub fn hook_row(&self, position: usize) -> Option<HookRow<'a>> {
+        let call = self.hooks.get(position)?;
+        Some(HookRow {
+            seq_id: self.seq_id,
+            tokens: self.tokens,
+            start_position: self.start,
+            params: &call.params,
+            logits: self.logits,
+            state: self.state.slot(self.hooks, position),
+        })
     }
 }
 

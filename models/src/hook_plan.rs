@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 
 use crate::batch::RowInfo;
 use crate::error::Result;
-use crate::hooks::{Hook, HookGroup, HookPoints, HookRow};
+use crate::hooks::{Hook, HookGroup, HookPoints};
 
 /// One hook and the rows it is called for.
 pub(crate) struct PlannedGroup<'a> {
@@ -49,11 +49,8 @@ pub(crate) fn plan<'a>(
             if !point(&call.hook.points()) {
                 continue;
             }
-            let hook_row = HookRow {
-                seq_id: row.seq_id,
-                tokens: row.tokens,
-                start_position: row.start,
-                params: &call.params,
+            let Some(hook_row) = row.hook_row(p) else {
+                continue;
             };
             let existing = groups[first_new..]
                 .iter_mut()

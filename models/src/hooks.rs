@@ -10,16 +10,26 @@
 //! Rows with an empty chain cost nothing: with no hooks in the batch no group exists and no
 //! hook code runs.
 //!
+//! A hook that needs memory of its own for a sequence (a second model's KV cache, compressed
+//! keys, exit history) creates it in [`Hook::new_state`] and reaches it from each call through
+//! [`HookRow::with_state`]; see [`crate::hook_state`] for its life cycle.
+//!
+//! Every hook must mix: rows with and without it, and rows with different parameters, share
+//! one step. A plug-in that could not (say, one that needs the whole batch to itself) is
+//! not a hook but a different model.
+//!
 //! The trait follows ripgrep's `Sink`: each method documents when it runs, the shapes it
 //! sees, and what its return value means.
 
 use std::any::Any;
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
+use crate::batch::LogitsWanted;
 use crate::error::Result;
+use crate::hook_state::{self, HookState};
 
 /// The projections a linear-delta hook can act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +63,8 @@ impl Projection {
 /// Which hook points a hook uses. The decoder consults this once per step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HookPoints {
+    /// [`Hook::step_tokens`]: every row's tokens, every step.
+    pub tokens: bool,
     pub embeddings: bool,
     pub linear: bool,
     pub attention: bool,
@@ -102,6 +114,26 @@ pub struct HookRow<'a> {
     pub start_position: usize,
     /// This row's parameters for the hook being called.
     pub params: &'a HookParams,
+    /// Which of `tokens` get logits after this step.
+    pub logits: LogitsWanted,
+    /// This row's state for the hook being called, if [`Hook::new_state`] made one.
+    pub state: Option<&'a Mutex<Box<dyn HookState>>>,
+}
+
+impl HookRow<'_> {
+    /// Positions of this row's tokens.
+    pub fn positions(&self) -> std::ops::Range<usize> {
+        self.start_position..self.start_position + self.tokens.len()
+    }
+
+    /// Runs `f` on this row's state, which must be the `T` the hook's `new_state` made.
+    pub fn with_state<T: HookState, R>(
+        &self,
+        hook: &str,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R> {
+        hook_state::with_state(self.state, hook, f)
+    }
 }
 
 /// The rows one hook is called for. Tensors handed to the hook hold these rows' activations
@@ -141,10 +173,27 @@ pub trait Hook: Send + Sync {
     /// The hook points this hook uses; the others are never called.
     fn points(&self) -> HookPoints;
 
-    /// Whether rows using this hook may share a forward step with rows that do not.
-    /// A hook that cannot mix says so and the scheduler keeps its rows apart.
-    fn mixes(&self) -> bool {
-        true
+    /// Runs once when a sequence starts (before its first step), for this hook's entry of the
+    /// sequence's chain. Returns the state this hook keeps for that sequence, or `None`.
+    /// An error fails that sequence alone.
+    fn new_state(&self, _params: &HookParams) -> Result<Option<Box<dyn HookState>>> {
+        Ok(None)
+    }
+
+    /// Bytes of state this hook will hold per position of a sequence with these parameters,
+    /// an estimate the scheduler adds to the sequence's KV claim before it is admitted (what
+    /// the state actually holds is counted from [`HookState::allocated_bytes`] once it runs).
+    fn state_bytes_per_token(&self, _params: &HookParams) -> usize {
+        0
+    }
+
+    /// Runs once per step for every row of the group, before token embedding: each row's
+    /// `tokens` at `start_position`, whether it is a prefill chunk or a decode token and
+    /// whether or not it wants logits ([`HookRow::logits`] says which positions will). So a
+    /// second model beside the base (a memory decoder) sees exactly the tokens the base sees,
+    /// in every chunking, and can prepare what [`Hook::logits`] will need in the row's state.
+    fn step_tokens(&self, _group: &HookGroup<'_>) -> Result<()> {
+        Ok(())
     }
 
     /// Runs once per step after token embedding, before layer 0.
@@ -172,17 +221,23 @@ pub trait Hook: Send + Sync {
         Ok(None)
     }
 
-    /// Runs inside attention, per layer and per row, after the row's keys are in the cache.
-    /// `q`: `(row tokens, n_heads, head_dim)` after RoPE; `k`: `(n_kv_heads, cached, head_dim)`.
-    /// Returns the sorted cache positions the row may attend to, or `None` for all of them.
-    /// Causality still applies on top of the selection.
-    fn attention_selection(
+    /// Runs inside attention, per layer and per row, before the row attends. `q`: the row's
+    /// queries before RoPE, `(row tokens, n_heads, head_dim)`; `k`: the row's new keys
+    /// before RoPE, `(row tokens, n_kv_heads, head_dim)` (a gate keeps its own compressed
+    /// copy of them in its state); the tokens' positions are [`HookRow::positions`]; `slots`:
+    /// how many keys the layer's cache holds with the row's new ones (attention reads slots
+    /// `0..slots`, see [`crate::KvCache::layer_positions`]).
+    /// Returns which blocks of slots each key/value head reads, or `None` for all of them.
+    /// The kernel reads only the chosen blocks; causality still applies within them. Rows
+    /// whose chain holds several selecting hooks read the intersection.
+    fn attention_blocks(
         &self,
         _layer: usize,
         _row: &HookRow<'_>,
         _q: &Tensor,
         _k: &Tensor,
-    ) -> Result<Option<Vec<u32>>> {
+        _slots: usize,
+    ) -> Result<Option<KeyBlocks>> {
         Ok(None)
     }
 
@@ -199,15 +254,15 @@ pub trait Hook: Send + Sync {
     }
 
     /// Runs after decoder layer `layer`, after the residual hooks. `h`: `(group tokens, hidden)`.
-    /// Returns one flag per row of the group: `true` makes that row's logits come from this
-    /// layer's output; its later layers then only compute the keys and values its future
-    /// tokens need (CALM-style state propagation). `None` means no row exits.
+    /// Returns one [`Exit`] per row of the group (`None`: every row stays). A row that exits
+    /// gets its logits from this layer's output. With several hooks the first that exits a
+    /// row decides how.
     fn early_exit(
         &self,
         _layer: usize,
         _group: &HookGroup<'_>,
         _h: &Tensor,
-    ) -> Result<Option<Vec<bool>>> {
+    ) -> Result<Option<Vec<Exit>>> {
         Ok(None)
     }
 
@@ -216,6 +271,29 @@ pub trait Hook: Send + Sync {
     fn logits(&self, _group: &HookGroup<'_>, _logits: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+}
+
+/// What an early-exit hook decides for one row after a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Go on through the next layer.
+    Stay,
+    /// Leave; the later layers still get the row's keys and values, computed from this
+    /// layer's output (CALM's state propagation), so later tokens find every layer complete.
+    Propagate,
+    /// Leave without keys and values in the later layers: their caches skip the row's
+    /// positions (a draft token that a verification row will replace after
+    /// [`crate::KvCache::truncate`]).
+    Skip,
+}
+
+/// Which blocks of a layer's cache slots each key/value head reads (a sparse-attention
+/// choice): `per_kv_head[h]` lists block indices, ascending; block `b` is slots
+/// `b * block_size..(b + 1) * block_size` (the last block may be short).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBlocks {
+    pub block_size: usize,
+    pub per_kv_head: Vec<Vec<u32>>,
 }
 
 /// A hook that declares every point and changes nothing: the invariant tests check that a
@@ -230,6 +308,7 @@ impl Hook for NoOpHook {
 
     fn points(&self) -> HookPoints {
         HookPoints {
+            tokens: true,
             embeddings: true,
             linear: true,
             attention: true,

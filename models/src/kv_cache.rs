@@ -1,29 +1,68 @@
-//! The key/value cache of one sequence, kept outside the weights.
+//! The key/value cache of one sequence, kept outside the weights, and its plug-in state.
 //!
 //! Each sequence owns a `KvCache`; the engine keeps them by sequence id and hands the decoder
 //! one per batch row, so a single set of weights serves many conversations at once. Storage
 //! per layer is `(n_kv_heads, capacity, head_dim)`: appending writes in place, and the
-//! first `len` positions read back as a view whose rows are contiguous, as attention's
-//! matmul wants. Capacity doubles when full, so appends cost amortised O(new tokens).
-//! Dropping the cache releases its memory.
+//! stored slots read back as a view whose rows are contiguous, as attention's matmul wants.
+//! Capacity doubles when full, so appends cost amortised O(new tokens). Dropping the cache
+//! releases its memory, plug-in state included.
+//!
+//! Layers keep their own lengths. Normally every layer holds every position `0..len`, but a
+//! token may leave keys and values in some layers and not others (an early-exit draft that
+//! skips its last layers, a pruned vision token): such a layer then records the position of
+//! each of its slots, attention reads those positions for causality, and RoPE never notices
+//! (keys are rotated by their own position before they are stored). A layer returns to the
+//! plain layout as soon as its slots are `0..n` again.
+//!
+//! [`KvCache::truncate`] cuts everything (every layer and every plug-in state) back to a
+//! position, as if the later tokens had never been fed: speculative decoding's rejected
+//! drafts. [`KvCache::fork`] copies it for the `n > 1` choices of one request.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::hook_state::ChainState;
 
 /// Smallest allocation, in positions; keeps one-token decode steps from reallocating.
 const MIN_CAPACITY: usize = 64;
 
+/// One layer's keys and values.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    capacity: usize,
+    /// Committed slots.
+    len: usize,
+    /// Slots written by the current step, past `len`; visible after [`KvCache::commit`].
+    pending: usize,
+    /// The position of every slot (committed and pending), ascending; `None` while slot `j`
+    /// holds position `j`.
+    positions: Option<Vec<u32>>,
+}
+
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    /// Positions fed so far (the next token's position), whatever each layer kept.
     len: usize,
-    capacity: usize,
     num_kv_heads: usize,
     head_dim: usize,
     dtype: DType,
     device: Device,
+    /// The plug-in states of this sequence's chain (see [`crate::hook_state`]).
+    plugins: ChainState,
+}
+
+/// What [`KvCache::append`] hands to attention: every slot of the layer so far.
+#[derive(Debug)]
+pub struct LayerView<'a> {
+    /// `(n_kv_heads, slots, head_dim)`.
+    pub k: Tensor,
+    pub v: Tensor,
+    /// The position of each slot, or `None` when slot `j` is position `j`.
+    pub positions: Option<&'a [u32]>,
 }
 
 impl KvCache {
@@ -32,15 +71,15 @@ impl KvCache {
         Self {
             layers: (0..cfg.num_layers).map(|_| None).collect(),
             len: 0,
-            capacity: 0,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             dtype,
             device: device.clone(),
+            plugins: ChainState::default(),
         }
     }
 
-    /// Positions stored (the next token's position).
+    /// Positions fed (the next token's position).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -49,115 +88,219 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes currently allocated for keys and values of all layers.
-    pub fn allocated_bytes(&self) -> usize {
-        let per_layer =
-            2 * self.num_kv_heads * self.capacity * self.head_dim * self.dtype.size_in_bytes();
-        per_layer * self.layers.len()
+    /// Slots layer `layer` holds: [`KvCache::len`] unless tokens skipped the layer.
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layer(layer).map_or(0, |l| l.len)
     }
 
-    /// Makes room for `additional` positions past `len` in every layer.
+    /// The positions layer `layer` holds, in order.
+    pub fn layer_positions(&self, layer: usize) -> Vec<u32> {
+        match self.layer(layer) {
+            None => Vec::new(),
+            Some(l) => match &l.positions {
+                Some(p) => p[..l.len].to_vec(),
+                None => (0..l.len as u32).collect(),
+            },
+        }
+    }
+
+    /// Copies of layer `layer`'s committed keys and values, `(n_kv_heads, slots, head_dim)`
+    /// each (`None` before the layer was written).
+    pub fn layer_kv(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(l) = self.layer(layer) else {
+            return Ok(None);
+        };
+        let read = |t: &Tensor| t.narrow(1, 0, l.len)?.contiguous();
+        Ok(Some((read(&l.k)?, read(&l.v)?)))
+    }
+
+    fn layer(&self, layer: usize) -> Option<&LayerKv> {
+        self.layers.get(layer)?.as_ref()
+    }
+
+    /// The plug-in states of this sequence.
+    pub fn plugins(&self) -> &ChainState {
+        &self.plugins
+    }
+
+    pub fn plugins_mut(&mut self) -> &mut ChainState {
+        &mut self.plugins
+    }
+
+    /// Bytes currently allocated for keys and values of all layers, plus plug-in state.
+    pub fn allocated_bytes(&self) -> usize {
+        let per_slot = 2 * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes();
+        let kv: usize = self.layers.iter().flatten().map(|l| l.capacity).sum();
+        kv * per_slot + self.plugins.allocated_bytes()
+    }
+
+    /// Makes room in every layer for `additional` more slots than it holds.
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
-        let needed = self.len + additional;
-        if needed <= self.capacity {
-            return Ok(());
+        for layer in 0..self.layers.len() {
+            self.reserve_layer(layer, additional)?;
         }
-        let new_capacity = needed.max(2 * self.capacity).max(MIN_CAPACITY);
-        let shape = (self.num_kv_heads, new_capacity, self.head_dim);
-        for slot in self.layers.iter_mut() {
-            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
-            if let (Some((old_k, old_v)), true) = (slot.as_ref(), self.len > 0) {
-                k.slice_set(&old_k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                v.slice_set(&old_v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-            }
-            *slot = Some((k, v));
-        }
-        self.capacity = new_capacity;
         Ok(())
     }
 
-    /// Writes `k`, `v` of shape `(n_kv_heads, n_new, head_dim)` for `layer` at positions
-    /// `len..len + n_new` and returns views of every position so far, each
-    /// `(n_kv_heads, len + n_new, head_dim)`. The new positions become part of `len` only
-    /// at [`KvCache::commit`], after all layers have written theirs.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n_new = k.dim(1)?;
-        self.reserve(n_new)?;
-        let slot = self.layers.get(layer).and_then(|s| s.as_ref());
-        let (ck, cv) =
-            slot.ok_or_else(|| ModelError::Batch(format!("no cache for layer {layer}")))?;
-        ck.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
-        cv.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
-        let total = self.len + n_new;
-        Ok((ck.narrow(1, 0, total)?, cv.narrow(1, 0, total)?))
+    fn reserve_layer(&mut self, layer: usize, additional: usize) -> Result<()> {
+        let shape = |capacity| (self.num_kv_heads, capacity, self.head_dim);
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Batch(format!("no cache for layer {layer}")))?;
+        let (len, capacity) = slot.as_ref().map_or((0, 0), |l| (l.len, l.capacity));
+        let needed = len + additional;
+        if needed <= capacity {
+            return Ok(());
+        }
+        let new_capacity = needed.max(2 * capacity).max(MIN_CAPACITY);
+        let k = Tensor::zeros(shape(new_capacity), self.dtype, &self.device)?;
+        let v = Tensor::zeros(shape(new_capacity), self.dtype, &self.device)?;
+        match slot {
+            Some(old) => {
+                if old.len > 0 {
+                    k.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                    v.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                }
+                (old.k, old.v, old.capacity) = (k, v, new_capacity);
+            }
+            None => {
+                *slot = Some(LayerKv {
+                    k,
+                    v,
+                    capacity: new_capacity,
+                    len: 0,
+                    pending: 0,
+                    positions: None,
+                })
+            }
+        }
+        Ok(())
     }
 
-    /// Makes the `n_new` positions written by the last appends visible.
+    /// Writes `k`, `v` of shape `(n_kv_heads, n_new, head_dim)` for `layer`, as positions
+    /// `len..len + n_new` of the sequence, and returns every slot of the layer so far. The
+    /// new slots become part of the layer only at [`KvCache::commit`], after the whole step
+    /// succeeded; a layer is written at most once per step (a later write replaces the
+    /// uncommitted one, so a failed step leaves nothing behind).
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<LayerView<'_>> {
+        let n_new = k.dim(1)?;
+        self.reserve_layer(layer, n_new)?;
+        let start = self.len;
+        let (dtype, l) = (self.dtype, self.layer_mut(layer)?);
+        l.k.slice_set(&k.to_dtype(dtype)?.contiguous()?, 1, l.len)?;
+        l.v.slice_set(&v.to_dtype(dtype)?.contiguous()?, 1, l.len)?;
+        l.pending = n_new;
+        if l.positions.is_none() && l.len != start {
+            // Tokens skipped this layer since it was last written: slots stop being positions.
+            l.positions = Some((0..l.len as u32).collect());
+        }
+        if let Some(p) = &mut l.positions {
+            p.truncate(l.len);
+            p.extend(start as u32..(start + n_new) as u32);
+        }
+        let total = l.len + n_new;
+        Ok(LayerView {
+            k: l.k.narrow(1, 0, total)?,
+            v: l.v.narrow(1, 0, total)?,
+            positions: l.positions.as_deref(),
+        })
+    }
+
+    fn layer_mut(&mut self, layer: usize) -> Result<&mut LayerKv> {
+        self.layers
+            .get_mut(layer)
+            .and_then(|s| s.as_mut())
+            .ok_or_else(|| ModelError::Batch(format!("no cache for layer {layer}")))
+    }
+
+    /// Drops what a failed step wrote (called before each step, so a layer that the next step
+    /// leaves alone cannot commit stale slots).
+    pub(crate) fn discard_pending(&mut self) {
+        for l in self.layers.iter_mut().flatten() {
+            l.pending = 0;
+        }
+    }
+
+    /// Makes the step's writes visible: the sequence is `n_new` positions longer, and each
+    /// layer keeps the slots written to it in this step (all of them, unless tokens skipped it).
     pub fn commit(&mut self, n_new: usize) {
         self.len += n_new;
+        for l in self.layers.iter_mut().flatten() {
+            l.len += std::mem::take(&mut l.pending);
+        }
     }
 
-    /// Forgets positions from `len` on (speculative decoding's rejected tokens); memory is kept.
-    pub fn truncate(&mut self, len: usize) {
+    /// Forgets positions `len` and later in every layer and every plug-in state, as if they
+    /// had never been fed (rejected speculative tokens); memory is kept. Feeding the same
+    /// tokens again gives the same bits as the first time.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            l.pending = 0;
+            l.len = match &mut l.positions {
+                None => l.len.min(len),
+                Some(p) => {
+                    p.truncate(l.len);
+                    let kept = p.partition_point(|&x| (x as usize) < len);
+                    p.truncate(kept);
+                    kept
+                }
+            };
+            // Slots `0..n` holding positions `0..n` are the plain layout again.
+            if l.positions.as_ref().is_some_and(|p| is_identity(p)) {
+                l.positions = None;
+            }
+        }
         self.len = self.len.min(len);
+        self.plugins.truncate(len)
     }
+
+    /// An independent copy of the committed contents (keys, values, plug-in state), for the
+    /// choices of an `n > 1` request after their shared prompt.
+    pub fn fork(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| slot.as_ref().map(LayerKv::fork).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            plugins: self.plugins.fork()?,
+        })
+    }
+}
+
+impl LayerKv {
+    fn fork(&self) -> Result<Self> {
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let all = Tensor::zeros(t.dims(), t.dtype(), t.device())?;
+            if self.len > 0 {
+                all.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            Ok(all)
+        };
+        Ok(Self {
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            capacity: self.capacity,
+            len: self.len,
+            pending: 0,
+            positions: self.positions.as_ref().map(|p| p[..self.len].to_vec()),
+        })
+    }
+}
+
+/// Whether ascending, distinct positions are exactly `0..n`.
+fn is_identity(positions: &[u32]) -> bool {
+    positions
+        .last()
+        .is_none_or(|&p| p as usize + 1 == positions.len())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Architecture, RopeScaling};
-
-    fn cfg() -> ModelConfig {
-        ModelConfig {
-            architecture: Architecture::Llama,
-            hidden_size: 8,
-            intermediate_size: 16,
-            num_layers: 2,
-            num_heads: 2,
-            num_kv_heads: 1,
-            head_dim: 2,
-            vocab_size: 10,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: RopeScaling::None,
-            max_position_embeddings: 1024,
-            tie_word_embeddings: true,
-            attention_bias: false,
-        }
-    }
-
-    fn kv(values: &[f32]) -> Tensor {
-        Tensor::from_vec(values.to_vec(), (1, values.len() / 2, 2), &Device::Cpu).expect("tensor")
-    }
-
-    #[test]
-    fn appends_accumulate_across_growth() -> Result<()> {
-        let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
-        let first: Vec<f32> = (0..2 * 60).map(|i| i as f32).collect();
-        for layer in 0..2 {
-            cache.append(layer, &kv(&first), &kv(&first))?;
-        }
-        cache.commit(60);
-        // 60 + 10 positions exceed the first allocation of 64 and force a copy.
-        let second: Vec<f32> = (0..2 * 10).map(|i| 1000.0 + i as f32).collect();
-        let (k, _) = cache.append(1, &kv(&second), &kv(&second))?;
-        assert_eq!(k.dims(), &[1, 70, 2]);
-        let flat = k.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(&flat[..120], &first[..]);
-        assert_eq!(&flat[120..], &second[..]);
-        assert!(cache.allocated_bytes() >= 2 * 2 * 70 * 2 * 4);
-        Ok(())
-    }
-
-    #[test]
-    fn uncommitted_positions_are_overwritten() -> Result<()> {
-        let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
-        cache.append(0, &kv(&[1., 2.]), &kv(&[1., 2.]))?;
-        let (k, _) = cache.append(0, &kv(&[3., 4.]), &kv(&[3., 4.]))?;
-        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vec![3., 4.]);
-        assert_eq!(cache.len(), 0);
-        Ok(())
-    }
-}
+mod tests;

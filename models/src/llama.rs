@@ -10,11 +10,14 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
+use crate::attention::HeadKeys;
 use crate::batch::{BatchRow, Packing, RowInfo};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hook_plan::{plan, PlannedGroup};
-use crate::hooks::{HookPoints, Projection};
+use crate::hook_state::ChainState;
+use crate::hooks::{Exit, HookPoints, Projection};
+use crate::key_selection::{self, HeadRanges};
 use crate::kv_cache::KvCache;
 use crate::linear::{ActivationQuantization, Linear};
 use crate::loader::{LayerWeight, WeightName, WeightSource};
@@ -181,8 +184,28 @@ impl Llama {
     /// On error no cache grows (positions written are not committed).
     pub fn forward(&self, batch: &mut [BatchRow<'_>]) -> Result<Vec<Option<Tensor>>> {
         self.validate(batch)?;
-        let rows: Vec<RowInfo<'_>> = batch.iter().map(RowInfo::of).collect();
+        let states = take_states(batch)?;
+        let out = self.forward_rows(batch, &states);
+        for (row, state) in batch.iter_mut().zip(states) {
+            *row.cache.plugins_mut() = state;
+        }
+        out
+    }
+
+    /// [`Llama::forward`] with the rows' plug-in states held apart from their caches, so
+    /// hooks can read them while attention appends to the caches.
+    fn forward_rows(
+        &self,
+        batch: &mut [BatchRow<'_>],
+        states: &[ChainState],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let rows: Vec<RowInfo<'_>> = batch
+            .iter()
+            .zip(states)
+            .map(|(row, state)| RowInfo::of(row, state))
+            .collect();
         let mut step = Step::new(self, &rows)?;
+        step.token_hooks()?;
         let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         let mut x = self
             .embed_tokens
@@ -272,26 +295,31 @@ impl Llama {
             (Projection::V, &a.v),
         ];
         let [q, k, v] = step.project_stacked(l, qkv, h)?;
-        let q = Rope::apply(
-            &q.reshape((n, cfg.num_heads, cfg.head_dim))?,
-            &step.cos,
-            &step.sin,
-        )?;
-        let k = Rope::apply(
-            &k.reshape((n, cfg.num_kv_heads, cfg.head_dim))?,
-            &step.cos,
-            &step.sin,
-        )?;
+        // Attention hooks read queries and keys before RoPE (a gate compares directions, not
+        // positions); the cache stores keys after it.
+        let q_pre = q.reshape((n, cfg.num_heads, cfg.head_dim))?;
+        let k_pre = k.reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
+        let q = Rope::apply(&q_pre, &step.cos, &step.sin)?;
+        let k = Rope::apply(&k_pre, &step.cos, &step.sin)?;
         let v = v.reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
         let mut outs = Vec::with_capacity(step.packing.rows.len());
         for (slot, &r) in step.packing.rows.iter().enumerate() {
             let (off, len) = (step.packing.offsets[slot], step.packing.lengths[slot]);
-            let q_row = q.narrow(0, off, len)?;
             let k_new = k.narrow(0, off, len)?.transpose(0, 1)?; // (n_kv, len, d)
             let v_new = v.narrow(0, off, len)?.transpose(0, 1)?;
-            let (k_all, v_all) = batch[r].cache.append(l, &k_new, &v_new)?;
-            let info = &step.rows[r];
-            outs.push(row_attention(l, info, &q_row, k_all, v_all)?);
+            let view = batch[r].cache.append(l, &k_new, &v_new)?;
+            let pre = (&q_pre.narrow(0, off, len)?, &k_pre.narrow(0, off, len)?);
+            let selected = step.selected_keys(l, r, pre, view.k.dim(1)?)?;
+            let q_row = q.narrow(0, off, len)?;
+            let start = step.rows[r].start;
+            outs.push(attention::attend(
+                &q_row,
+                &view.k,
+                &view.v,
+                view.positions,
+                selected.as_ref(),
+                start,
+            )?);
         }
         Ok(match outs.len() {
             1 => outs.remove(0),
@@ -300,32 +328,31 @@ impl Llama {
     }
 }
 
-/// Attention of one row, narrowed to the positions its attention-selection hooks keep.
-fn row_attention(l: usize, row: &RowInfo<'_>, q: &Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
-    let mut keep: Option<Vec<u32>> = None;
-    for call in row.hooks.iter().filter(|c| c.hook.points().attention) {
-        let hook_row = crate::hooks::HookRow {
-            seq_id: row.seq_id,
-            tokens: row.tokens,
-            start_position: row.start,
-            params: &call.params,
-        };
-        if let Some(sel) = call.hook.attention_selection(l, &hook_row, q, &k)? {
-            keep = Some(match keep {
-                None => sel,
-                Some(prev) => prev
-                    .into_iter()
-                    .filter(|p| sel.binary_search(p).is_ok())
-                    .collect(),
-            });
+/// Moves every row's plug-in state out of its cache for the step, making it on the row's
+/// first step (the engine makes it at admission already, so a failure there fails one
+/// sequence; here it fails the batch). On error every cache gets its state back.
+fn take_states(batch: &mut [BatchRow<'_>]) -> Result<Vec<ChainState>> {
+    let mut states = Vec::with_capacity(batch.len());
+    for i in 0..batch.len() {
+        let row = &mut batch[i];
+        row.cache.discard_pending();
+        let mut state = std::mem::take(row.cache.plugins_mut());
+        if let Err(e) = state.attach(row.hooks) {
+            *row.cache.plugins_mut() = state;
+            for (row, state) in batch.iter_mut().zip(states) {
+                *row.cache.plugins_mut() = state;
+            }
+            return Err(e);
         }
+        states.push(state);
     }
-    match keep {
-        None => attention::attend(q, &k, &v, None, row.start),
-        Some(keep) => {
-            let (k, v) = attention::select_keys(&k, &v, &keep)?;
-            attention::attend(q, &k, &v, Some(&keep), row.start)
-        }
+    Ok(states)
+}
+
+fn hook_error(hook: &str, message: String) -> ModelError {
+    ModelError::Hook {
+        hook: hook.to_string(),
+        message,
     }
 }
 
@@ -334,6 +361,8 @@ struct Exited {
     row: usize,
     hidden: Tensor,
     positions: Tensor,
+    /// Whether its later layers get keys and values ([`Exit::Propagate`]).
+    propagate: bool,
 }
 
 /// Per-step state: which rows are still active, where their tokens sit, RoPE tables for
@@ -422,6 +451,56 @@ impl<'a> Step<'a> {
         Ok(y)
     }
 
+    /// Every row's tokens to the hooks that watch them ([`crate::Hook::step_tokens`]), once
+    /// per step, before anything else runs.
+    fn token_hooks(&self) -> Result<()> {
+        let groups = plan(
+            self.rows,
+            &self.packing.rows,
+            &self.packing.lengths,
+            |p| p.tokens,
+            &self.device,
+        )?;
+        for g in &groups {
+            g.hook.step_tokens(&g.group)?;
+        }
+        Ok(())
+    }
+
+    /// The keys row `r` reads in layer `l`, per key/value head, as its attention hooks chose
+    /// them from the row's pre-RoPE queries and keys `pre`; `None` for every key.
+    fn selected_keys(
+        &self,
+        l: usize,
+        r: usize,
+        pre: (&Tensor, &Tensor),
+        slots: usize,
+    ) -> Result<Option<HeadKeys>> {
+        let row = &self.rows[r];
+        let n_kv = pre.1.dim(1)?;
+        let mut selected: Option<HeadRanges> = None;
+        for (p, call) in row.hooks.iter().enumerate() {
+            if !call.hook.points().attention {
+                continue;
+            }
+            let Some(hook_row) = row.hook_row(p) else {
+                continue;
+            };
+            let Some(blocks) = call
+                .hook
+                .attention_blocks(l, &hook_row, pre.0, pre.1, slots)?
+            else {
+                continue;
+            };
+            let ranges = key_selection::ranges(call.hook.name(), &blocks, n_kv, slots)?;
+            selected = Some(match selected {
+                None => ranges,
+                Some(prev) => key_selection::intersect(&prev, &ranges),
+            });
+        }
+        Ok(selected.map(|ranges| HeadKeys { ranges }))
+    }
+
     fn embedding_hooks(&self, mut x: Tensor) -> Result<Tensor> {
         let active = self.packing.rows.clone();
         let groups = plan(
@@ -454,24 +533,34 @@ impl<'a> Step<'a> {
     /// packed batch, keeping their hidden states for the LM head and for the keys and values
     /// of the layers they skip.
     fn early_exits(&mut self, model: &Llama, l: usize, x: Tensor) -> Result<Tensor> {
-        let mut leaving = vec![false; self.packing.rows.len()];
+        let mut leaving = vec![Exit::Stay; self.packing.rows.len()];
         for g in &self.exit {
-            if let Some(flags) = g.hook.early_exit(l, &g.group, &g.gather(&x)?)? {
-                for (&slot, exit) in g.slots.iter().zip(flags) {
-                    leaving[slot] |= exit;
+            if let Some(exits) = g.hook.early_exit(l, &g.group, &g.gather(&x)?)? {
+                if exits.len() != g.slots.len() {
+                    return Err(hook_error(
+                        g.hook.name(),
+                        format!("{} exits for {} rows", exits.len(), g.slots.len()),
+                    ));
+                }
+                for (&slot, exit) in g.slots.iter().zip(exits) {
+                    if leaving[slot] == Exit::Stay {
+                        leaving[slot] = exit;
+                    }
                 }
             }
         }
-        if !leaving.contains(&true) || l + 1 == model.layers.len() {
+        let stays = |s: &usize| leaving[*s] == Exit::Stay;
+        if leaving.iter().all(|e| *e == Exit::Stay) || l + 1 == model.layers.len() {
             return Ok(x);
         }
-        let stay: Vec<usize> = (0..leaving.len()).filter(|&s| !leaving[s]).collect();
-        for slot in (0..leaving.len()).filter(|&s| leaving[s]) {
+        let stay: Vec<usize> = (0..leaving.len()).filter(stays).collect();
+        for slot in (0..leaving.len()).filter(|s| !stays(s)) {
             let (off, len) = (self.packing.offsets[slot], self.packing.lengths[slot]);
             self.exited.push(Exited {
                 row: self.packing.rows[slot],
                 hidden: x.narrow(0, off, len)?,
                 positions: self.packing.positions.narrow(0, off, len)?,
+                propagate: leaving[slot] == Exit::Propagate,
             });
         }
         let x = x.index_select(&self.packing.token_index(&stay, &self.device)?, 0)?;
@@ -490,7 +579,7 @@ impl<'a> Step<'a> {
         batch: &mut [BatchRow<'_>],
     ) -> Result<()> {
         let cfg = &model.config;
-        for e in &self.exited {
+        for e in self.exited.iter().filter(|e| e.propagate) {
             let n = e.hidden.dim(0)?;
             let h = candle_nn::ops::rms_norm(&e.hidden, &layer.input_norm, cfg.rms_norm_eps)?;
             let (cos, sin) = model.rope.tables(&e.positions)?;

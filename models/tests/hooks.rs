@@ -7,7 +7,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use models::tiny::{tiny_config, TinyModel};
 use models::{
-    Architecture, BatchRow, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted, Projection,
+    Architecture, BatchRow, Exit, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted,
+    Projection,
 };
 
 const MAX_POS: usize = 128;
@@ -38,8 +39,8 @@ impl Hook for AddAfterLayer {
     }
 }
 
-/// Exits every row after `layer`.
-struct ExitAfter(usize);
+/// Exits every row after `layer`, as `Exit::Propagate` or `Exit::Skip` say.
+struct ExitAfter(usize, Exit);
 
 impl Hook for ExitAfter {
     fn name(&self) -> &str {
@@ -56,8 +57,8 @@ impl Hook for ExitAfter {
         layer: usize,
         g: &HookGroup<'_>,
         _h: &Tensor,
-    ) -> models::Result<Option<Vec<bool>>> {
-        Ok((layer == self.0).then(|| vec![true; g.rows.len()]))
+    ) -> models::Result<Option<Vec<Exit>>> {
+        Ok((layer == self.0).then(|| vec![self.1; g.rows.len()]))
     }
 }
 
@@ -201,7 +202,7 @@ fn early_exit_takes_logits_from_the_exit_layer_and_keeps_the_cache_whole() {
     let mut short = full.clone();
     short.config.num_layers = 1;
     let short = short.build(MAX_POS).expect("short");
-    let exit = [HookCall::bare(Arc::new(ExitAfter(0)))];
+    let exit = [HookCall::bare(Arc::new(ExitAfter(0, Exit::Propagate)))];
     let toks = [5u32, 6, 7];
     assert!(
         max_diff(
@@ -234,5 +235,52 @@ fn early_exit_takes_logits_from_the_exit_layer_and_keeps_the_cache_whole() {
         .expect("logits");
     assert_eq!(cache.len(), 4);
     assert_eq!(next.dims(), &[1, 96]);
+    assert_eq!(cache.layer_positions(1), vec![0, 1, 2, 3]);
     let _ = Device::Cpu;
+}
+
+#[test]
+fn a_skipping_exit_leaves_the_later_layers_without_the_rows_keys() {
+    let m = tiny().build(MAX_POS).expect("build");
+    let skip = [HookCall::bare(Arc::new(ExitAfter(0, Exit::Skip)))];
+    let mut cache = m.new_cache();
+    for (tokens, hooks) in [(&[5u32, 6, 7][..], &[][..]), (&[8, 9], &skip), (&[10], &[])] {
+        let mut b = [BatchRow {
+            seq_id: 0,
+            tokens,
+            cache: &mut cache,
+            hooks,
+            logits: LogitsWanted::Last,
+        }];
+        m.forward(&mut b).expect("step");
+    }
+    assert_eq!(cache.len(), 6);
+    assert_eq!(cache.layer_positions(0), vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(cache.layer_positions(1), vec![0, 1, 2, 5]);
+    // Layer 1's keys are those of a sequence that never had positions 3 and 4 there: the
+    // first three are the prompt's, untouched.
+    let mut plain = m.new_cache();
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens: &[5, 6, 7],
+        cache: &mut plain,
+        hooks: &[],
+        logits: LogitsWanted::None,
+    }];
+    m.forward(&mut b).expect("prompt");
+    let (k, _) = cache.layer_kv(1).expect("read").expect("written");
+    let (k_plain, _) = plain.layer_kv(1).expect("read").expect("written");
+    assert_eq!(
+        k.narrow(1, 0, 3)
+            .expect("narrow")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("v"),
+        k_plain
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("v")
+    );
 }

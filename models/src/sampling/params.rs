@@ -42,8 +42,6 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// OpenAI logit bias: `(token id, bias in -100..=100)` added to the raw logits.
     pub logit_bias: Vec<(u32, f32)>,
-    /// The request's seed, if it gave one; the engine draws a random one otherwise.
-    pub seed: Option<u64>,
     /// Return the sampled token's log-probability.
     pub logprobs: bool,
     /// How many of the most likely alternatives to return with it, `0..=20`; needs `logprobs`.
@@ -61,7 +59,6 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
-            seed: None,
             logprobs: false,
             top_logprobs: 0,
         }

@@ -105,7 +105,6 @@ fn sampling_params(
         presence_penalty: wire.presence_penalty.unwrap_or(d.presence_penalty),
         frequency_penalty: wire.frequency_penalty.unwrap_or(d.frequency_penalty),
         logit_bias: logit_bias(wire)?,
-        seed: wire.seed,
         logprobs: logprobs.logprobs,
         top_logprobs: logprobs.top,
     };
@@ -290,10 +289,7 @@ pub fn fan_out(
                     _ => format!("{id}-{index}"),
                 },
                 prompt: prompt.tokens.clone(),
-                sampling: SamplingParams {
-                    seed: Some(seed),
-                    ..gen.sampling.clone()
-                },
+                sampling: gen.sampling.clone(),
                 seed,
                 max_tokens: prompt.max_tokens,
                 stop: gen.stop.clone(),
@@ -396,11 +392,8 @@ mod tests {
         let reqs = fan_out("r", &prompts, &gen, None, &[]);
         let ids: Vec<_> = reqs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3"]);
-        let seeds: Vec<_> = reqs.iter().map(|r| (r.seed, r.sampling.seed)).collect();
-        assert_eq!(
-            seeds,
-            [(7, Some(7)), (8, Some(8)), (9, Some(9)), (10, Some(10))]
-        );
+        let seeds: Vec<_> = reqs.iter().map(|r| r.seed).collect();
+        assert_eq!(seeds, [7, 8, 9, 10]);
         assert_eq!(reqs[2].prompt, vec![5]);
         assert_eq!(reqs[3].max_tokens, 6);
         let single = fan_out("r", &prompts[..1], &Generation { n: 1, ..gen }, None, &[]);

@@ -1,0 +1,149 @@
+use super::*;
+use crate::config::{Architecture, RopeScaling};
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        hidden_size: 8,
+        intermediate_size: 16,
+        num_layers: 2,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 2,
+        vocab_size: 10,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: 1024,
+        tie_word_embeddings: true,
+        attention_bias: false,
+    }
+}
+
+fn kv(values: &[f32]) -> Tensor {
+    Tensor::from_vec(values.to_vec(), (1, values.len() / 2, 2), &Device::Cpu).expect("tensor")
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+}
+
+/// Appends `n` positions whose keys and values are `base + position` to the given layers.
+fn feed(cache: &mut KvCache, layers: &[usize], n: usize, base: f32) -> Result<()> {
+    let start = cache.len();
+    let values: Vec<f32> = (start..start + n)
+        .flat_map(|p| [base + p as f32; 2])
+        .collect();
+    for &l in layers {
+        cache.append(l, &kv(&values), &kv(&values))?;
+    }
+    cache.commit(n);
+    Ok(())
+}
+
+fn keys(cache: &mut KvCache, layer: usize) -> Result<(Vec<f32>, Option<Vec<u32>>)> {
+    // An empty append reads the layer back without adding anything.
+    let view = cache.append(layer, &kv(&[]), &kv(&[]))?;
+    Ok((flat(&view.k), view.positions.map(<[u32]>::to_vec)))
+}
+
+#[test]
+fn appends_accumulate_across_growth() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let first: Vec<f32> = (0..2 * 60).map(|i| i as f32).collect();
+    for layer in 0..2 {
+        cache.append(layer, &kv(&first), &kv(&first))?;
+    }
+    cache.commit(60);
+    // 60 + 10 positions exceed the first allocation of 64 and force a copy.
+    let second: Vec<f32> = (0..2 * 10).map(|i| 1000.0 + i as f32).collect();
+    let view = cache.append(1, &kv(&second), &kv(&second))?;
+    assert_eq!(view.k.dims(), &[1, 70, 2]);
+    assert_eq!(view.positions, None);
+    let all = flat(&view.k);
+    assert_eq!(&all[..120], &first[..]);
+    assert_eq!(&all[120..], &second[..]);
+    assert!(cache.allocated_bytes() >= 2 * 2 * 70 * 2 * 4);
+    Ok(())
+}
+
+#[test]
+fn uncommitted_positions_are_overwritten() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    cache.append(0, &kv(&[1., 2.]), &kv(&[1., 2.]))?;
+    let view = cache.append(0, &kv(&[3., 4.]), &kv(&[3., 4.]))?;
+    assert_eq!(flat(&view.k), vec![3., 4.]);
+    assert_eq!(cache.len(), 0);
+    Ok(())
+}
+
+#[test]
+fn a_failed_step_leaves_nothing_for_a_layer_the_next_step_skips() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut cache, &[0, 1], 2, 0.0)?;
+    // A step writes layer 1 and fails before committing.
+    cache.append(1, &kv(&[9., 9.]), &kv(&[9., 9.]))?;
+    cache.discard_pending();
+    // The next step skips layer 1.
+    feed(&mut cache, &[0], 1, 0.0)?;
+    assert_eq!(cache.layer_len(1), 2);
+    assert_eq!(cache.layer_positions(1), vec![0, 1]);
+    Ok(())
+}
+
+#[test]
+fn a_layer_that_tokens_skipped_records_its_positions() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut cache, &[0, 1], 3, 0.0)?;
+    feed(&mut cache, &[0], 2, 0.0)?; // positions 3 and 4 leave layer 1 out
+    feed(&mut cache, &[0, 1], 1, 0.0)?; // position 5 is everywhere again
+    assert_eq!(cache.len(), 6);
+    assert_eq!((cache.layer_len(0), cache.layer_len(1)), (6, 4));
+    assert_eq!(cache.layer_positions(1), vec![0, 1, 2, 5]);
+    let (k1, p1) = keys(&mut cache, 1)?;
+    assert_eq!(k1, vec![0., 0., 1., 1., 2., 2., 5., 5.]);
+    assert_eq!(p1, Some(vec![0, 1, 2, 5]));
+    let (_, p0) = keys(&mut cache, 0)?;
+    assert_eq!(p0, None, "a complete layer keeps the plain layout");
+    Ok(())
+}
+
+#[test]
+fn truncation_cuts_every_layer_back_and_refeeding_gives_the_same_cache() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut cache, &[0, 1], 3, 0.0)?;
+    feed(&mut cache, &[0], 2, 100.0)?; // drafts: 3 and 4 only in layer 0
+    feed(&mut cache, &[0, 1], 1, 100.0)?;
+    cache.truncate(3)?;
+    assert_eq!(cache.len(), 3);
+    assert_eq!((cache.layer_len(0), cache.layer_len(1)), (3, 3));
+    assert_eq!(keys(&mut cache, 1)?.1, None, "back to the plain layout");
+    feed(&mut cache, &[0, 1], 3, 0.0)?;
+    let mut never = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut never, &[0, 1], 6, 0.0)?;
+    for l in 0..2 {
+        assert_eq!(keys(&mut cache, l)?, keys(&mut never, l)?, "layer {l}");
+    }
+    // Truncating past the end changes nothing.
+    cache.truncate(100)?;
+    assert_eq!(cache.len(), 6);
+    Ok(())
+}
+
+#[test]
+fn a_fork_is_an_independent_copy() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut cache, &[0, 1], 3, 0.0)?;
+    feed(&mut cache, &[0], 1, 0.0)?;
+    let mut fork = cache.fork()?;
+    assert_eq!(fork.len(), 4);
+    assert_eq!(fork.allocated_bytes(), cache.allocated_bytes());
+    feed(&mut fork, &[0, 1], 1, 50.0)?;
+    feed(&mut cache, &[0, 1], 1, 70.0)?;
+    let (k_fork, p_fork) = keys(&mut fork, 1)?;
+    let (k_orig, _) = keys(&mut cache, 1)?;
+    assert_eq!(k_fork, vec![0., 0., 1., 1., 2., 2., 54., 54.]);
+    assert_eq!(p_fork, Some(vec![0, 1, 2, 4]));
+    assert_eq!(k_orig, vec![0., 0., 1., 1., 2., 2., 74., 74.]);
+    Ok(())
+}
