@@ -39,7 +39,7 @@ pub use config::{BaseIdentity, ControllerConfig, TYPE};
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 use crate::params;
 use crate::plugin::Plugin;
 use crate::steer::add_along;
