@@ -24,6 +24,8 @@
 //! chunk before (one token earlier), a difference too small to matter.
 
 mod config;
+pub mod eval;
+pub mod recipe;
 pub mod train;
 
 use std::path::Path;

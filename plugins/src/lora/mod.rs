@@ -19,6 +19,7 @@
 mod config;
 mod names;
 pub mod tiny;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
