@@ -8,10 +8,13 @@
 //! into a [`Chain`]: the per-row hook calls the engine hands to the forward pass, plus what
 //! the response echoes back.
 //!
+//! Each kind is one folder (`lora`, `steer`, `controller`: hook, file format, parameters,
+//! trainer, evaluation) and one row of [`KINDS`], the table every kind is named in.
+//!
 //! Where it sits: the HTTP layer resolves chains during validation (so every failure is a
 //! 4xx before admission); the engine only ever sees [`models::HookCall`]s. Off the request
-//! path, [`train`] trains plug-ins on the frozen base model (`server train`) and writes the
-//! same files the registry loads.
+//! path, each kind's trainer (on the utilities [`train`] shares) trains plug-ins on the frozen
+//! base model (`server train <kind>`) and writes the same files the registry loads.
 
 pub mod base;
 pub mod chain;
