@@ -3,12 +3,14 @@
 use models::HookCall;
 use serde::Serialize;
 
+use crate::kinds::PluginKind;
+
 /// What a response echoes for one plug-in of its chain, so the client knows exactly what ran.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChainEntry {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: PluginKind,
     pub name: String,
     /// The plug-in's content hash (`sha256:<hex>`), as `GET /v1/plugins` lists it.
     pub hash: String,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {

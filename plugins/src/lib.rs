@@ -8,18 +8,22 @@
 //! into a [`Chain`]: the per-row hook calls the engine hands to the forward pass, plus what
 //! the response echoes back.
 //!
+//! Each kind is one folder (`lora`, `steer`, `controller`: hook, file format, parameters,
+//! trainer, evaluation) and one row of [`KINDS`], the table every kind is named in.
+//!
 //! Where it sits: the HTTP layer resolves chains during validation (so every failure is a
 //! 4xx before admission); the engine only ever sees [`models::HookCall`]s. Off the request
-//! path, [`train`] trains plug-ins on the frozen base model (`server train`) and writes the
-//! same files the registry loads.
+//! path, each kind's trainer (on the utilities [`train`] shares) trains plug-ins on the frozen
+//! base model (`server train <kind>`) and writes the same files the registry loads.
 
 pub mod base;
 pub mod chain;
 pub mod controller;
 pub mod error;
 pub mod files;
-pub mod kind;
+pub mod kinds;
 pub mod lora;
+mod panic;
 mod params;
 mod paths;
 pub mod plugin;
@@ -32,7 +36,8 @@ pub mod weights;
 pub use base::BaseModel;
 pub use chain::{Chain, ChainEntry};
 pub use error::{PluginError, Result};
-pub use kind::PluginKind;
+pub use kinds::{KindInfo, PluginKind, KINDS};
+pub use panic::panic_message;
 pub use plugin::{LoadedPlugin, Plugin};
 pub use registry::{PluginInfo, Registry, RegistryConfig, Source};
 pub use spec::PluginSpec;

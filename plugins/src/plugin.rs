@@ -1,6 +1,5 @@
 //! The plug-in trait every loaded plug-in implements, and a loaded plug-in's identity.
 
-use std::any::Any;
 use std::fmt::Debug;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -11,12 +10,10 @@ use models::Hook;
 use serde_json::{Map, Value};
 
 use crate::base::BaseModel;
-use crate::controller::SteeringController;
 use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
-use crate::kind::PluginKind;
-use crate::lora::LoraAdapter;
-use crate::steer::SteeringVector;
+use crate::kinds::PluginKind;
+use crate::panic::panic_message;
 
 /// A loaded plug-in: the hook the forward pass calls, plus what the registry needs.
 ///
@@ -49,7 +46,8 @@ pub struct LoadedPlugin {
 }
 
 /// Loads a plug-in of `kind` from `path` (already resolved and confined), reading its files
-/// through `files`, and checks it against the base model. Nothing is returned unless the whole
+/// through `files`, and checks it against the base model; the kind's row of
+/// [`crate::kinds::KINDS`] names its loader. Nothing is returned unless the whole
 /// file applies.
 ///
 /// A loader that panics on a file it should have refused (a bug, but the file comes from
@@ -61,17 +59,15 @@ pub fn load(
     base: &BaseModel,
     mut files: PluginFiles,
 ) -> Result<LoadedPlugin> {
-    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Arc<dyn Plugin>> {
-        Ok(match kind {
-            PluginKind::Lora => Arc::new(LoraAdapter::load(name, path, base, &mut files)?),
-            PluginKind::Steer => Arc::new(SteeringVector::load(name, path, base, &mut files)?),
-            PluginKind::Controller => {
-                Arc::new(SteeringController::load(name, path, base, &mut files)?)
-            }
-        })
-    }));
-    let plugin =
-        loaded.unwrap_or_else(|panic| Err(PluginError::bad_file(path, panic_message(&panic))))?;
+    let loaded =
+        std::panic::catch_unwind(AssertUnwindSafe(|| kind.load(name, path, base, &mut files)));
+    let plugin = loaded.unwrap_or_else(|panic| {
+        let said = panic_message(panic.as_ref());
+        Err(PluginError::bad_file(
+            path,
+            format!("the loader could not read it ({said})"),
+        ))
+    })?;
     Ok(LoadedPlugin {
         name: name.to_string(),
         kind,
@@ -79,14 +75,4 @@ pub fn load(
         hash: files.finish(),
         plugin,
     })
-}
-
-/// What a caught panic said, for an error message (never a backtrace).
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    let said = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    format!("the loader could not read it ({said})")
 }

@@ -23,7 +23,7 @@ use crate::base::BaseModel;
 use crate::chain::{Chain, ChainEntry};
 use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 use crate::paths::confine;
 use crate::plugin::{self, LoadedPlugin, Plugin};
 use crate::spec::PluginSpec;
@@ -62,12 +62,6 @@ pub struct PluginInfo {
     pub bytes: usize,
     /// Requests holding it right now.
     pub in_use: usize,
-}
-
-impl Serialize for PluginKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
 }
 
 struct Entry {
@@ -201,11 +195,11 @@ impl Registry {
     pub fn resolve(&self, specs: &[PluginSpec]) -> Result<Chain> {
         let mut chain = Chain::default();
         for spec in specs {
-            let kind = PluginKind::parse(&spec.kind)?;
+            let kind = spec.kind;
             let (plugin, hash) = self.acquire(&spec.name, kind)?;
             let params = plugin.request_params(&spec.params)?;
             chain.entries.push(ChainEntry {
-                kind: kind.name().to_string(),
+                kind,
                 name: spec.name.clone(),
                 hash,
             });

@@ -11,7 +11,10 @@ use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, Projection};
 use plugins::lora::tiny::TinyAdapter;
 use plugins::lora::LoraParams;
-use plugins::{BaseModel, PluginError, PluginKind, PluginSpec, Registry, RegistryConfig, Source};
+use plugins::steer::ControlVector;
+use plugins::{
+    BaseModel, PluginError, PluginKind, PluginSpec, Registry, RegistryConfig, Source, KINDS,
+};
 use serde_json::json;
 
 struct Fixture {
@@ -58,7 +61,7 @@ impl Fixture {
 }
 
 fn lora(name: &str) -> PluginSpec {
-    PluginSpec::named("lora", name)
+    PluginSpec::named(PluginKind::Lora, name)
 }
 
 fn load(r: &Registry, name: &str, path: &Path) -> Result<plugins::PluginInfo, PluginError> {
@@ -114,14 +117,55 @@ fn bad_requests_name_the_problem() {
     let err = |spec: PluginSpec| reg.resolve(&[spec]).unwrap_err().to_string();
 
     assert!(err(lora("nope")).contains("unknown plug-in `nope`"));
-    assert!(err(PluginSpec::named("lorra", "sql")).contains("unknown plug-in type `lorra`"));
-    assert!(err(PluginSpec::named("steer", "sql")).contains("`sql` is a lora, not a steer"));
+    let steer = PluginSpec::named(PluginKind::Steer, "sql");
+    assert!(err(steer).contains("`sql` is a lora, not a steer"));
     let mut s = lora("sql");
     s.params.insert("scale".into(), json!("big"));
     assert!(err(s).contains("`scale` must be a number"));
     let mut s = lora("sql");
     s.params.insert("layers".into(), json!([1, 2]));
     assert!(err(s).contains("`layers` is not a parameter"));
+}
+
+/// Loading goes through the kinds table: each kind's row reads its own format, so the same
+/// files load as their kind and are refused by every other kind's loader.
+#[test]
+fn every_kind_loads_through_its_row_of_the_table() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    let lora_path = f.adapter("a", 2, 1);
+    let steer_path = PathBuf::from("v.gguf");
+    let hidden = f.config.hidden_size;
+    ControlVector {
+        model_hint: Some("llama".into()),
+        directions: [(1, plugins::steer::unit(vec![1.0; hidden]))].into(),
+    }
+    .write(&f.dir.path().join(&steer_path))
+    .unwrap();
+    let files = [
+        (PluginKind::Lora, &lora_path),
+        (PluginKind::Steer, &steer_path),
+    ];
+    for (kind, path) in files {
+        for row in &KINDS {
+            let name = format!("{}-{}", kind.name(), row.name);
+            let loaded = reg.load(row.kind, &name, path, Source::Api, false);
+            if row.kind == kind {
+                assert_eq!(loaded.unwrap().kind, kind, "{name}");
+                assert_eq!(reg.kind_of(&name), Some(kind));
+                assert_eq!(
+                    reg.resolve(&[PluginSpec::named(kind, &name)])
+                        .unwrap()
+                        .entries[0]
+                        .kind,
+                    kind
+                );
+            } else {
+                let e = loaded.unwrap_err();
+                assert!(matches!(e, PluginError::BadFile { .. }), "{name}: {e}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -15,11 +15,9 @@ use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, Hook, HookCall, Llama, LogitsWanted, Projection};
 use plugins::files::PluginFiles;
 use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
+use plugins::lora::train::{mean_completion_ce, parse_targets, LoraTrainConfig, LoraTrainer};
 use plugins::lora::{LoraAdapter, LoraParams, TensorName, CONFIG_FILE, WEIGHTS_FILE};
-use plugins::train::{
-    mean_completion_ce, parse_targets, DenseLlama, Encoder, Example, LoraFactors, LoraPair,
-    LoraTrainConfig, LoraTrainer, TrainError,
-};
+use plugins::train::{DenseLlama, Encoder, Example, LoraFactors, LoraPair, TrainError};
 use plugins::BaseModel;
 use serde_json::json;
 

@@ -174,7 +174,7 @@ pub struct ServeConfig {
 /// One `plugin` entry: `TYPE:NAME=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginEntry {
-    pub kind: String,
+    pub kind: plugins::PluginKind,
     pub name: String,
     pub path: PathBuf,
 }
@@ -190,8 +190,12 @@ impl PluginEntry {
         if kind.is_empty() || name.is_empty() || path.is_empty() {
             return Err(invalid());
         }
+        let kind = plugins::PluginKind::parse(kind.trim()).map_err(|e| ConfigError::Invalid {
+            option: "plugin",
+            message: format!("`{text}`: {e}"),
+        })?;
         Ok(Self {
-            kind: kind.trim().to_string(),
+            kind,
             name: name.trim().to_string(),
             path: PathBuf::from(path.trim()),
         })
@@ -471,6 +475,22 @@ mod tests {
         assert_eq!(config.host, "0.0.0.0");
         assert_eq!(config.api_key, ["a", "b"]);
         assert_eq!(config.drain_seconds, defaults::DRAIN_SECONDS);
+    }
+
+    #[test]
+    fn plugin_entries_are_parsed_with_their_type_once() {
+        let e = PluginEntry::parse(" steer : v = vectors/v.gguf").expect("parses");
+        assert_eq!(e.kind, plugins::PluginKind::Steer);
+        assert_eq!(
+            (e.name.as_str(), e.path.as_path()),
+            ("v", "vectors/v.gguf".as_ref())
+        );
+        let e = PluginEntry::parse("lorra:sql=a").unwrap_err().to_string();
+        assert!(
+            e.starts_with("plugin: `lorra:sql=a`: unknown plug-in type `lorra` (known: lora,"),
+            "{e}"
+        );
+        assert!(PluginEntry::parse("lora:sql").is_err());
     }
 
     #[test]

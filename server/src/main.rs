@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context};
 use axum::serve::ListenerExt;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use models::bundle::{LoadOptions, LoadedModel};
-use plugins::{BaseModel, PluginKind, Registry, RegistryConfig, Source};
+use plugins::{BaseModel, Registry, RegistryConfig, Source};
 use server::config::{self, DeviceKind, LogFormat, ServeConfig};
 use server::engine::Engine;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
@@ -293,9 +293,8 @@ fn build_registry(
     };
     let registry = Registry::new(base, registry_config).context("plugin_dir")?;
     for entry in config.plugin_entries()? {
-        let kind = PluginKind::parse(&entry.kind)?;
         registry
-            .load(kind, &entry.name, &entry.path, Source::Config, false)
+            .load(entry.kind, &entry.name, &entry.path, Source::Config, false)
             .with_context(|| format!("cannot load plug-in `{}`", entry.name))?;
     }
     Ok(registry)

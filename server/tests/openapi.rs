@@ -266,3 +266,11 @@ fn documented_bounds_are_the_validators_limits() {
     let completion = &schemas["CompletionRequest"]["properties"];
     assert_eq!(completion["logprobs"]["maximum"], MAX_TOP_LOGPROBS);
 }
+
+#[test]
+fn the_plugin_type_schema_is_the_enum_of_the_kinds_tables_names() {
+    let names: Vec<&str> = plugins::KINDS.iter().map(|row| row.name).collect();
+    let doc = doc();
+    let schema = &doc["components"]["schemas"]["PluginKind"];
+    assert_eq!(schema["enum"], serde_json::json!(names), "{schema}");
+}

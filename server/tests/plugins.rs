@@ -364,6 +364,19 @@ async fn bad_plugin_selections_get_openai_shaped_errors_naming_them() {
             "{body}: param {got:?}, wanted {param:?}: {error}"
         );
     }
+    // An unknown type fails at the wire edge, naming the field and the known types.
+    let r = chat(
+        &app,
+        greedy(BASE_ID, json!([{"type": "lorra", "name": "a0"}])),
+    )
+    .await;
+    let error = r.error(StatusCode::BAD_REQUEST, "invalid_value");
+    assert_eq!(error["param"], "plugins[0].type", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("unknown plug-in type `lorra` (known: lora, steer, controller)"),
+        "{message}"
+    );
     // The server still serves.
     assert_eq!(
         chat(&app, greedy(BASE_ID, json!([]))).await.status,

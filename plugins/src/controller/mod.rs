@@ -24,6 +24,8 @@
 //! chunk before (one token earlier), a difference too small to matter.
 
 mod config;
+pub mod eval;
+pub mod recipe;
 pub mod train;
 
 use std::path::Path;
@@ -39,7 +41,7 @@ pub use config::{BaseIdentity, ControllerConfig, TYPE};
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 use crate::params;
 use crate::plugin::Plugin;
 use crate::steer::add_along;

@@ -19,6 +19,7 @@
 mod config;
 mod names;
 pub mod tiny;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,7 +38,7 @@ pub use names::{module_path, Factor, TensorName};
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 use crate::params;
 use crate::plugin::Plugin;
 use crate::weights;

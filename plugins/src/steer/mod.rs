@@ -29,7 +29,7 @@ pub use file::{ControlVector, ARCHITECTURE};
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
-use crate::kind::PluginKind;
+use crate::kinds::PluginKind;
 use crate::params;
 use crate::plugin::Plugin;
 use crate::weights;

@@ -2,7 +2,8 @@
 //! stream after every decoder layer at each prompt's last token, collected with the serving
 //! forward pass, then one unit direction per layer that separates the positive prompts from
 //! the negative ones, and a report of how well each layer's direction separates held-out
-//! prompts, to choose layers by.
+//! prompts, to choose layers by. [`train_vector`] runs it all; `server train steer` parses
+//! the flags, prints the table and writes the file.
 //!
 //! Methods: `mean-diff` is the difference of the class means (Arditi et al.'s refusal
 //! direction, algorithms.md 1.1); `pca` follows repeng's `pca_diff`: the first principal axis
@@ -18,9 +19,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
+use models::bundle::LoadedModel;
 use models::{BatchRow, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted};
 
+use super::ControlVector;
 use crate::error::{PluginError, Result};
+use crate::train::prompts::{chat_ids_all, tokens};
+use crate::train::Result as TrainResult;
 
 /// Which direction estimate to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +206,85 @@ pub fn auroc<T: PartialOrd>(positive: &[T], negative: &[T]) -> f64 {
         })
         .sum();
     wins / (positive.len() * negative.len()).max(1) as f64
+}
+
+/// What [`train_vector`] builds a vector from, besides the prompts.
+#[derive(Debug, Clone, Copy)]
+pub struct VectorOptions<'a> {
+    pub method: Method,
+    /// Inclusive layer range written to the file.
+    pub layers: (usize, usize),
+    /// Fraction of each prompt set held out to score the directions.
+    pub holdout: f64,
+    /// Text appended to every positive and every negative prompt after the generation prompt
+    /// (the start of the assistant's reply), for behaviour directions as repeng builds them.
+    pub replies: (&'a str, &'a str),
+}
+
+/// One layer's held-out score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerScore {
+    pub layer: usize,
+    pub separation: Separation,
+}
+
+/// A trained vector and how well each of its layers separates held-out prompts.
+#[derive(Debug, Clone)]
+pub struct TrainedVector {
+    pub vector: ControlVector,
+    pub scores: Vec<LayerScore>,
+    /// Held-out (positive, negative) prompts the scores come from.
+    pub held_out: (usize, usize),
+}
+
+/// Per-layer unit directions from chat-rendered `positive` and `negative` prompts (what
+/// `server train steer` runs), each scored on held-out prompts; all of them when a set is too
+/// small to hold any out.
+pub fn train_vector(
+    loaded: &LoadedModel,
+    positive: &[String],
+    negative: &[String],
+    options: &VectorOptions<'_>,
+) -> TrainResult<TrainedVector> {
+    let acts = |prompts: &[String], reply: &str| -> TrainResult<Vec<Vec<Vec<f32>>>> {
+        let mut ids = chat_ids_all(loaded, prompts)?;
+        let reply_ids = tokens(loaded, reply, false)?;
+        ids.iter_mut().for_each(|i| i.extend_from_slice(&reply_ids));
+        Ok(last_token_activations(&loaded.model, &ids, 16)?)
+    };
+    let (pa, na) = (
+        acts(positive, options.replies.0)?,
+        acts(negative, options.replies.1)?,
+    );
+    let split = |n: usize| n - ((n as f64 * options.holdout).round() as usize).min(n - 1);
+    let (sp, sn) = (split(pa.len()), split(na.len()));
+    let mut directions = std::collections::BTreeMap::new();
+    let mut scores = Vec::new();
+    for layer in options.layers.0..=options.layers.1 {
+        let at = |xs: &[Vec<Vec<f32>>]| xs.iter().map(|x| x[layer].clone()).collect::<Vec<_>>();
+        let (p, n) = (at(&pa), at(&na));
+        let d = direction(options.method, &p[..sp], &n[..sn]);
+        let held = if sp < p.len() && sn < n.len() {
+            (&p[sp..], &n[sn..])
+        } else {
+            (&p[..], &n[..])
+        };
+        let score = separation(&d, (&p[..sp], &n[..sn]), held);
+        scores.push(LayerScore {
+            layer,
+            separation: score,
+        });
+        directions.insert(layer, d);
+    }
+    let hint = loaded.model.config.architecture.name().to_string();
+    Ok(TrainedVector {
+        vector: ControlVector {
+            model_hint: Some(hint),
+            directions,
+        },
+        scores,
+        held_out: (pa.len() - sp, na.len() - sn),
+    })
 }
 
 fn to64(x: &[f32]) -> Vec<f64> {

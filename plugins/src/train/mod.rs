@@ -6,20 +6,20 @@
 //! tensor and only candle operations that have a backward, pinned to the serving forward by
 //! tests (same logits within 1e-4, with and without an adapter). [`data`] turns a JSONL file
 //! of chat or prompt/completion examples into token sequences with their loss masks, and
-//! [`LoraTrainer`] trains a LoRA adapter on them and writes it in the PEFT format that
-//! [`crate::lora::LoraAdapter::load`] serves. The `server train lora` command drives it.
+//! [`prompts`] reads prompt lists and renders them with the chat template.
+//!
+//! These are the utilities every kind's trainer shares; each trainer lives in its kind's
+//! folder (`crate::lora::train`, `crate::steer::train`, `crate::controller::train`), and
+//! `server train <kind>` drives it.
 
 pub mod data;
 pub mod dense;
-pub mod lora;
+pub mod prompts;
 
 use std::path::PathBuf;
 
 pub use data::{Batch, Dataset, Encoder, Example};
 pub use dense::{DenseLlama, LoraFactors, LoraPair};
-pub use lora::{
-    mean_completion_ce, parse_targets, EvalReport, LoraTrainConfig, LoraTrainer, StepReport,
-};
 
 /// Why training could not start or go on. Messages name the file, line or option at fault.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +29,21 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{path}` line {line}: {message}")]
     BadLine {
         path: PathBuf,
         line: usize,
         message: String,
     },
+    #[error("{}: {message}", path.display())]
+    BadPrompts { path: PathBuf, message: String },
+    #[error("cannot encode a prompt: {0}")]
+    Prompt(String),
     #[error(
         "unknown target module `{0}` (LoRA can target {known})",
         known = crate::lora::SUPPORTED_MODULES.join(", ")
@@ -42,6 +51,8 @@ pub enum TrainError {
     UnknownTarget(String),
     #[error("invalid training option: {0}")]
     BadOption(String),
+    #[error(transparent)]
+    Plugin(#[from] crate::error::PluginError),
     #[error("the model cannot be used for training: {0}")]
     Model(#[from] models::ModelError),
     /// Built through `From`, which drops candle's backtrace.

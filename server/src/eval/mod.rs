@@ -1,4 +1,5 @@
-//! `server eval ...`: evaluations of plug-ins through the real generation path.
+//! `server eval ...`: evaluations of plug-ins through the real generation path; thin shims over
+//! each kind's evaluation in the plugins crate (`plugins::controller::eval`).
 
 mod refusal;
 mod svg;

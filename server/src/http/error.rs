@@ -165,11 +165,7 @@ pub async fn on_blocking_pool<T: Send + 'static>(
 /// our error shape that says nothing of the panic, which the log records. The connection and
 /// the server survive either way; without this the client got no reply at all.
 pub fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let said = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let said = plugins::panic_message(panic.as_ref());
     tracing::error!(panic = %said, "request handler panicked");
     ApiError::new(
         ErrorKind::Internal,

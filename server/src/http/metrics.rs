@@ -196,7 +196,10 @@ impl Metrics {
     pub fn plugins_used(&self, chain: &[ChainEntry]) {
         self.with(|| {
             for entry in chain {
-                let labels = [("type", entry.kind.clone()), ("name", entry.name.clone())];
+                let labels = [
+                    ("type", entry.kind.name().to_string()),
+                    ("name", entry.name.clone()),
+                ];
                 counter!(PLUGIN_REQUESTS, &labels).increment(1);
             }
         });
@@ -418,7 +421,7 @@ mod tests {
     fn plugin_series_name_the_adapters_in_use() {
         let m = Metrics::new().expect("metrics");
         m.plugins_used(&[ChainEntry {
-            kind: "lora".into(),
+            kind: PluginKind::Lora,
             name: "sql".into(),
             hash: "sha256:0".into(),
         }]);

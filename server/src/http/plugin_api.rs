@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use plugins::{PluginError, PluginInfo, PluginKind, Registry, Source};
+use plugins::{PluginError, PluginInfo, Registry, Source};
 
 use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::extract::ApiJson;
@@ -66,9 +66,8 @@ pub async fn load(
     ApiJson(req): ApiJson<LoadPluginRequest>,
 ) -> Result<Json<PluginInfo>, ApiError> {
     let registry = registry(&state)?;
-    let kind = PluginKind::parse(&req.kind).map_err(|e| ApiError::from(e).with_param("type"))?;
     let loaded = on_blocking_pool("plug-in load task", move || {
-        registry.load(kind, &req.name, &req.path, Source::Api, req.replace)
+        registry.load(req.kind, &req.name, &req.path, Source::Api, req.replace)
     })
     .await?;
     let info = loaded.map_err(|e| {

@@ -96,7 +96,7 @@ fn model_plugin(
     };
     let kind = registry.and_then(|r| r.kind_of(name));
     match kind {
-        Some(kind) => Ok(Some(PluginSpec::named(kind.name(), name))),
+        Some(kind) => Ok(Some(PluginSpec::named(kind, name))),
         None => Err(ApiError::new(
             ErrorKind::ModelNotFound,
             format!(

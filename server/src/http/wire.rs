@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use plugins::PluginSpec;
+use plugins::{PluginKind, PluginSpec};
 
 use super::error::ApiError;
 use super::extract::Screen;
@@ -443,9 +443,9 @@ mod tests {
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadPluginRequest {
-    /// The plug-in type (`lora`).
+    /// The plug-in type.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: PluginKind,
     pub name: String,
     /// A folder or file under the plug-in folder; relative paths resolve against it.
     #[schema(value_type = String)]

@@ -1,6 +1,7 @@
 //! `server train lora`: trains a LoRA adapter on a JSONL file (format: `plugins::train::data`)
 //! and writes it where `--out` says, in the PEFT format the server's `--plugin` / `/v1/plugins`
-//! load.
+//! load. The trainer is `plugins::lora::train`; this shim checks the flags, shows progress and
+//! writes the run's files.
 //!
 //! Every option is checked before the model loads, so a typo fails in milliseconds. The run
 //! writes `train_log.jsonl` (one line per step) beside the adapter as it goes, shows progress
@@ -18,10 +19,10 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::bundle::{LoadOptions, LoadedModel};
-use plugins::train::{
-    mean_completion_ce, parse_targets, Dataset, DenseLlama, Encoder, Example, LoraTrainConfig,
-    LoraTrainer,
+use plugins::lora::train::{
+    hold_out, mean_completion_ce, parse_targets, LoraTrainConfig, LoraTrainer,
 };
+use plugins::train::{Dataset, DenseLlama, Encoder, Example};
 use serde_json::json;
 
 /// The log `--out` receives beside the adapter.
@@ -222,25 +223,6 @@ fn read(encoder: &Encoder<'_>, path: &Path, max_len: usize) -> anyhow::Result<Ve
         bail!("{} holds no usable examples: {why}", path.display());
     }
     Ok(examples)
-}
-
-/// Every tenth example for evaluation (the last one when there are fewer than ten), the rest
-/// for training; a single example is only trained on.
-fn hold_out(examples: Vec<Example>) -> (Vec<Example>, Vec<Example>) {
-    let n = examples.len();
-    let held = |i: usize| match n {
-        0 | 1 => false,
-        2..=9 => i == n - 1,
-        _ => i % 10 == 9,
-    };
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (i, e) in examples.into_iter().enumerate() {
-        match held(i) {
-            true => eval.push(e),
-            false => train.push(e),
-        }
-    }
-    (train, eval)
 }
 
 /// Totals of a run.

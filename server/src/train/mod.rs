@@ -1,10 +1,11 @@
-//! `server train ...`: offline trainers that write plug-ins the server loads. Part of the
-//! binary only; the training itself lives in `plugins::train`, this module turns flags into
+//! `server train <kind>`: offline trainers that write plug-ins the server loads. Part of the
+//! binary only, and thin: each kind's trainer lives in its folder of the plugins crate
+//! (`plugins::<kind>::train`, shared pieces in `plugins::train`); this module turns flags into
 //! a run, shows progress, writes the run's log and reports the result.
 
+pub mod args;
 mod controller;
 mod lora;
-pub mod prompts;
 mod steer;
 
 use clap::Subcommand;

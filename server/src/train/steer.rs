@@ -1,17 +1,18 @@
 //! `server train steer`: per-layer steering directions from a positive and a negative prompt
 //! set (activations at each prompt's last token, chat template applied), written as a
 //! llama.cpp control-vector GGUF, with a table of how well each layer's direction separates
-//! held-out prompts to choose layers by.
+//! held-out prompts to choose layers by. The trainer is `plugins::steer::train`; this shim
+//! checks the flags, prints the table and writes the files.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use plugins::steer::train::{direction, last_token_activations, separation, Method, Separation};
-use plugins::steer::ControlVector;
+use plugins::steer::train::{train_vector, LayerScore, Method, VectorOptions};
+use plugins::train::prompts::read_prompts;
 use serde_json::json;
 
-use super::prompts::{chat_ids_all, load_model, model_path, parse_range, read_prompts};
+use super::args::{load_model, model_path, parse_range};
 
 #[derive(Debug, Args)]
 pub struct SteerArgs {
@@ -80,48 +81,30 @@ pub fn run(args: SteerArgs) -> anyhow::Result<()> {
         pos.len(),
         neg.len()
     );
-    let acts = |p: &[String], reply: &str| -> anyhow::Result<Vec<Vec<Vec<f32>>>> {
-        let mut ids = chat_ids_all(&loaded, p)?;
-        let reply_ids = loaded.tokenizer.encode(reply, false)?;
-        ids.iter_mut().for_each(|i| i.extend_from_slice(&reply_ids));
-        Ok(last_token_activations(&loaded.model, &ids, 16)?)
+    let options = VectorOptions {
+        method,
+        layers: (first, last),
+        holdout: args.holdout,
+        replies: (&args.positive_reply, &args.negative_reply),
     };
-    let (pa, na) = (
-        acts(&pos, &args.positive_reply)?,
-        acts(&neg, &args.negative_reply)?,
-    );
-    let split = |n: usize| n - ((n as f64 * args.holdout).round() as usize).min(n - 1);
-    let (sp, sn) = (split(pa.len()), split(na.len()));
-    let mut directions = std::collections::BTreeMap::new();
-    let mut rows = Vec::new();
+    let trained = train_vector(&loaded, &pos, &neg, &options)?;
     println!(
         "layer   AUROC  accuracy  Cohen's d   (held-out: {} positive, {} negative)",
-        pa.len() - sp,
-        na.len() - sn
+        trained.held_out.0, trained.held_out.1
     );
-    for layer in first..=last {
-        let at = |xs: &[Vec<Vec<f32>>]| xs.iter().map(|x| x[layer].clone()).collect::<Vec<_>>();
-        let (p, n) = (at(&pa), at(&na));
-        let d = direction(method, &p[..sp], &n[..sn]);
-        let held = if sp < p.len() && sn < n.len() {
-            (&p[sp..], &n[sn..])
-        } else {
-            (&p[..], &n[..])
-        };
-        let s: Separation = separation(&d, (&p[..sp], &n[..sn]), held);
+    let mut rows = Vec::new();
+    for LayerScore {
+        layer,
+        separation: s,
+    } in &trained.scores
+    {
         println!(
             "{layer:>5}  {:>6.3}  {:>8.3}  {:>9.2}",
             s.auroc, s.accuracy, s.cohens_d
         );
         rows.push(json!({"layer": layer, "auroc": s.auroc, "accuracy": s.accuracy, "cohens_d": s.cohens_d}));
-        directions.insert(layer, d);
     }
-    let hint = loaded.model.config.architecture.name().to_string();
-    ControlVector {
-        model_hint: Some(hint),
-        directions,
-    }
-    .write(&args.out)?;
+    trained.vector.write(&args.out)?;
     println!(
         "wrote {} (unit directions for layers {first}-{last}, method {})",
         args.out.display(),

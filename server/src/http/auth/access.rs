@@ -163,7 +163,7 @@ mod tests {
     }
 
     fn spec(name: &str) -> PluginSpec {
-        PluginSpec::named("lora", name)
+        PluginSpec::named(plugins::PluginKind::Lora, name)
     }
 
     #[test]

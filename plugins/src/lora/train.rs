@@ -10,6 +10,9 @@
 //! Everything random comes from ChaCha generators seeded by `seed`, so one seed gives the
 //! same files byte for byte on one machine.
 //!
+//! `server train lora` drives it: flags, progress and the run's log stay in the binary; the
+//! held-out split ([`hold_out`]) and the evaluation ([`mean_completion_ce`]) are here.
+//!
 //! The written `adapter_config.json` holds standard PEFT keys only (PEFT versions before
 //! 0.14 refuse unknown keys); run metadata belongs in a separate file beside it.
 
@@ -24,11 +27,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::dense::{DenseLlama, LoraFactors, LoraPair};
-use super::{Batch, Example, Result, TrainError};
+use super::{module_path, ALL_PROJECTIONS, CONFIG_FILE, WEIGHTS_FILE};
 use crate::base::BaseModel;
-use crate::lora::ALL_PROJECTIONS;
-use crate::lora::{module_path, CONFIG_FILE, WEIGHTS_FILE};
+use crate::train::dense::{DenseLlama, LoraFactors, LoraPair};
+use crate::train::{Batch, Example, Result, TrainError};
 
 /// What to train and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -343,9 +345,38 @@ pub fn mean_completion_ce(
     })
 }
 
+/// Every tenth example for evaluation (the last one when there are fewer than ten), the rest
+/// for training; a single example is only trained on.
+pub fn hold_out<T>(examples: Vec<T>) -> (Vec<T>, Vec<T>) {
+    let n = examples.len();
+    let held = |i: usize| match n {
+        0 | 1 => false,
+        2..=9 => i == n - 1,
+        _ => i % 10 == 9,
+    };
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, e) in examples.into_iter().enumerate() {
+        match held(i) {
+            true => eval.push(e),
+            false => train.push(e),
+        }
+    }
+    (train, eval)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tenth_example_or_the_last_of_a_few_is_held_out() {
+        let split = |n: usize| hold_out((0..n).collect::<Vec<_>>());
+        assert_eq!(split(1), (vec![0], vec![]));
+        assert_eq!(split(3), (vec![0, 1], vec![2]));
+        let (train, eval) = split(25);
+        assert_eq!(eval, [9, 19]);
+        assert_eq!(train.len(), 23);
+    }
 
     #[test]
     fn each_epoch_visits_every_example_once_in_a_seeded_order() {
