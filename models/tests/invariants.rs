@@ -1,6 +1,8 @@
 //! Invariants of the decoder on tiny seeded models written to disk (so the real loaders run):
-//! prefill equals step-by-step decode, a batch equals each row alone, loader-built equals
-//! in-memory, and an empty plug-in chain equals a chain of no-op hooks bit for bit.
+//! prefill equals step-by-step and chunked decode and a batch equals each row alone, bit for
+//! bit in the weight formats the server runs (GGUF Q8_0 and Q4_1, as the served path holds
+//! them: `tests/e2e/test_agreement.py`) and within a stated tolerance in f32; loader-built
+//! equals in-memory, and an empty plug-in chain equals a chain of no-op hooks bit for bit.
 
 use std::sync::Arc;
 
@@ -59,32 +61,59 @@ fn tokens(n: usize, seed: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Bit for bit: `-0.0` and `0.0` differ, as every NaN from every other value.
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().expect("flat").to_vec1().expect("vec");
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    a.dims() == b.dims() && bits(a) == bits(b)
+}
+
+/// The f32 model runs candle's dense matmul (`gemm`), which blocks and vectorizes its loops
+/// by the number of rows in the call: a row's logits change in the last bits with the rows
+/// beside it and the chunk it came in. The served formats (GGUF Q8_0 and Q4_1 through our
+/// kernels) compute each row alone in a fixed order and are held to bit equality below.
+/// Observed: up to 4e-6 here (an AVX2 host); the bound leaves room for other
+/// SIMD paths.
+const F32_TOLERANCE: f32 = 1e-4;
+
+/// Chunkings of a prompt of `n` tokens, beside the whole prompt in one pass: one token per
+/// step, and cuts that put short and long chunks on either side of decode-sized ones.
+fn chunkings(n: usize) -> Vec<Vec<usize>> {
+    let mut uneven = vec![7, 1, 3];
+    uneven.push(n - 11);
+    vec![vec![1; n], uneven, vec![n / 2, 1, n - n / 2 - 1]]
+}
+
+/// Every chunking of [`chunkings`] against the whole prompt in one pass: `(chunks, that
+/// chunking's logits, the one-pass logits)`.
+fn prefill_vs_chunked(m: &Llama, toks: &[u32]) -> Vec<(Vec<usize>, Tensor, Tensor)> {
+    let full = run_chunks(m, toks, &[toks.len()], &[]);
+    chunkings(toks.len())
+        .into_iter()
+        .map(|chunks| {
+            let got = run_chunks(m, toks, &chunks, &[]);
+            (chunks, got, full.clone())
+        })
+        .collect()
+}
+
 #[test]
 fn prefill_equals_step_by_step_decode() {
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let m = model(arch).build(MAX_POS).expect("build");
-        let toks = tokens(20, 1);
-        let full = run_chunks(&m, &toks, &[20], &[]);
-        let stepwise = run_chunks(&m, &toks, &[1; 20], &[]);
-        let chunked = run_chunks(&m, &toks, &[7, 1, 12], &[]);
-        assert!(
-            max_diff(&full, &stepwise) < 1e-4,
-            "{arch:?}: {}",
-            max_diff(&full, &stepwise)
-        );
-        assert!(
-            max_diff(&full, &chunked) < 1e-4,
-            "{arch:?}: {}",
-            max_diff(&full, &chunked)
-        );
+        for (chunks, got, full) in prefill_vs_chunked(&m, &tokens(20, 1)) {
+            let d = max_diff(&got, &full);
+            assert!(d < F32_TOLERANCE, "{arch:?} {chunks:?}: {d}");
+        }
     }
 }
 
-#[test]
-fn batch_equals_each_row_alone() {
-    let m = model(Architecture::Llama).build(MAX_POS).expect("build");
-    // Three sequences: a fresh prefill, a decode step after a 9-token prompt, and a second
-    // prefill chunk after 5 tokens.
+/// Three sequences stepped together: a fresh prefill, a decode step after a 9-token prompt,
+/// and a second prefill chunk after 5 tokens; `(batched logits, the row's logits alone)`
+/// for each.
+fn batch_vs_alone(m: &Llama) -> Vec<(Tensor, Tensor)> {
     let seqs = [tokens(6, 2), tokens(10, 3), tokens(12, 4)];
     let split = [0usize, 9, 5];
     let mut caches: Vec<_> = (0..3).map(|_| m.new_cache()).collect();
@@ -127,29 +156,84 @@ fn batch_equals_each_row_alone() {
         },
     ];
     let out = m.forward(&mut batch).expect("batched");
-    for i in 0..3 {
-        let alone = run_chunks(
-            &m,
-            &seqs[i],
-            &if split[i] > 0 {
-                vec![split[i], seqs[i].len() - split[i]]
-            } else {
-                vec![seqs[i].len()]
-            },
-            &[],
-        );
-        let got = out[i].as_ref().expect("logits");
-        let n = got.dim(0).expect("dim");
-        let want = alone
-            .narrow(0, alone.dim(0).expect("dim") - n, n)
-            .expect("narrow");
-        assert!(
-            max_diff(got, &want) < 1e-4,
-            "row {i}: {}",
-            max_diff(got, &want)
-        );
-    }
     assert_eq!(batch[1].cache.len(), 10);
+    out.into_iter()
+        .enumerate()
+        .map(|(i, got)| {
+            let chunks = match split[i] {
+                0 => vec![seqs[i].len()],
+                s => vec![s, seqs[i].len() - s],
+            };
+            let alone = run_chunks(m, &seqs[i], &chunks, &[]);
+            let got = got.expect("logits");
+            let n = got.dim(0).expect("dim");
+            let want = alone
+                .narrow(0, alone.dim(0).expect("dim") - n, n)
+                .expect("narrow");
+            (got, want)
+        })
+        .collect()
+}
+
+#[test]
+fn batch_equals_each_row_alone() {
+    let m = model(Architecture::Llama).build(MAX_POS).expect("build");
+    for (i, (got, want)) in batch_vs_alone(&m).iter().enumerate() {
+        let d = max_diff(got, want);
+        assert!(d < F32_TOLERANCE, "row {i}: {d}");
+    }
+}
+
+/// The weight formats the server runs, written to GGUF and loaded by the real loader: the
+/// tiny model of each architecture, and a wider one whose matmuls cross the thread pool in
+/// several tiles and whose attention has 64-wide heads.
+fn served_models(dir: &std::path::Path) -> Vec<(String, Llama)> {
+    let mut wide = tiny_config(Architecture::Llama);
+    (wide.hidden_size, wide.intermediate_size, wide.head_dim) = (256, 512, 64);
+    let configs = [
+        ("llama", tiny_config(Architecture::Llama)),
+        ("qwen2", tiny_config(Architecture::Qwen2)),
+        ("wide llama", wide),
+    ];
+    let mut out = Vec::new();
+    for (name, cfg) in configs {
+        let tiny = TinyModel::random(cfg, 7).expect("tiny");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let path = dir.join(format!("{name} {dtype:?}.gguf"));
+            tiny.write_gguf(&path, dtype).expect("write gguf");
+            let m = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect("load");
+            out.push((format!("{name} {dtype:?}"), m));
+        }
+    }
+    out
+}
+
+#[test]
+fn quantized_prefill_equals_step_by_step_and_chunked_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, m) in served_models(dir.path()) {
+        for (chunks, got, full) in prefill_vs_chunked(&m, &tokens(40, 1)) {
+            assert!(
+                same_bits(&got, &full),
+                "{name} {chunks:?}: off by up to {}",
+                max_diff(&got, &full)
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_batch_equals_each_row_alone_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, m) in served_models(dir.path()) {
+        for (i, (got, want)) in batch_vs_alone(&m).iter().enumerate() {
+            assert!(
+                same_bits(got, want),
+                "{name} row {i}: off by up to {}",
+                max_diff(got, want)
+            );
+        }
+    }
 }
 
 #[test]
@@ -323,4 +407,31 @@ fn single_pass_activations_are_less_accurate_but_still_batch_invariant() {
         .remove(1)
         .expect("logits");
     assert_eq!(max_diff(&together, &alone), 0.0);
+}
+
+/// Not true today, kept as the reproducer: a Q6_K matrix (Q4_K_M files hold some) runs
+/// through candle's `QMatMul`, whose x86 code takes its repacked-tile kernel for two or more
+/// rows and its compact `vec_dot` for one (`candle-core` `quantized/repack_x86.rs`,
+/// `Q6K => m > 1`). The two sum in different orders, so a decode row, or a one-token chunk,
+/// differs from the same token in a prefill chunk by ~1e-6 (and a decode row batched with
+/// others from itself alone). Q4_1 and Q8_0, the formats above, run our kernels.
+#[test]
+#[ignore = "candle runs Q6_K in different kernels for one row and for several"]
+fn q6k_prefill_equals_step_by_step_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = tiny_config(Architecture::Llama);
+    (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) = (256, 512, 64);
+    let path = dir.path().join("q6k.gguf");
+    TinyModel::random(cfg, 7)
+        .expect("tiny")
+        .write_gguf(&path, GgmlDType::Q6K)
+        .expect("write");
+    let m = load_model(&path, &candle_core::Device::Cpu, MAX_POS).expect("load");
+    for (chunks, got, full) in prefill_vs_chunked(&m, &tokens(40, 1)) {
+        assert!(
+            same_bits(&got, &full),
+            "{chunks:?}: off by up to {}",
+            max_diff(&got, &full)
+        );
+    }
 }

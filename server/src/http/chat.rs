@@ -13,7 +13,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
-use super::logprobs::chat_entry;
+use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig};
@@ -61,6 +61,7 @@ pub async fn chat_completions(
     )?;
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
+    let names = TokenNames::from_flag(req.return_tokens_as_token_ids);
     let subs = submit_all(engine.as_ref(), requests, &state.metrics, caller.meter(), n)?;
     let stream = req.stream.unwrap_or(false);
     let envelope = Envelope {
@@ -80,10 +81,12 @@ pub async fn chat_completions(
             envelope,
             engine,
             logprobs,
+            names,
         };
         return Ok(sse_response(subs, format, n, deadline));
     }
     let outcomes = collect_all(subs, deadline).await?;
+    let logprobs = logprobs.then_some(names);
     Ok(Json(response(&envelope, engine.as_ref(), &outcomes, n, logprobs)).into_response())
 }
 
@@ -132,22 +135,23 @@ pub(super) fn plan(
     Ok(fan_out(id, &[prompt], &gen, None, &selection.chain.calls))
 }
 
-fn logprobs_of(engine: &dyn Engine, tokens: &[GenToken]) -> ChatLogprobs {
+fn logprobs_of(engine: &dyn Engine, names: TokenNames, tokens: &[GenToken]) -> ChatLogprobs {
     let content = tokens
         .iter()
         .filter_map(|t| t.logprob.as_ref())
-        .map(|lp| chat_entry(engine, lp))
+        .map(|lp| chat_entry(engine, names, lp))
         .collect();
     ChatLogprobs { content }
 }
 
-/// The non-streaming `chat.completion` body.
+/// The non-streaming `chat.completion` body; `logprobs` says how to name their tokens, when
+/// they were asked for.
 fn response(
     envelope: &Envelope,
     engine: &dyn Engine,
     outcomes: &[Outcome],
     n: usize,
-    logprobs: bool,
+    logprobs: Option<TokenNames>,
 ) -> ChatCompletion {
     let choices = outcomes
         .iter()
@@ -158,7 +162,7 @@ fn response(
                 role: "assistant",
                 content: o.text.clone(),
             },
-            logprobs: logprobs.then(|| logprobs_of(engine, &o.tokens)),
+            logprobs: logprobs.map(|names| logprobs_of(engine, names, &o.tokens)),
             finish_reason: o.finish_reason.as_str(),
         })
         .collect();
@@ -186,12 +190,15 @@ struct ChatFormat {
     envelope: Envelope,
     engine: Arc<dyn Engine>,
     logprobs: bool,
+    names: TokenNames,
 }
 
 impl ChatFormat {
     fn choice(&self, index: usize, delta: Value, lp: Option<&TokenLogprob>) -> Value {
         let logprobs = match (self.logprobs, lp) {
-            (true, Some(lp)) => json!({"content": [chat_entry(self.engine.as_ref(), lp)]}),
+            (true, Some(lp)) => {
+                json!({"content": [chat_entry(self.engine.as_ref(), self.names, lp)]})
+            }
             _ => Value::Null,
         };
         let choice = json!({

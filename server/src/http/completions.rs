@@ -16,7 +16,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
-use super::logprobs::LegacyLogprobs;
+use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::replies::{TextChoice, TextCompletion};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
@@ -41,6 +41,7 @@ pub(super) struct Shape {
     n: usize,
     echo: bool,
     logprobs: bool,
+    names: TokenNames,
 }
 
 /// Create a (legacy) completion
@@ -158,6 +159,7 @@ pub(super) fn plan(
         n: gen.n,
         echo,
         logprobs: wanted.logprobs,
+        names: TokenNames::from_flag(req.return_tokens_as_token_ids),
     };
     Ok((requests, shape))
 }
@@ -236,12 +238,18 @@ fn choice(engine: &dyn Engine, shape: &Shape, index: usize, o: &Outcome) -> Text
         text.push_str(&prompt.text);
         if shape.logprobs {
             let prompt_lps = o.prompt_logprobs.as_deref().unwrap_or_default();
-            lps = LegacyLogprobs::prompt(engine, &prompt.tokens, prompt_lps, &mut offset);
+            lps = LegacyLogprobs::prompt(
+                engine,
+                shape.names,
+                &prompt.tokens,
+                prompt_lps,
+                &mut offset,
+            );
         }
     }
     if shape.logprobs {
         for t in &o.tokens {
-            lps.push(engine, t.id, t.logprob.as_ref(), &mut offset);
+            lps.push(engine, shape.names, t.id, t.logprob.as_ref(), &mut offset);
         }
     }
     text.push_str(&o.text);
@@ -300,7 +308,9 @@ impl ChunkFormat for CompletionFormat {
         }
         let prompt = self.prompt(index)?.clone();
         let offset = self.offsets.get_mut(index)?;
-        let legacy = LegacyLogprobs::prompt(self.engine.as_ref(), &prompt.tokens, &lps, offset);
+        let names = self.shape.names;
+        let legacy =
+            LegacyLogprobs::prompt(self.engine.as_ref(), names, &prompt.tokens, &lps, offset);
         Some(self.chunk(index, &prompt.text, json!(legacy), None))
     }
 
@@ -313,6 +323,7 @@ impl ChunkFormat for CompletionFormat {
         let offset = self.offsets.get_mut(index)?;
         lps.push(
             self.engine.as_ref(),
+            self.shape.names,
             token.id,
             token.logprob.as_ref(),
             offset,

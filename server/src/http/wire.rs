@@ -109,6 +109,8 @@ pub struct ChatRequest {
     /// Alternatives per token, with `logprobs`.
     #[schema(maximum = 20)]
     pub top_logprobs: Option<usize>,
+    /// vLLM's: log-probs name tokens `token_id:<id>` rather than by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// End-user id; logged, no effect on the output.
     pub user: Option<String>,
     pub stream: Option<bool>,
@@ -259,6 +261,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<usize>,
     /// Prepend the prompt to the returned text (and, with `logprobs`, its tokens' log-probs).
     pub echo: Option<bool>,
+    /// vLLM's: log-probs name tokens `token_id:<id>` rather than by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
     pub user: Option<String>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -428,6 +432,15 @@ mod tests {
             let r: CompletionRequest = parse(body.as_bytes()).expect(body);
             assert_eq!(r.prompt, expected);
         }
+    }
+
+    #[test]
+    fn return_tokens_as_token_ids_is_accepted_on_both_generation_routes() {
+        let r = chat(r#"{"messages":[],"return_tokens_as_token_ids":true}"#).expect("chat");
+        assert_eq!(r.return_tokens_as_token_ids, Some(true));
+        let r: CompletionRequest =
+            parse(br#"{"prompt":[1],"return_tokens_as_token_ids":false}"#).expect("completion");
+        assert_eq!(r.return_tokens_as_token_ids, Some(false));
     }
 
     #[test]
