@@ -9,6 +9,8 @@
 
 #[cfg(test)]
 mod disconnect_tests;
+#[cfg(test)]
+mod plugin_state_tests;
 mod real;
 mod scheduler;
 mod sequence;
@@ -159,6 +161,8 @@ pub enum EngineError {
          parameters may overflow"
     )]
     NonFiniteLogits(String),
+    #[error("a plug-in could not start for this request: {0}")]
+    PluginState(String),
     #[error("engine failure: {0}")]
     Internal(String),
 }
@@ -185,6 +189,18 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Queues a request. Never blocks: a full queue is [`EngineError::QueueFull`].
     fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError>;
+
+    /// Queues the `n` choices of one prompt: requests that differ only in id, seed and
+    /// length. All are accepted or none. An engine may prefill the shared prompt once and fork
+    /// the sequence (cache and plug-in state) for each choice; by default each is submitted
+    /// on its own.
+    fn submit_choices(
+        &self,
+        choices: Vec<GenerateRequest>,
+    ) -> Result<Vec<EventReceiver>, EngineError> {
+        // On an error the receivers already made are dropped, which cancels them.
+        choices.into_iter().map(|c| self.submit(c)).collect()
+    }
 
     fn stats(&self) -> EngineStats;
 

@@ -18,6 +18,7 @@ use models::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::scheduler::SchedulerLimits;
+use super::sequence::PendingFork;
 use super::sequence::EVENT_SLACK;
 use super::worker::{Message, Shared, StepModel, Submission, Worker};
 use super::{
@@ -233,16 +234,72 @@ impl RealEngine {
         Ok(())
     }
 
-    /// Claims one of the `max_waiting` queue places.
-    fn reserve_place(&self) -> Result<(), EngineError> {
+    /// Claims `places` of the `max_waiting` queue places, all or none.
+    fn reserve_places(&self, places: usize) -> Result<(), EngineError> {
         let capacity = self.config.max_waiting;
         self.shared
             .waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < capacity).then_some(n + 1)
+                (n + places <= capacity).then_some(n + places)
             })
             .map(|_| ())
             .map_err(|_| EngineError::QueueFull { capacity })
+    }
+
+    /// Sends `requests` to the engine thread as one submission: the first runs, the others
+    /// fork off it after its prompt (the caller checked they share it).
+    fn send(&self, requests: Vec<GenerateRequest>) -> Result<Vec<EventReceiver>, EngineError> {
+        requests.iter().try_for_each(|r| self.check(r))?;
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let places = requests.len();
+        self.reserve_places(places)?;
+        let submitted = Instant::now();
+        let mut receivers = Vec::with_capacity(places);
+        let mut channels = requests.into_iter().map(|request| {
+            // More room than the sequence ever uses, so the engine thread never waits on it.
+            let capacity = request.max_tokens.min(self.info.context_length) + EVENT_SLACK;
+            let (events, receiver) = mpsc::channel(capacity);
+            receivers.push(receiver);
+            (request, events)
+        });
+        let Some((request, events)) = channels.next() else {
+            self.shared.waiting.fetch_sub(places, Ordering::SeqCst);
+            return Ok(Vec::new());
+        };
+        let forks = channels
+            .map(|(request, events)| PendingFork {
+                request,
+                events,
+                submitted,
+            })
+            .collect();
+        let message = Message::Request(Box::new(Submission {
+            request,
+            events,
+            submitted,
+            forks,
+        }));
+        if let Err(e) = self.deliver(message) {
+            self.shared.waiting.fetch_sub(places, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(receivers)
+    }
+
+    fn deliver(&self, message: Message) -> Result<(), EngineError> {
+        match lock(&self.inbox).as_ref() {
+            None => Err(EngineError::ShuttingDown),
+            Some(inbox) => inbox.try_send(message).map_err(|e| match e {
+                TrySendError::Full(_) => EngineError::QueueFull {
+                    capacity: self.config.max_waiting,
+                },
+                TrySendError::Disconnected(_) => {
+                    EngineError::Internal("the engine thread has stopped".into())
+                }
+            }),
+        }
     }
 }
 
@@ -287,35 +344,23 @@ impl Engine for RealEngine {
     }
 
     fn submit(&self, request: GenerateRequest) -> Result<EventReceiver, EngineError> {
-        self.check(&request)?;
-        if self.shared.shutting_down.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
+        let mut receivers = self.send(vec![request])?;
+        receivers
+            .pop()
+            .ok_or_else(|| EngineError::Internal("no receiver for a submitted request".into()))
+    }
+
+    /// Choices that share their prompt, chain and prompt log-probs go to the engine thread
+    /// as one sequence whose prompt is prefilled once and forked for the others.
+    fn submit_choices(
+        &self,
+        choices: Vec<GenerateRequest>,
+    ) -> Result<Vec<EventReceiver>, EngineError> {
+        if shares_prompt(&choices) {
+            self.send(choices)
+        } else {
+            choices.into_iter().map(|c| self.submit(c)).collect()
         }
-        self.reserve_place()?;
-        // More room than the sequence ever uses, so the engine thread never waits on it.
-        let capacity = request.max_tokens.min(self.info.context_length) + EVENT_SLACK;
-        let (events, receiver) = mpsc::channel(capacity);
-        let message = Message::Request(Box::new(Submission {
-            request,
-            events,
-            submitted: Instant::now(),
-        }));
-        let sent = match lock(&self.inbox).as_ref() {
-            None => Err(EngineError::ShuttingDown),
-            Some(inbox) => inbox.try_send(message).map_err(|e| match e {
-                TrySendError::Full(_) => EngineError::QueueFull {
-                    capacity: self.config.max_waiting,
-                },
-                TrySendError::Disconnected(_) => {
-                    EngineError::Internal("the engine thread has stopped".into())
-                }
-            }),
-        };
-        if let Err(e) = sent {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(e);
-        }
-        Ok(receiver)
     }
 
     fn step_metrics(&self) -> Option<StepMetricsSnapshot> {
@@ -337,6 +382,24 @@ impl Drop for RealEngine {
     fn drop(&mut self) {
         self.shutdown(Duration::ZERO);
     }
+}
+
+/// Whether the choices can share one prefill: the same prompt, the same plug-in calls (the
+/// same hook objects with the same parameters) and the same prompt log-probs.
+fn shares_prompt(choices: &[GenerateRequest]) -> bool {
+    let Some(first) = choices.first() else {
+        return true;
+    };
+    let same_chain = |r: &GenerateRequest| {
+        r.hooks.len() == first.hooks.len()
+            && r.hooks
+                .iter()
+                .zip(&first.hooks)
+                .all(|(a, b)| Arc::ptr_eq(&a.hook, &b.hook) && Arc::ptr_eq(&a.params, &b.params))
+    };
+    choices.iter().all(|r| {
+        r.prompt == first.prompt && r.prompt_logprobs == first.prompt_logprobs && same_chain(r)
+    })
 }
 
 /// Locks, ignoring poisoning: the guarded values (a sender, a join handle) stay valid.

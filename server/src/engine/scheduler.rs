@@ -35,6 +35,16 @@ pub trait Schedulable {
     fn kv_allocated_bytes(&self) -> usize;
     /// Whether every prompt position needs logits (prompt log-probs were asked for).
     fn wants_prompt_logits(&self) -> bool;
+    /// Bytes of plug-in state the sequence's chain expects to hold per position, on top of
+    /// the model's keys and values.
+    fn state_bytes_per_token(&self) -> usize {
+        0
+    }
+    /// Sequences this one stands for: itself plus the choices of its request that will fork
+    /// off it once its prompt is prefilled (each then holds a copy of the cache).
+    fn copies(&self) -> usize {
+        1
+    }
 }
 
 /// Limits the scheduler enforces; see `EngineConfig` for their meaning.
@@ -98,11 +108,14 @@ impl<S: Schedulable> Scheduler<S> {
         &mut self.running
     }
 
-    /// KV bytes a sequence may come to hold: its estimate, or its allocation once that is
-    /// larger (a cache grows by doubling, so it can outgrow the estimate).
+    /// KV bytes a sequence may come to hold: its estimate (keys, values and plug-in state,
+    /// for itself and the choices still to fork off it), or its allocation once that is larger
+    /// (a cache grows by doubling, so it can outgrow the estimate).
     fn kv_claim(&self, seq: &S) -> usize {
-        let estimate =
-            (seq.prompt_len() + seq.max_tokens()).saturating_mul(self.limits.kv_bytes_per_token);
+        let per_token = self.limits.kv_bytes_per_token + seq.state_bytes_per_token();
+        let estimate = (seq.prompt_len() + seq.max_tokens())
+            .saturating_mul(per_token)
+            .saturating_mul(seq.copies());
         estimate.max(seq.kv_allocated_bytes())
     }
 
@@ -112,27 +125,39 @@ impl<S: Schedulable> Scheduler<S> {
     }
 
     /// Moves sequences from the head of the queue into the running set while the limits
-    /// allow; returns how many moved. A sequence whose claim alone exceeds the KV budget is
+    /// allow; returns how many requests moved (a sequence with choices to fork counts them
+    /// all, in running slots too). A sequence whose claim alone exceeds the limits is
     /// admitted when nothing else runs, so it is served (alone) rather than stuck forever.
     pub fn admit(&mut self) -> usize {
         let mut claimed = self.kv_claimed_bytes();
+        let mut slots = self.running_slots();
         let mut admitted = 0;
-        while self.running.len() < self.limits.max_running {
-            let Some(head) = self.waiting.front() else {
-                break;
-            };
+        while let Some(head) = self.waiting.front() {
             let claim = self.kv_claim(head);
-            let fits = claimed.saturating_add(claim) <= self.limits.kv_budget_bytes;
+            let fits = claimed.saturating_add(claim) <= self.limits.kv_budget_bytes
+                && slots + head.copies() <= self.limits.max_running;
             if !fits && !self.running.is_empty() {
                 break;
             }
             if let Some(seq) = self.waiting.pop_front() {
+                slots += seq.copies();
+                admitted += seq.copies();
                 self.running.push(seq);
                 claimed = claimed.saturating_add(claim);
-                admitted += 1;
             }
         }
         admitted
+    }
+
+    /// Running slots taken: every running sequence and the choices still to fork off them.
+    fn running_slots(&self) -> usize {
+        self.running.iter().map(Schedulable::copies).sum()
+    }
+
+    /// Adds sequences forked off a running one (the choices of an `n > 1` request), which
+    /// were admitted with it.
+    pub fn adopt(&mut self, forked: Vec<S>) {
+        self.running.extend(forked);
     }
 
     /// The next step's rows, in running order: one token per decoding sequence, then prompt

@@ -48,6 +48,14 @@ impl Clock {
     }
 }
 
+/// A choice of an `n > 1` request waiting for its parent's prompt: at the end of the parent's
+/// prefill it becomes a sequence of its own on a fork of the parent's cache.
+pub(crate) struct PendingFork {
+    pub request: GenerateRequest,
+    pub events: mpsc::Sender<Event>,
+    pub submitted: Instant,
+}
+
 /// A request being served.
 pub(crate) struct Sequence {
     /// The engine's id (passed to hooks); distinct from the request id.
@@ -72,6 +80,9 @@ pub(crate) struct Sequence {
     clock: Clock,
     /// The row fed in the current step: first position and token count.
     in_flight: Option<(usize, usize)>,
+    /// The other choices of the same prompt, forked off when the prompt is in the cache.
+    forks: Vec<PendingFork>,
+    max_positions: usize,
     done: bool,
 }
 
@@ -113,8 +124,71 @@ impl Sequence {
                 last_token: None,
             },
             in_flight: None,
+            forks: Vec::new(),
+            max_positions,
             done: false,
         }
+    }
+
+    /// Adds choices that share this sequence's prompt and chain; they start from a fork of
+    /// its cache once its prompt is prefilled.
+    pub fn with_forks(mut self, forks: Vec<PendingFork>) -> Self {
+        self.forks = forks;
+        self
+    }
+
+    /// This sequence and the choices still waiting to fork off it: what it claims of the
+    /// running slots and the KV budget.
+    pub fn copies(&self) -> usize {
+        1 + self.forks.len()
+    }
+
+    /// Makes the plug-in state of the sequence's chain (each hook's `new_state`) before its
+    /// first step, so that a plug-in that cannot start fails this request alone.
+    pub fn attach_plugins(&mut self) -> Result<(), EngineError> {
+        self.cache
+            .plugins_mut()
+            .attach(&self.hooks)
+            .map_err(|e| EngineError::PluginState(e.to_string()))
+    }
+
+    /// Whether the step in flight completes the prompt of a sequence with choices to fork.
+    pub fn forks_due(&self) -> bool {
+        !self.forks.is_empty()
+            && self.in_flight.is_some_and(|(start, fed)| {
+                start < self.prompt.len() && start + fed == self.prompt.len()
+            })
+    }
+
+    /// The waiting choices as sequences of their own, each on a copy of this sequence's cache
+    /// and plug-in state as the step in flight left them, ready to take the same logits.
+    /// `next_id` numbers them. A choice whose copy fails gets `Failed` and is left out.
+    pub fn spawn_forks(&mut self, next_id: &mut u64) -> Vec<Sequence> {
+        let mut children = Vec::new();
+        for fork in std::mem::take(&mut self.forks) {
+            let cache = match self.cache.fork() {
+                Ok(cache) => cache,
+                Err(e) => {
+                    let error = EngineError::PluginState(format!("cannot fork the cache: {e}"));
+                    let _ = fork.events.try_send(Event::Failed(error));
+                    continue;
+                }
+            };
+            *next_id += 1;
+            let mut child = Sequence::new(
+                *next_id,
+                fork.request,
+                fork.events,
+                fork.submitted,
+                cache,
+                self.max_positions,
+            );
+            child.in_flight = self.in_flight;
+            child.prompt_scores = self.prompt_scores.clone();
+            child.clock.first_step = self.clock.first_step;
+            children.push(child);
+        }
+        children
     }
 
     pub fn request_id(&self) -> &str {
@@ -126,9 +200,9 @@ impl Sequence {
         self.done
     }
 
-    /// The client dropped its event receiver.
+    /// The client dropped its event receiver (and those of the choices still to fork).
     pub fn is_cancelled(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() && self.forks.iter().all(|f| f.events.is_closed())
     }
 
     /// Whether the sequence has tokens to feed: prompt left, or a token sampled last step.
@@ -168,8 +242,12 @@ impl Sequence {
         }
     }
 
-    /// Ends the sequence with `Event::Failed`; its cache is freed when the engine removes it.
+    /// Ends the sequence, and the choices still to fork off it, with `Event::Failed`; its
+    /// cache (and plug-in state) is freed when the engine removes it.
     pub fn fail(&mut self, error: EngineError) {
+        for fork in std::mem::take(&mut self.forks) {
+            let _ = fork.events.try_send(Event::Failed(error.clone()));
+        }
         if !self.done {
             let _ = self.events.try_send(Event::Failed(error));
             self.done = true;
@@ -368,6 +446,17 @@ impl Schedulable for Sequence {
 
     fn kv_allocated_bytes(&self) -> usize {
         self.cache.allocated_bytes()
+    }
+
+    fn state_bytes_per_token(&self) -> usize {
+        self.hooks
+            .iter()
+            .map(|call| call.hook.state_bytes_per_token(&call.params))
+            .sum()
+    }
+
+    fn copies(&self) -> usize {
+        Sequence::copies(self)
     }
 
     fn wants_prompt_logits(&self) -> bool {

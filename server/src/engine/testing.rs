@@ -44,8 +44,18 @@ pub fn tiny_tokenizer() -> Result<Tokenizer, TokenizerError> {
 /// Writes a seeded tiny Llama as an f32 GGUF into `dir` and loads it back with the
 /// [`tiny_tokenizer`] and a plain chat template. Its context is 256 positions.
 pub fn tiny_loaded_model(dir: &Path, seed: u64) -> Result<LoadedModel, LoadError> {
-    let path = dir.join(format!("tiny-{seed}.gguf"));
-    TinyModel::random(tiny_config(Architecture::Llama), seed)?.write_gguf(&path, GgmlDType::F32)?;
+    tiny_loaded_model_as(dir, seed, GgmlDType::F32)
+}
+
+/// [`tiny_loaded_model`] with its matrices in `dtype`: Q8_0 runs the served kernels, whose
+/// results depend neither on the batch nor on chunking, for tests that compare bits.
+pub fn tiny_loaded_model_as(
+    dir: &Path,
+    seed: u64,
+    dtype: GgmlDType,
+) -> Result<LoadedModel, LoadError> {
+    let path = dir.join(format!("tiny-{seed}-{dtype:?}.gguf"));
+    TinyModel::random(tiny_config(Architecture::Llama), seed)?.write_gguf(&path, dtype)?;
     let model = models::loader::load_model(&path, &Device::Cpu, usize::MAX)?;
     let tokenizer = tiny_tokenizer()?;
     let chat_template = ChatTemplate::new(TINY_CHAT_TEMPLATE, None, Some("<|endoftext|>".into()))?;

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::scheduler::{PlannedRow, Schedulable, Scheduler, SchedulerLimits};
-use super::sequence::Sequence;
+use super::sequence::{PendingFork, Sequence};
 use super::step_metrics::StepMetrics;
 use super::{EngineError, Event, GenerateRequest};
 
@@ -43,11 +43,13 @@ impl StepModel for Llama {
     }
 }
 
-/// A request on its way to the engine thread.
+/// A request on its way to the engine thread, with the other choices of its prompt (empty
+/// unless `n > 1`), which fork off it once its prompt is prefilled.
 pub(crate) struct Submission {
     pub request: GenerateRequest,
     pub events: mpsc::Sender<Event>,
     pub submitted: Instant,
+    pub forks: Vec<PendingFork>,
 }
 
 pub(crate) enum Message {
@@ -195,34 +197,48 @@ impl<M: StepModel> Worker<M> {
 
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Request(submission) => {
-                let Submission {
-                    request,
-                    events,
-                    submitted,
-                } = *submission;
-                let cache = self.model.new_cache();
-                self.next_id += 1;
-                let seq = Sequence::new(
-                    self.next_id,
-                    request,
-                    events,
-                    submitted,
-                    cache,
-                    self.max_positions,
-                );
-                self.scheduler.enqueue(seq);
-            }
+            Message::Request(submission) => self.accept(*submission),
             Message::Shutdown { deadline } => self.deadline = Some(deadline),
+        }
+    }
+
+    /// Makes the request's sequence, with its plug-in state, and queues it; a plug-in that
+    /// cannot start fails the request (and its other choices) at once.
+    fn accept(&mut self, submission: Submission) {
+        let Submission {
+            request,
+            events,
+            submitted,
+            forks,
+        } = submission;
+        let cache = self.model.new_cache();
+        self.next_id += 1;
+        let mut seq = Sequence::new(
+            self.next_id,
+            request,
+            events,
+            submitted,
+            cache,
+            self.max_positions,
+        )
+        .with_forks(forks);
+        match seq.attach_plugins() {
+            Ok(()) => self.scheduler.enqueue(seq),
+            Err(error) => {
+                tracing::warn!(request_id = %seq.request_id(), %error, "plug-in state refused");
+                self.shared
+                    .waiting
+                    .fetch_sub(seq.copies(), Ordering::SeqCst);
+                seq.fail(error);
+            }
         }
     }
 
     /// Drops sequences whose client went away; dropping a running one frees its cache.
     fn drop_cancelled(&mut self) {
         let waiting = self.scheduler.take_waiting(Sequence::is_cancelled);
-        self.shared
-            .waiting
-            .fetch_sub(waiting.len(), Ordering::SeqCst);
+        let places: usize = waiting.iter().map(Sequence::copies).sum();
+        self.shared.waiting.fetch_sub(places, Ordering::SeqCst);
         let running = self.scheduler.take_running(Sequence::is_cancelled);
         for seq in waiting.iter().chain(&running) {
             tracing::info!(request_id = %seq.request_id(), "request cancelled by the client");
@@ -231,9 +247,8 @@ impl<M: StepModel> Worker<M> {
 
     fn fail_all(&mut self, error: EngineError) {
         let waiting = self.scheduler.take_waiting(|_| true);
-        self.shared
-            .waiting
-            .fetch_sub(waiting.len(), Ordering::SeqCst);
+        let places: usize = waiting.iter().map(Sequence::copies).sum();
+        self.shared.waiting.fetch_sub(places, Ordering::SeqCst);
         let running = self.scheduler.take_running(|_| true);
         for mut seq in waiting.into_iter().chain(running) {
             seq.fail(error.clone());
@@ -285,10 +300,20 @@ impl<M: StepModel> Worker<M> {
                 *slot = Some(logits);
             }
         }
+        // Choices of n > 1 requests whose prompt this step completed fork off now, on copies
+        // of the cache their parent just filled, and sample from the same logits.
+        let mut forked: Vec<(Sequence, Option<Tensor>)> = Vec::new();
+        for (seq, slot) in running.iter_mut().zip(&slots) {
+            if let (true, Some(logits)) = (seq.forks_due(), slot) {
+                let children = seq.spawn_forks(&mut self.next_id);
+                forked.extend(children.into_iter().map(|c| (c, logits.clone())));
+            }
+        }
         let work: Vec<(&mut Sequence, Option<Tensor>)> = running
             .iter_mut()
             .zip(slots)
             .filter_map(|(seq, slot)| slot.map(|logits| (seq, logits)))
+            .chain(forked.iter_mut().map(|(seq, logits)| (seq, logits.take())))
             .collect();
         let tokenizer = &self.tokenizer;
         if work.len() < 2 {
@@ -300,6 +325,8 @@ impl<M: StepModel> Worker<M> {
             work.into_par_iter()
                 .for_each(|(seq, logits)| guarded_after_step(seq, logits, tokenizer, now));
         }
+        self.scheduler
+            .adopt(forked.into_iter().map(|(seq, _)| seq).collect());
     }
 
     /// The planned rows whose sequences have something to feed; the others (a scheduling
@@ -340,7 +367,7 @@ impl<M: StepModel> Worker<M> {
             Ok(Err(e)) => Err(EngineError::Internal(format!("forward step failed: {e}"))),
             Err(panic) => Err(EngineError::Internal(format!(
                 "forward step panicked: {}",
-                panic_message(panic.as_ref())
+                plugins::panic_message(panic.as_ref())
             ))),
         }
     }
@@ -360,20 +387,10 @@ impl<M: StepModel> Worker<M> {
 fn guarded_after_step(seq: &mut Sequence, logits: Option<Tensor>, tk: &Tokenizer, now: Instant) {
     let outcome = catch_unwind(AssertUnwindSafe(|| seq.after_step(logits, tk, now)));
     if let Err(panic) = outcome {
-        let message = panic_message(panic.as_ref());
+        let message = plugins::panic_message(panic.as_ref());
         tracing::error!(request_id = %seq.request_id(), %message, "sampling panicked");
         seq.fail(EngineError::Internal(format!(
             "sampling panicked: {message}"
         )));
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
     }
 }

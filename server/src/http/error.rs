@@ -235,6 +235,7 @@ impl From<EngineError> for ApiError {
             EngineError::EmptyPrompt => Self::invalid("prompt", message),
             EngineError::Tokenizer(_)
             | EngineError::NonFiniteLogits(_)
+            | EngineError::PluginState(_)
             | EngineError::Internal(_) => Self::new(ErrorKind::Internal, message),
         }
     }

@@ -143,18 +143,22 @@ pub fn submit_all(
     n: usize,
 ) -> Result<Vec<Submission>, ApiError> {
     let mut subs = Vec::with_capacity(requests.len());
-    for (i, request) in requests.into_iter().enumerate() {
-        let prompt = if i % n.max(1) == 0 {
-            request.prompt.len()
-        } else {
-            0
-        };
-        let id = request.id.clone();
-        match engine.submit(request) {
-            Ok(rx) => subs.push(Submission {
-                rx,
-                tracker: Tracker::new(metrics.clone(), id).charging(meter.clone(), prompt),
-            }),
+    let mut requests = requests.into_iter().peekable();
+    while requests.peek().is_some() {
+        // One prompt's choices go together, so the engine can prefill the prompt once.
+        let choices: Vec<GenerateRequest> = requests.by_ref().take(n.max(1)).collect();
+        let prompt = choices.first().map_or(0, |r| r.prompt.len());
+        let ids: Vec<String> = choices.iter().map(|r| r.id.clone()).collect();
+        match engine.submit_choices(choices) {
+            Ok(receivers) => {
+                for (i, (rx, id)) in receivers.into_iter().zip(ids).enumerate() {
+                    let charged = if i == 0 { prompt } else { 0 };
+                    subs.push(Submission {
+                        rx,
+                        tracker: Tracker::new(metrics.clone(), id).charging(meter.clone(), charged),
+                    });
+                }
+            }
             Err(e) => {
                 subs.iter_mut().for_each(|sub| sub.tracker.abandon());
                 return Err(e.into());
