@@ -26,6 +26,7 @@ pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
 
+pub use attention::HeadKeys;
 pub use batch::{BatchRow, LogitsWanted};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};

@@ -321,10 +321,10 @@ fn row_attention(l: usize, row: &RowInfo<'_>, q: &Tensor, k: Tensor, v: Tensor) 
         }
     }
     match keep {
-        None => attention::attend(q, &k, &v, None, row.start),
+        None => attention::attend(q, &k, &v, None, None, row.start),
         Some(keep) => {
             let (k, v) = attention::select_keys(&k, &v, &keep)?;
-            attention::attend(q, &k, &v, Some(&keep), row.start)
+            attention::attend(q, &k, &v, Some(&keep), None, row.start)
         }
     }
 }
