@@ -763,8 +763,9 @@ mod tests {
     /// Block-sparse decode against dense on the default model's shapes: one decode row at
     /// depth T = 2048 and 8192, every key, or 1/8 or 1/4 of the 64-key blocks of each kv
     /// head (spread over the row, a different offset per head). "hot": one layer called
-    /// again and again (cache in L2/L3); "cold": 30 layers, each with its own cache, as the
-    /// model runs them. Medians of 15 runs:
+    /// again and again; "cold": 30 layers, each with its own cache and weights streamed
+    /// between them, as the model runs them. Medians of 15 runs (`CANDLE_NUM_THREADS=1` for
+    /// figures that a loaded host does not swamp with thread wake-ups):
     /// `cargo test --release -p models --lib block_sparse_decode_timing -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -781,6 +782,16 @@ mod tests {
             Ok(runs[runs.len() / 2])
         };
         let q = randn(&[1, n_heads, d], 1);
+        // ~3 MB of weights streamed between layers, as in `attention_timing`, so that each
+        // layer's keys come from L3 or memory; its own time is subtracted.
+        let weights: Vec<f32> = vec![1.0; 3 << 18];
+        let stream = || weights.iter().sum::<f32>();
+        let base = median_us(&|| {
+            for _ in 0..30 {
+                assert!(stream() > 0.0);
+            }
+            Ok(())
+        })?;
         for t in [2048usize, 8192] {
             let caches: Vec<(Tensor, Tensor)> = (0..30)
                 .map(|s| {
@@ -813,10 +824,11 @@ mod tests {
                 })? / 10.0;
                 let cold = median_us(&|| {
                     for (k, v) in &caches {
+                        assert!(stream() > 0.0);
                         attend(&q, k, v, None, sel.as_ref(), t - 1)?;
                     }
                     Ok(())
-                })?;
+                })? - base;
                 line += &format!("  {name}: hot {hot:6.1} us/layer, cold {cold:7.0} us/30 layers;");
             }
             println!("{line}");
