@@ -8,20 +8,125 @@
 //! On the CPU, with f32 tensors, [`attend`] runs the direct kernel of
 //! [`crate::kernels::attention`] instead of candle ops; other devices and dtypes keep the
 //! candle-op path ([`attend_ops`]). The tests hold both to the same per-head reference.
+//!
+//! A sparse-attention plug-in may restrict each key/value head to some of the row's keys
+//! ([`HeadKeys`], SeerAttention-R's per-head block selection); the CPU kernel then reads only
+//! those, the candle-op path gathers them per key/value head.
 
-#[cfg(test)]
-use candle_core::D;
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::Result;
-use crate::kernels::attention::RowAttention;
+use crate::error::{ModelError, Result};
+use crate::kernels::attention::{check_head_keys, RowAttention};
 use crate::kernels::SimdPath;
+
+/// Which of a row's `T` keys each key/value head reads: for kv head `h`, `ranges[h]` is a
+/// sorted list of disjoint, non-empty half-open ranges of key indices (`0..T`).
+///
+/// Built by a sparse-attention plug-in (SeerAttention-R's per-head block selection, Gao et
+/// al. 2025) from the blocks it keeps; [`attend`] then reads only those keys and values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadKeys {
+    pub ranges: Vec<Vec<Range<u32>>>,
+}
+
+impl HeadKeys {
+    /// Every key for each of `n_kv` heads: the same result as no selection, bit for bit.
+    pub fn all(n_kv: usize, t: u32) -> Self {
+        let every: Vec<Range<u32>> = (t > 0).then_some(0..t).into_iter().collect();
+        Self {
+            ranges: vec![every; n_kv],
+        }
+    }
+
+    /// The keys of whole blocks of `block_size` keys: `blocks[h]` lists, strictly
+    /// ascending, the blocks kv head `h` reads out of `t` keys. The last block may be short
+    /// (it ends at `t`); adjacent blocks become one range. A block past `t`, a list out of
+    /// order or a zero block size is an error.
+    pub fn from_blocks(block_size: u32, t: u32, blocks: &[Vec<u32>]) -> Result<Self> {
+        if block_size == 0 {
+            return Err(bad_selection("block size 0".into()));
+        }
+        let n_blocks = t.div_ceil(block_size);
+        let mut ranges = Vec::with_capacity(blocks.len());
+        for (h, list) in blocks.iter().enumerate() {
+            let mut head: Vec<Range<u32>> = Vec::with_capacity(list.len());
+            let mut prev: Option<u32> = None;
+            for &b in list {
+                if b >= n_blocks {
+                    return Err(bad_selection(format!(
+                        "key/value head {h}: block {b} is past the {n_blocks} blocks of {t} keys"
+                    )));
+                }
+                if prev.is_some_and(|p| b <= p) {
+                    return Err(bad_selection(format!(
+                        "key/value head {h}: blocks {list:?} are not strictly ascending"
+                    )));
+                }
+                prev = Some(b);
+                // b < n_blocks, so b * block_size < t and neither bound overflows.
+                let lo = b * block_size;
+                let hi = lo + block_size.min(t - lo);
+                match head.last_mut() {
+                    Some(r) if r.end == lo => r.end = hi,
+                    _ => head.push(lo..hi),
+                }
+            }
+            ranges.push(head);
+        }
+        Ok(Self { ranges })
+    }
+
+    /// The keys both selections read, per head (several selecting hooks in one chain).
+    pub fn intersect(&self, other: &Self) -> Self {
+        let ranges = self
+            .ranges
+            .iter()
+            .zip(&other.ranges)
+            .map(|(a, b)| intersect_ranges(a, b))
+            .collect();
+        Self { ranges }
+    }
+
+    /// Checks the selection against a layer of `n_kv` key/value heads and `t` keys.
+    pub fn check(&self, n_kv: usize, t: usize) -> Result<()> {
+        check_head_keys(&self.ranges, n_kv, t).map_err(bad_selection)
+    }
+}
+
+/// The ranges both sorted, disjoint lists cover.
+fn intersect_ranges(a: &[Range<u32>], b: &[Range<u32>]) -> Vec<Range<u32>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (lo, hi) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if lo < hi {
+            out.push(lo..hi);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// The error of a selection that does not fit the layer: a plug-in's fault.
+fn bad_selection(message: String) -> ModelError {
+    ModelError::Hook {
+        hook: "attention selection".into(),
+        message,
+    }
+}
 
 /// Attention for one row.
 /// `q`: `(L, n_heads, d)` after RoPE; `k`, `v`: `(n_kv, T, d)`; `key_positions`: the
 /// position of each of the `T` keys when a hook selected a subset (`None`: keys are
-/// positions `0..T`); `start`: position of the row's first query.
-/// Returns `(L, n_heads * d)`.
+/// positions `0..T`); `head_keys`: which keys each key/value head reads (`None`: all);
+/// `start`: position of the row's first query. Query `i` of head `h` reads the keys of
+/// `head_keys.ranges[h / group]` at positions up to `start + i`; one that reads no key
+/// gives zeros. Returns `(L, n_heads * d)`.
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -30,62 +135,69 @@ pub(crate) fn attend(
     head_keys: Option<&HeadKeys>,
     start: usize,
 ) -> Result<Tensor> {
+    let (n_kv, t, _) = k.dims3()?;
+    if let Some(p) = key_positions.filter(|p| p.len() != t) {
+        return Err(ModelError::Batch(format!(
+            "{} key positions for {t} keys",
+            p.len()
+        )));
+    }
     if let Some(sel) = head_keys {
-        return attend_gathered(q, k, v, key_positions, sel, start);
+        sel.check(n_kv, t)?;
     }
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
         let op = RowAttention {
             key_positions,
+            head_keys: head_keys.map(|s| s.ranges.as_slice()),
             start,
             path: SimdPath::detect(),
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }
-    attend_ops(q, k, v, key_positions, start)
+    attend_ops(q, k, v, key_positions, head_keys, start)
 }
 
-/// Which of a row's keys each key/value head reads (TEMPORARY until the kernel reads them).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeadKeys {
-    pub ranges: Vec<Vec<std::ops::Range<u32>>>,
-}
-
-fn attend_gathered(
+/// [`attend`] from candle ops, on any device and dtype. With a selection, each key/value head
+/// gathers its keys, values and their positions and runs [`dense_ops`] with its query heads.
+fn attend_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_positions: Option<&[u32]>,
-    sel: &HeadKeys,
+    head_keys: Option<&HeadKeys>,
     start: usize,
 ) -> Result<Tensor> {
+    let Some(sel) = head_keys else {
+        return dense_ops(q, k, v, key_positions, start);
+    };
     let (l, n_heads, d) = q.dims3()?;
-    let n_kv = k.dim(0)?;
-    let group = n_heads / n_kv;
-    let mut outs = Vec::new();
-    for (h, ranges) in sel.ranges.iter().enumerate() {
+    let group = n_heads / sel.ranges.len().max(1);
+    let mut outs = Vec::with_capacity(sel.ranges.len());
+    for (kv, ranges) in sel.ranges.iter().enumerate() {
         let idx: Vec<u32> = ranges.iter().flat_map(|r| r.clone()).collect();
-        let qh = q.narrow(1, h * group, group)?;
         if idx.is_empty() {
             outs.push(Tensor::zeros((l, group * d), q.dtype(), q.device())?);
             continue;
         }
-        let pos: Vec<u32> = idx
-            .iter()
-            .map(|&j| key_positions.map_or(j, |p| p[j as usize]))
-            .collect();
-        let t = Tensor::new(idx.as_slice(), k.device())?;
-        let kh = k.narrow(0, h, 1)?.index_select(&t, 1)?;
-        let vh = v.narrow(0, h, 1)?.index_select(&t, 1)?;
-        outs.push(attend(&qh, &kh, &vh, Some(&pos), None, start)?);
+        let pos: Vec<u32> = match key_positions {
+            Some(p) => idx.iter().map(|&j| p[j as usize]).collect(),
+            None => idx.clone(),
+        };
+        let ids = Tensor::new(idx.as_slice(), k.device())?;
+        // (T, d) rows of one head are contiguous in the cache, as index_select needs.
+        let gather = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.get(kv)?.index_select(&ids, 0)?.unsqueeze(0)?) // (1, |idx|, d)
+        };
+        let qh = q.narrow(1, kv * group, group)?; // (L, group, d)
+        outs.push(dense_ops(&qh, &gather(k)?, &gather(v)?, Some(&pos), start)?);
     }
-    let out = Tensor::stack(&outs, 1)?; // (l, n_kv, group*d)
-    Ok(out.reshape((l, n_heads * d))?)
+    Ok(Tensor::cat(&outs, 1)?)
 }
 
-/// [`attend`] from candle ops: batched matmuls over the key/value heads, an additive mask,
-/// softmax. Runs on any device and dtype.
-fn attend_ops(
+/// Every key of every head from candle ops: batched matmuls over the key/value heads, an
+/// additive mask, softmax; queries that see no key give zeros.
+fn dense_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -103,30 +215,46 @@ fn attend_ops(
         .reshape((n_kv, group * l, d))?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?; // (n_kv, group * L, T)
-    let scores = match causal_mask(l, t, start, key_positions, q.device())? {
+    let mask = causal_mask(l, t, start, key_positions, q.device())?;
+    let scores = match &mask {
         None => scores,
-        Some(mask) => scores
+        Some(m) => scores
             .reshape((n_kv, group, l, t))?
-            .broadcast_add(&mask)?
+            .broadcast_add(&m.additive)?
             .reshape((n_kv, group * l, t))?,
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?; // (n_kv, group * L, d)
+    let out = match mask.and_then(|m| m.seen) {
+        None => out,
+        Some(seen) => out
+            .reshape((n_kv, group, l, d))?
+            .broadcast_mul(&seen.to_dtype(out.dtype())?)?,
+    };
     Ok(out
         .reshape((n_kv, group, l, d))?
         .permute((2, 0, 1, 3))?
         .reshape((l, n_heads * d))?)
 }
 
-/// `(L, T)` additive mask hiding keys after each query's position; `None` when no key is
-/// hidden (a single decode token sees its whole cache).
+/// Masks of [`causal_mask`].
+struct Mask {
+    /// `(L, T)`: 0 for a visible key, `-inf` for a hidden one.
+    additive: Tensor,
+    /// `(L, 1)`: 1 for a query that sees some key, 0 for one that sees none (its mask row is
+    /// left at 0 so that its softmax stays finite); `None` when every query sees a key.
+    seen: Option<Tensor>,
+}
+
+/// Masks hiding keys after each query's position; `None` when no key is hidden (a single
+/// decode token sees its whole cache).
 fn causal_mask(
     l: usize,
     t: usize,
     start: usize,
     key_positions: Option<&[u32]>,
     device: &Device,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<Mask>> {
     let key_pos = |j: usize| key_positions.map_or(j, |p| p[j] as usize);
     // Query i sits at position start + i; if the first query sees every key, all do.
     let max_key = (0..t).map(key_pos).max().unwrap_or(0);
@@ -134,20 +262,27 @@ fn causal_mask(
         return Ok(None);
     }
     let mut mask = vec![0f32; l * t];
-    for i in 0..l {
-        for j in 0..t {
+    let mut seen = vec![1f32; l];
+    for (i, row) in mask.chunks_exact_mut(t).enumerate() {
+        if (0..t).all(|j| key_pos(j) > start + i) {
+            seen[i] = 0.0;
+            continue;
+        }
+        for (j, m) in row.iter_mut().enumerate() {
             if key_pos(j) > start + i {
-                mask[i * t + j] = f32::NEG_INFINITY;
+                *m = f32::NEG_INFINITY;
             }
         }
     }
-    Ok(Some(Tensor::from_vec(mask, (l, t), device)?))
-}
-
-/// Sum over the last dim, used only by tests to check probabilities.
-#[cfg(test)]
-fn row_sums(x: &Tensor) -> Result<Vec<f32>> {
-    Ok(x.sum(D::Minus1)?.flatten_all()?.to_vec1()?)
+    let seen = if seen.contains(&0.0) {
+        Some(Tensor::from_vec(seen, (l, 1), device)?)
+    } else {
+        None
+    };
+    Ok(Some(Mask {
+        additive: Tensor::from_vec(mask, (l, t), device)?,
+        seen,
+    }))
 }
 
 #[cfg(test)]
@@ -168,39 +303,65 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
-    /// Reference: repeat kv heads, full attention with an explicit loop over heads; key `j`
-    /// sits at `key_positions[j]` (or `j`) and is hidden from queries before it.
+    /// Reference, in f64 with plain loops: query `i` of head `h` reads the keys of
+    /// `head_keys` (all without one) of kv head `h / group` whose position (`key_positions[j]`
+    /// or `j`) is at most `start + i`; no such key gives zeros.
     fn reference(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         key_positions: Option<&[u32]>,
+        head_keys: Option<&HeadKeys>,
         start: usize,
     ) -> Result<Tensor> {
         let (l, h, d) = q.dims3()?;
         let (n_kv, t, _) = k.dims3()?;
+        let (q, k, v) = (
+            q.to_vec3::<f32>()?,
+            k.to_vec3::<f32>()?,
+            v.to_vec3::<f32>()?,
+        );
         let key_pos = |j: usize| key_positions.map_or(j, |p| p[j] as usize);
-        let mut outs = Vec::new();
-        for head in 0..h {
-            let kv = head / (h / n_kv);
-            let qh = q.narrow(1, head, 1)?.squeeze(1)?; // (L, d)
-            let kh = k.narrow(0, kv, 1)?.squeeze(0)?; // (T, d)
-            let vh = v.narrow(0, kv, 1)?.squeeze(0)?;
-            let s = (qh.matmul(&kh.t()?)? / (d as f64).sqrt())?;
-            let mut m = vec![0f32; l * t];
-            for i in 0..l {
-                for j in 0..t {
-                    if key_pos(j) > start + i {
-                        m[i * t + j] = f32::NEG_INFINITY;
-                    }
+        let mut out = vec![0f32; l * h * d];
+        for (i, o) in out.chunks_exact_mut(h * d).enumerate() {
+            for (head, o) in o.chunks_exact_mut(d).enumerate() {
+                let kv = head / (h / n_kv);
+                let keys: Vec<usize> = match head_keys {
+                    None => (0..t).collect(),
+                    Some(s) => s.ranges[kv]
+                        .iter()
+                        .flat_map(|r| r.clone())
+                        .map(|j| j as usize)
+                        .collect(),
+                };
+                let keys: Vec<usize> = keys
+                    .into_iter()
+                    .filter(|&j| key_pos(j) <= start + i)
+                    .collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let dot = |j: usize| -> f64 {
+                    let s: f64 = (0..d)
+                        .map(|c| q[i][head][c] as f64 * k[kv][j][c] as f64)
+                        .sum();
+                    s / (d as f64).sqrt()
+                };
+                let scores: Vec<f64> = keys.iter().map(|&j| dot(j)).collect();
+                let m = scores.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                let p: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = p.iter().sum();
+                for (c, o) in o.iter_mut().enumerate() {
+                    let x: f64 = keys
+                        .iter()
+                        .zip(&p)
+                        .map(|(&j, p)| p * v[kv][j][c] as f64)
+                        .sum();
+                    *o = (x / sum) as f32;
                 }
             }
-            let s = (s + Tensor::from_vec(m, (l, t), &Device::Cpu)?)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?;
-            assert!(row_sums(&p)?.iter().all(|x| (x - 1.0).abs() < 1e-5));
-            outs.push(p.matmul(&vh.contiguous()?)?); // (L, d)
         }
-        Ok(Tensor::stack(&outs, 1)?.reshape((l, h * d))?)
+        Ok(Tensor::from_vec(out, (l, h * d), &Device::Cpu)?)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -214,11 +375,11 @@ mod tests {
             let q = randn(&[l, 6, 8], 1);
             let k = randn(&[2, t, 8], 2);
             let v = randn(&[2, t, 8], 3);
-            let want = reference(&q, &k, &v, None, start)?;
+            let want = reference(&q, &k, &v, None, None, start)?;
             let ours = attend(&q, &k, &v, None, None, start)?;
             let diff = max_diff(&ours, &want)?;
             assert!(diff < 1e-5, "L={l} start={start} diff={diff}");
-            let ops = attend_ops(&q, &k, &v, None, start)?;
+            let ops = attend_ops(&q, &k, &v, None, None, start)?;
             let diff = max_diff(&ops, &want)?;
             assert!(diff < 1e-5, "candle ops: L={l} start={start} diff={diff}");
         }
@@ -246,7 +407,7 @@ mod tests {
                 // Keys at 0..T: the row's queries are the last L positions (or, with fewer
                 // keys than queries, start at 0); and a row that sees every key.
                 for start in [t.saturating_sub(l), t + 2] {
-                    let want = reference(&q, &k, &v, None, start)?;
+                    let want = reference(&q, &k, &v, None, None, start)?;
                     let ours = attend(&q, &k, &v, None, None, start)?;
                     let diff = max_diff(&ours, &want)?;
                     assert!(diff < 1e-5, "L={l} T={t} start={start} diff={diff}");
@@ -254,13 +415,13 @@ mod tests {
                 // A hook kept every other position of a 2T cache, plus the row's own.
                 let keep: Vec<u32> = (0..t as u32).map(|j| 2 * j).collect();
                 let start = (2 * t).saturating_sub(l + 1);
-                let want = reference(&q, &k, &v, Some(&keep), start)?;
+                let want = reference(&q, &k, &v, Some(&keep), None, start)?;
                 let ours = attend(&q, &k, &v, Some(&keep), None, start)?;
                 let diff = max_diff(&ours, &want)?;
                 assert!(diff < 1e-5, "L={l} T={t} kept diff={diff}");
                 // The same positions out of order (the kernel then masks key by key).
                 let shuffled: Vec<u32> = keep.iter().rev().copied().collect();
-                let want = reference(&q, &k, &v, Some(&shuffled), start)?;
+                let want = reference(&q, &k, &v, Some(&shuffled), None, start)?;
                 let ours = attend(&q, &k, &v, Some(&shuffled), None, start)?;
                 let diff = max_diff(&ours, &want)?;
                 assert!(diff < 1e-5, "L={l} T={t} unsorted diff={diff}");
@@ -278,9 +439,267 @@ mod tests {
         let k = randn(&[n_kv, d, t], 6).transpose(1, 2)?;
         let v = cache_view(n_kv, t, d, 7)?;
         let start = t - l;
-        let want = reference(&q, &k, &v, None, start)?;
+        let want = reference(&q, &k, &v, None, None, start)?;
         let diff = max_diff(&attend(&q, &k, &v, None, None, start)?, &want)?;
         assert!(diff < 1e-5, "diff={diff}");
+        Ok(())
+    }
+
+    /// Per kv head selections over `t` keys that exercise the kernel's edges: 64-key blocks
+    /// (every other one, the first and the clipped last, none), ranges of odd lengths at odd
+    /// places (so a range starts at an odd place of the score row), everything.
+    fn selections(n_kv: usize, t: usize) -> Result<Vec<HeadKeys>> {
+        let t32 = t as u32;
+        let n_blocks = t32.div_ceil(64);
+        let per_head = |h: usize| -> Vec<u32> {
+            match h % 3 {
+                0 => (0..n_blocks).filter(|b| b % 2 == 1).collect(),
+                1 => [0, n_blocks - 1]
+                    .into_iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                _ => vec![],
+            }
+        };
+        let blocks: Vec<Vec<u32>> = (0..n_kv).map(per_head).collect();
+        let odd: Vec<Vec<std::ops::Range<u32>>> = (0..n_kv)
+            .map(|h| {
+                [1..4, 5..6, 9..16, 17..40, 41..t32]
+                    .into_iter()
+                    .map(|r| r.start + h as u32..r.end.min(t32))
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            })
+            .collect();
+        Ok(vec![
+            HeadKeys::from_blocks(64, t32, &blocks)?,
+            HeadKeys { ranges: odd },
+            HeadKeys::all(n_kv, t32),
+        ])
+    }
+
+    /// Key positions a row may come with: none (key j at j), every other position of a 2T
+    /// cache (sorted), and the same positions reversed (any order); with the row's `start`.
+    fn position_cases(t: usize, l: usize) -> Vec<(Option<Vec<u32>>, usize)> {
+        let keep: Vec<u32> = (0..t as u32).map(|j| 2 * j).collect();
+        let shuffled: Vec<u32> = keep.iter().rev().copied().collect();
+        let start = (2 * t).saturating_sub(l + 1);
+        vec![
+            (None, t.saturating_sub(l)),
+            (None, 0),
+            (Some(keep.clone()), start),
+            (Some(keep), t / 2),
+            (Some(shuffled), start),
+        ]
+    }
+
+    fn bits(x: &Tensor) -> Result<Vec<u32>> {
+        Ok(x.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect())
+    }
+
+    /// Selecting every key changes no bit, for any key positions and head dimension.
+    #[test]
+    fn head_keys_all_equals_dense_bit_for_bit() -> Result<()> {
+        for (n_heads, n_kv, d) in [(9, 3, 64), (6, 2, 23)] {
+            for (l, t) in [(1usize, 1usize), (1, 200), (3, 64), (17, 130)] {
+                let k = cache_view(n_kv, t, d, 2)?;
+                let v = cache_view(n_kv, t, d, 3)?;
+                let q = (randn(&[l, n_heads, d], 1) * 8.0)?;
+                let all = HeadKeys::all(n_kv, t as u32);
+                for (pos, start) in position_cases(t, l) {
+                    let dense = attend(&q, &k, &v, pos.as_deref(), None, start)?;
+                    let sel = attend(&q, &k, &v, pos.as_deref(), Some(&all), start)?;
+                    assert_eq!(
+                        bits(&sel)?,
+                        bits(&dense)?,
+                        "d={d} L={l} T={t} start={start}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A selection gives the bits of the kernel without one run on the gathered keys, values
+    /// and positions, one kv head at a time with its query heads.
+    #[test]
+    fn selection_equals_dense_on_gathered_keys() -> Result<()> {
+        for (n_heads, n_kv, d) in [(9, 3, 64), (6, 2, 23)] {
+            let group = n_heads / n_kv;
+            for (l, t) in [(1usize, 200usize), (1, 1), (3, 64), (17, 130)] {
+                let k = cache_view(n_kv, t, d, 2)?;
+                let v = cache_view(n_kv, t, d, 3)?;
+                let q = (randn(&[l, n_heads, d], 1) * 8.0)?;
+                for sel in selections(n_kv, t)? {
+                    for (pos, start) in position_cases(t, l) {
+                        let ours = attend(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
+                        let mut want = Vec::new();
+                        for (kv, ranges) in sel.ranges.iter().enumerate() {
+                            let idx: Vec<u32> = ranges.iter().flat_map(|r| r.clone()).collect();
+                            let gathered: Vec<u32> = match &pos {
+                                Some(p) => idx.iter().map(|&j| p[j as usize]).collect(),
+                                None => idx.clone(),
+                            };
+                            let ids = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+                            let gather = |x: &Tensor| -> Result<Tensor> {
+                                Ok(x.get(kv)?.index_select(&ids, 0)?.unsqueeze(0)?)
+                            };
+                            let qh = q.narrow(1, kv * group, group)?;
+                            want.push(attend(
+                                &qh,
+                                &gather(&k)?,
+                                &gather(&v)?,
+                                Some(&gathered),
+                                None,
+                                start,
+                            )?);
+                        }
+                        let want = Tensor::cat(&want, 1)?;
+                        assert_eq!(
+                            bits(&ours)?,
+                            bits(&want)?,
+                            "d={d} L={l} T={t} start={start} {sel:?}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel and the candle-op path against the f64 reference with per-head selections:
+    /// prefill chunks and decode rows, with and without key positions, queries that see no
+    /// selected key (zeros), the default model's heads and an odd head dimension.
+    #[test]
+    fn selection_matches_reference() -> Result<()> {
+        for (n_heads, n_kv, d) in [(9, 3, 64), (6, 2, 23)] {
+            for (l, t) in [(1usize, 700usize), (1, 5), (4, 64), (17, 130)] {
+                let k = cache_view(n_kv, t, d, 4)?;
+                let v = cache_view(n_kv, t, d, 5)?;
+                let q = (randn(&[l, n_heads, d], 6) * 8.0)?;
+                for sel in selections(n_kv, t)? {
+                    for (pos, start) in position_cases(t, l) {
+                        let want = reference(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
+                        let ours = attend(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
+                        let ops = attend_ops(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
+                        for (what, got) in [("kernel", ours), ("candle ops", ops)] {
+                            let diff = max_diff(&got, &want)?;
+                            assert!(
+                                diff < 1e-5,
+                                "{what}: d={d} L={l} T={t} start={start} diff={diff} {sel:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queries placed before every selected key read nothing and give exactly zero, on both
+    /// paths, while later queries of the same chunk read their keys.
+    #[test]
+    fn query_seeing_no_selected_key_gives_zeros() -> Result<()> {
+        let (l, n_heads, n_kv, d, t) = (8, 9, 3, 64, 8);
+        let k = cache_view(n_kv, t, d, 2)?;
+        let v = cache_view(n_kv, t, d, 3)?;
+        let q = randn(&[l, n_heads, d], 1);
+        // kv head 0 reads keys 5..8: queries 0..5 (positions 0..5) see none of them.
+        let sel = HeadKeys {
+            ranges: vec![vec![5..8], vec![0..8], vec![]],
+        };
+        let want = reference(&q, &k, &v, None, Some(&sel), 0)?;
+        for got in [
+            attend(&q, &k, &v, None, Some(&sel), 0)?,
+            attend_ops(&q, &k, &v, None, Some(&sel), 0)?,
+        ] {
+            let rows = got.to_vec2::<f32>()?;
+            for (i, row) in rows.iter().enumerate() {
+                assert_eq!(row[..3 * d].iter().all(|&x| x == 0.0), i < 5, "query {i}");
+                assert!(
+                    row[6 * d..].iter().all(|&x| x == 0.0),
+                    "kv head 2 reads nothing"
+                );
+            }
+            assert!(max_diff(&got, &want)? < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn from_blocks_clips_the_last_block_and_merges_neighbours() -> Result<()> {
+        let sel = HeadKeys::from_blocks(64, 200, &[vec![0, 1, 3], vec![2], vec![]])?;
+        assert_eq!(
+            sel.ranges,
+            vec![vec![0..128, 192..200], vec![128..192], vec![]]
+        );
+        assert_eq!(HeadKeys::all(2, 5).ranges, vec![vec![0..5], vec![0..5]]);
+        assert_eq!(
+            HeadKeys::all(1, 0).ranges,
+            vec![Vec::<std::ops::Range<u32>>::new()]
+        );
+        Ok(())
+    }
+
+    /// Selections that do not fit the layer are errors from the constructor or from
+    /// [`attend`], never a panic or a read past the cache, on every path.
+    #[test]
+    fn bad_selections_are_errors() -> Result<()> {
+        assert!(
+            HeadKeys::from_blocks(64, 200, &[vec![4]]).is_err(),
+            "block past T"
+        );
+        assert!(
+            HeadKeys::from_blocks(64, 200, &[vec![2, 1]]).is_err(),
+            "unsorted"
+        );
+        assert!(
+            HeadKeys::from_blocks(64, 200, &[vec![1, 1]]).is_err(),
+            "repeated"
+        );
+        assert!(
+            HeadKeys::from_blocks(0, 200, &[vec![0]]).is_err(),
+            "block size 0"
+        );
+        assert!(HeadKeys::from_blocks(64, u32::MAX, &[vec![u32::MAX / 64]]).is_ok());
+        let (l, n_heads, n_kv, d, t) = (2, 6, 2, 16, 10);
+        let k = cache_view(n_kv, t, d, 2)?;
+        let v = cache_view(n_kv, t, d, 3)?;
+        let q = randn(&[l, n_heads, d], 1);
+        let ok: Vec<std::ops::Range<u32>> = std::iter::once(0..3).collect();
+        let bad: [Vec<Vec<std::ops::Range<u32>>>; 6] = [
+            vec![ok.clone(), vec![8..11]],      // past T
+            vec![ok.clone(), vec![5..7, 1..3]], // unsorted
+            vec![ok.clone(), vec![1..5, 4..7]], // overlapping
+            vec![ok.clone(), vec![4..4]],       // empty range
+            vec![ok.clone()],                   // too few heads
+            vec![ok.clone(), ok.clone(), ok],   // too many
+        ];
+        for ranges in bad {
+            let sel = HeadKeys { ranges };
+            let err = attend(&q, &k, &v, None, Some(&sel), t - l);
+            assert!(
+                matches!(err, Err(ModelError::Hook { .. })),
+                "{sel:?}: {err:?}"
+            );
+            // The kernel checks on its own too.
+            let op = RowAttention {
+                key_positions: None,
+                head_keys: Some(&sel.ranges),
+                start: t - l,
+                path: SimdPath::detect(),
+            };
+            assert!(q.apply_op3_no_bwd(&k, &v, &op).is_err(), "{sel:?}");
+        }
+        assert!(
+            attend(&q, &k, &v, Some(&[0, 1]), None, t - l).is_err(),
+            "short positions"
+        );
         Ok(())
     }
 
@@ -318,7 +737,7 @@ mod tests {
             let q = randn(&[l, n_heads, d], 1);
             let start = t - l;
             let reps = if l * t > 10_000 { 5 } else { 50 };
-            let ops = best_of(&|| attend_ops(&q, &k, &v, None, start), reps)?;
+            let ops = best_of(&|| attend_ops(&q, &k, &v, None, None, start), reps)?;
             let ours = best_of(&|| attend(&q, &k, &v, None, None, start), reps)?;
             println!(
                 "L={l:4} T={t:5}: candle ops {ops:9.1} us, kernel {ours:9.1} us, x{:.2}",
@@ -354,12 +773,99 @@ mod tests {
                 Ok(best * 1e6)
             };
             let base = per_token(&|_, _| Ok(q.clone()))?;
-            let ops = per_token(&|k, v| attend_ops(&q, k, v, None, t - 1))? - base;
+            let ops = per_token(&|k, v| attend_ops(&q, k, v, None, None, t - 1))? - base;
             let ours = per_token(&|k, v| attend(&q, k, v, None, None, t - 1))? - base;
             println!(
                 "30 layers, cold, T={t:5}: candle ops {ops:7.0} us, kernel {ours:7.0} us per token"
             );
         }
         Ok(())
+    }
+
+    /// Block-sparse decode against dense on the default model's shapes: one decode row at
+    /// depth T = 2048 and 8192, every key, or 1/8 or 1/4 of the 64-key blocks of each kv
+    /// head (spread over the row, a different offset per head). "hot": one layer called
+    /// again and again; "cold": 30 layers, each with its own cache and weights streamed
+    /// between them, as the model runs them. Medians of 15 runs (`CANDLE_NUM_THREADS=1` for
+    /// figures that a loaded host does not swamp with thread wake-ups):
+    /// `cargo test --release -p models --lib block_sparse_decode_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn block_sparse_decode_timing() -> Result<()> {
+        let (n_heads, n_kv, d) = (9, 3, 64);
+        let median_us = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            let mut runs = Vec::new();
+            for _ in 0..15 {
+                let t0 = std::time::Instant::now();
+                f()?;
+                runs.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            runs.sort_by(f64::total_cmp);
+            Ok(runs[runs.len() / 2])
+        };
+        let q = randn(&[1, n_heads, d], 1);
+        // ~3 MB of weights streamed between layers, as in `attention_timing`, so that each
+        // layer's keys come from L3 or memory; its own time is subtracted.
+        let weights: Vec<f32> = vec![1.0; 3 << 18];
+        let stream = || weights.iter().sum::<f32>();
+        let base = median_us(&|| {
+            for _ in 0..30 {
+                assert!(stream() > 0.0);
+            }
+            Ok(())
+        })?;
+        for t in [2048usize, 8192] {
+            let caches: Vec<(Tensor, Tensor)> = (0..30)
+                .map(|s| {
+                    Ok((
+                        cache_view(n_kv, t, d, 2 * s)?,
+                        cache_view(n_kv, t, d, 2 * s + 1)?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            let n_blocks = (t / 64) as u32;
+            let every = |n: u32| -> Result<HeadKeys> {
+                let blocks: Vec<Vec<u32>> = (0..n_kv as u32)
+                    .map(|h| (0..n_blocks).filter(|b| b % n == h % n).collect())
+                    .collect();
+                HeadKeys::from_blocks(64, t as u32, &blocks)
+            };
+            let cases = [
+                ("dense", None),
+                ("1/4", Some(every(4)?)),
+                ("1/8", Some(every(8)?)),
+            ];
+            let mut line = format!("decode T={t:5}:");
+            for (name, sel) in &cases {
+                let (k, v) = &caches[0];
+                let hot = median_us(&|| {
+                    for _ in 0..10 {
+                        attend(&q, k, v, None, sel.as_ref(), t - 1)?;
+                    }
+                    Ok(())
+                })? / 10.0;
+                let cold = median_us(&|| {
+                    for (k, v) in &caches {
+                        assert!(stream() > 0.0);
+                        attend(&q, k, v, None, sel.as_ref(), t - 1)?;
+                    }
+                    Ok(())
+                })? - base;
+                line += &format!("  {name}: hot {hot:6.1} us/layer, cold {cold:7.0} us/30 layers;");
+            }
+            println!("{line}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn intersection_keeps_what_both_selections_read() {
+        let a = HeadKeys {
+            ranges: vec![vec![0..10, 20..30], vec![0..4]],
+        };
+        let b = HeadKeys {
+            ranges: vec![vec![5..25], vec![4..8]],
+        };
+        assert_eq!(a.intersect(&b).ranges, vec![vec![5..10, 20..25], vec![]]);
     }
 }

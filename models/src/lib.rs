@@ -16,7 +16,6 @@ mod hook_plan;
 pub mod hook_state;
 pub mod hooks;
 pub mod kernels;
-mod key_selection;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
@@ -28,6 +27,7 @@ pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
 
+pub use attention::HeadKeys;
 pub use batch::{BatchRow, LogitsWanted};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};

@@ -17,7 +17,6 @@ use crate::error::{ModelError, Result};
 use crate::hook_plan::{plan, PlannedGroup};
 use crate::hook_state::ChainState;
 use crate::hooks::{Exit, HookPoints, Projection};
-use crate::key_selection::{self, HeadRanges};
 use crate::kv_cache::KvCache;
 use crate::linear::{ActivationQuantization, Linear};
 use crate::loader::{LayerWeight, WeightName, WeightSource};
@@ -468,7 +467,8 @@ impl<'a> Step<'a> {
     }
 
     /// The keys row `r` reads in layer `l`, per key/value head, as its attention hooks chose
-    /// them from the row's pre-RoPE queries and keys `pre`; `None` for every key.
+    /// them from the row's pre-RoPE queries and keys `pre` (several hooks: what all of them
+    /// chose); `None` for every key.
     fn selected_keys(
         &self,
         l: usize,
@@ -478,7 +478,7 @@ impl<'a> Step<'a> {
     ) -> Result<Option<HeadKeys>> {
         let row = &self.rows[r];
         let n_kv = pre.1.dim(1)?;
-        let mut selected: Option<HeadRanges> = None;
+        let mut selected: Option<HeadKeys> = None;
         for (p, call) in row.hooks.iter().enumerate() {
             if !call.hook.points().attention {
                 continue;
@@ -492,13 +492,17 @@ impl<'a> Step<'a> {
             else {
                 continue;
             };
-            let ranges = key_selection::ranges(call.hook.name(), &blocks, n_kv, slots)?;
+            let named = |e: ModelError| hook_error(call.hook.name(), e.to_string());
+            let size = u32::try_from(blocks.block_size).unwrap_or(u32::MAX);
+            let keys = HeadKeys::from_blocks(size, slots as u32, &blocks.per_kv_head)
+                .and_then(|keys| keys.check(n_kv, slots).map(|()| keys))
+                .map_err(named)?;
             selected = Some(match selected {
-                None => ranges,
-                Some(prev) => key_selection::intersect(&prev, &ranges),
+                None => keys,
+                Some(prev) => prev.intersect(&keys),
             });
         }
-        Ok(selected.map(|ranges| HeadKeys { ranges }))
+        Ok(selected)
     }
 
     fn embedding_hooks(&self, mut x: Tensor) -> Result<Tensor> {
