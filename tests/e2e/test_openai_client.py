@@ -84,3 +84,28 @@ def test_completions_echo_scores_the_prompt(client):
     assert lp.token_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.prompt_tokens
+
+
+def test_n_choices_share_one_prefill_and_each_equals_its_own_request(client, server):
+    """`n` choices fork off one prefill of their prompt (the engine copies the cache); each
+    samples with seed + its index, so each equals the n = 1 request with that seed."""
+    import re
+    import requests
+
+    def step_tokens():
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        return float(re.search(r"^graft_engine_step_tokens_sum (\S+)$", text, re.M).group(1))
+
+    kwargs = dict(model=MODEL_ID, messages=CAPITAL, max_tokens=12, temperature=1.0)
+    before = step_tokens()
+    r = client.chat.completions.create(n=3, seed=40, **kwargs)
+    fed = step_tokens() - before
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    prompt = r.usage.prompt_tokens
+    # Each choice feeds every sampled token but its last; the prompt went in once.
+    fed_tokens = r.usage.completion_tokens - 3
+    assert fed == prompt + fed_tokens, (fed, prompt, r.usage)
+    for i, text in enumerate(texts):
+        alone = client.chat.completions.create(n=1, seed=40 + i, **kwargs).choices[0].message.content
+        assert alone == text, (i, alone, text)
+    assert len(set(texts)) > 1, texts
