@@ -9,7 +9,9 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use models::hooks::NoOpHook;
+use models::loader::gguf::GgufSource;
 use models::loader::load_model;
+use models::loader::safetensors::SafetensorsSource;
 use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, BatchRow, HookCall, Llama, LogitsWanted};
 
@@ -258,6 +260,21 @@ fn loader_built_equals_in_memory() {
                 "{arch:?} {}",
                 path.display()
             );
+        }
+        // The same files read into memory first (as plug-ins read theirs) load the same model.
+        let gguf = dir.path().join("m.gguf");
+        let bytes = std::fs::read(&gguf).expect("read gguf");
+        let mut src = GgufSource::from_bytes(bytes, &gguf, &dev).expect("gguf bytes");
+        let from_gguf = Llama::load(&mut src, MAX_POS).expect("load gguf bytes");
+        let st = dir.path().join("hf/model.safetensors");
+        let bytes = std::fs::read(&st).expect("read safetensors");
+        let mut src = SafetensorsSource::from_bytes(tiny.config.clone(), bytes, &st, &dev)
+            .expect("safetensors bytes");
+        let from_st = Llama::load(&mut src, MAX_POS).expect("load safetensors bytes");
+        for loaded in [from_gguf, from_st] {
+            assert_eq!(loaded.config, tiny.config);
+            let got = run_chunks(&loaded, &toks, &[12], &[]);
+            assert_eq!(max_diff(&got, &reference), 0.0, "{arch:?} from bytes");
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -24,9 +24,13 @@ use crate::error::{candle_message, ModelError, Result};
 use crate::linear::Linear;
 use crate::loader::LayerWeight;
 
+/// What a GGUF source reads from: a file or bytes in memory.
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
 pub struct GgufSource {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: Box<dyn ReadSeek>,
     content: Content,
     config: ModelConfig,
     device: Device,
@@ -37,7 +41,16 @@ pub struct GgufSource {
 impl GgufSource {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let mut reader = BufReader::new(file);
+        Self::from_reader(Box::new(BufReader::new(file)), path, device)
+    }
+
+    /// A GGUF file already read into memory (a plug-in's file, read through its own
+    /// confinement and size checks); `path` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path, device: &Device) -> Result<Self> {
+        Self::from_reader(Box::new(Cursor::new(bytes)), path, device)
+    }
+
+    fn from_reader(mut reader: Box<dyn ReadSeek>, path: &Path, device: &Device) -> Result<Self> {
         // candle panics on some malformed headers; it only sees files that pass this walk.
         check_gguf_reader(&mut reader).map_err(|error| ModelError::Gguf {
             path: path.to_path_buf(),
@@ -223,7 +236,7 @@ fn as_f32(v: &Value, key: &str) -> Result<f32> {
     }
 }
 
-fn read_config(c: &Content, reader: &mut BufReader<File>, path: &Path) -> Result<ModelConfig> {
+fn read_config(c: &Content, reader: &mut Box<dyn ReadSeek>, path: &Path) -> Result<ModelConfig> {
     let arch_name = metadata_str(c, "general.architecture")?.to_string();
     let architecture = Architecture::parse(&arch_name)?;
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -288,7 +301,7 @@ fn read_config(c: &Content, reader: &mut BufReader<File>, path: &Path) -> Result
     Ok(config)
 }
 
-fn read_rope_factors(c: &Content, reader: &mut BufReader<File>, path: &Path) -> Result<Vec<f32>> {
+fn read_rope_factors(c: &Content, reader: &mut Box<dyn ReadSeek>, path: &Path) -> Result<Vec<f32>> {
     let t = c
         .tensor(reader, "rope_freqs.weight", &Device::Cpu)
         .map_err(|e| ModelError::Parse {

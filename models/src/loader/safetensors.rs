@@ -42,6 +42,28 @@ impl SafetensorsSource {
         })
     }
 
+    /// A single-file checkpoint already read into memory (a plug-in's weights, read through
+    /// its own confinement and size checks), with its parsed config; `path` names it in errors.
+    pub fn from_bytes(
+        config: ModelConfig,
+        bytes: Vec<u8>,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let st = BufferedSafetensors::new(bytes).map_err(|e| parse_error(path, e))?;
+        let index = st
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| (name, path.to_path_buf()))
+            .collect();
+        Ok(Self {
+            config,
+            device: device.clone(),
+            index,
+            loaded: Some((path.to_path_buf(), st)),
+        })
+    }
+
     /// Loads `name` as f32 on the device and checks its shape.
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let shard = self
