@@ -117,11 +117,20 @@ impl PlannedGroup<'_> {
         })
     }
 
-    /// `x` with the group's entries replaced by `new` (`old` = `self.gather(x)`).
-    pub fn replace(&self, x: &Tensor, old: &Tensor, new: &Tensor) -> Result<Tensor> {
-        Ok(match &self.index {
-            None => new.clone(),
-            Some(idx) => x.index_add(idx, &(new - old)?, 0)?,
-        })
+    /// `x` with the group's entries replaced by `new`, exactly: every entry is copied from
+    /// either `x` or `new` (adding `new - old` would round, so a row's result would depend on
+    /// whether its group held every row of the step).
+    pub fn replace(&self, x: &Tensor, new: &Tensor) -> Result<Tensor> {
+        let Some(idx) = &self.index else {
+            return Ok(new.clone());
+        };
+        let n = x.dim(0)?;
+        // Entry i of the result is row source[i] of [x; new].
+        let mut source: Vec<u32> = (0..n as u32).collect();
+        for (j, i) in idx.to_vec1::<u32>()?.into_iter().enumerate() {
+            source[i as usize] = (n + j) as u32;
+        }
+        let source = Tensor::new(source.as_slice(), x.device())?;
+        Ok(Tensor::cat(&[x, new], 0)?.index_select(&source, 0)?)
     }
 }

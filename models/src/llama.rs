@@ -517,7 +517,7 @@ impl<'a> Step<'a> {
         for g in &groups {
             let old = g.gather(&x)?;
             if let Some(new) = g.hook.embeddings(&g.group, &old)? {
-                x = g.replace(&x, &old, &new)?;
+                x = g.replace(&x, &new)?;
             }
         }
         Ok(x)
@@ -527,7 +527,7 @@ impl<'a> Step<'a> {
         for g in &self.residual {
             let old = g.gather(&x)?;
             if let Some(new) = g.hook.residual(l, &g.group, &old)? {
-                x = g.replace(&x, &old, &new)?;
+                x = g.replace(&x, &new)?;
             }
         }
         Ok(x)
@@ -637,7 +637,7 @@ impl<'a> Step<'a> {
         for g in plan(self.rows, &rows, &lengths, |p| p.logits, &self.device)? {
             let old = g.gather(&logits)?;
             if let Some(new) = g.hook.logits(&g.group, &old)? {
-                logits = g.replace(&logits, &old, &new)?;
+                logits = g.replace(&logits, &new)?;
             }
         }
         let mut offset = 0;

@@ -396,3 +396,60 @@ fn a_verification_row_after_drafts_equals_one_token_steps_bit_for_bit() {
         assert_eq!(bits(&got), bits(want), "draft {i}");
     }
 }
+
+/// Replaces the residual stream after every layer and the logits with affine maps of them.
+struct Rescale;
+
+impl Hook for Rescale {
+    fn name(&self) -> &str {
+        "rescale"
+    }
+    fn points(&self) -> HookPoints {
+        HookPoints {
+            residual: true,
+            logits: true,
+            ..Default::default()
+        }
+    }
+    fn residual(&self, _: usize, _: &HookGroup<'_>, h: &Tensor) -> models::Result<Option<Tensor>> {
+        Ok(Some(h.affine(1.01, 0.003)?))
+    }
+    fn logits(&self, _: &HookGroup<'_>, z: &Tensor) -> models::Result<Option<Tensor>> {
+        Ok(Some(z.affine(0.9, 0.1)?))
+    }
+}
+
+#[test]
+fn regression_a_replacing_hook_among_rows_without_it_equals_itself_alone_bit_for_bit() {
+    // Replacements were written back as `x + (new - old)`, which rounds: a row's result then
+    // depended on whether its group held every row of the step.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = quantized_model(dir.path());
+    let hooked = [HookCall::bare(Arc::new(Rescale))];
+    let (ta, tb) = (tokens(7, 13), tokens(5, 14));
+    let mut alone = m.new_cache();
+    let want = step(&m, &mut alone, &ta, &hooked, LogitsWanted::All).expect("logits");
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    let mut batch = [
+        BatchRow {
+            seq_id: 1,
+            tokens: &tb,
+            cache: &mut b,
+            hooks: &[],
+            logits: LogitsWanted::All,
+        },
+        BatchRow {
+            seq_id: 2,
+            tokens: &ta,
+            cache: &mut a,
+            hooks: &hooked,
+            logits: LogitsWanted::All,
+        },
+    ];
+    let got = m
+        .forward(&mut batch)
+        .expect("batch")
+        .remove(1)
+        .expect("logits");
+    assert_eq!(bits(&got), bits(&want));
+}
