@@ -15,6 +15,7 @@ use crate::controller::SteeringController;
 use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
 use crate::lora::LoraAdapter;
+use crate::memory::MemoryDecoder;
 use crate::plugin::Plugin;
 use crate::steer::SteeringVector;
 
@@ -30,6 +31,7 @@ pub enum PluginKind {
     Lora,
     Steer,
     Controller,
+    Memory,
 }
 
 /// Reads a plug-in of one kind from `path` (already resolved and confined) through `files`
@@ -48,7 +50,7 @@ pub struct KindInfo {
 
 /// Every kind, in [`PluginKind`] declaration order (`KINDS[k as usize].kind == k`, which a
 /// test keeps true).
-pub const KINDS: [KindInfo; 3] = [
+pub const KINDS: [KindInfo; 4] = [
     KindInfo {
         kind: PluginKind::Lora,
         name: "lora",
@@ -71,6 +73,13 @@ pub const KINDS: [KindInfo; 3] = [
         load: |name, path, base, files| {
             Ok(Arc::new(SteeringController::load(name, path, base, files)?))
         },
+    },
+    KindInfo {
+        kind: PluginKind::Memory,
+        name: "memory",
+        description: "a memory decoder: a small LM mixed into the next-token distribution \
+                      (config.json with a graft block + model.safetensors or model.gguf)",
+        load: |name, path, base, files| Ok(Arc::new(MemoryDecoder::load(name, path, base, files)?)),
     },
 ];
 
@@ -173,7 +182,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown plug-in type `dora` (known: lora, steer, controller)"
+            "unknown plug-in type `dora` (known: lora, steer, controller, memory)"
         );
         assert!(serde_json::from_value::<PluginKind>(serde_json::json!(3)).is_err());
     }

@@ -8,7 +8,7 @@
 //! into a [`Chain`]: the per-row hook calls the engine hands to the forward pass, plus what
 //! the response echoes back.
 //!
-//! Each kind is one folder (`lora`, `steer`, `controller`: hook, file format, parameters,
+//! Each kind is one folder (`lora`, `steer`, `controller`, `memory`: hook, file format, parameters,
 //! trainer, evaluation) and one row of [`KINDS`], the table every kind is named in.
 //!
 //! Where it sits: the HTTP layer resolves chains during validation (so every failure is a
@@ -23,6 +23,7 @@ pub mod error;
 pub mod files;
 pub mod kinds;
 pub mod lora;
+pub mod memory;
 mod panic;
 mod params;
 mod paths;

@@ -374,7 +374,7 @@ async fn bad_plugin_selections_get_openai_shaped_errors_naming_them() {
     assert_eq!(error["param"], "plugins[0].type", "{error}");
     let message = error["message"].as_str().unwrap();
     assert!(
-        message.contains("unknown plug-in type `lorra` (known: lora, steer, controller)"),
+        message.contains("unknown plug-in type `lorra` (known: lora, steer, controller, memory)"),
         "{message}"
     );
     // The server still serves.
