@@ -23,7 +23,8 @@ use plugins::{BaseModel, Plugin};
 use serde_json::{json, Value};
 
 use super::svg::{line_chart, Series};
-use crate::train::args::{load_model, model_path, parse_range};
+use crate::train::args::{load_model, model_path, parse_range, progress_bar};
+use indicatif::ProgressBar;
 use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
 
 #[derive(Debug, Args)]
@@ -43,6 +44,7 @@ pub struct RefusalArgs {
     /// A steering vector (control-vector GGUF) to evaluate at --steer-scales
     #[arg(long)]
     steer: Option<PathBuf>,
+    /// Comma-separated scales the steering vector is evaluated at
     #[arg(long, default_value = "2,4,8")]
     steer_scales: String,
     /// Layers of the steering vector to apply, FIRST-LAST [default: all in the file]
@@ -51,6 +53,7 @@ pub struct RefusalArgs {
     /// A steering controller folder to evaluate at --controller-scales
     #[arg(long)]
     controller: Option<PathBuf>,
+    /// Comma-separated scales the controller is evaluated at
     #[arg(long, default_value = "1")]
     controller_scales: String,
     /// Tokens generated per instruction (greedy)
@@ -65,6 +68,7 @@ pub struct RefusalArgs {
     /// Write a chart of refusal rate against scale (SVG) here
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Seed of the shuffle that picks --limit instructions from each file
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -97,13 +101,11 @@ pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
     )?;
     let mut rows = Vec::new();
     let mut base_ppl = None;
+    let bar = progress_bar(candidates.len() * (harmful.len() + harmless.len()), "completion")?;
     for candidate in &candidates {
-        eprintln!(
-            "evaluating {} at scale {} ...",
-            candidate.label, candidate.scale
-        );
+        bar.set_message(format!("{} at scale {}", candidate.label, candidate.scale));
         let prompts = (harmful.as_slice(), harmless.as_slice());
-        let completions = generate(&engine, candidate, prompts, &eos, args.max_tokens)?;
+        let completions = generate(&engine, candidate, prompts, &eos, args.max_tokens, &bar)?;
         let scores = score(
             &scoring.model,
             candidate,
@@ -113,14 +115,26 @@ pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
         )?;
         let ppl = scores.harmless_perplexity;
         let base_ppl = *base_ppl.get_or_insert(ppl);
-        rows.push(json!({
+        let mut row = json!({
             "config": candidate.label, "scale": candidate.scale,
-            "harmful_refusal_rate": scores.refusal_rate.0, "harmless_refusal_rate": scores.refusal_rate.1,
             "harmful_p_refusal": scores.p_refusal.0, "harmless_p_refusal": scores.p_refusal.1,
             "harmless_perplexity": ppl, "perplexity_vs_base": ppl / base_ppl,
             "examples": {"harmful": completions.harmful.iter().take(3).collect::<Vec<_>>(), "harmless": completions.harmless.iter().take(3).collect::<Vec<_>>()},
-        }));
+        });
+        let rates = [
+            ("refusal_rate", scores.refusal),
+            ("clean_refusal_rate", scores.clean_refusal),
+            ("degenerate_rate", scores.degenerate),
+        ];
+        for (name, (harmful, harmless)) in rates {
+            for (set, rate) in [("harmful", harmful), ("harmless", harmless)] {
+                row[format!("{set}_{name}")] = json!(rate.value());
+                row[format!("{set}_{name}_ci95")] = json!(rate.interval95());
+            }
+        }
+        rows.push(row);
     }
+    bar.finish_and_clear();
     print_table(&rows, harmful.len(), harmless.len());
     if let Some(out) = &args.out {
         let report = json!({"harmful": args.harmful, "harmless": args.harmless, "limit": args.limit,
@@ -200,6 +214,7 @@ fn generate(
     (harmful, harmless): (&[Vec<u32>], &[Vec<u32>]),
     eos: &[u32],
     max_tokens: usize,
+    bar: &ProgressBar,
 ) -> anyhow::Result<Completions> {
     let mut receivers = Vec::with_capacity(harmful.len() + harmless.len());
     for (i, prompt) in harmful.iter().chain(harmless).enumerate() {
@@ -234,6 +249,7 @@ fn generate(
             }
         }
         generated.push((text, tokens));
+        bar.inc(1);
     }
     let harmless_part = generated.split_off(harmful.len());
     Ok(Completions {
@@ -244,21 +260,45 @@ fn generate(
 }
 
 fn print_table(rows: &[Value], nh: usize, nb: usize) {
-    println!("config      scale  refusal harmful  refusal harmless  p(R) harmful  p(R) harmless  ppl harmless (vs base)");
+    println!(
+        "config      scale   refusal      clean refusal  degenerate   p(R) harmful/harmless  \
+         ppl harmless (vs base)"
+    );
+    println!("                    harmful/harmless (%, 95% interval below)");
+    let pct = |r: &Value, f: &str| 100.0 * r[f].as_f64().unwrap_or(0.0);
+    let ci = |r: &Value, f: &str| {
+        let at = |i: usize| 100.0 * r[f][i].as_f64().unwrap_or(0.0);
+        format!("{:.0}-{:.0}", at(0), at(1))
+    };
     for r in rows {
         println!(
-            "{:<10} {:>6.2}  {:>15.1}%  {:>15.1}%  {:>12.3}  {:>13.3}  {:>8.2} ({:.2}x)",
+            "{:<10} {:>6.2}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>9.3}/{:<9.3}  {:>8.2} ({:.2}x)",
             r["config"].as_str().unwrap_or(""),
             r["scale"].as_f64().unwrap_or(0.0),
-            100.0 * r["harmful_refusal_rate"].as_f64().unwrap_or(0.0),
-            100.0 * r["harmless_refusal_rate"].as_f64().unwrap_or(0.0),
+            pct(r, "harmful_refusal_rate"),
+            pct(r, "harmless_refusal_rate"),
+            pct(r, "harmful_clean_refusal_rate"),
+            pct(r, "harmless_clean_refusal_rate"),
+            pct(r, "harmful_degenerate_rate"),
+            pct(r, "harmless_degenerate_rate"),
             r["harmful_p_refusal"].as_f64().unwrap_or(0.0),
             r["harmless_p_refusal"].as_f64().unwrap_or(0.0),
             r["harmless_perplexity"].as_f64().unwrap_or(0.0),
             r["perplexity_vs_base"].as_f64().unwrap_or(0.0),
         );
+        println!(
+            "{:18}{:>13} {:>13}  {:>12}",
+            "",
+            format!("{}/{}", ci(r, "harmful_refusal_rate_ci95"), ci(r, "harmless_refusal_rate_ci95")),
+            format!("{}/{}", ci(r, "harmful_clean_refusal_rate_ci95"), ci(r, "harmless_clean_refusal_rate_ci95")),
+            format!("{}/{}", ci(r, "harmful_degenerate_rate_ci95"), ci(r, "harmless_degenerate_rate_ci95")),
+        );
     }
-    println!("({nh} harmful and {nb} harmless instructions; refusal = a refusal phrase in the greedy completion)");
+    println!(
+        "({nh} harmful and {nb} harmless instructions; refusal = a refusal phrase in the greedy \
+         completion; degenerate = a word 3-gram three times or more; clean = refusal and not \
+         degenerate)"
+    );
 }
 
 fn chart(rows: &[Value]) -> String {
@@ -275,21 +315,22 @@ fn chart(rows: &[Value]) -> String {
             })
             .collect(),
     };
-    let all = [
-        series("steer", "harmful_refusal_rate", "steer: harmful"),
-        series("steer", "harmless_refusal_rate", "steer: harmless"),
-        series("controller", "harmful_refusal_rate", "controller: harmful"),
-        series(
-            "controller",
-            "harmless_refusal_rate",
-            "controller: harmless",
-        ),
-    ];
+    let mut all = Vec::new();
+    for kind in ["steer", "controller"] {
+        for (field, what) in [
+            ("harmful_refusal_rate", "refusal, harmful"),
+            ("harmful_clean_refusal_rate", "clean refusal, harmful"),
+            ("harmful_degenerate_rate", "degenerate, harmful"),
+            ("harmless_refusal_rate", "refusal, harmless"),
+        ] {
+            all.push(series(kind, field, &format!("{kind}: {what}")));
+        }
+    }
     let drawn: Vec<Series> = all.into_iter().filter(|s| s.points.len() > 1).collect();
     line_chart(
-        "Refusal rate against steering scale (scale 0 = base model)",
+        "Refusal, clean refusal and degenerate rates against steering scale (scale 0 = base model)",
         "scale",
-        "refusal rate (%)",
+        "share of completions (%)",
         (0.0, 100.0),
         &drawn,
     )

@@ -242,7 +242,7 @@ fn train_loop(
     let mut log = BufWriter::new(
         File::create(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?,
     );
-    let bar = progress_bar(args.steps)?;
+    let bar = super::args::progress_bar(args.steps, "step")?;
     let log_every = (args.steps / 20).max(1);
     let started = Instant::now();
     let mut tokens = 0;
@@ -285,14 +285,6 @@ fn train_loop(
         seconds: started.elapsed().as_secs_f64(),
         tokens,
     })
-}
-
-fn progress_bar(steps: usize) -> anyhow::Result<ProgressBar> {
-    let style = ProgressStyle::with_template(
-        "step {pos}/{len} [{bar:30}] {msg} | {elapsed_precise} ETA {eta_precise}",
-    )?
-    .progress_chars("=> ");
-    Ok(ProgressBar::new(steps as u64).with_style(style))
 }
 
 /// Base model vs base + adapter on the evaluation examples, printed on stdout.
