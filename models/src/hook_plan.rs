@@ -22,6 +22,8 @@ pub(crate) struct PlannedGroup<'a> {
     /// Indices of the group's entries in the stacked tensor; `None` when the group holds
     /// every entry in order, so the tensor is passed as is.
     pub index: Option<Tensor>,
+    /// The same indices on the host, for [`PlannedGroup::replace`] (no device read-back).
+    entries: Vec<u32>,
 }
 
 /// Builds the groups for one hook point. `active` lists batch rows in entry order and
@@ -69,6 +71,7 @@ pub(crate) fn plan<'a>(
                     },
                     slots: vec![slot],
                     index: None,
+                    entries: Vec::new(),
                 }),
             }
         }
@@ -83,6 +86,7 @@ pub(crate) fn plan<'a>(
                 .flat_map(|&s| (offsets[s]..offsets[s] + lengths[s]).map(|i| i as u32))
                 .collect();
             g.index = Some(Tensor::new(idx.as_slice(), device)?);
+            g.entries = idx;
         }
     }
     Ok(groups)
@@ -121,13 +125,13 @@ impl PlannedGroup<'_> {
     /// either `x` or `new` (adding `new - old` would round, so a row's result would depend on
     /// whether its group held every row of the step).
     pub fn replace(&self, x: &Tensor, new: &Tensor) -> Result<Tensor> {
-        let Some(idx) = &self.index else {
+        if self.index.is_none() {
             return Ok(new.clone());
-        };
+        }
         let n = x.dim(0)?;
         // Entry i of the result is row source[i] of [x; new].
         let mut source: Vec<u32> = (0..n as u32).collect();
-        for (j, i) in idx.to_vec1::<u32>()?.into_iter().enumerate() {
+        for (j, &i) in self.entries.iter().enumerate() {
             source[i as usize] = (n + j) as u32;
         }
         let source = Tensor::new(source.as_slice(), x.device())?;

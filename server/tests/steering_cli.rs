@@ -184,7 +184,7 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         "--plot",
         s(&plot),
     ]));
-    assert!(stdout.contains("refusal harmful"), "{stdout}");
+    assert!(stdout.contains("clean refusal") && stdout.contains("degenerate"), "{stdout}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let configs: Vec<&str> = r["results"]
         .as_array()
@@ -194,6 +194,17 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         .collect();
     assert_eq!(configs, ["base", "steer", "steer", "controller"]);
     assert_eq!(r["results"][0]["perplexity_vs_base"], 1.0);
+    // Every configuration has each rate with its 95% interval around it.
+    for row in r["results"].as_array().unwrap() {
+        for set in ["harmful", "harmless"] {
+            for rate in ["refusal_rate", "clean_refusal_rate", "degenerate_rate"] {
+                let value = row[format!("{set}_{rate}")].as_f64().unwrap();
+                let ci = &row[format!("{set}_{rate}_ci95")];
+                let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+                assert!(0.0 <= lo && lo <= value && value <= hi && hi <= 1.0, "{row}");
+            }
+        }
+    }
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
 }
 

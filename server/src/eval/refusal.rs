@@ -101,7 +101,10 @@ pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
     )?;
     let mut rows = Vec::new();
     let mut base_ppl = None;
-    let bar = progress_bar(candidates.len() * (harmful.len() + harmless.len()), "completion")?;
+    let bar = progress_bar(
+        candidates.len() * (harmful.len() + harmless.len()),
+        "completion",
+    )?;
     for candidate in &candidates {
         bar.set_message(format!("{} at scale {}", candidate.label, candidate.scale));
         let prompts = (harmful.as_slice(), harmless.as_slice());
@@ -289,9 +292,21 @@ fn print_table(rows: &[Value], nh: usize, nb: usize) {
         println!(
             "{:18}{:>13} {:>13}  {:>12}",
             "",
-            format!("{}/{}", ci(r, "harmful_refusal_rate_ci95"), ci(r, "harmless_refusal_rate_ci95")),
-            format!("{}/{}", ci(r, "harmful_clean_refusal_rate_ci95"), ci(r, "harmless_clean_refusal_rate_ci95")),
-            format!("{}/{}", ci(r, "harmful_degenerate_rate_ci95"), ci(r, "harmless_degenerate_rate_ci95")),
+            format!(
+                "{}/{}",
+                ci(r, "harmful_refusal_rate_ci95"),
+                ci(r, "harmless_refusal_rate_ci95")
+            ),
+            format!(
+                "{}/{}",
+                ci(r, "harmful_clean_refusal_rate_ci95"),
+                ci(r, "harmless_clean_refusal_rate_ci95")
+            ),
+            format!(
+                "{}/{}",
+                ci(r, "harmful_degenerate_rate_ci95"),
+                ci(r, "harmless_degenerate_rate_ci95")
+            ),
         );
     }
     println!(

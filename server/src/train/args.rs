@@ -11,8 +11,9 @@ use models::bundle::{LoadOptions, LoadedModel};
 /// A progress bar over `len` units of work (`unit`: "step", "completion"), with the elapsed
 /// time and an ETA; on stderr, hidden when stderr is not a terminal.
 pub fn progress_bar(len: usize, unit: &str) -> anyhow::Result<ProgressBar> {
-    let template =
-        format!("{unit} {{pos}}/{{len}} [{{bar:30}}] {{msg}} | {{elapsed_precise}} ETA {{eta_precise}}");
+    let template = format!(
+        "{unit} {{pos}}/{{len}} [{{bar:30}}] {{msg}} | {{elapsed_precise}} ETA {{eta_precise}}"
+    );
     let style = ProgressStyle::with_template(&template)?.progress_chars("=> ");
     Ok(ProgressBar::new(len as u64).with_style(style))
 }

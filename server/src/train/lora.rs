@@ -17,7 +17,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use models::bundle::{LoadOptions, LoadedModel};
 use plugins::lora::train::{
     hold_out, mean_completion_ce, parse_targets, LoraTrainConfig, LoraTrainer,
