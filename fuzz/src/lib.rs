@@ -18,6 +18,7 @@ pub fn tiny_base() -> BaseModel {
         id: "tiny".into(),
         config: tiny_config(Architecture::Llama),
         device: Device::Cpu,
+        tokenizer_hash: None,
     }
 }
 

@@ -73,6 +73,7 @@ fn adapter(
         id: "bench".into(),
         config: m.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     Arc::new(LoraAdapter::load("bench", dir, &base, &mut PluginFiles::unconfined()).expect("load"))
 }
@@ -96,6 +97,7 @@ fn base(m: &Llama) -> BaseModel {
         id: "bench".into(),
         config: m.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     }
 }
 

@@ -10,6 +10,9 @@ pub struct BaseModel {
     pub id: String,
     pub config: ModelConfig,
     pub device: Device,
+    /// The base tokenizer's identity ([`models::Tokenizer::identity`]), when the caller has
+    /// the tokenizer: plug-ins that carry their own vocabulary (a memory decoder) must match it.
+    pub tokenizer_hash: Option<String>,
 }
 
 impl BaseModel {

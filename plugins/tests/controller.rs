@@ -37,6 +37,7 @@ fn base(c: &ModelConfig) -> BaseModel {
         id: "tiny".into(),
         config: c.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     }
 }
 

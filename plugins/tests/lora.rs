@@ -25,6 +25,7 @@ fn base_of(model: &TinyModel) -> BaseModel {
         id: "tiny".into(),
         config: model.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn fixture() -> Fixture {
         id: "tiny".into(),
         config: tiny.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     Fixture {
         dir,
@@ -373,6 +374,28 @@ fn safetensors_and_gguf_memories_load_and_mix() {
     }
     assert_eq!(st.graft().lambda, 0.25);
     assert!(st.resident_bytes() > 0 && gguf.resident_bytes() > 0);
+}
+
+#[test]
+fn a_memory_trained_with_another_tokenizer_is_refused_naming_both() {
+    let mut f = fixture();
+    f.info.tokenizer_hash = Some("sha256:base".into());
+    let dir = f.dir.path().join("other_tokenizer");
+    write_memory(&f.tiny, &dir, Q8, 0.25).unwrap();
+    let record = |hash: &str| {
+        edit_config(&dir, |c| c["graft"]["tokenizer_hash"] = json!(hash)).unwrap();
+    };
+    record("sha256:other");
+    let e = refused(&f, "other_tokenizer");
+    assert!(
+        e.contains("tokenizer sha256:other") && e.contains("sha256:base"),
+        "{e}"
+    );
+    // The same tokenizer, or a file that records none, loads.
+    record("sha256:base");
+    assert!(f.load("other_tokenizer").is_ok());
+    write_memory(&f.tiny, &f.dir.path().join("no_hash"), Q8, 0.25).unwrap();
+    assert!(f.load("no_hash").is_ok());
 }
 
 fn refused(f: &Fixture, name: &str) -> String {

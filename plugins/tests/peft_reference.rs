@@ -41,6 +41,7 @@ fn adapter(m: &Llama, dir: &Path) -> Arc<LoraAdapter> {
         id: "smollm2".into(),
         config: m.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     Arc::new(LoraAdapter::load("reference", dir, &base, &mut PluginFiles::unconfined()).unwrap())
 }

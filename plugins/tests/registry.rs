@@ -51,6 +51,7 @@ impl Fixture {
             id: "tiny-base".into(),
             config: self.config.clone(),
             device: Device::Cpu,
+            tokenizer_hash: None,
         };
         let config = RegistryConfig {
             dir: Some(self.dir.path().to_path_buf()),
@@ -218,6 +219,7 @@ fn names_paths_and_duplicates_are_checked() {
             id: "b".into(),
             config: f.config.clone(),
             device: Device::Cpu,
+            tokenizer_hash: None,
         },
         RegistryConfig {
             dir: None,

@@ -29,6 +29,7 @@ fn base(m: &TinyModel) -> BaseModel {
         id: "tiny".into(),
         config: m.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     }
 }
 

@@ -105,6 +105,7 @@ fn load_adapter(dir: &Path, config: &models::ModelConfig) -> Arc<LoraAdapter> {
         id: "tiny".into(),
         config: config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     Arc::new(LoraAdapter::load("a", dir, &base, &mut PluginFiles::unconfined()).unwrap())
 }

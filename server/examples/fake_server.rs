@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         id: fake.info().id.clone(),
         config: tiny_config(Architecture::Llama),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     let registry = Registry::new(
         base,

@@ -286,7 +286,11 @@ fn build_registry(
         id: config.served_model_id(),
         config: loaded.model.config.clone(),
         device: device.clone(),
+        tokenizer_hash: Some(loaded.tokenizer.identity()),
     };
+    if let Some(identity) = &base.tokenizer_hash {
+        tracing::info!(tokenizer_identity = %identity, "tokenizer identity (a memory decoder's graft.tokenizer_hash)");
+    }
     let registry_config = RegistryConfig {
         dir: config.plugin_dir.clone(),
         budget_bytes: config.plugin_budget_bytes(),

@@ -43,6 +43,7 @@ fn setup() -> Setup {
         id: "tiny".into(),
         config,
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     let registry = RegistryConfig {
         dir: Some(plugins),

@@ -59,6 +59,7 @@ impl Setup {
             id: BASE_ID.into(),
             config: tiny.config.clone(),
             device: Device::Cpu,
+            tokenizer_hash: None,
         };
         let config = RegistryConfig {
             dir: Some(plugins),

@@ -30,6 +30,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, BaseModel) {
         id: "tiny".into(),
         config: tiny.config,
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     (path, base)
 }
@@ -184,7 +185,10 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         "--plot",
         s(&plot),
     ]));
-    assert!(stdout.contains("clean refusal") && stdout.contains("degenerate"), "{stdout}");
+    assert!(
+        stdout.contains("clean refusal") && stdout.contains("degenerate"),
+        "{stdout}"
+    );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let configs: Vec<&str> = r["results"]
         .as_array()
@@ -201,7 +205,10 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
                 let value = row[format!("{set}_{rate}")].as_f64().unwrap();
                 let ci = &row[format!("{set}_{rate}_ci95")];
                 let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
-                assert!(0.0 <= lo && lo <= value && value <= hi && hi <= 1.0, "{row}");
+                assert!(
+                    0.0 <= lo && lo <= value && value <= hi && hi <= 1.0,
+                    "{row}"
+                );
             }
         }
     }

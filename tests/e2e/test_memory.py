@@ -21,7 +21,7 @@ def memory(server, plugin_dir):
     folder = plugin_dir / "memory_self"
     folder.mkdir(exist_ok=True)
     shutil.copyfile(path, folder / "model.gguf")
-    graft = {"type": "memory_decoder", "lambda": 0.5, "tokenizer_hash": "smollm2"}
+    graft = {"type": "memory_decoder", "lambda": 0.5}
     (folder / "config.json").write_text(json.dumps({"graft": graft}))
     r = requests.post(server.url + "/v1/plugins", json={"type": "memory", "name": "self", "path": "memory_self"}, timeout=120)
     assert r.status_code == 200, r.text
@@ -60,4 +60,18 @@ def test_a_memory_with_another_vocabulary_is_refused_naming_both_sizes(server, p
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert "1000 tokens" in message and "49152" in message, message
+    server.assert_serving()
+
+
+def test_a_memory_trained_with_another_tokenizer_is_refused(server, plugin_dir, memory):
+    folder = plugin_dir / "memory_self"
+    other = plugin_dir / "memory_other_tokenizer"
+    other.mkdir(exist_ok=True)
+    shutil.copyfile(folder / "model.gguf", other / "model.gguf")
+    graft = {"type": "memory_decoder", "lambda": 0.5, "tokenizer_hash": "sha256:00"}
+    (other / "config.json").write_text(json.dumps({"graft": graft}))
+    r = requests.post(server.url + "/v1/plugins", json={"type": "memory", "name": "other", "path": "memory_other_tokenizer"}, timeout=120)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "tokenizer sha256:00" in message and "base model's is sha256:" in message, message
     server.assert_serving()

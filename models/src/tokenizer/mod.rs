@@ -319,6 +319,27 @@ impl Tokenizer {
     }
 
     /// Number of vocabulary entries (ids are `0..vocab_size()`).
+    /// `sha256:<hex>` over every token (id order: its kind and bytes) and the BOS/EOS ids: two
+    /// tokenizers with the same identity map text to the same ids, token for token, as long as
+    /// their merge rules agree, which the same vocabulary in the same order implies for every
+    /// model family graft loads. A model that predicts over another model's ids (a memory
+    /// decoder) records the identity of the tokenizer it was trained with.
+    pub fn identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update((self.bytes.len() as u64).to_le_bytes());
+        for (bytes, kind) in self.bytes.iter().zip(&self.kinds) {
+            h.update([u8::from(kind.is_special())]);
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        for id in [self.bos, self.eos] {
+            h.update(id.map_or(u64::MAX, u64::from).to_le_bytes());
+        }
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }
@@ -367,6 +388,19 @@ mod tests {
         fn shareable<T: Send + Sync>() {}
         shareable::<Tokenizer>();
         shareable::<IncrementalDecoder>();
+    }
+
+    #[test]
+    fn identity_is_stable_and_follows_the_vocabulary() {
+        let a = test_vocab::gpt2_tokenizer("gpt-2");
+        assert_eq!(a.identity(), test_vocab::gpt2_tokenizer("gpt-2").identity());
+        assert!(a.identity().starts_with("sha256:") && a.identity().len() == 7 + 64);
+        let mut renamed = a.clone();
+        renamed.bytes[5] = b"another".to_vec();
+        assert_ne!(renamed.identity(), a.identity());
+        let mut other_eos = a.clone();
+        other_eos.eos = Some(3);
+        assert_ne!(other_eos.identity(), a.identity());
     }
 
     #[test]

@@ -40,6 +40,7 @@ impl TinyAdapter {
             id: String::new(),
             config: config.clone(),
             device: Device::Cpu,
+            tokenizer_hash: None,
         };
         let mut tensors = HashMap::new();
         for layer in 0..config.num_layers {

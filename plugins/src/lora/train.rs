@@ -175,6 +175,7 @@ impl<'m> LoraTrainer<'m> {
             id: String::new(),
             config: model.config.clone(),
             device: model.device().clone(),
+            tokenizer_hash: None,
         };
         let device = model.device();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);

@@ -24,9 +24,9 @@ pub struct GraftBlock {
     /// Always [`TYPE`].
     #[serde(rename = "type")]
     pub kind: String,
-    /// The identity of the base tokenizer the memory was trained with. Recorded, not yet
-    /// checked: the plug-in side does not see the base tokenizer (only its vocabulary size,
-    /// which is checked).
+    /// The identity of the base tokenizer the memory was trained with
+    /// ([`models::Tokenizer::identity`]); a memory that records one loads only beside a base
+    /// model with the same tokenizer.
     #[serde(default)]
     pub tokenizer_hash: Option<String>,
     /// The default mixing weight λ in `[0, 1]`; a request's `lambda` overrides it.

@@ -17,8 +17,8 @@
 //! reported log-prob (`logprobs`, `top_logprobs`, echoed prompt log-probs) is the mixture's;
 //! rows with different memories, λ or none share one step. In a chain the memory should come
 //! last: hooks after it would change log-probabilities, not logits. The base tokenizer's
-//! identity (`graft.tokenizer_hash`) is recorded but not checked yet (the plug-in side sees the
-//! base's vocabulary size, which is checked, not its tokenizer).
+//! identity (`graft.tokenizer_hash`, [`models::Tokenizer::identity`]) must equal the served
+//! model's when the file records one.
 
 mod config;
 mod mix;
@@ -79,6 +79,7 @@ impl MemoryDecoder {
         let config_path = dir.join(CONFIG_FILE);
         let config =
             MemoryConfig::read(&config_path, &files.read(&config_path, FileRole::Config)?)?;
+        check_tokenizer(name, config.graft.tokenizer_hash.as_deref(), base)?;
         let (st, gguf) = (dir.join(SAFETENSORS_FILE), dir.join(GGUF_FILE));
         let (mut source, weights, bytes): (Box<dyn WeightSource>, _, _) =
             match (st.exists(), gguf.exists()) {
@@ -156,6 +157,18 @@ impl MemoryDecoder {
 
 /// The memory must share the base's vocabulary (the mixture is over one vocabulary) and hold
 /// at least the base's context (a row past the memory's context would fail its whole batch).
+/// A memory trained over another tokenizer's ids would mix the wrong tokens: when both sides
+/// know their tokenizer's identity, they must agree.
+fn check_tokenizer(name: &str, memory: Option<&str>, base: &BaseModel) -> Result<()> {
+    match (memory, base.tokenizer_hash.as_deref()) {
+        (Some(m), Some(b)) if m != b => Err(PluginError::incompatible(
+            name,
+            format!("the memory was trained with tokenizer {m}, the base model's is {b}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_fits(name: &str, memory: &ModelConfig, base: &BaseModel) -> Result<()> {
     let (m, b) = (memory, &base.config);
     if m.vocab_size != b.vocab_size {

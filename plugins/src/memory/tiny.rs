@@ -21,7 +21,7 @@ pub enum Weights {
 
 /// The `graft` block of a memory decoder with default mixing weight `lambda`.
 pub fn graft_block(lambda: f32) -> Value {
-    json!({"type": TYPE, "lambda": lambda, "tokenizer_hash": "tiny"})
+    json!({"type": TYPE, "lambda": lambda})
 }
 
 /// Writes `model` as a memory folder `dir` with default mixing weight `lambda`: config.json

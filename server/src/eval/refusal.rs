@@ -80,6 +80,7 @@ pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
         id: String::new(),
         config: scoring.model.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     let candidates = candidates(&args, &base)?;
     let harmful = chat_ids_all(

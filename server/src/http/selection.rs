@@ -168,6 +168,7 @@ mod tests {
             id: "m".into(),
             config,
             device: Device::Cpu,
+            tokenizer_hash: None,
         };
         let rc = RegistryConfig {
             dir: Some(dir.to_path_buf()),

@@ -84,6 +84,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         id: String::new(),
         config: loaded.model.config.clone(),
         device: Device::Cpu,
+        tokenizer_hash: None,
     };
     let config = ControllerConfig {
         kind: TYPE.into(),
