@@ -18,6 +18,7 @@ use plugins::controller::{
 };
 use plugins::files::PluginFiles;
 use plugins::steer::train::last_token_activations;
+use plugins::train::Quiet;
 use plugins::{BaseModel, Plugin};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -171,7 +172,7 @@ fn the_decision_is_the_mlp_of_the_input_layers_last_token_activations() {
     run(&model, &PROMPT, &[], &[hook]);
     let got = params.decision().expect("decided during prefill");
 
-    let acts = &last_token_activations(&model, &[PROMPT.to_vec()], 1).unwrap()[0];
+    let acts = &last_token_activations(&model, &[PROMPT.to_vec()], 1, &mut Quiet).unwrap()[0];
     let x: Vec<f32> = acts[0].iter().chain(&acts[1]).copied().collect();
     let x = Tensor::from_vec(x, (1, 2 * c.hidden_size), &Device::Cpu).unwrap();
     let hidden = x

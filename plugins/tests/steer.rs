@@ -14,6 +14,7 @@ use models::{Architecture, BatchRow, Hook, HookCall, Llama, LogitsWanted};
 use plugins::files::PluginFiles;
 use plugins::steer::train::{direction, last_token_activations, separation, Method};
 use plugins::steer::{ControlVector, SteeringVector};
+use plugins::train::Quiet;
 use plugins::{BaseModel, Plugin, PluginError};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -88,7 +89,8 @@ fn a_last_layer_direction_is_added_to_that_layers_output() {
     let got = last_logits(&model, &PROMPT, &[call(&v, json!({"scale": scale}))]);
 
     // By hand: final RMSNorm and LM head on (captured layer output + scale * direction).
-    let h = last_token_activations(&model, &[PROMPT.to_vec()], 1).unwrap()[0][last].clone();
+    let h =
+        last_token_activations(&model, &[PROMPT.to_vec()], 1, &mut Quiet).unwrap()[0][last].clone();
     let d = random_unit(t.config.hidden_size, 1 + last as u64);
     let steered: Vec<f32> = h.iter().zip(&d).map(|(a, b)| a + scale * b).collect();
     let x = Tensor::new(steered.as_slice(), &Device::Cpu)
@@ -230,7 +232,7 @@ fn directions_from_two_prompt_sets_separate_held_out_prompts() {
             .collect()
     };
     let (pos, neg) = (set(40), set(80));
-    let acts = |ps: &[Vec<u32>]| last_token_activations(&model, ps, 8).unwrap();
+    let acts = |ps: &[Vec<u32>]| last_token_activations(&model, ps, 8, &mut Quiet).unwrap();
     let (pa, na) = (acts(&pos), acts(&neg));
     let layer =
         |xs: &[Vec<Vec<f32>>], l: usize| xs.iter().map(|x| x[l].clone()).collect::<Vec<_>>();

@@ -144,6 +144,19 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
     ]));
     assert!(stdout.contains("AUROC"), "{stdout}");
     SteeringController::load("c", &ctl, &base, &mut PluginFiles::unconfined()).unwrap();
+    // One JSON line of losses per MLP step, beside the controller.
+    let log = std::fs::read_to_string(ctl.join("train_log.jsonl")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 50);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["step"], i);
+        for field in ["loss", "strength_loss", "weight_loss"] {
+            assert!(line[field].as_f64().unwrap().is_finite(), "{line}");
+        }
+    }
 
     let vector = dir.path().join("v.gguf");
     ok(&server(&[
@@ -222,7 +235,7 @@ fn bad_invocations_fail_with_a_message() {
     let (harmful, harmless) = prompts(dir.path());
     let out = dir.path().join("v.gguf");
     for (args, needle) in [
-        (vec!["--method", "lda"], "--method must be mean-diff or pca"),
+        (vec!["--method", "lda"], "possible values: mean-diff, pca"),
         (vec!["--layers", "0-2"], "layer 0 is never steered"),
         (vec!["--layers", "1-9"], "--layers must lie within 1-3"),
     ] {

@@ -17,7 +17,7 @@ use super::train::{sensitivities, train, weight_targets, Example, TrainOptions};
 use super::{ControllerConfig, ControllerNet, ControllerTensors};
 use crate::steer::train::{auroc, direction, last_token_activations, Method};
 use crate::train::prompts::{chat_ids_all, tokens};
-use crate::train::Result;
+use crate::train::{Progress, Result};
 
 /// What [`fit`] needs besides the prompts.
 #[derive(Debug, Clone)]
@@ -48,14 +48,14 @@ pub struct Fitted {
     pub best_layers: Vec<usize>,
 }
 
-/// Runs the recipe on chat-rendered `harmful` and `harmless` prompts; `progress` hears
-/// about each slow phase before it starts.
+/// Runs the recipe on chat-rendered `harmful` and `harmless` prompts; `progress` hears about
+/// each slow phase (prompts through the model, probes, MLP steps with their losses).
 pub fn fit(
     loaded: &LoadedModel,
     harmful: &[String],
     harmless: &[String],
     recipe: &Recipe<'_>,
-    progress: &mut dyn FnMut(String),
+    progress: &mut dyn Progress,
 ) -> Result<Fitted> {
     let config = &recipe.config;
     let steered = config.steered_layers;
@@ -63,15 +63,11 @@ pub fn fit(
         chat_ids_all(loaded, harmful)?,
         chat_ids_all(loaded, harmless)?,
     );
-    progress(format!(
-        "directions from {} harmful prompts with a refusal vs an answer reply ...",
-        h_ids.len()
-    ));
-    let directions = refusal_directions(loaded, &h_ids, recipe.replies, steered)?;
+    progress.phase("directions (refusal vs answer replies)", 2 * h_ids.len());
+    let directions = refusal_directions(loaded, &h_ids, recipe.replies, steered, progress)?;
     let k = recipe.sensitivity_prompts.min(h_ids.len());
-    progress(format!(
-        "per-layer refusal-score gains on {k} harmful prompts ..."
-    ));
+    // Per probed prompt: one unsteered run and one per steered layer.
+    progress.phase("per-layer gains", k * (steered.1 - steered.0 + 2));
     let gains = sensitivities(
         &loaded.model,
         &h_ids[..k],
@@ -79,18 +75,15 @@ pub fn fit(
         steered,
         recipe.probe_alpha,
         recipe.refusal_ids,
-        32,
+        progress,
     )?;
-    progress(format!(
-        "features of {} + {} prompts ...",
-        h_ids.len(),
-        b_ids.len()
-    ));
-    let mut examples = examples(loaded, config, (&h_ids, &b_ids), &gains)?;
+    progress.phase("features", h_ids.len() + b_ids.len());
+    let mut examples = examples(loaded, config, (&h_ids, &b_ids), &gains, progress)?;
     // Every fifth example of each class is held out to score the classifier.
     let held = take_every(&mut examples, 5);
     let layers = loaded.model.config.num_layers;
-    let trained = train(&examples, layers, steered, &recipe.options)?;
+    progress.phase("MLP steps", recipe.options.steps);
+    let trained = train(&examples, layers, steered, &recipe.options, progress)?;
     let losses = (
         trained.losses.first().copied().unwrap_or(0.0),
         trained.losses.last().copied().unwrap_or(0.0),
@@ -121,14 +114,15 @@ fn refusal_directions(
     prompts: &[Vec<u32>],
     (refusal, answer): (&str, &str),
     (first, last): (usize, usize),
+    progress: &mut dyn Progress,
 ) -> Result<Tensor> {
-    let with = |reply: &str| -> Result<Vec<Vec<Vec<f32>>>> {
+    let mut with = |reply: &str| -> Result<Vec<Vec<Vec<f32>>>> {
         let r = tokens(loaded, reply, false)?;
         let ids: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| p.iter().chain(&r).copied().collect())
             .collect();
-        Ok(last_token_activations(&loaded.model, &ids, 16)?)
+        Ok(last_token_activations(&loaded.model, &ids, 16, progress)?)
     };
     let (refuse, answer) = (with(refusal)?, with(answer)?);
     let (layers, hidden) = (
@@ -151,9 +145,10 @@ fn examples(
     config: &ControllerConfig,
     (harmful, harmless): (&[Vec<u32>], &[Vec<u32>]),
     gains: &[Vec<f32>],
+    progress: &mut dyn Progress,
 ) -> Result<Vec<Example>> {
-    let features = |ids: &[Vec<u32>]| -> Result<Vec<Vec<f32>>> {
-        let acts = last_token_activations(&loaded.model, ids, 16)?;
+    let mut features = |ids: &[Vec<u32>]| -> Result<Vec<Vec<f32>>> {
+        let acts = last_token_activations(&loaded.model, ids, 16, progress)?;
         Ok(acts
             .iter()
             .map(|a| {

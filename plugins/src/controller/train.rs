@@ -22,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use super::ControllerTensors;
 use crate::error::{PluginError, Result};
 use crate::steer::add_along;
+use crate::train::Progress;
 
 /// `log p(R) − log(1 − p(R))` of next-token `logits`, `p(R)` the probability of any of `ids`.
 pub fn refusal_score(logits: &[f32], ids: &[u32]) -> f64 {
@@ -82,6 +83,9 @@ impl Hook for LayerPatch {
     }
 }
 
+/// Probe runs per forward step in [`sensitivities`].
+const PROBE_BATCH: usize = 32;
+
 /// `[prompt][layer - first]`: the refusal-score gain of `α · d_l` at layer `l` of
 /// `first..=last`, added at the prompt's last token, over the unsteered score.
 pub fn sensitivities(
@@ -91,7 +95,7 @@ pub fn sensitivities(
     (first, last): (usize, usize),
     alpha: f32,
     refusal_ids: &[u32],
-    batch: usize,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<Vec<f32>>> {
     let patch: Arc<dyn Hook> = Arc::new(LayerPatch {
         directions: directions.clone(),
@@ -101,7 +105,7 @@ pub fn sensitivities(
         .flat_map(|p| std::iter::once((p, None)).chain((first..=last).map(move |l| (p, Some(l)))))
         .collect();
     let mut scores = vec![vec![0f64; last - first + 2]; prompts.len()];
-    for chunk in jobs.chunks(batch.max(1)) {
+    for chunk in jobs.chunks(PROBE_BATCH) {
         let chains: Vec<Vec<HookCall>> = chunk
             .iter()
             .map(|&(_, l)| match l {
@@ -117,6 +121,7 @@ pub fn sensitivities(
             let slot = l.map_or(0, |l| l - first + 1);
             scores[p][slot] = refusal_score(&row, refusal_ids);
         }
+        progress.advance(chunk.len());
     }
     Ok(scores
         .into_iter()
@@ -229,6 +234,7 @@ pub fn train(
     layers: usize,
     steered: (usize, usize),
     options: &TrainOptions,
+    progress: &mut dyn Progress,
 ) -> Result<Trained> {
     let dev = Device::Cpu;
     let n = examples.len();
@@ -297,9 +303,16 @@ pub fn train(
             &tb.narrow(1, 1, layers)?,
             &mb.narrow(1, 1, layers)?,
         )?;
+        let (s, w) = (s_loss.to_scalar::<f32>()?, w_loss.to_scalar::<f32>()?);
         let loss = (s_loss + (w_loss * options.weight_loss)?)?;
         opt.backward_step(&loss)?;
-        losses.push(loss.to_scalar::<f32>()?);
+        let total = loss.to_scalar::<f32>()?;
+        losses.push(total);
+        progress.losses(
+            step,
+            &[("loss", total), ("strength_loss", s), ("weight_loss", w)],
+        );
+        progress.advance(1);
     }
     // Fold the standardisation into fc1: W (x − m)/s + b = (W/s) x + (b − (W/s) m).
     let w1s = w1.as_tensor().broadcast_div(&std)?;
@@ -386,7 +399,7 @@ mod tests {
             batch: 16,
             seed: 1,
         };
-        let t = train(&examples, 3, (1, 2), &options).unwrap();
+        let t = train(&examples, 3, (1, 2), &options, &mut crate::train::Quiet).unwrap();
         assert!(
             t.losses.last().unwrap() < &(t.losses[0] * 0.2),
             "{:?}",

@@ -25,23 +25,15 @@ use models::{BatchRow, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWante
 use super::ControlVector;
 use crate::error::{PluginError, Result};
 use crate::train::prompts::{chat_ids_all, tokens};
-use crate::train::Result as TrainResult;
+use crate::train::{Progress, Result as TrainResult};
 
 /// Which direction estimate to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// The difference of the two sets' mean activations.
     MeanDiff,
+    /// The first principal axis of the paired differences.
     Pca,
-}
-
-impl Method {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "mean-diff" => Some(Self::MeanDiff),
-            "pca" => Some(Self::Pca),
-            _ => None,
-        }
-    }
 }
 
 /// Records each row's last-position residual stream after every layer.
@@ -85,6 +77,7 @@ pub fn last_token_activations(
     model: &Llama,
     prompts: &[Vec<u32>],
     batch: usize,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let capture = Arc::new(Capture::default());
     let hook: Arc<dyn Hook> = capture.clone();
@@ -120,6 +113,7 @@ pub fn last_token_activations(
                 message: "a layer's activations were not captured".into(),
             })?);
         }
+        progress.advance(chunk.len());
     }
     Ok(out)
 }
@@ -245,12 +239,14 @@ pub fn train_vector(
     positive: &[String],
     negative: &[String],
     options: &VectorOptions<'_>,
+    progress: &mut dyn Progress,
 ) -> TrainResult<TrainedVector> {
-    let acts = |prompts: &[String], reply: &str| -> TrainResult<Vec<Vec<Vec<f32>>>> {
+    let mut acts = |prompts: &[String], reply: &str| -> TrainResult<Vec<Vec<Vec<f32>>>> {
         let mut ids = chat_ids_all(loaded, prompts)?;
         let reply_ids = tokens(loaded, reply, false)?;
         ids.iter_mut().for_each(|i| i.extend_from_slice(&reply_ids));
-        Ok(last_token_activations(&loaded.model, &ids, 16)?)
+        progress.phase("activations", ids.len());
+        Ok(last_token_activations(&loaded.model, &ids, 16, progress)?)
     };
     let (pa, na) = (
         acts(positive, options.replies.0)?,

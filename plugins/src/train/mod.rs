@@ -14,12 +14,14 @@
 
 pub mod data;
 pub mod dense;
+pub mod progress;
 pub mod prompts;
 
 use std::path::PathBuf;
 
 pub use data::{Batch, Dataset, Encoder, Example};
 pub use dense::{DenseLlama, LoraFactors, LoraPair};
+pub use progress::{Progress, Quiet};
 
 /// Why training could not start or go on. Messages name the file, line or option at fault.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,15 @@
 //! What the trainers' and the refusal evaluation's command lines share: the model to use,
 //! layer-range flags and the progress bar. Prompt files are read by `plugins::train::prompts`.
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::bundle::{LoadOptions, LoadedModel};
+use plugins::train::Progress;
 
 /// A progress bar over `len` units of work (`unit`: "step", "completion"), with the elapsed
 /// time and an ETA; on stderr, hidden when stderr is not a terminal.
@@ -16,6 +19,78 @@ pub fn progress_bar(len: usize, unit: &str) -> anyhow::Result<ProgressBar> {
     );
     let style = ProgressStyle::with_template(&template)?.progress_chars("=> ");
     Ok(ProgressBar::new(len as u64).with_style(style))
+}
+
+/// [`Progress`] for a terminal: one bar with an ETA per phase (on stderr; hidden when stderr
+/// is not a terminal), and, with a log file, each training step's losses as one JSON line
+/// (`{"step": 0, "loss": ..., ...}`), flushed as it goes so the file can be watched.
+pub struct BarProgress {
+    bar: Option<ProgressBar>,
+    log: Option<(PathBuf, BufWriter<File>)>,
+    /// The first failure to write the log, reported by [`BarProgress::finish`].
+    failed: Option<anyhow::Error>,
+}
+
+impl BarProgress {
+    /// Progress bars, and the losses logged to `log` when given (created or truncated).
+    pub fn new(log: Option<PathBuf>) -> anyhow::Result<Self> {
+        let log = match log {
+            None => None,
+            Some(path) => {
+                let file = File::create(&path)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Some((path, BufWriter::new(file)))
+            }
+        };
+        Ok(Self {
+            bar: None,
+            log,
+            failed: None,
+        })
+    }
+
+    /// Clears the last bar; an error if the loss log could not be written.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.failed.take().map_or(Ok(()), Err)
+    }
+}
+
+impl Progress for BarProgress {
+    fn phase(&mut self, name: &str, total: usize) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        match progress_bar(total, name) {
+            Ok(bar) => self.bar = Some(bar),
+            Err(e) => eprintln!("{name}: {total} (no progress bar: {e})"),
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        if let Some(bar) = &self.bar {
+            bar.inc(n as u64);
+        }
+    }
+
+    fn losses(&mut self, step: usize, losses: &[(&'static str, f32)]) {
+        let (Some((path, log)), None) = (&mut self.log, &self.failed) else {
+            return;
+        };
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        for &(name, value) in losses {
+            line.insert(name.into(), f64::from(value).into());
+        }
+        let written =
+            writeln!(log, "{}", serde_json::Value::Object(line)).and_then(|()| log.flush());
+        if let Err(e) = written {
+            self.failed =
+                Some(anyhow::Error::new(e).context(format!("cannot write {}", path.display())));
+        }
+    }
 }
 
 /// The model at `path`, or the default model (fetched on first use).

@@ -15,7 +15,7 @@ use plugins::controller::{BaseIdentity, ControllerConfig, TYPE};
 use plugins::train::prompts::read_prompts;
 use plugins::BaseModel;
 
-use super::args::{load_model, model_path, parse_range};
+use super::args::{load_model, model_path, parse_range, BarProgress};
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -50,8 +50,10 @@ pub struct ControllerArgs {
     /// Width of the controller's hidden layer
     #[arg(long, default_value_t = 128)]
     units: usize,
+    /// Optimisation steps of the MLP (AdamW, batches of 32 prompts)
     #[arg(long, default_value_t = 600)]
     steps: usize,
+    /// AdamW learning rate of the MLP
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Harmful prompts whose per-layer refusal-score gains set the weight targets
@@ -66,9 +68,13 @@ pub struct ControllerArgs {
     /// Words whose first token opens a refusal (the refusal score's R)
     #[arg(long, default_value = "I,As,Sorry")]
     refusal_tokens: String,
+    /// Seed of the prompt shuffle (--limit) and of the MLP's initialisation and batches
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
+
+/// The loss log `--out` receives beside the controller, one JSON line per MLP step.
+const LOG_FILE: &str = "train_log.jsonl";
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let input_layers: Vec<usize> = args
@@ -116,9 +122,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             seed: args.seed,
         },
     };
-    let fitted = fit(&loaded, &harmful, &harmless, &recipe, &mut |m| {
-        eprintln!("{m}")
-    })?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut progress = BarProgress::new(Some(args.out.join(LOG_FILE)))?;
+    let fitted = fit(&loaded, &harmful, &harmless, &recipe, &mut progress)?;
+    progress.finish()?;
     fitted.tensors.save(&args.out, &recipe.config)?;
     let ((l0, l1), (harmful, harmless)) = (fitted.losses, fitted.mean_strength);
     println!(

@@ -12,7 +12,7 @@ use plugins::steer::train::{train_vector, LayerScore, Method, VectorOptions};
 use plugins::train::prompts::read_prompts;
 use serde_json::json;
 
-use super::args::{load_model, model_path, parse_range};
+use super::args::{load_model, model_path, parse_range, BarProgress};
 
 #[derive(Debug, Args)]
 pub struct SteerArgs {
@@ -37,9 +37,9 @@ pub struct SteerArgs {
     /// The control-vector GGUF to write
     #[arg(long)]
     out: PathBuf,
-    /// mean-diff (difference of class means) or pca (first axis of paired differences)
-    #[arg(long, default_value = "mean-diff")]
-    method: String,
+    /// How each layer's direction is found from the two sets' activations
+    #[arg(long, value_enum, default_value_t = MethodArg::MeanDiff)]
+    method: MethodArg,
     /// Layers to write, FIRST-LAST inclusive [default: 1 to the last layer]
     #[arg(long)]
     layers: Option<String>,
@@ -49,6 +49,7 @@ pub struct SteerArgs {
     /// Fraction of each set held out to score the directions
     #[arg(long, default_value_t = 0.25)]
     holdout: f64,
+    /// Seed of the shuffle that picks --limit prompts from each file
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write the per-layer scores as JSON here
@@ -56,8 +57,30 @@ pub struct SteerArgs {
     report: Option<PathBuf>,
 }
 
+/// `--method`, as `--help` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    /// The difference of the two sets' mean activations
+    MeanDiff,
+    /// The first principal axis of the paired differences
+    Pca,
+}
+
+impl MethodArg {
+    /// The flag's value, as written on the command line and in the report.
+    fn name(self) -> &'static str {
+        match self {
+            Self::MeanDiff => "mean-diff",
+            Self::Pca => "pca",
+        }
+    }
+}
+
 pub fn run(args: SteerArgs) -> anyhow::Result<()> {
-    let method = Method::parse(&args.method).context("--method must be mean-diff or pca")?;
+    let method = match args.method {
+        MethodArg::MeanDiff => Method::MeanDiff,
+        MethodArg::Pca => Method::Pca,
+    };
     if !(0.0..0.9).contains(&args.holdout) {
         bail!("--holdout must be in [0, 0.9)");
     }
@@ -76,18 +99,15 @@ pub fn run(args: SteerArgs) -> anyhow::Result<()> {
             layers - 1
         );
     }
-    eprintln!(
-        "collecting activations of {} + {} prompts ...",
-        pos.len(),
-        neg.len()
-    );
     let options = VectorOptions {
         method,
         layers: (first, last),
         holdout: args.holdout,
         replies: (&args.positive_reply, &args.negative_reply),
     };
-    let trained = train_vector(&loaded, &pos, &neg, &options)?;
+    let mut progress = BarProgress::new(None)?;
+    let trained = train_vector(&loaded, &pos, &neg, &options, &mut progress)?;
+    progress.finish()?;
     println!(
         "layer   AUROC  accuracy  Cohen's d   (held-out: {} positive, {} negative)",
         trained.held_out.0, trained.held_out.1
@@ -108,12 +128,12 @@ pub fn run(args: SteerArgs) -> anyhow::Result<()> {
     println!(
         "wrote {} (unit directions for layers {first}-{last}, method {})",
         args.out.display(),
-        args.method
+        args.method.name()
     );
     if let Some(report) = &args.report {
         std::fs::write(
             report,
-            serde_json::to_string_pretty(&json!({"method": args.method, "layers": rows}))?,
+            serde_json::to_string_pretty(&json!({"method": args.method.name(), "layers": rows}))?,
         )
         .with_context(|| format!("cannot write {}", report.display()))?;
     }
