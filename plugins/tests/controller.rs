@@ -345,3 +345,37 @@ fn regression_non_finite_or_absurd_weights_are_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn a_decaying_patch_fades_over_the_generated_tokens() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let t = tensors(&c, 0.0, 2);
+    let ctl = load(&c, &t, &controller_config(&c)).unwrap();
+    let with = |params: serde_json::Value| {
+        let params = ctl.request_params(params.as_object().unwrap()).unwrap();
+        let hook: Arc<dyn Hook> = ctl.clone();
+        run(&model, &PROMPT, &STEPS, &[HookCall::new(hook, params)])
+    };
+    let steady = with(json!({"scale": 1.0}));
+    let fading = with(json!({"scale": 1.0, "decay": 0.01}));
+    // The last prompt token and the first generated token (t = 0) get the whole patch ...
+    assert_eq!(steady[..2], fading[..2]);
+    // ... later tokens next to none of it, so they move back towards the base model.
+    let base = run(&model, &PROMPT, &STEPS, &[]);
+    let gap = |a: &[Vec<f32>], i: usize| max_diff(&a[i..i + 1], &base[i..i + 1]);
+    assert!(
+        gap(&fading, 2) < gap(&steady, 2),
+        "{} vs {}",
+        gap(&fading, 2),
+        gap(&steady, 2)
+    );
+    let e = ctl
+        .request_params(json!({"decay": 0}).as_object().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("decay"), "{e}");
+}

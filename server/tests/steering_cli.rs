@@ -193,6 +193,8 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         s(&ctl),
         "--controller-scales",
         "1",
+        "--controller-decays",
+        "none,4",
         "--out",
         s(&report),
         "--plot",
@@ -209,7 +211,17 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         .iter()
         .map(|x| x["config"].as_str().unwrap())
         .collect();
-    assert_eq!(configs, ["base", "steer", "steer", "controller"]);
+    assert_eq!(
+        configs,
+        ["base", "steer", "steer", "controller", "controller"]
+    );
+    let decays: Vec<&Value> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["decay"])
+        .collect();
+    assert_eq!(decays[3..], [&Value::Null, &serde_json::json!(4.0)]);
     assert_eq!(r["results"][0]["perplexity_vs_base"], 1.0);
     // Every configuration has each rate with its 95% interval around it.
     for row in r["results"].as_array().unwrap() {

@@ -115,6 +115,11 @@ fn candle_nn_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
 pub struct ControllerParams {
     /// Multiplies the config's α (default 1; 0 turns the controller off).
     pub scale: f32,
+    /// Generated tokens over which the patch fades: token `t` after the prompt gets
+    /// `exp(-t / decay)` of it (`None`: every token gets all of it). A refusal, once begun,
+    /// carries on by itself; steering every later token as hard is what makes a small model
+    /// loop on refusal words.
+    pub decay: Option<f32>,
     state: Mutex<RequestState>,
 }
 
@@ -123,14 +128,29 @@ struct RequestState {
     /// Last-token activations of the input layers seen so far in this prefill pass.
     captured: Vec<Vec<f32>>,
     decision: Option<Decision>,
+    /// Position of the first token after the prompt the decision was made on.
+    decided_at: usize,
 }
 
 impl ControllerParams {
     pub fn new(scale: f32) -> Self {
         Self {
             scale,
+            decay: None,
             state: Mutex::default(),
         }
+    }
+
+    /// With the patch fading over `decay` generated tokens.
+    pub fn with_decay(mut self, decay: Option<f32>) -> Self {
+        self.decay = decay;
+        self
+    }
+
+    /// The share of the patch the token at `position` gets.
+    fn fade(&self, position: usize) -> f32 {
+        let t = position.saturating_sub(self.state().decided_at) as f32;
+        self.decay.map_or(1.0, |d| (-t / d).exp())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, RequestState> {
@@ -252,6 +272,7 @@ impl SteeringController {
                 let features: Vec<f32> = state.captured.drain(..).flatten().collect();
                 let x = Tensor::from_vec(features, (1, inputs.len() * h.dim(1)?), h.device())?;
                 state.decision = Some(self.net.decide(&x.to_dtype(DType::F32)?)?);
+                state.decided_at = row.position + (row.end - row.start);
             }
         }
         Ok(())
@@ -274,8 +295,8 @@ impl SteeringController {
             } else {
                 row.start
             };
-            for slot in column.iter_mut().take(row.end).skip(from) {
-                *slot = c;
+            for (i, slot) in column.iter_mut().enumerate().take(row.end).skip(from) {
+                *slot = c * row.params.fade(row.position + i - row.start);
             }
         }
         column
@@ -285,8 +306,11 @@ impl SteeringController {
 /// One row of a hook group as the controller sees it.
 struct RowView<'a> {
     params: &'a ControllerParams,
+    /// The row's entries in the group's tensor.
     start: usize,
     end: usize,
+    /// Sequence position of entry `start`.
+    position: usize,
     is_prompt: bool,
 }
 
@@ -320,6 +344,7 @@ impl Hook for SteeringController {
                     params,
                     start,
                     end: start + n,
+                    position: row.start_position,
                     is_prompt,
                 });
             }
@@ -341,9 +366,13 @@ impl Plugin for SteeringController {
     }
 
     fn request_params(&self, p: &Map<String, Value>) -> Result<HookParams> {
-        params::reject_unknown(&self.name, p, &["scale"])?;
+        params::reject_unknown(&self.name, p, &["scale", "decay"])?;
         let scale = params::number(&self.name, p, "scale", 1.0, (-16.0, 16.0))?;
-        Ok(Arc::new(ControllerParams::new(scale)))
+        let decay = match p.contains_key("decay") {
+            true => Some(params::number(&self.name, p, "decay", 1.0, (0.01, 1e6))?),
+            false => None,
+        };
+        Ok(Arc::new(ControllerParams::new(scale).with_decay(decay)))
     }
 
     fn resident_bytes(&self) -> usize {

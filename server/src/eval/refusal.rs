@@ -56,6 +56,10 @@ pub struct RefusalArgs {
     /// Comma-separated scales the controller is evaluated at
     #[arg(long, default_value = "1")]
     controller_scales: String,
+    /// Comma-separated decays (generated tokens over which the controller's patch fades;
+    /// `none` for a patch that never fades) the controller is evaluated at, at every scale
+    #[arg(long, default_value = "none")]
+    controller_decays: String,
     /// Tokens generated per instruction (greedy)
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
@@ -121,6 +125,7 @@ pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
         let base_ppl = *base_ppl.get_or_insert(ppl);
         let mut row = json!({
             "config": candidate.label, "scale": candidate.scale,
+            "decay": candidate.params.get("decay"),
             "harmful_p_refusal": scores.p_refusal.0, "harmless_p_refusal": scores.p_refusal.1,
             "harmless_perplexity": ppl, "perplexity_vs_base": ppl / base_ppl,
             "examples": {"harmful": completions.harmful.iter().take(3).collect::<Vec<_>>(), "harmless": completions.harmless.iter().take(3).collect::<Vec<_>>()},
@@ -196,19 +201,36 @@ fn candidates(args: &RefusalArgs, base: &BaseModel) -> anyhow::Result<Vec<Candid
             &mut PluginFiles::unconfined(),
         )?);
         for scale in scales(&args.controller_scales)? {
-            let params = json!({"scale": scale})
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
-            candidates.push(Candidate {
-                label: "controller",
-                scale,
-                plugin: Some(c.clone()),
-                params,
-            });
+            for decay in decays(&args.controller_decays)? {
+                let mut params = serde_json::Map::new();
+                params.insert("scale".into(), json!(scale));
+                if let Some(decay) = decay {
+                    params.insert("decay".into(), json!(decay));
+                }
+                candidates.push(Candidate {
+                    label: "controller",
+                    scale,
+                    plugin: Some(c.clone()),
+                    params,
+                });
+            }
         }
     }
     Ok(candidates)
+}
+
+/// `--controller-decays`: numbers, or `none` for no decay.
+fn decays(list: &str) -> anyhow::Result<Vec<Option<f32>>> {
+    list.split(',')
+        .map(str::trim)
+        .map(|x| match x {
+            "none" => Ok(None),
+            x => x
+                .parse::<f32>()
+                .map(Some)
+                .context("--controller-decays must be numbers or `none`"),
+        })
+        .collect()
 }
 
 /// Greedy completions of every prompt through the engine, all submitted at once.
@@ -265,10 +287,10 @@ fn generate(
 
 fn print_table(rows: &[Value], nh: usize, nb: usize) {
     println!(
-        "config      scale   refusal      clean refusal  degenerate   p(R) harmful/harmless  \
+        "config     scale/decay  refusal      clean refusal  degenerate   p(R) harmful/harmless  \
          ppl harmless (vs base)"
     );
-    println!("                    harmful/harmless (%, 95% interval below)");
+    println!("                        harmful/harmless (%, 95% interval below)");
     let pct = |r: &Value, f: &str| 100.0 * r[f].as_f64().unwrap_or(0.0);
     let ci = |r: &Value, f: &str| {
         let at = |i: usize| 100.0 * r[f][i].as_f64().unwrap_or(0.0);
@@ -276,9 +298,10 @@ fn print_table(rows: &[Value], nh: usize, nb: usize) {
     };
     for r in rows {
         println!(
-            "{:<10} {:>6.2}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>9.3}/{:<9.3}  {:>8.2} ({:.2}x)",
+            "{:<10} {:>6.2}{:>6}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>5.1}/{:<5.1}  {:>9.3}/{:<9.3}  {:>8.2} ({:.2}x)",
             r["config"].as_str().unwrap_or(""),
             r["scale"].as_f64().unwrap_or(0.0),
+            r["decay"].as_f64().map_or(String::new(), |d| format!("/{d}")),
             pct(r, "harmful_refusal_rate"),
             pct(r, "harmless_refusal_rate"),
             pct(r, "harmful_clean_refusal_rate"),
@@ -291,7 +314,7 @@ fn print_table(rows: &[Value], nh: usize, nb: usize) {
             r["perplexity_vs_base"].as_f64().unwrap_or(0.0),
         );
         println!(
-            "{:18}{:>13} {:>13}  {:>12}",
+            "{:24}{:>13} {:>13}  {:>12}",
             "",
             format!(
                 "{}/{}",
