@@ -379,3 +379,30 @@ fn a_decaying_patch_fades_over_the_generated_tokens() {
         .to_string();
     assert!(e.contains("decay"), "{e}");
 }
+
+#[test]
+fn with_a_decay_the_controller_still_changes_only_what_its_strength_head_fires_on() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let base = run(&model, &PROMPT, &STEPS, &[]);
+    // Strength logit `strength`, every layer weight's logit +10 (fully on).
+    let fading = |strength: f32| {
+        let mut t = tensors(&c, 10.0, 2);
+        let mut bias = vec![10f32; 1 + c.num_layers];
+        bias[0] = strength;
+        t.fc2_bias = Tensor::new(bias.as_slice(), &Device::Cpu).unwrap();
+        let ctl = load(&c, &t, &controller_config(&c)).unwrap();
+        let params = ctl
+            .request_params(json!({"scale": 1.0, "decay": 2.0}).as_object().unwrap())
+            .unwrap();
+        let hook: Arc<dyn Hook> = ctl.clone();
+        run(&model, &PROMPT, &STEPS, &[HookCall::new(hook, params)])
+    };
+    // A strength head that does not fire (σ(-60)) leaves the output as the base model's ...
+    assert_eq!(max_diff(&fading(-60.0), &base), 0.0);
+    // ... one that fires steers, decay or not.
+    assert!(max_diff(&fading(10.0), &base) > 1e-2);
+}
