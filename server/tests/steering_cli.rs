@@ -141,8 +141,15 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         "50",
         "--sensitivity-prompts",
         "4",
+        "--hold-out-harmful",
+        "2",
     ]));
     assert!(stdout.contains("AUROC"), "{stdout}");
+    // The held-out prompts are written beside the controller, for evaluation.
+    let held: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(ctl.join("held_out_harmful.json")).unwrap())
+            .unwrap();
+    assert_eq!(held.len(), 2);
     SteeringController::load("c", &ctl, &base, &mut PluginFiles::unconfined()).unwrap();
     // One JSON line of losses per MLP step, beside the controller.
     let log = std::fs::read_to_string(ctl.join("train_log.jsonl")).unwrap();

@@ -34,6 +34,10 @@ pub struct ControllerArgs {
     /// Prompts used from each file
     #[arg(long, default_value_t = 256)]
     limit: usize,
+    /// Harmful prompts (of the --limit drawn) kept out of training and written to
+    /// held_out_harmful.json beside the controller, to evaluate and choose on
+    #[arg(long, default_value_t = 0)]
+    hold_out_harmful: usize,
     /// Layers the controller reads, comma-separated ascending
     #[arg(long, default_value = "6,8,10,12")]
     input_layers: String,
@@ -76,6 +80,10 @@ pub struct ControllerArgs {
 /// The loss log `--out` receives beside the controller, one JSON line per MLP step.
 const LOG_FILE: &str = "train_log.jsonl";
 
+/// The harmful prompts `--hold-out-harmful` kept out of training (a JSON array of strings,
+/// which `eval refusal --harmful` reads).
+const HELD_OUT_FILE: &str = "held_out_harmful.json";
+
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let input_layers: Vec<usize> = args
         .input_layers
@@ -101,7 +109,15 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         alpha: args.alpha,
     };
     config.check("controller", &base)?;
-    let harmful = read_prompts(&args.harmful, args.limit, args.seed)?;
+    let mut harmful = read_prompts(&args.harmful, args.limit, args.seed)?;
+    if args.hold_out_harmful > 0 && args.hold_out_harmful >= harmful.len() {
+        bail!(
+            "--hold-out-harmful {} leaves none of the {} harmful prompts to train on",
+            args.hold_out_harmful,
+            harmful.len()
+        );
+    }
+    let held_out: Vec<String> = harmful.drain(..args.hold_out_harmful).collect();
     let harmless = read_prompts(&args.harmless, args.limit, args.seed)?;
     let refusal_ids = refusal_token_ids(&loaded, &args.refusal_tokens)?;
     if refusal_ids.is_empty() {
@@ -124,6 +140,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    if !held_out.is_empty() {
+        let path = args.out.join(HELD_OUT_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&held_out)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let mut progress = BarProgress::new(Some(args.out.join(LOG_FILE)))?;
     let fitted = fit(&loaded, &harmful, &harmless, &recipe, &mut progress)?;
     progress.finish()?;
