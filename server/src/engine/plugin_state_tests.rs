@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
 use models::hooks::HookParams;
@@ -15,8 +14,8 @@ use models::sampling::SamplingParams;
 use models::{Hook, HookCall, HookGroup, HookPoints, HookState};
 
 use super::real::{EngineConfig, RealEngine};
-use super::testing::{tiny_char_id, tiny_loaded_model_as};
-use super::{Engine, EngineError, Event, EventReceiver, GenerateRequest};
+use super::testing::{collect_events as collect, tiny_char_id, tiny_loaded_model_as, wait_until};
+use super::{Engine, EngineError, Event, GenerateRequest};
 
 /// Bytes each [`Tokens`] state reports per token it holds.
 const BYTES_PER_TOKEN: usize = 1000;
@@ -169,10 +168,6 @@ fn request(f: &Fixture, prompt: &str, max_tokens: usize, seed: u64) -> GenerateR
     }
 }
 
-fn collect(mut rx: EventReceiver) -> Vec<Event> {
-    std::iter::from_fn(|| rx.blocking_recv()).collect()
-}
-
 fn tokens(events: &[Event]) -> Vec<u32> {
     events
         .iter()
@@ -181,17 +176,6 @@ fn tokens(events: &[Event]) -> Vec<u32> {
             _ => None,
         })
         .collect()
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]

@@ -431,7 +431,9 @@ mod tests {
     use models::{BatchRow, KvCache, Llama, ModelError};
 
     use super::*;
-    use crate::engine::testing::{tiny_char_id, tiny_loaded_model};
+    use crate::engine::testing::{
+        collect_events as collect, tiny_char_id, tiny_loaded_model, wait_until,
+    };
     use crate::engine::{Event, FinishReason};
 
     /// Blocks forward steps while closed.
@@ -538,24 +540,8 @@ mod tests {
         }
     }
 
-    /// Every event until the channel closes.
-    fn collect(mut rx: EventReceiver) -> Vec<Event> {
-        std::iter::from_fn(|| rx.blocking_recv()).collect()
-    }
-
     fn last(events: &[Event]) -> &Event {
         events.last().unwrap()
-    }
-
-    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "timed out: {what}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
     }
 
     #[test]

@@ -67,6 +67,23 @@ pub fn tiny_loaded_model_as(
     })
 }
 
+/// Every event of a request until its channel closes (blocking).
+pub fn collect_events(mut rx: super::EventReceiver) -> Vec<super::Event> {
+    std::iter::from_fn(|| rx.blocking_recv()).collect()
+}
+
+/// Polls `cond` every 2 ms until it holds; panics naming `what` after 20 s.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// Round-trips tokenizer metadata through an in-memory GGUF, as the loader reads it.
 fn metadata_only_gguf(entries: &[(String, Value)]) -> Result<Content, TokenizerError> {
     let refs: Vec<(&str, &Value)> = entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
