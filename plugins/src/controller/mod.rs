@@ -147,9 +147,10 @@ impl ControllerParams {
         self
     }
 
-    /// The share of the patch the token at `position` gets.
-    fn fade(&self, position: usize) -> f32 {
-        let t = position.saturating_sub(self.state().decided_at) as f32;
+    /// The share of the patch the token at `position` gets, the decision having been made
+    /// for the token at `decided_at`.
+    fn fade(&self, decided_at: usize, position: usize) -> f32 {
+        let t = position.saturating_sub(decided_at) as f32;
         self.decay.map_or(1.0, |d| (-t / d).exp())
     }
 
@@ -295,8 +296,9 @@ impl SteeringController {
             } else {
                 row.start
             };
+            let decided_at = row.params.state().decided_at;
             for (i, slot) in column.iter_mut().enumerate().take(row.end).skip(from) {
-                *slot = c * row.params.fade(row.position + i - row.start);
+                *slot = c * row.params.fade(decided_at, row.position + i - row.start);
             }
         }
         column
