@@ -182,9 +182,37 @@ impl Llama {
     /// asked for: `(n_positions, vocab)` f32, or `None` for rows that asked for none.
     /// On error no cache grows (positions written are not committed).
     pub fn forward(&self, batch: &mut [BatchRow<'_>]) -> Result<Vec<Option<Tensor>>> {
+        self.forward_inputs(batch, None)
+    }
+
+    /// [`Llama::forward`] with `inputs` entering layer 0 in place of the tokens' embeddings:
+    /// `(total tokens, hidden)`, the rows' tokens in batch order (a memory decoder that reads
+    /// the base model's hidden states after the layers it shares). The rows' tokens still give
+    /// positions and what hooks see.
+    pub fn forward_from_hidden(
+        &self,
+        batch: &mut [BatchRow<'_>],
+        inputs: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let tokens: usize = batch.iter().map(|r| r.tokens.len()).sum();
+        if inputs.dims() != [tokens, self.config.hidden_size] {
+            return Err(ModelError::Batch(format!(
+                "inputs of shape {:?} for {tokens} tokens of hidden size {}",
+                inputs.dims(),
+                self.config.hidden_size
+            )));
+        }
+        self.forward_inputs(batch, Some(inputs))
+    }
+
+    fn forward_inputs(
+        &self,
+        batch: &mut [BatchRow<'_>],
+        inputs: Option<&Tensor>,
+    ) -> Result<Vec<Option<Tensor>>> {
         self.validate(batch)?;
         let states = take_states(batch)?;
-        let out = self.forward_rows(batch, &states);
+        let out = self.forward_rows(batch, &states, inputs);
         for (row, state) in batch.iter_mut().zip(states) {
             *row.cache.plugins_mut() = state;
         }
@@ -197,6 +225,7 @@ impl Llama {
         &self,
         batch: &mut [BatchRow<'_>],
         states: &[ChainState],
+        inputs: Option<&Tensor>,
     ) -> Result<Vec<Option<Tensor>>> {
         let rows: Vec<RowInfo<'_>> = batch
             .iter()
@@ -205,10 +234,14 @@ impl Llama {
             .collect();
         let mut step = Step::new(self, &rows)?;
         step.token_hooks()?;
-        let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
-        let mut x = self
-            .embed_tokens
-            .embedding(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        let mut x = match inputs {
+            Some(x) => x.to_device(&self.device)?,
+            None => {
+                let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+                self.embed_tokens
+                    .embedding(&Tensor::new(ids.as_slice(), &self.device)?)?
+            }
+        };
         x = step.embedding_hooks(x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             step.propagate_exited_kv(self, l, layer, batch)?;

@@ -132,7 +132,8 @@ fn run() -> anyhow::Result<()> {
 /// Logs go to stderr so `server fetch` can print the path alone on stdout.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // hnsw_rs (the memory trainer's neighbour search) logs its internals at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hnsw_rs=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

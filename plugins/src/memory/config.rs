@@ -31,6 +31,16 @@ pub struct GraftBlock {
     pub tokenizer_hash: Option<String>,
     /// The default mixing weight λ in `[0, 1]`; a request's `lambda` overrides it.
     pub lambda: f32,
+    /// How many of the base model's first layers the memory shares: 0, the memory embeds the
+    /// tokens itself; `s > 0`, the memory's first layer reads the base's hidden state after
+    /// base layer `s - 1` (what those layers computed is the same for both, so it is computed
+    /// once), and the memory's file holds only its own layers.
+    #[serde(default)]
+    pub shared_layers: usize,
+    /// The base layers the memory was initialised from, in its layer order (written by
+    /// `server train memory`; informational: the memory holds its own copy of every weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_layers: Option<Vec<usize>>,
 }
 
 /// A parsed `config.json`.

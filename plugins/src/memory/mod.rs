@@ -21,9 +21,15 @@
 //! model's when the file records one.
 
 mod config;
+pub mod corpus;
+pub mod datastore;
+pub mod eval;
+pub mod knn;
 mod mix;
 mod state;
+pub mod targets;
 pub mod tiny;
+pub mod train;
 
 use std::path::Path;
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -97,7 +103,7 @@ impl MemoryDecoder {
                 }
                 (true, false) => {
                     let model_config = config.model_config(&config_path)?;
-                    check_fits(name, &model_config, base)?;
+                    check_fits(name, &model_config, config.graft.shared_layers, base)?;
                     let bytes = files.read(&st, FileRole::Tensors)?;
                     // Resident as f32 whatever the file's float type.
                     let resident = parameter_count(&model_config) * 4;
@@ -111,7 +117,7 @@ impl MemoryDecoder {
                     let resident = bytes.len();
                     let src = GgufSource::from_bytes(bytes, &gguf, &base.device)
                         .map_err(|e| PluginError::bad_file(&gguf, e))?;
-                    check_fits(name, src.config(), base)?;
+                    check_fits(name, src.config(), config.graft.shared_layers, base)?;
                     (Box::new(src), gguf, resident)
                 }
             };
@@ -147,6 +153,42 @@ impl MemoryDecoder {
             })
     }
 
+    /// Runs the memory over the group's rows in one batched step, each row on its own memory
+    /// cache (its tokens, or `inputs` in place of their embeddings), and leaves its logits,
+    /// where the base will give logits, in the row's state.
+    fn run(&self, group: &HookGroup<'_>, inputs: Option<&Tensor>) -> models::Result<()> {
+        let mut guards = lock_rows(group, self)?;
+        let mut states = Vec::with_capacity(guards.len());
+        for guard in guards.iter_mut() {
+            let any: &mut dyn std::any::Any = guard.as_mut();
+            let state = any
+                .downcast_mut::<MemoryState>()
+                .ok_or_else(|| self.hook_error("the row's state is not a memory's"))?;
+            states.push(state);
+        }
+        let mut rows: Vec<BatchRow<'_>> = group
+            .rows
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(row, state)| BatchRow {
+                seq_id: row.seq_id,
+                tokens: row.tokens,
+                cache: &mut state.cache,
+                hooks: &[],
+                logits: row.logits,
+            })
+            .collect();
+        let logits = match inputs {
+            Some(x) => self.model.forward_from_hidden(&mut rows, x)?,
+            None => self.model.forward(&mut rows)?,
+        };
+        drop(rows);
+        for (state, logits) in states.iter_mut().zip(logits) {
+            state.logits = logits;
+        }
+        Ok(())
+    }
+
     fn hook_error(&self, message: impl ToString) -> ModelError {
         ModelError::Hook {
             hook: self.name.clone(),
@@ -169,8 +211,27 @@ fn check_tokenizer(name: &str, memory: Option<&str>, base: &BaseModel) -> Result
     }
 }
 
-fn check_fits(name: &str, memory: &ModelConfig, base: &BaseModel) -> Result<()> {
+fn check_fits(name: &str, memory: &ModelConfig, shared: usize, base: &BaseModel) -> Result<()> {
     let (m, b) = (memory, &base.config);
+    if shared > b.num_layers {
+        return Err(PluginError::incompatible(
+            name,
+            format!(
+                "the memory shares {shared} base layers; the base model has {}",
+                b.num_layers
+            ),
+        ));
+    }
+    if shared > 0 && m.hidden_size != b.hidden_size {
+        return Err(PluginError::incompatible(
+            name,
+            format!(
+                "the memory reads the base's hidden states (shared_layers {shared}) but its \
+                 hidden size is {}, the base model's {}",
+                m.hidden_size, b.hidden_size
+            ),
+        ));
+    }
     if m.vocab_size != b.vocab_size {
         return Err(PluginError::incompatible(
             name,
@@ -226,8 +287,10 @@ impl Hook for MemoryDecoder {
     }
 
     fn points(&self) -> HookPoints {
+        let shares = self.graft.shared_layers > 0;
         HookPoints {
-            tokens: true,
+            tokens: !shares,
+            residual: shares,
             logits: true,
             ..HookPoints::default()
         }
@@ -244,36 +307,23 @@ impl Hook for MemoryDecoder {
         self.model.config.kv_bytes_per_token()
     }
 
-    /// Runs the memory over every row's tokens in one batched step, each row on its own
-    /// memory cache, and leaves its logits (where the base will give logits) in the row's state.
+    /// Without shared layers: runs the memory over every row's tokens (see [`Self::run`]).
     fn step_tokens(&self, group: &HookGroup<'_>) -> models::Result<()> {
-        let mut guards = lock_rows(group, self)?;
-        let mut states = Vec::with_capacity(guards.len());
-        for guard in guards.iter_mut() {
-            let any: &mut dyn std::any::Any = guard.as_mut();
-            let state = any
-                .downcast_mut::<MemoryState>()
-                .ok_or_else(|| self.hook_error("the row's state is not a memory's"))?;
-            states.push(state);
+        self.run(group, None)
+    }
+
+    /// With `s` shared layers: after base layer `s - 1`, runs the memory on the base's hidden
+    /// states `h` `(group tokens, hidden)`; leaves `h` as it is.
+    fn residual(
+        &self,
+        layer: usize,
+        group: &HookGroup<'_>,
+        h: &Tensor,
+    ) -> models::Result<Option<Tensor>> {
+        if layer + 1 == self.graft.shared_layers {
+            self.run(group, Some(h))?;
         }
-        let mut rows: Vec<BatchRow<'_>> = group
-            .rows
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(row, state)| BatchRow {
-                seq_id: row.seq_id,
-                tokens: row.tokens,
-                cache: &mut state.cache,
-                hooks: &[],
-                logits: row.logits,
-            })
-            .collect();
-        let logits = self.model.forward(&mut rows)?;
-        drop(rows);
-        for (state, logits) in states.iter_mut().zip(logits) {
-            state.logits = logits;
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// `logits`: the base's, `(group entries, vocab)`. Returns the mixture's log-probabilities.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use models::bundle::LoadedModel;
-use models::{BatchRow, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted};
+use models::{Hook, HookCall, HookGroup, HookPoints, Llama};
 
 use super::ControlVector;
 use crate::error::{PluginError, Result};
@@ -85,25 +85,13 @@ pub fn last_token_activations(
     let layers = model.config.num_layers;
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch.max(1)) {
-        let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache()).collect();
-        let mut rows: Vec<BatchRow> = chunk
-            .iter()
-            .zip(caches.iter_mut())
-            .enumerate()
-            .map(|(i, (tokens, cache))| BatchRow {
-                seq_id: i as u64,
-                tokens,
-                cache,
-                hooks: &chain,
-                logits: LogitsWanted::None,
-            })
-            .collect();
-        model
-            .forward(&mut rows)
-            .map_err(|e| PluginError::Incompatible {
+        let chunk_rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        crate::train::prefill(model, &chunk_rows, &chain).map_err(|e| {
+            PluginError::Incompatible {
                 name: "capture".into(),
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         let mut seen = capture.seen.lock().unwrap_or_else(|p| p.into_inner());
         for i in 0..chunk.len() as u64 {
             let per_layer: Option<Vec<Vec<f32>>> =

@@ -21,20 +21,21 @@
 //! `Var`s, so gradients reach only the factors. Tests pin this forward to the serving one:
 //! equal logits within 1e-4 with and without an adapter (`plugins/tests/train.rs`).
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var, D};
 use models::rope::Rope;
 use models::{Llama, ModelConfig, Projection};
 
 use super::{Batch, Result, TrainError};
 use crate::lora::{slot, ALL_PROJECTIONS, SUPPORTED_MODULES};
 
-/// A frozen projection `y = x W^T (+ b)`.
+/// A projection `y = x W^T (+ b)`, frozen unless its weight is a trained `Var`'s tensor.
 #[derive(Debug, Clone)]
 struct Dense {
     /// `(out, in)`, f32.
     weight: Tensor,
     /// `(out,)`: q/k/v of Qwen2.
     bias: Option<Tensor>,
+    trainable: bool,
 }
 
 impl Dense {
@@ -42,12 +43,16 @@ impl Dense {
         Ok(Self {
             weight: linear.dense_weight()?.to_device(device)?,
             bias: linear.bias().map(|b| b.to_device(device)).transpose()?,
+            trainable: false,
         })
     }
 
     /// `x`: `(n, in)` -> `(n, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight)?;
+        let y = match self.trainable {
+            true => x.matmul(&self.weight.t()?)?,
+            false => frozen_matmul(x, &self.weight)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -195,6 +200,87 @@ impl DenseLlama {
         &self.device
     }
 
+    /// A model made of base layers `base_layers` (in that order) of `model`, with the base's
+    /// embeddings and LM head (frozen) and every layer weight and norm, and the final norm,
+    /// trainable: returns it with its trainable parameters under their Hugging Face names (the
+    /// new model's layer numbering). A memory decoder starts from this.
+    pub fn trainable_subset(
+        model: &Llama,
+        base_layers: &[usize],
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let mut dense = Self::from_llama(model, max_positions, device)?;
+        let mut picked = Vec::with_capacity(base_layers.len());
+        for &l in base_layers {
+            let layer = dense.layers.get(l).cloned().ok_or_else(|| {
+                TrainError::BadOption(format!(
+                    "base layer {l} does not exist (the model has {})",
+                    dense.layers.len()
+                ))
+            })?;
+            picked.push(layer);
+        }
+        let mut vars = Vec::new();
+        let mut train = |name: String, t: &mut Tensor| -> Result<()> {
+            let var = Var::from_tensor(t)?;
+            *t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(())
+        };
+        for (i, layer) in picked.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            train(
+                format!("{prefix}.input_layernorm.weight"),
+                &mut layer.input_norm,
+            )?;
+            let post = format!("{prefix}.post_attention_layernorm.weight");
+            train(post, &mut layer.post_attention_norm)?;
+            for (p, dense) in ALL_PROJECTIONS.iter().zip(layer.projections.iter_mut()) {
+                let path = crate::lora::module_path(i, *p);
+                train(format!("{path}.weight"), &mut dense.weight)?;
+                if let Some(b) = dense.bias.as_mut() {
+                    train(format!("{path}.bias"), b)?;
+                }
+                dense.trainable = true;
+            }
+        }
+        train("model.norm.weight".into(), &mut dense.norm)?;
+        dense.layers = picked;
+        dense.config.num_layers = base_layers.len();
+        Ok((dense, vars))
+    }
+
+    /// Every weight under its Hugging Face name, as a checkpoint holds them.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), self.embed.clone()),
+            ("model.norm.weight".into(), self.norm.clone()),
+        ];
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            out.push((
+                format!("{prefix}.input_layernorm.weight"),
+                layer.input_norm.clone(),
+            ));
+            out.push((
+                format!("{prefix}.post_attention_layernorm.weight"),
+                layer.post_attention_norm.clone(),
+            ));
+            for (p, dense) in ALL_PROJECTIONS.iter().zip(&layer.projections) {
+                let path = crate::lora::module_path(i, *p);
+                out.push((format!("{path}.weight"), dense.weight.clone()));
+                if let Some(b) = &dense.bias {
+                    out.push((format!("{path}.bias"), b.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// The longest sequence a forward pass accepts.
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
@@ -225,6 +311,14 @@ impl DenseLlama {
     /// Hidden states after the final norm: `ids` `(b, t)` -> `(b, t, hidden)`.
     pub fn hidden(&self, ids: &Tensor, lora: Option<&LoraFactors>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?; // (b * t, hidden)
+        self.hidden_from(&x.reshape((b, t, self.config.hidden_size))?, lora)
+    }
+
+    /// [`Self::hidden`] from given inputs to layer 0 instead of token embeddings (a memory
+    /// decoder reading the base's hidden states): `x` `(b, t, hidden)` -> `(b, t, hidden)`.
+    pub fn hidden_from(&self, x: &Tensor, lora: Option<&LoraFactors>) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
         if t > self.max_positions() {
             return Err(models::ModelError::ContextOverflow {
                 position: t,
@@ -242,12 +336,12 @@ impl DenseLlama {
             mask: causal_mask(t, &self.device)?,
             lora,
         };
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // (b * t, hidden)
+        let mut x = x.reshape((b * t, hidden))?;
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(l, layer, &x, &pass)?;
         }
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        Ok(x.reshape((b, t, self.config.hidden_size))?)
+        Ok(x.reshape((b, t, hidden))?)
     }
 
     /// One pre-norm block: `x` `(b * t, hidden)` -> same shape.

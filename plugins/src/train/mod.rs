@@ -12,6 +12,7 @@
 //! folder (`crate::lora::train`, `crate::steer::train`, `crate::controller::train`), and
 //! `server train <kind>` drives it.
 
+pub mod adamw;
 pub mod data;
 pub mod dense;
 pub mod progress;
@@ -78,3 +79,26 @@ impl TrainError {
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// Runs `model` over `prompts`, each a whole prefill row from position 0 on a fresh cache,
+/// with the chain `hooks`, computing no logits: for hooks that capture what they see.
+pub fn prefill(
+    model: &models::Llama,
+    prompts: &[&[u32]],
+    hooks: &[models::HookCall],
+) -> models::Result<()> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut rows: Vec<models::BatchRow<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .enumerate()
+        .map(|(i, (tokens, cache))| models::BatchRow {
+            seq_id: i as u64,
+            tokens,
+            cache,
+            hooks,
+            logits: models::LogitsWanted::None,
+        })
+        .collect();
+    model.forward(&mut rows).map(|_| ())
+}

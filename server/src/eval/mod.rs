@@ -1,6 +1,7 @@
 //! `server eval ...`: evaluations of plug-ins through the real generation path; thin shims over
 //! each kind's evaluation in the plugins crate (`plugins::controller::eval`).
 
+mod perplexity;
 mod refusal;
 mod svg;
 
@@ -11,10 +12,14 @@ pub enum EvalCommand {
     /// Refusal rate on harmful and harmless prompts for the base model, a steering vector at
     /// several scales and a steering controller; with fluency of the harmless answers
     Refusal(Box<refusal::RefusalArgs>),
+    /// Token-level perplexity of the base model, plug-in chains (a memory decoder at every
+    /// mixing weight, a LoRA adapter) and the kNN-LM baseline on text files
+    Perplexity(Box<perplexity::PerplexityArgs>),
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
         EvalCommand::Refusal(args) => refusal::run(*args),
+        EvalCommand::Perplexity(args) => perplexity::run(*args),
     }
 }

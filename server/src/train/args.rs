@@ -34,10 +34,24 @@ pub struct BarProgress {
 impl BarProgress {
     /// Progress bars, and the losses logged to `log` when given (created or truncated).
     pub fn new(log: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::with_log(log, false)
+    }
+
+    /// [`Self::new`], adding to the log when it exists (a resumed run).
+    pub fn appending(log: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::with_log(log, true)
+    }
+
+    fn with_log(log: Option<PathBuf>, append: bool) -> anyhow::Result<Self> {
         let log = match log {
             None => None,
             Some(path) => {
-                let file = File::create(&path)
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(&path)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 Some((path, BufWriter::new(file)))
             }
@@ -121,4 +135,20 @@ pub fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
         bail!("range {s}: first is after last");
     }
     Ok((a, b))
+}
+
+/// Refuses an output folder that holds files, unless `overwrite`.
+pub fn check_out_dir(out: &Path, overwrite: bool) -> anyhow::Result<()> {
+    let occupied = match std::fs::read_dir(out) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", out.display())),
+    };
+    if occupied && !overwrite {
+        bail!(
+            "the output folder {} is not empty; choose a new folder or pass --overwrite",
+            out.display()
+        );
+    }
+    Ok(())
 }

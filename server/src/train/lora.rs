@@ -142,17 +142,7 @@ fn check_inputs(args: &LoraArgs) -> anyhow::Result<()> {
     if args.eval_every == Some(0) {
         bail!("--eval-every must be at least 1");
     }
-    let occupied = match std::fs::read_dir(&args.out) {
-        Ok(mut entries) => entries.next().is_some(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", args.out.display())),
-    };
-    if occupied && !args.overwrite {
-        bail!(
-            "the output folder {} is not empty; choose a new folder or pass --overwrite",
-            args.out.display()
-        );
-    }
+    super::args::check_out_dir(&args.out, args.overwrite)?;
     Ok(())
 }
 

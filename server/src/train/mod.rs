@@ -6,6 +6,7 @@
 pub mod args;
 mod controller;
 mod lora;
+mod memory;
 mod steer;
 
 use clap::Subcommand;
@@ -22,6 +23,10 @@ pub enum TrainCommand {
     /// Train a steering controller (Guiding Giants) from harmful and harmless instructions;
     /// writes config.json + model.safetensors the server loads as a `controller` plug-in
     Controller(Box<controller::ControllerArgs>),
+    /// Train a memory decoder on a domain corpus (a datastore of the base's hidden states,
+    /// kNN-LM targets, then KL + cross-entropy training); writes config.json + model.gguf the
+    /// server loads as a `memory` plug-in
+    Memory(Box<memory::MemoryArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
@@ -29,5 +34,6 @@ pub fn run(command: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Lora(args) => lora::run(*args),
         TrainCommand::Steer(args) => steer::run(*args),
         TrainCommand::Controller(args) => controller::run(*args),
+        TrainCommand::Memory(args) => memory::run(*args),
     }
 }

@@ -1,0 +1,308 @@
+//! `server train memory`: trains a memory decoder on a domain corpus and writes the folder the
+//! server loads as a `memory` plug-in (config.json + model.gguf or model.safetensors). The
+//! stages are `plugins::memory::{corpus, datastore, targets, train}`; this shim runs them,
+//! shows progress and keeps the run's intermediate files in a work folder so an interrupted
+//! run resumes: the datastore and the kNN targets are reused when present, training resumes
+//! from its last checkpoint. The losses go to `train_log.jsonl` in the work folder, copied
+//! beside the memory at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::quantized::GgmlDType;
+use clap::{Args, ValueEnum};
+use plugins::memory::corpus::Corpus;
+use plugins::memory::datastore::{Datastore, SharedInputs, DATASTORE_FILE, INPUTS_FILE};
+use plugins::memory::targets::{KnnTargets, TARGETS_FILE};
+use plugins::memory::train::{train, write_memory, MemoryTrainConfig, WeightsFormat};
+use plugins::memory::{GraftBlock, TYPE};
+use serde_json::json;
+
+use super::args::{load_model, model_path, BarProgress};
+
+const LOG_FILE: &str = "train_log.jsonl";
+/// The settings a work folder was made with; a run with others must not reuse it.
+const RUN_FILE: &str = "run.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// model.gguf with Q8_0 matrices (what the server runs fastest)
+    GgufQ8_0,
+    /// model.gguf with f16 matrices
+    GgufF16,
+    /// model.safetensors, f32
+    Safetensors,
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// Base model (the datastore model and the memory's initialisation): a .gguf file or a
+    /// Hugging Face folder [default: the default model, fetched on first use]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training text: files, or folders whose files are read (a corpus's train split)
+    #[arg(long, num_args = 1.., required = true)]
+    corpus: Vec<PathBuf>,
+    /// Folder to write the memory into; must be empty or new
+    #[arg(long)]
+    out: PathBuf,
+    /// Write into --out even if it holds files
+    #[arg(long)]
+    overwrite: bool,
+    /// Folder for the datastore, the kNN targets, checkpoints and the loss log; a run given
+    /// the same folder resumes [default: OUT.work beside --out]
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Training tokens: the first N of the corpus in the split rule's document order
+    #[arg(long, default_value_t = 400_000)]
+    max_tokens: usize,
+    /// Base layers the memory starts from and trains: N (the base's last N; the memory shares
+    /// the layers below and reads their output), `all`, or ranges like 0-11,27-29 (a memory
+    /// whose first layer is base layer s shares the s layers below it)
+    #[arg(long, default_value = "6")]
+    layers: String,
+    /// Neighbours per position for the kNN targets
+    #[arg(long, default_value_t = 64)]
+    k: usize,
+    /// Temperature τ of the kNN distribution, p ∝ exp(-d / τ) over squared L2 distances
+    #[arg(long, default_value_t = 16.0)]
+    knn_temperature: f32,
+    /// Search neighbours exactly instead of through an HNSW graph (quadratic in the tokens:
+    /// about 40 minutes for 400k on 2 cores, against 10)
+    #[arg(long)]
+    exact_knn: bool,
+    /// Weight of the KL term in the loss (the rest is cross-entropy)
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Peak learning rate (AdamW; decays linearly to 0)
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Passes over the training tokens
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Tokens per block, for the datastore and for training
+    #[arg(long, default_value_t = 1024)]
+    block_len: usize,
+    /// Blocks per optimizer step
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Seed of the block order
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints in the work folder
+    #[arg(long, default_value_t = 25)]
+    checkpoint_every: usize,
+    /// The memory's default mixing weight λ, written to its config
+    #[arg(long, default_value_t = 0.5)]
+    lambda: f32,
+    /// How the memory's weights are written
+    #[arg(long, value_enum, default_value_t = Format::GgufQ8_0)]
+    format: Format,
+}
+
+pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
+    check_out(&args)?;
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| args.out.with_extension("work"));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let model_path = model_path(&args.model)?;
+    let loaded = load_model(&model_path, args.block_len.max(1024))?;
+    let base_layers = parse_layers(&args.layers, loaded.model.config.num_layers)?;
+    let config = MemoryTrainConfig {
+        base_layers: base_layers.clone(),
+        alpha: args.alpha,
+        lr: args.lr,
+        epochs: args.epochs,
+        block_len: args.block_len,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+    };
+    config.validate(loaded.model.config.num_layers)?;
+    check_run(&work, &args, &model_path)?;
+    let mut progress = BarProgress::appending(Some(work.join(LOG_FILE)))?;
+    let corpus = Corpus::read(
+        &args.corpus,
+        &loaded.tokenizer,
+        Some(args.max_tokens),
+        false,
+        &mut progress,
+    )?;
+    eprintln!(
+        "corpus: {} tokens from {} documents",
+        corpus.tokens.len(),
+        corpus.documents.len()
+    );
+    let started = Instant::now();
+    let (targets, inputs) =
+        knn_targets(&loaded.model, &corpus, &config, &args, &work, &mut progress)?;
+    let knn_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let model = train(
+        &loaded.model,
+        &corpus,
+        &targets,
+        inputs.as_ref(),
+        &config,
+        &work,
+        &mut progress,
+    )?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    progress.finish()?;
+    let graft = GraftBlock {
+        kind: TYPE.into(),
+        tokenizer_hash: Some(loaded.tokenizer.identity()),
+        lambda: args.lambda,
+        shared_layers: config.shared_layers(),
+        base_layers: Some(base_layers),
+    };
+    let weights = write_memory(&model, &graft, format(args.format), &args.out)?;
+    let log = args.out.join(LOG_FILE);
+    std::fs::copy(work.join(LOG_FILE), &log)
+        .with_context(|| format!("cannot write {}", log.display()))?;
+    println!(
+        "memory written to {} ({} layers); datastore + kNN targets {:.0} s, training {:.0} s \
+         ({:.0} tokens/s)",
+        weights.display(),
+        config.base_layers.len(),
+        knn_seconds,
+        train_seconds,
+        (corpus.tokens.len() * args.epochs) as f64 / train_seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+/// The kNN targets (and the shared layers' outputs a memory reading them trains on), from the
+/// work folder when an earlier run made them.
+fn knn_targets(
+    model: &models::Llama,
+    corpus: &Corpus,
+    config: &MemoryTrainConfig,
+    args: &MemoryArgs,
+    work: &Path,
+    progress: &mut BarProgress,
+) -> anyhow::Result<(KnnTargets, Option<SharedInputs>)> {
+    let (targets_path, inputs_path) = (work.join(TARGETS_FILE), work.join(INPUTS_FILE));
+    let shared = config.shared_layers();
+    let have_inputs = shared == 0 || inputs_path.exists();
+    if targets_path.exists() && have_inputs {
+        eprintln!("kNN targets: reusing {}", targets_path.display());
+        let inputs = (shared > 0)
+            .then(|| SharedInputs::load(&inputs_path))
+            .transpose()?;
+        return Ok((KnnTargets::load(&targets_path)?, inputs));
+    }
+    let started = Instant::now();
+    let blocks = corpus.blocks(args.block_len);
+    let (store, inputs) = Datastore::build(model, &blocks, 1, shared, progress)?;
+    store.save(&work.join(DATASTORE_FILE))?;
+    if let Some(inputs) = &inputs {
+        inputs.save(&inputs_path)?;
+    }
+    eprintln!(
+        "datastore: {} keys in {:.0} s",
+        store.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let (targets, recall) = KnnTargets::build(
+        &store,
+        args.k,
+        args.knn_temperature,
+        args.exact_knn,
+        progress,
+    )?;
+    targets.save(&targets_path)?;
+    let recall = recall.map_or("exact search".into(), |r| {
+        format!("HNSW recall@{} {r:.3}", args.k)
+    });
+    eprintln!(
+        "kNN targets: {} positions, k = {}, in {:.0} s ({recall})",
+        targets.len(),
+        args.k,
+        started.elapsed().as_secs_f64()
+    );
+    Ok((targets, inputs))
+}
+
+fn format(f: Format) -> WeightsFormat {
+    match f {
+        Format::GgufQ8_0 => WeightsFormat::Gguf(GgmlDType::Q8_0),
+        Format::GgufF16 => WeightsFormat::Gguf(GgmlDType::F16),
+        Format::Safetensors => WeightsFormat::Safetensors,
+    }
+}
+
+/// `N`, `all` or comma-separated `a-b` ranges and single layers.
+pub fn parse_layers(spec: &str, base_layers: usize) -> anyhow::Result<Vec<usize>> {
+    let spec = spec.trim();
+    if spec == "all" {
+        return Ok((0..base_layers).collect());
+    }
+    if let Ok(n) = spec.parse::<usize>() {
+        if n == 0 || n > base_layers {
+            bail!("--layers {n}: the base has {base_layers} layers");
+        }
+        return Ok((base_layers - n..base_layers).collect());
+    }
+    let mut layers = Vec::new();
+    for part in spec.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some(_) => super::args::parse_range(part)?,
+            None => {
+                let l = part
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--layers {spec}"))?;
+                (l, l)
+            }
+        };
+        layers.extend(a..=b);
+    }
+    if let Some(l) = layers.iter().find(|&&l| l >= base_layers) {
+        bail!("--layers {spec}: layer {l} does not exist (the base has {base_layers})");
+    }
+    Ok(layers)
+}
+
+fn check_out(args: &MemoryArgs) -> anyhow::Result<()> {
+    super::args::check_out_dir(&args.out, args.overwrite)?;
+    for path in &args.corpus {
+        if !path.exists() {
+            bail!("the corpus path {} does not exist", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Records the run's settings in the work folder, or checks them against the recorded ones:
+/// a datastore, targets or checkpoint made with other settings must not be reused.
+fn check_run(work: &Path, args: &MemoryArgs, model: &Path) -> anyhow::Result<()> {
+    let settings = json!({
+        "model": model, "corpus": args.corpus, "max_tokens": args.max_tokens,
+        "layers": args.layers, "k": args.k, "knn_temperature": args.knn_temperature, "exact_knn": args.exact_knn,
+        "alpha": args.alpha, "lr": args.lr, "epochs": args.epochs,
+        "block_len": args.block_len, "batch_size": args.batch_size, "seed": args.seed,
+    });
+    let path = work.join(RUN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("cannot parse {}", path.display()))?;
+            if recorded != settings {
+                bail!(
+                    "the work folder {} holds a run with other settings ({text}); pass another \
+                     --work-dir or delete it",
+                    work.display()
+                );
+            }
+            eprintln!("resuming the run in {}", work.display());
+            Ok(())
+        }
+        Err(_) => std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
+            .with_context(|| format!("cannot write {}", path.display())),
+    }
+}
