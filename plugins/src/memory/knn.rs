@@ -6,10 +6,10 @@
 //! products of a block of queries against a block of keys one matmul, a bounded max-heap per
 //! query), and [`search_hnsw`], an HNSW graph (the `hnsw_rs` crate) whose neighbours get their
 //! exact distances recomputed. Exact search costs `queries × keys × dim`; on 2 cores it does
-//! about 4e10 multiply-adds a second, so the datastore searched with its own 400k keys would
-//! take about 40 minutes, against about 10 for HNSW at 0.99 recall: training targets use
-//! HNSW, the kNN-LM evaluation (a few tens of thousands of queries) exact search
-//! (docs/BENCHMARKS.md, "Memory decoder", has the measurements).
+//! about 4e10 multiply-adds a second (20k keys searched with themselves: 6 s), so 400k keys
+//! would take about 40 minutes. HNSW (16 links, ef 100) on the same 20k keys: 15 s to build,
+//! 1.7 s per 2,000 queries, recall@65 0.995. Training targets use HNSW (the trainer prints its
+//! measured recall), the kNN-LM evaluation (a few tens of thousands of queries) exact search.
 
 use std::collections::BinaryHeap;
 
