@@ -128,7 +128,7 @@ pub fn train(
     let mut order = Vec::new();
     for step in optimizer.steps()..total {
         let epoch = step / per_epoch;
-        if order.is_empty() || step % per_epoch == 0 || step == optimizer.steps() {
+        if order.is_empty() || step % per_epoch == 0 {
             order = (0..blocks.len()).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(config.seed ^ epoch as u64));
         }

@@ -89,11 +89,9 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let loaded = load_model(&path, args.window)?;
     let registry = registry(&loaded, &args)?;
     let mut progress = BarProgress::new(None)?;
-    let corpus = Corpus::read(&args.text, &loaded.tokenizer, None, true, &mut progress)?;
-    let corpus = Corpus {
-        tokens: corpus.tokens[..corpus.tokens.len().min(args.max_tokens + 1)].to_vec(),
-        documents: corpus.documents,
-    };
+    // One token more than the scored ones: the first token is never scored.
+    let budget = Some(args.max_tokens + 1);
+    let corpus = Corpus::read(&args.text, &loaded.tokenizer, budget, true, &mut progress)?;
     let windows = corpus.windows(args.window, args.stride);
     let knn_model = args
         .datastore
