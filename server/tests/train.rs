@@ -170,3 +170,73 @@ fn bad_invocations_fail_with_a_message_naming_the_problem() {
     );
     assert!(!dir.path().join("new").exists());
 }
+
+#[test]
+fn train_lora_reads_a_corpus_folder_in_blocks_and_refuses_its_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model(dir.path());
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    let name = |test: bool| {
+        (0..)
+            .map(|i| format!("doc{i}.txt"))
+            .find(|n| plugins::memory::corpus::is_test(n) == test)
+            .unwrap()
+    };
+    // 840 bytes, cut to 600 tokens of the byte-level vocabulary: blocks of 64 overlapping by
+    // one start every 63 tokens, so 10 blocks; the tenth (tokens 567..600, 32 targets) is held out.
+    std::fs::write(corpus.join(name(false)), "the quick brown fox. ".repeat(40)).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("adapter");
+    let args = [
+        "--model",
+        &s(&model),
+        "--corpus",
+        &s(&corpus),
+        "--max-tokens",
+        "600",
+        "--out",
+        &s(&out),
+        "--steps",
+        "2",
+        "--max-len",
+        "64",
+    ];
+    let run = train(&args);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("corpus: 600 tokens from 1 documents"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("on 1 held-out examples (32 target tokens)"),
+        "{stdout}"
+    );
+    let recorded: Value =
+        serde_json::from_slice(&std::fs::read(out.join("training_args.json")).unwrap()).unwrap();
+    assert_eq!(recorded["corpus"], json!([s(&corpus)]));
+    assert_eq!(recorded["max_tokens"], json!(600));
+
+    std::fs::write(corpus.join(name(true)), "held out").unwrap();
+    let again = dir.path().join("again");
+    let run = train(&[&args[..6], &["--out", &s(&again)]].concat());
+    let stderr = text(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("belongs to the test split"),
+        "{stderr}"
+    );
+    let both = train(&[
+        "--corpus",
+        &s(&corpus),
+        "--data",
+        "x.jsonl",
+        "--out",
+        &s(&again),
+    ]);
+    assert!(
+        text(&both.stderr).contains("cannot be used with"),
+        "{}",
+        text(&both.stderr)
+    );
+}

@@ -1,5 +1,6 @@
 //! `server train lora`: trains a LoRA adapter on a JSONL file (format: `plugins::train::data`)
-//! and writes it where `--out` says, in the PEFT format the server's `--plugin` / `/v1/plugins`
+//! or on a domain corpus (`--corpus`, read as `server train memory` reads it: the split rule's
+//! order, a token budget, test documents refused, then cut into `--max-len` blocks) and writes it where `--out` says, in the PEFT format the server's `--plugin` / `/v1/plugins`
 //! load. The trainer is `plugins::lora::train`; this shim checks the flags, shows progress and
 //! writes the run's files.
 //!
@@ -21,6 +22,7 @@ use models::bundle::{LoadOptions, LoadedModel};
 use plugins::lora::train::{
     hold_out, mean_completion_ce, parse_targets, LoraTrainConfig, LoraTrainer,
 };
+use plugins::memory::corpus::Corpus;
 use plugins::train::{Dataset, DenseLlama, Encoder, Example};
 use serde_json::json;
 
@@ -37,10 +39,17 @@ pub struct LoraArgs {
     model: Option<PathBuf>,
     /// Training examples, JSONL: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}
     /// per line
-    #[arg(long)]
-    data: PathBuf,
-    /// Examples for the final evaluation, same format [default: every tenth example of
-    /// --data, held out of training]
+    #[arg(long, required_unless_present = "corpus", conflicts_with = "corpus")]
+    data: Option<PathBuf>,
+    /// Or a domain corpus (text files, or folders of them; the memory decoder's corpora), cut
+    /// into blocks of --max-len tokens trained on as plain text
+    #[arg(long, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    /// Tokens of --corpus to read (the same fixed subsample `server train memory` reads)
+    #[arg(long, default_value_t = 400_000, requires = "corpus")]
+    max_tokens: usize,
+    /// Examples for the final evaluation, JSONL [default: every tenth example of --data or
+    /// block of --corpus, held out of training]
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Folder to write the adapter (and train_log.jsonl) into; must be empty or new
@@ -131,7 +140,7 @@ pub fn run(args: LoraArgs) -> anyhow::Result<()> {
 
 /// Cheap checks before the model loads.
 fn check_inputs(args: &LoraArgs) -> anyhow::Result<()> {
-    for path in std::iter::once(&args.data).chain(&args.eval) {
+    for path in args.data.iter().chain(&args.eval) {
         if !path.is_file() {
             bail!("the data file {} does not exist", path.display());
         }
@@ -172,19 +181,48 @@ fn load_data(
         loaded.chat_template.as_ref(),
         args.max_len,
     )?;
-    let data = read(&encoder, &args.data, args.max_len)?;
+    let data = match &args.data {
+        Some(path) => read(&encoder, path, args.max_len)?,
+        None => corpus_blocks(args, loaded)?,
+    };
     let (train, eval) = match &args.eval {
         Some(path) => (data, read(&encoder, path, args.max_len)?),
         None => hold_out(data),
     };
     if train.is_empty() {
-        bail!(
-            "{} leaves no examples to train on after holding out the evaluation examples; \
-             pass --eval",
-            args.data.display()
-        );
+        bail!("the data leave no examples to train on after holding out the evaluation examples; pass --eval");
     }
     Ok((train, eval))
+}
+
+/// `--corpus` as plain-text examples: blocks of `--max-len` tokens overlapping by one token,
+/// so every token after the first is a target exactly once.
+fn corpus_blocks(args: &LoraArgs, loaded: &LoadedModel) -> anyhow::Result<Vec<Example>> {
+    let mut progress = super::args::BarProgress::new(None)?;
+    let corpus = Corpus::read(
+        &args.corpus,
+        &loaded.tokenizer,
+        Some(args.max_tokens),
+        false,
+        &mut progress,
+    )?;
+    progress.finish()?;
+    eprintln!(
+        "corpus: {} tokens from {} documents",
+        corpus.tokens.len(),
+        corpus.documents.len()
+    );
+    let examples = corpus
+        .blocks(args.max_len)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, block))| Example {
+            tokens: block.to_vec(),
+            prompt_len: 1,
+            line: i + 1,
+        })
+        .collect();
+    Ok(examples)
 }
 
 /// One file's examples; an error when none is usable.
@@ -307,7 +345,8 @@ fn report_eval(
 /// The options of the run, beside the adapter.
 fn write_args(args: &LoraArgs, model: &Path) -> anyhow::Result<()> {
     let value = json!({
-        "model": model, "data": args.data, "eval": args.eval, "rank": args.rank,
+        "model": model, "data": args.data, "corpus": args.corpus,
+        "max_tokens": (!args.corpus.is_empty()).then_some(args.max_tokens), "eval": args.eval, "rank": args.rank,
         "alpha": args.alpha, "rslora": args.rslora, "targets": args.targets,
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "max_len": args.max_len, "seed": args.seed, "eval_every": args.eval_every,
