@@ -12,6 +12,12 @@ writes `OUT/<domain>/{train,test}/<name>.txt` and `OUT/manifest.json`:
 - `licenses`: the licence texts (`licenses/*.LICENSE`) of the PyPI package
   licensedcode-data==32.1.0 (CC-BY-4.0), each without its YAML front matter.
 
+And one out-of-domain test set that no memory is trained on:
+
+- `english/test`: general English, the harmless instructions of the refusal data's validation
+  split (`../shared/data/refusal/harmless_val.json`, Alpaca), 200 instructions per document,
+  one per line.
+
 The split rule, used by every script of the project (and by `server train memory`'s
 subsample, `plugins::memory::corpus`): a document's name is its path inside the package with
 `/` written `__` and `.txt` appended (`library/os.html` -> `library__os.html.txt`); it is a
@@ -185,9 +191,24 @@ def licenses(downloads: Path):
                     yield rel, text
 
 
+ENGLISH_PER_DOCUMENT = 200
+
+
+def english(refusal: Path):
+    """The harmless validation instructions, as test-only documents."""
+    items = json.loads((refusal / "harmless_val.json").read_text())
+    lines = [" ".join(item["instruction"].split()) for item in items]
+    for i in range(0, len(lines), ENGLISH_PER_DOCUMENT):
+        chunk = lines[i:i + ENGLISH_PER_DOCUMENT]
+        yield f"harmless_val__{i // ENGLISH_PER_DOCUMENT:03d}.txt", "\n".join(chunk) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("corpora"))
+    ap.add_argument("--refusal-data", type=Path,
+                    default=Path(__file__).resolve().parents[3] / "shared/data/refusal",
+                    help="the refusal data folder whose harmless_val.json gives english/test")
     args = ap.parse_args()
     downloads = args.out / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -206,6 +227,14 @@ def main():
             s: {"documents": n, "characters": c} for s, (n, c) in counts.items()}
         print(f"{domain}: {counts['train'][0]} train documents ({counts['train'][1]:,} chars), "
               f"{counts['test'][0]} test ({counts['test'][1]:,} chars)", file=sys.stderr)
+    out = args.out / "english" / "test"
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for name, text in english(args.refusal_data):
+        (out / name).write_text(text)
+        count += 1
+    manifest["domains"]["english"] = {"test": {"documents": count}}
+    print(f"english: {count} test documents", file=sys.stderr)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

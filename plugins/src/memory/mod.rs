@@ -30,6 +30,7 @@ mod state;
 pub mod targets;
 pub mod tiny;
 pub mod train;
+pub mod work;
 
 use std::path::Path;
 use std::sync::{Arc, MutexGuard, PoisonError};

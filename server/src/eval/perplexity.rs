@@ -93,11 +93,18 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let budget = Some(args.max_tokens + 1);
     let corpus = Corpus::read(&args.text, &loaded.tokenizer, budget, true, &mut progress)?;
     let windows = corpus.windows(args.window, args.stride);
-    let knn_model = args
-        .datastore
-        .as_ref()
-        .map(|_| load_model(&path, args.window))
-        .transpose()?;
+    // The kNN-LM reads the base's keys before the engine takes the model.
+    let knn = match &args.datastore {
+        Some(store_path) => Some(knn_logprobs(
+            &loaded.model,
+            &Datastore::load(store_path)?,
+            &windows,
+            args.knn_k,
+            args.knn_temperature,
+            &mut progress,
+        )?),
+        None => None,
+    };
     let engine = RealEngine::new(
         loaded,
         EngineConfig {
@@ -139,18 +146,9 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let (Some(store_path), Some(model)) = (&args.datastore, &knn_model) {
-        let store = Datastore::load(store_path)?;
-        let knn = knn_logprobs(
-            &model.model,
-            &store,
-            &windows,
-            args.knn_k,
-            args.knn_temperature,
-            &mut progress,
-        )?;
+    if let Some(knn) = &knn {
         for &l in &lambdas {
-            let p = perplexity(&mixture(&base, &knn, l));
+            let p = perplexity(&mixture(&base, knn, l));
             rows.push(row("knn-lm", Some(l), p, base_ppl, base.len()));
         }
     }

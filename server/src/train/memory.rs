@@ -13,17 +13,15 @@ use anyhow::{bail, Context};
 use candle_core::quantized::GgmlDType;
 use clap::{Args, ValueEnum};
 use plugins::memory::corpus::Corpus;
-use plugins::memory::datastore::{Datastore, SharedInputs, DATASTORE_FILE, INPUTS_FILE};
-use plugins::memory::targets::{KnnTargets, TARGETS_FILE};
+use plugins::memory::targets::TARGETS_FILE;
 use plugins::memory::train::{train, write_memory, MemoryTrainConfig, WeightsFormat};
+use plugins::memory::work::{parse_layers, KnnSpec, TrainingTargets, WorkFolder};
 use plugins::memory::{GraftBlock, TYPE};
 use serde_json::json;
 
 use super::args::{load_model, model_path, BarProgress};
 
 const LOG_FILE: &str = "train_log.jsonl";
-/// The settings a work folder was made with; a run with others must not reuse it.
-const RUN_FILE: &str = "run.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -103,12 +101,11 @@ pub struct MemoryArgs {
 
 pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     check_out(&args)?;
+    let model_path = model_path(&args.model)?;
     let work = args
         .work_dir
         .clone()
         .unwrap_or_else(|| args.out.with_extension("work"));
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let model_path = model_path(&args.model)?;
     let loaded = load_model(&model_path, args.block_len.max(1024))?;
     let base_layers = parse_layers(&args.layers, loaded.model.config.num_layers)?;
     let config = MemoryTrainConfig {
@@ -122,8 +119,11 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
     };
     config.validate(loaded.model.config.num_layers)?;
-    check_run(&work, &args, &model_path)?;
-    let mut progress = BarProgress::appending(Some(work.join(LOG_FILE)))?;
+    let work = WorkFolder::open(&work, &settings(&args, &model_path))?;
+    if work.resumed {
+        eprintln!("resuming the run in {}", work.path.display());
+    }
+    let mut progress = BarProgress::appending(Some(work.path.join(LOG_FILE)))?;
     let corpus = Corpus::read(
         &args.corpus,
         &loaded.tokenizer,
@@ -136,18 +136,30 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
         corpus.tokens.len(),
         corpus.documents.len()
     );
+    let spec = KnnSpec {
+        block_len: args.block_len,
+        k: args.k,
+        temperature: args.knn_temperature,
+        exact: args.exact_knn,
+    };
     let started = Instant::now();
-    let (targets, inputs) =
-        knn_targets(&loaded.model, &corpus, &config, &args, &work, &mut progress)?;
+    let stage = work.knn_targets(
+        &loaded.model,
+        &corpus,
+        spec,
+        config.shared_layers(),
+        &mut progress,
+    )?;
+    report_targets(&stage, &work, args.k);
     let knn_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let model = train(
         &loaded.model,
         &corpus,
-        &targets,
-        inputs.as_ref(),
+        &stage.targets,
+        stage.inputs.as_ref(),
         &config,
-        &work,
+        &work.path,
         &mut progress,
     )?;
     let train_seconds = started.elapsed().as_secs_f64();
@@ -161,7 +173,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     };
     let weights = write_memory(&model, &graft, format(args.format), &args.out)?;
     let log = args.out.join(LOG_FILE);
-    std::fs::copy(work.join(LOG_FILE), &log)
+    std::fs::copy(work.path.join(LOG_FILE), &log)
         .with_context(|| format!("cannot write {}", log.display()))?;
     println!(
         "memory written to {} ({} layers); datastore + kNN targets {:.0} s, training {:.0} s \
@@ -175,57 +187,26 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The kNN targets (and the shared layers' outputs a memory reading them trains on), from the
-/// work folder when an earlier run made them.
-fn knn_targets(
-    model: &models::Llama,
-    corpus: &Corpus,
-    config: &MemoryTrainConfig,
-    args: &MemoryArgs,
-    work: &Path,
-    progress: &mut BarProgress,
-) -> anyhow::Result<(KnnTargets, Option<SharedInputs>)> {
-    let (targets_path, inputs_path) = (work.join(TARGETS_FILE), work.join(INPUTS_FILE));
-    let shared = config.shared_layers();
-    let have_inputs = shared == 0 || inputs_path.exists();
-    if targets_path.exists() && have_inputs {
-        eprintln!("kNN targets: reusing {}", targets_path.display());
-        let inputs = (shared > 0)
-            .then(|| SharedInputs::load(&inputs_path))
-            .transpose()?;
-        return Ok((KnnTargets::load(&targets_path)?, inputs));
-    }
-    let started = Instant::now();
-    let blocks = corpus.blocks(args.block_len);
-    let (store, inputs) = Datastore::build(model, &blocks, 1, shared, progress)?;
-    store.save(&work.join(DATASTORE_FILE))?;
-    if let Some(inputs) = &inputs {
-        inputs.save(&inputs_path)?;
-    }
+fn report_targets(stage: &TrainingTargets, work: &WorkFolder, k: usize) {
+    let Some(built) = stage.built else {
+        eprintln!(
+            "kNN targets: reusing {}",
+            work.path.join(TARGETS_FILE).display()
+        );
+        return;
+    };
     eprintln!(
         "datastore: {} keys in {:.0} s",
-        store.len(),
-        started.elapsed().as_secs_f64()
+        built.keys, built.datastore_seconds
     );
-    let started = Instant::now();
-    let (targets, recall) = KnnTargets::build(
-        &store,
-        args.k,
-        args.knn_temperature,
-        args.exact_knn,
-        progress,
-    )?;
-    targets.save(&targets_path)?;
-    let recall = recall.map_or("exact search".into(), |r| {
-        format!("HNSW recall@{} {r:.3}", args.k)
-    });
+    let recall = built
+        .recall
+        .map_or("exact search".into(), |r| format!("HNSW recall@{k} {r:.3}"));
     eprintln!(
-        "kNN targets: {} positions, k = {}, in {:.0} s ({recall})",
-        targets.len(),
-        args.k,
-        started.elapsed().as_secs_f64()
+        "kNN targets: {} positions, k = {k}, in {:.0} s ({recall})",
+        stage.targets.len(),
+        built.knn_seconds
     );
-    Ok((targets, inputs))
 }
 
 fn format(f: Format) -> WeightsFormat {
@@ -234,38 +215,6 @@ fn format(f: Format) -> WeightsFormat {
         Format::GgufF16 => WeightsFormat::Gguf(GgmlDType::F16),
         Format::Safetensors => WeightsFormat::Safetensors,
     }
-}
-
-/// `N`, `all` or comma-separated `a-b` ranges and single layers.
-pub fn parse_layers(spec: &str, base_layers: usize) -> anyhow::Result<Vec<usize>> {
-    let spec = spec.trim();
-    if spec == "all" {
-        return Ok((0..base_layers).collect());
-    }
-    if let Ok(n) = spec.parse::<usize>() {
-        if n == 0 || n > base_layers {
-            bail!("--layers {n}: the base has {base_layers} layers");
-        }
-        return Ok((base_layers - n..base_layers).collect());
-    }
-    let mut layers = Vec::new();
-    for part in spec.split(',') {
-        let (a, b) = match part.split_once('-') {
-            Some(_) => super::args::parse_range(part)?,
-            None => {
-                let l = part
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("--layers {spec}"))?;
-                (l, l)
-            }
-        };
-        layers.extend(a..=b);
-    }
-    if let Some(l) = layers.iter().find(|&&l| l >= base_layers) {
-        bail!("--layers {spec}: layer {l} does not exist (the base has {base_layers})");
-    }
-    Ok(layers)
 }
 
 fn check_out(args: &MemoryArgs) -> anyhow::Result<()> {
@@ -278,31 +227,13 @@ fn check_out(args: &MemoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records the run's settings in the work folder, or checks them against the recorded ones:
-/// a datastore, targets or checkpoint made with other settings must not be reused.
-fn check_run(work: &Path, args: &MemoryArgs, model: &Path) -> anyhow::Result<()> {
-    let settings = json!({
+/// The settings a work folder is made with: a datastore, targets or checkpoint made with
+/// other settings must not be reused.
+fn settings(args: &MemoryArgs, model: &Path) -> serde_json::Value {
+    json!({
         "model": model, "corpus": args.corpus, "max_tokens": args.max_tokens,
         "layers": args.layers, "k": args.k, "knn_temperature": args.knn_temperature, "exact_knn": args.exact_knn,
         "alpha": args.alpha, "lr": args.lr, "epochs": args.epochs,
         "block_len": args.block_len, "batch_size": args.batch_size, "seed": args.seed,
-    });
-    let path = work.join(RUN_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let recorded: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("cannot parse {}", path.display()))?;
-            if recorded != settings {
-                bail!(
-                    "the work folder {} holds a run with other settings ({text}); pass another \
-                     --work-dir or delete it",
-                    work.display()
-                );
-            }
-            eprintln!("resuming the run in {}", work.display());
-            Ok(())
-        }
-        Err(_) => std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
-            .with_context(|| format!("cannot write {}", path.display())),
-    }
+    })
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The memory decoder's perplexity table: `server eval perplexity` on each domain's test split
+# and on general English, for the base model, every trained memory (served at its default λ,
+# alone, and mixed at every λ), every LoRA baseline, and the kNN-LM over the datastore of the
+# text's own domain. One eval per text set, so the base is scored once per set and every
+# plug-in sees the same windows. Writes under target/bench/memory-ppl/: <set>.json and
+# <set>.svg per text set, table.md (memory_ppl_report.py).
+#
+# usage: RUNS=DIR scripts/bench/memory_ppl.sh
+# env:   RUNS (folder of `server train memory --out RUNS/<domain>` memories, their RUNS/<domain>.work
+#        folders and `server train lora --corpus ... --out RUNS/lora-<domain>` adapters; required),
+#        CORPORA (corpora), TOKENS (scored tokens per set, 16384), THREADS (2), OUT
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+: "${RUNS:?set RUNS to the folder holding the trained memories}"
+CORPORA=${CORPORA:-$ROOT/corpora}
+TOKENS=${TOKENS:-16384}
+THREADS=${THREADS:-2}
+OUT=${OUT:-$ROOT/target/bench/memory-ppl}
+GRAFT=$ROOT/target/release/server
+[ -x "$GRAFT" ] || (cd "$ROOT" && cargo build --release -p server)
+DOMAINS="python-docs licenses"
+
+plugins=()
+for d in $DOMAINS; do
+  [ -f "$RUNS/$d/config.json" ] && plugins+=(--plugin "memory:$d=$d" --plugins "[{\"type\": \"memory\", \"name\": \"$d\"}]")
+  [ -f "$RUNS/lora-$d/adapter_config.json" ] && plugins+=(--plugin "lora:lora-$d=lora-$d" --plugins "[{\"type\": \"lora\", \"name\": \"lora-$d\"}]")
+done
+[ ${#plugins[@]} -gt 0 ] || { echo "no memory or LoRA adapter under $RUNS" >&2; exit 1; }
+
+mkdir -p "$OUT"
+echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), $TOKENS scored tokens per set" | tee "$OUT/run.txt"
+for set in python-docs/test licenses/test english/test; do
+  domain=${set%/test}
+  knn=()
+  [ -f "$RUNS/$domain.work/datastore.safetensors" ] && knn=(--datastore "$RUNS/$domain.work/datastore.safetensors")
+  echo "== $set: load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/run.txt"
+  RAYON_NUM_THREADS=$THREADS "$GRAFT" eval perplexity --text "$CORPORA/$set" --max-tokens "$TOKENS" \
+    --plugin-dir "$RUNS" "${plugins[@]}" "${knn[@]}" \
+    --out "$OUT/$domain.json" --plot "$OUT/$domain.svg" | tee -a "$OUT/run.txt"
+done
+python3 "$ROOT/scripts/bench/memory_ppl_report.py" "$OUT" | tee "$OUT/table.md"
