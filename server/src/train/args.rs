@@ -21,11 +21,14 @@ pub fn progress_bar(len: usize, unit: &str) -> anyhow::Result<ProgressBar> {
     Ok(ProgressBar::new(len as u64).with_style(style))
 }
 
-/// [`Progress`] for a terminal: one bar with an ETA per phase (on stderr; hidden when stderr
-/// is not a terminal), and, with a log file, each training step's losses as one JSON line
+/// [`Progress`] for a terminal: one bar with an ETA per phase on stderr; when stderr is not a
+/// terminal (a log file, `nohup`), a line per tenth of each phase with its ETA instead. With a
+/// log file, each training step's losses as one JSON line
 /// (`{"step": 0, "loss": ..., ...}`), flushed as it goes so the file can be watched.
 pub struct BarProgress {
     bar: Option<ProgressBar>,
+    /// The current phase, for the lines written when the bar is hidden.
+    phase: Option<PhaseLines>,
     log: Option<(PathBuf, BufWriter<File>)>,
     /// The first failure to write the log, reported by [`BarProgress::finish`].
     failed: Option<anyhow::Error>,
@@ -58,6 +61,7 @@ impl BarProgress {
         };
         Ok(Self {
             bar: None,
+            phase: None,
             log,
             failed: None,
         })
@@ -78,7 +82,10 @@ impl Progress for BarProgress {
             bar.finish_and_clear();
         }
         match progress_bar(total, name) {
-            Ok(bar) => self.bar = Some(bar),
+            Ok(bar) => {
+                self.phase = bar.is_hidden().then(|| PhaseLines::new(name, total));
+                self.bar = Some(bar);
+            }
             Err(e) => eprintln!("{name}: {total} (no progress bar: {e})"),
         }
     }
@@ -86,6 +93,9 @@ impl Progress for BarProgress {
     fn advance(&mut self, n: usize) {
         if let Some(bar) = &self.bar {
             bar.inc(n as u64);
+        }
+        if let Some(line) = self.phase.as_mut().and_then(|p| p.advance(n)) {
+            eprintln!("{line}");
         }
     }
 
@@ -104,6 +114,45 @@ impl Progress for BarProgress {
             self.failed =
                 Some(anyhow::Error::new(e).context(format!("cannot write {}", path.display())));
         }
+    }
+}
+
+/// A phase's progress as lines on stderr, one per tenth done, for runs nobody watches live.
+struct PhaseLines {
+    name: String,
+    total: usize,
+    done: usize,
+    next_tenth: usize,
+    started: std::time::Instant,
+}
+
+impl PhaseLines {
+    fn new(name: &str, total: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            total,
+            done: 0,
+            next_tenth: 1,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The line to print when `n` more units take the phase past its next tenth.
+    fn advance(&mut self, n: usize) -> Option<String> {
+        self.done += n;
+        if self.total == 0 || self.done * 10 < self.next_tenth * self.total {
+            return None;
+        }
+        self.next_tenth = self.done * 10 / self.total + 1;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let left = elapsed * (self.total.saturating_sub(self.done)) as f64 / self.done as f64;
+        Some(format!(
+            "{}: {}/{} ({}%) in {elapsed:.0} s, about {left:.0} s left",
+            self.name,
+            self.done,
+            self.total,
+            self.done * 100 / self.total
+        ))
     }
 }
 
@@ -151,4 +200,22 @@ pub fn check_out_dir(out: &Path, overwrite: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PhaseLines;
+
+    #[test]
+    fn a_hidden_phase_prints_a_line_per_tenth_crossed() {
+        let mut p = PhaseLines::new("steps", 100);
+        assert_eq!(p.advance(5), None);
+        let line = p.advance(5).unwrap();
+        assert!(line.starts_with("steps: 10/100 (10%) in "), "{line}");
+        assert!(p.advance(25).unwrap().contains("35/100 (35%)"));
+        assert_eq!(p.advance(4), None);
+        assert!(p.advance(1).unwrap().contains("40/100 (40%)"));
+        assert!(p.advance(60).unwrap().contains("100/100 (100%)"));
+        assert_eq!(PhaseLines::new("empty", 0).advance(1), None);
+    }
 }
