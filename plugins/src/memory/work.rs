@@ -19,6 +19,10 @@ type Result<T> = std::result::Result<T, TrainError>;
 /// The settings a work folder was made with.
 pub const RUN_FILE: &str = "run.json";
 
+/// The settings the datastore (and the shared layers' outputs) depend on; a run that changes
+/// only the others (the kNN search, the loss, the optimiser) may adopt another run's datastore.
+pub const DATASTORE_SETTINGS: [&str; 5] = ["model", "corpus", "max_tokens", "block_len", "layers"];
+
 /// How the kNN targets are made.
 #[derive(Debug, Clone, Copy)]
 pub struct KnnSpec {
@@ -36,6 +40,8 @@ pub struct KnnSpec {
 #[derive(Debug, Clone, Copy)]
 pub struct BuildReport {
     pub keys: usize,
+    /// False when the folder held the datastore already (only the targets were built).
+    pub datastore_built: bool,
     pub datastore_seconds: f64,
     pub knn_seconds: f64,
     /// The HNSW graph's recall@k against exact search; `None` for exact search.
@@ -57,6 +63,7 @@ pub struct WorkFolder {
     pub path: PathBuf,
     /// Whether an earlier run with the same settings made it.
     pub resumed: bool,
+    settings: Value,
 }
 
 impl WorkFolder {
@@ -89,12 +96,47 @@ impl WorkFolder {
         Ok(Self {
             path: path.to_path_buf(),
             resumed,
+            settings: settings.clone(),
         })
+    }
+
+    /// Links (or copies) another work folder's datastore and shared-layer outputs into this
+    /// one, after checking that it was made with the same [`DATASTORE_SETTINGS`]. Returns
+    /// the files taken; none when this folder has its own.
+    pub fn adopt_datastore(&self, other: &Path) -> Result<Vec<PathBuf>> {
+        let file = other.join(RUN_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|e| TrainError::io(&file, e))?;
+        let theirs: Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::BadOption(format!("cannot parse {}: {e}", file.display())))?;
+        if let Some(key) = DATASTORE_SETTINGS
+            .iter()
+            .find(|&&k| theirs.get(k) != self.settings.get(k))
+        {
+            return Err(TrainError::BadOption(format!(
+                "{} was made with another `{key}` ({} against {}): its datastore does not fit",
+                other.display(),
+                theirs.get(key).unwrap_or(&Value::Null),
+                self.settings.get(key).unwrap_or(&Value::Null)
+            )));
+        }
+        let mut taken = Vec::new();
+        for name in [DATASTORE_FILE, INPUTS_FILE] {
+            let (from, to) = (other.join(name), self.path.join(name));
+            if !from.exists() || to.exists() {
+                continue;
+            }
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(|e| TrainError::io(&to, e))?;
+            }
+            taken.push(to);
+        }
+        Ok(taken)
     }
 
     /// The kNN targets (and the shared layers' outputs when the memory reads them), from this
     /// folder when an earlier run made them, else built and saved: the datastore over the
-    /// corpus in `spec.block_len` blocks, then each key's neighbours.
+    /// corpus in `spec.block_len` blocks (unless the folder holds it already), then each key's
+    /// neighbours.
     pub fn knn_targets(
         &self,
         model: &models::Llama,
@@ -117,12 +159,22 @@ impl WorkFolder {
             });
         }
         let started = Instant::now();
-        let blocks = corpus.blocks(spec.block_len);
-        let (store, inputs) = Datastore::build(model, &blocks, 1, shared_layers, progress)?;
-        store.save(&self.path.join(DATASTORE_FILE))?;
-        if let Some(inputs) = &inputs {
-            inputs.save(&inputs_path)?;
-        }
+        let store_path = self.path.join(DATASTORE_FILE);
+        let datastore_built = !(store_path.exists() && have_inputs);
+        let (store, inputs) = if !datastore_built {
+            let inputs = (shared_layers > 0)
+                .then(|| SharedInputs::load(&inputs_path))
+                .transpose()?;
+            (Datastore::load(&store_path)?, inputs)
+        } else {
+            let blocks = corpus.blocks(spec.block_len);
+            let (store, inputs) = Datastore::build(model, &blocks, 1, shared_layers, progress)?;
+            store.save(&store_path)?;
+            if let Some(inputs) = &inputs {
+                inputs.save(&inputs_path)?;
+            }
+            (store, inputs)
+        };
         let datastore_seconds = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let (targets, recall) =
@@ -130,6 +182,7 @@ impl WorkFolder {
         targets.save(&targets_path)?;
         let built = BuildReport {
             keys: store.len(),
+            datastore_built,
             datastore_seconds,
             knn_seconds: started.elapsed().as_secs_f64(),
             recall,

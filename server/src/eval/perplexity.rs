@@ -41,6 +41,10 @@ pub struct PerplexityArgs {
     /// Scored tokens at most (the text is cut, in the split rule's document order)
     #[arg(long, default_value_t = 32_768)]
     max_tokens: usize,
+    /// Tokens to pass over before scoring: with a training split and the trainer's
+    /// --max-tokens, the documents after the ones it trained on (a validation set)
+    #[arg(long, default_value_t = 0)]
+    skip_tokens: usize,
     /// Folder plug-in paths must lie under, as for `server serve`
     #[arg(long, default_value = ".")]
     plugin_dir: PathBuf,
@@ -90,8 +94,16 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let registry = registry(&loaded, &args)?;
     let mut progress = BarProgress::new(None)?;
     // One token more than the scored ones: the first token is never scored.
-    let budget = Some(args.max_tokens + 1);
-    let corpus = Corpus::read(&args.text, &loaded.tokenizer, budget, true, &mut progress)?;
+    let budget = Some(args.skip_tokens + args.max_tokens + 1);
+    let mut corpus = Corpus::read(&args.text, &loaded.tokenizer, budget, true, &mut progress)?;
+    if corpus.tokens.len() < args.skip_tokens + 2 {
+        bail!(
+            "the text holds {} tokens, none left to score after --skip-tokens {}",
+            corpus.tokens.len(),
+            args.skip_tokens
+        );
+    }
+    corpus.tokens.drain(..args.skip_tokens);
     let windows = corpus.windows(args.window, args.stride);
     // The kNN-LM reads the base's keys before the engine takes the model.
     let knn = match &args.datastore {
@@ -155,7 +167,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     progress.finish()?;
     print_table(&rows);
     if let Some(out) = &args.out {
-        let report = json!({"text": args.text, "scored_tokens": base.len(), "window": args.window,
+        let report = json!({"text": args.text, "skip_tokens": args.skip_tokens, "scored_tokens": base.len(), "window": args.window,
             "stride": args.stride, "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
             "results": rows});
         std::fs::write(out, serde_json::to_string_pretty(&report)?)

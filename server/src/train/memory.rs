@@ -52,6 +52,11 @@ pub struct MemoryArgs {
     /// the same folder resumes [default: OUT.work beside --out]
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Take the datastore from another run's work folder (made with the same model, corpus,
+    /// --max-tokens, --block-len and --layers) instead of building it: for a run that changes
+    /// only the kNN search, the loss or the optimiser
+    #[arg(long)]
+    datastore_from: Option<PathBuf>,
     /// Training tokens: the first N of the corpus in the split rule's document order
     #[arg(long, default_value_t = 400_000)]
     max_tokens: usize,
@@ -122,6 +127,11 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let work = WorkFolder::open(&work, &settings(&args, &model_path))?;
     if work.resumed {
         eprintln!("resuming the run in {}", work.path.display());
+    }
+    if let Some(other) = &args.datastore_from {
+        for file in work.adopt_datastore(other)? {
+            eprintln!("datastore: {} from {}", file.display(), other.display());
+        }
     }
     let mut progress = BarProgress::appending(Some(work.path.join(LOG_FILE)))?;
     let corpus = Corpus::read(
@@ -195,8 +205,13 @@ fn report_targets(stage: &TrainingTargets, work: &WorkFolder, k: usize) {
         );
         return;
     };
+    let how = if built.datastore_built {
+        "built"
+    } else {
+        "loaded"
+    };
     eprintln!(
-        "datastore: {} keys in {:.0} s",
+        "datastore: {} keys {how} in {:.0} s",
         built.keys, built.datastore_seconds
     );
     let recall = built
