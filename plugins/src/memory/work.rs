@@ -268,4 +268,26 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn a_datastore_is_adopted_only_from_a_run_with_the_same_corpus_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = json!({"model": "m", "corpus": ["c"], "max_tokens": 10, "block_len": 4,
+            "layers": "6", "knn_temperature": 16.0});
+        let first = WorkFolder::open(&dir.path().join("a"), &base).unwrap();
+        std::fs::write(first.path.join(DATASTORE_FILE), "keys").unwrap();
+        let mut other_tau = base.clone();
+        other_tau["knn_temperature"] = json!(4.0);
+        let second = WorkFolder::open(&dir.path().join("b"), &other_tau).unwrap();
+        let taken = second.adopt_datastore(&first.path).unwrap();
+        assert_eq!(taken, vec![second.path.join(DATASTORE_FILE)]);
+        assert_eq!(std::fs::read_to_string(&taken[0]).unwrap(), "keys");
+        assert!(second.adopt_datastore(&first.path).unwrap().is_empty());
+
+        let mut other_corpus = base;
+        other_corpus["max_tokens"] = json!(20);
+        let third = WorkFolder::open(&dir.path().join("c"), &other_corpus).unwrap();
+        let e = third.adopt_datastore(&first.path).unwrap_err().to_string();
+        assert!(e.contains("another `max_tokens` (10 against 20)"), "{e}");
+    }
 }
