@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The table of scripts/bench/memory_ppl.sh: per text set, the perplexity of the base model, of
-each memory decoder served at its default λ and at the best λ of its curve, of the memory alone,
-of the kNN-LM at its best λ and of each LoRA adapter, each with its ratio to the base.
+"""The table of scripts/bench/memory_ppl.sh: one column per text set, one row per configuration:
+the base model, each memory decoder served at its default λ, at the best λ of its curve and
+alone, the kNN-LM at its best λ, each LoRA adapter; each cell the perplexity and its ratio to
+the base on that set.
 Standard library only.
 
 usage: scripts/bench/memory_ppl_report.py OUT   (reads OUT/<set>.json)
@@ -42,21 +43,35 @@ def columns(rows):
 
 def main():
     out = sys.argv[1]
-    sets = sorted(glob.glob(os.path.join(out, "*.json")))
-    if not sets:
+    paths = sorted(glob.glob(os.path.join(out, "*.json")))
+    if not paths:
         sys.exit(f"no <set>.json in {out}")
-    for path in sets:
+    sets = {}
+    for path in paths:
         with open(path) as f:
-            report = json.load(f)
+            sets[os.path.basename(path)[:-5]] = json.load(f)
+    # Rows in the order they first appear; a cell per set: perplexity, λ, ratio to base.
+    table = {}
+    for set_name, report in sets.items():
         cols = columns(report["results"])
         base = cols[0][1]
-        print(f"\n**{os.path.basename(path)[:-5]}** ({report['scored_tokens']} tokens scored, "
-              f"windows of {report['window']} every {report['stride']})\n")
-        print("| configuration | λ | perplexity | vs base |")
-        print("|---|---:|---:|---:|")
         for title, ppl, lam in cols:
-            shown = "-" if lam is None else f"{lam:.1f}"
-            print(f"| {title} | {shown} | {ppl:.3f} | {ppl / base:.3f} |")
+            table.setdefault(title, {})[set_name] = (ppl, lam, ppl / base)
+    names = list(sets)
+    print("| configuration | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for title, cells in table.items():
+        shown = []
+        for n in names:
+            if n not in cells:
+                shown.append("-")
+                continue
+            ppl, lam, ratio = cells[n]
+            at = "" if lam is None or lam == 1.0 else f" at λ {lam:.1f}"
+            shown.append(f"{ppl:.3f} ({ratio:.3f}x){at}")
+        print(f"| {title} | " + " | ".join(shown) + " |")
+    tokens = {n: r["scored_tokens"] for n, r in sets.items()}
+    print(f"\nScored tokens per set: {tokens}; windows of {next(iter(sets.values()))['window']}.")
 
 
 if __name__ == "__main__":

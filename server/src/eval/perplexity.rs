@@ -66,7 +66,7 @@ pub struct PerplexityArgs {
     #[arg(long, default_value_t = 64)]
     knn_k: usize,
     /// Temperature τ of the kNN-LM
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 2.0)]
     knn_temperature: f32,
     /// Tokens per window
     #[arg(long, default_value_t = 1024)]

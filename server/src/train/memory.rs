@@ -69,7 +69,7 @@ pub struct MemoryArgs {
     #[arg(long, default_value_t = 64)]
     k: usize,
     /// Temperature τ of the kNN distribution, p ∝ exp(-d / τ) over squared L2 distances
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 2.0)]
     knn_temperature: f32,
     /// Search neighbours exactly instead of through an HNSW graph (quadratic in the tokens:
     /// about 40 minutes for 400k on 2 cores, against 10)
