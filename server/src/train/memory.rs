@@ -185,14 +185,21 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let log = args.out.join(LOG_FILE);
     std::fs::copy(work.path.join(LOG_FILE), &log)
         .with_context(|| format!("cannot write {}", log.display()))?;
+    // A resumed run trained only the steps after its checkpoint: no rate to show.
+    let rate = match work.resumed {
+        true => "resumed".to_string(),
+        false => format!(
+            "{:.0} tokens/s",
+            (corpus.tokens.len() * args.epochs) as f64 / train_seconds.max(1e-9)
+        ),
+    };
     println!(
         "memory written to {} ({} layers); datastore + kNN targets {:.0} s, training {:.0} s \
-         ({:.0} tokens/s)",
+         ({rate})",
         weights.display(),
         config.base_layers.len(),
         knn_seconds,
         train_seconds,
-        (corpus.tokens.len() * args.epochs) as f64 / train_seconds.max(1e-9)
     );
     Ok(())
 }
