@@ -1,6 +1,8 @@
-//! `server train lora` as a user runs it: the real binary on a tiny model file that carries
-//! its own tokenizer and chat template. A run writes the two PEFT files the server loads, one
-//! log line per step and the evaluation line; bad invocations fail with a message, not a panic.
+//! `server train lora` and `server train memory` as a user runs them: the real binary on a
+//! tiny model file that carries its own tokenizer and chat template. A LoRA run writes the two
+//! PEFT files the server loads, one log line per step, its plot and the evaluation line; a
+//! memory run writes the memory, its log and plot and resumes in its work folder; bad
+//! invocations fail with a message, not a panic.
 
 #![allow(clippy::unwrap_used)]
 
@@ -85,6 +87,7 @@ fn train_lora_writes_the_peft_files_a_log_line_per_step_and_the_eval_line() {
     assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
     assert!(out.join(CONFIG_FILE).is_file() && out.join(WEIGHTS_FILE).is_file());
+    assert!(out.join("train_loss.svg").is_file());
     let base = BaseModel {
         id: "tiny".into(),
         config: tiny.config.clone(),
@@ -238,5 +241,93 @@ fn train_lora_reads_a_corpus_folder_in_blocks_and_refuses_its_test_split() {
         text(&both.stderr).contains("cannot be used with"),
         "{}",
         text(&both.stderr)
+    );
+}
+
+fn train_memory(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["train", "memory"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tiny) = tiny_model(dir.path());
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    let name = (0..)
+        .map(|i| format!("doc{i}.txt"))
+        .find(|n| !plugins::memory::corpus::is_test(n))
+        .unwrap();
+    std::fs::write(
+        corpus.join(name),
+        "a memory remembers its corpus. ".repeat(20),
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("memory");
+    let args = [
+        "--model",
+        &s(&model),
+        "--corpus",
+        &s(&corpus),
+        "--out",
+        &s(&out),
+        "--max-tokens",
+        "300",
+        "--block-len",
+        "64",
+        "--layers",
+        "1",
+        "--k",
+        "4",
+        "--format",
+        "safetensors",
+    ];
+    let run = train_memory(&args);
+    let stderr = text(&run.stderr);
+    assert!(
+        run.status.success(),
+        "stdout:\n{}\nstderr:\n{stderr}",
+        text(&run.stdout)
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "train_log.jsonl",
+        "train_loss.svg",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["graft"]["type"], json!("memory_decoder"));
+    assert_eq!(
+        config["graft"]["shared_layers"],
+        json!(tiny.config.num_layers - 1)
+    );
+    // 300 tokens in blocks of 64 overlapping by one: 5 blocks, one step each.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 5, "{log}");
+    assert!(stderr.contains("datastore: 299 keys built"), "{stderr}");
+
+    // The same settings resume in the work folder (nothing left to build); others are refused.
+    let again = train_memory(&[&args[..], &["--overwrite"]].concat());
+    let stderr = text(&again.stderr);
+    assert!(
+        again.status.success() && stderr.contains("resuming the run"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("kNN targets: reusing"), "{stderr}");
+    let mut other_k = args.to_vec();
+    other_k[13] = "8"; // --k
+    let other = train_memory(&[&other_k[..], &["--overwrite"]].concat());
+    let stderr = text(&other.stderr);
+    assert!(
+        !other.status.success() && stderr.contains("holds a run with other settings"),
+        "{stderr}"
     );
 }

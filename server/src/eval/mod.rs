@@ -3,7 +3,7 @@
 
 mod perplexity;
 mod refusal;
-mod svg;
+pub(crate) mod svg;
 
 use clap::Subcommand;
 

@@ -125,6 +125,7 @@ pub fn run(args: LoraArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     write_args(&args, &model_path)?;
     let summary = train_loop(&mut trainer, &train, &eval, &args)?;
+    super::loss_chart::write(&args.out.join(LOG_FILE), &args.out.join("train_loss.svg"))?;
     let name = file_name(&model_path);
     trainer.save(&args.out, &name)?;
     println!(

@@ -22,6 +22,8 @@ use serde_json::json;
 use super::args::{load_model, model_path, BarProgress};
 
 const LOG_FILE: &str = "train_log.jsonl";
+/// The losses' plot beside the log.
+const LOSS_CHART: &str = "train_loss.svg";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -185,6 +187,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let log = args.out.join(LOG_FILE);
     std::fs::copy(work.path.join(LOG_FILE), &log)
         .with_context(|| format!("cannot write {}", log.display()))?;
+    super::loss_chart::write(&log, &args.out.join(LOSS_CHART))?;
     // A resumed run trained only the steps after its checkpoint: no rate to show.
     let rate = match work.resumed {
         true => "resumed".to_string(),

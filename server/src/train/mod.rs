@@ -6,6 +6,7 @@
 pub mod args;
 mod controller;
 mod lora;
+mod loss_chart;
 mod memory;
 mod steer;
 
