@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use super::svg::{line_chart, Series};
 use crate::train::args::{load_model, model_path, BarProgress};
+use plugins::train::Progress;
 use server::config::PluginEntry;
 use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
 
@@ -124,12 +125,13 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
     )?;
-    let base = score(&engine, &windows, &[], "base")?;
+    let base = score(&engine, &windows, &[], "base", &mut progress)?;
     let base_ppl = perplexity(&base);
     let mut rows = vec![row("base", None, base_ppl, base_ppl, base.len())];
     for chain in &chains {
         let label = serde_json::to_string(chain)?;
-        let served = score(&engine, &windows, &registry.resolve(chain)?.calls, &label)?;
+        let calls = registry.resolve(chain)?.calls;
+        let served = score(&engine, &windows, &calls, &label, &mut progress)?;
         rows.push(row(
             &label,
             None,
@@ -138,7 +140,8 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             served.len(),
         ));
         if let Some(alone) = memory_alone(chain) {
-            let memory = score(&engine, &windows, &registry.resolve(&alone)?.calls, &label)?;
+            let calls = registry.resolve(&alone)?.calls;
+            let memory = score(&engine, &windows, &calls, &label, &mut progress)?;
             rows.push(row(
                 &format!("{label} alone"),
                 Some(1.0),
@@ -224,9 +227,9 @@ fn score(
     windows: &[(&[u32], usize)],
     hooks: &[models::HookCall],
     label: &str,
+    progress: &mut BarProgress,
 ) -> anyhow::Result<Vec<f32>> {
-    let bar = crate::train::args::progress_bar(windows.len(), "window")?;
-    bar.set_message(label.to_string());
+    progress.phase(&format!("windows of {label}"), windows.len());
     let mut out = Vec::new();
     for (w, wave) in windows.chunks(WAVE).enumerate() {
         let mut receivers = Vec::with_capacity(wave.len());
@@ -265,10 +268,9 @@ fn score(
                 );
             }
             out.extend(logprobs[first - 1..].iter().map(|t| t.logprob));
-            bar.inc(1);
+            progress.advance(1);
         }
     }
-    bar.finish_and_clear();
     Ok(out)
 }
 
