@@ -1,7 +1,8 @@
 //! `server train lora` and `server train memory` as a user runs them: the real binary on a
 //! tiny model file that carries its own tokenizer and chat template. A LoRA run writes the two
 //! PEFT files the server loads, one log line per step, its plot and the evaluation line; a
-//! memory run writes the memory, its log and plot and resumes in its work folder; bad
+//! memory run writes the memory, its log and plot and resumes in its work folder, and `server
+//! eval perplexity` scores it (served, alone, mixed, and the kNN-LM over its datastore); bad
 //! invocations fail with a message, not a panic.
 
 #![allow(clippy::unwrap_used)]
@@ -329,5 +330,110 @@ fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_set
     assert!(
         !other.status.success() && stderr.contains("holds a run with other settings"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn eval_perplexity_scores_base_memory_curve_and_knn_lm_consistently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_model(dir.path());
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    let name = (0..)
+        .map(|i| format!("doc{i}.txt"))
+        .find(|n| !plugins::memory::corpus::is_test(n))
+        .unwrap();
+    let story = "the cat sat on the mat. the dog sat on the log. ".repeat(12);
+    std::fs::write(corpus.join(name), story).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let plugins_dir = dir.path().join("plugins");
+    let out = plugins_dir.join("mem");
+    let trained = train_memory(&[
+        "--model",
+        &s(&model),
+        "--corpus",
+        &s(&corpus),
+        "--out",
+        &s(&out),
+        "--max-tokens",
+        "300",
+        "--block-len",
+        "64",
+        "--layers",
+        "1",
+        "--k",
+        "4",
+        "--lr",
+        "1e-2",
+    ]);
+    assert!(trained.status.success(), "{}", text(&trained.stderr));
+
+    let report_path = dir.path().join("ppl.json");
+    let store = plugins_dir.join("mem.work/datastore.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args([
+            "eval",
+            "perplexity",
+            "--model",
+            &s(&model),
+            "--text",
+            &s(&corpus),
+        ])
+        .args([
+            "--skip-tokens",
+            "300",
+            "--max-tokens",
+            "200",
+            "--window",
+            "64",
+        ])
+        .args([
+            "--stride",
+            "32",
+            "--plugin-dir",
+            &s(&plugins_dir),
+            "--plugin",
+            "memory:m=mem",
+        ])
+        .args([
+            "--plugins",
+            r#"[{"type": "memory", "name": "m"}]"#,
+            "--lambdas",
+            "0.5",
+        ])
+        .args([
+            "--datastore",
+            &s(&store),
+            "--knn-k",
+            "4",
+            "--out",
+            &s(&report_path),
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["scored_tokens"], json!(200));
+    assert_eq!(report["skip_tokens"], json!(300));
+    let rows = report["results"].as_array().unwrap();
+    let ppl = |config: &str| {
+        rows.iter()
+            .find(|r| r["config"].as_str().unwrap().ends_with(config))
+            .unwrap_or_else(|| panic!("no `{config}` row in {rows:?}"))["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    // The memory's config says λ 0.5: served through the engine it is the mixture computed
+    // from the base's and the memory's own passes.
+    let (served, mixed) = (ppl(r#""m"}]"#), ppl("mixed"));
+    assert!(
+        (served - mixed).abs() < 1e-3 * mixed,
+        "served {served} vs mixed {mixed}"
+    );
+    // Text the memory never saw but written like its corpus: memory and kNN-LM both beat the
+    // random base.
+    assert!(
+        mixed < ppl("base") && ppl("knn-lm") < ppl("base"),
+        "{rows:?}"
     );
 }
