@@ -253,30 +253,30 @@ fn train_memory(args: &[&str]) -> Output {
         .unwrap()
 }
 
-#[test]
-fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_settings() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, tiny) = tiny_model(dir.path());
-    let corpus = dir.path().join("corpus");
+/// A corpus folder holding `text` as one training document.
+fn one_document_corpus(dir: &Path, text: &str) -> PathBuf {
+    let corpus = dir.join("corpus");
     std::fs::create_dir(&corpus).unwrap();
     let name = (0..)
         .map(|i| format!("doc{i}.txt"))
         .find(|n| !plugins::memory::corpus::is_test(n))
         .unwrap();
-    std::fs::write(
-        corpus.join(name),
-        "a memory remembers its corpus. ".repeat(20),
-    )
-    .unwrap();
+    std::fs::write(corpus.join(name), text).unwrap();
+    corpus
+}
+
+/// `server train memory` at toy sizes: 300 tokens, blocks of 64, the top layer, 4 neighbours.
+fn memory_args(model: &Path, corpus: &Path, out: &Path) -> Vec<String> {
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let out = dir.path().join("memory");
     let args = [
         "--model",
-        &s(&model),
+        &s(model),
         "--corpus",
-        &s(&corpus),
+        &s(corpus),
         "--out",
-        &s(&out),
+        &s(out),
+    ];
+    let sizes = [
         "--max-tokens",
         "300",
         "--block-len",
@@ -285,9 +285,19 @@ fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_set
         "1",
         "--k",
         "4",
-        "--format",
-        "safetensors",
     ];
+    args.iter().chain(&sizes).map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tiny) = tiny_model(dir.path());
+    let corpus = one_document_corpus(dir.path(), &"a memory remembers its corpus. ".repeat(20));
+    let out = dir.path().join("memory");
+    let mut owned = memory_args(&model, &corpus, &out);
+    owned.extend(["--format".into(), "safetensors".into()]);
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let run = train_memory(&args);
     let stderr = text(&run.stderr);
     assert!(
@@ -323,8 +333,9 @@ fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_set
         "{stderr}"
     );
     assert!(stderr.contains("kNN targets: reusing"), "{stderr}");
-    let mut other_k = args.to_vec();
-    other_k[13] = "8"; // --k
+    let mut other_k = args.clone();
+    let k = other_k.iter().position(|a| *a == "--k").unwrap();
+    other_k[k + 1] = "8";
     let other = train_memory(&[&other_k[..], &["--overwrite"]].concat());
     let stderr = text(&other.stderr);
     assert!(
@@ -337,35 +348,13 @@ fn train_memory_writes_the_memory_its_log_and_plot_and_resumes_only_with_its_set
 fn eval_perplexity_scores_base_memory_curve_and_knn_lm_consistently() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = tiny_model(dir.path());
-    let corpus = dir.path().join("corpus");
-    std::fs::create_dir(&corpus).unwrap();
-    let name = (0..)
-        .map(|i| format!("doc{i}.txt"))
-        .find(|n| !plugins::memory::corpus::is_test(n))
-        .unwrap();
     let story = "the cat sat on the mat. the dog sat on the log. ".repeat(12);
-    std::fs::write(corpus.join(name), story).unwrap();
+    let corpus = one_document_corpus(dir.path(), &story);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let plugins_dir = dir.path().join("plugins");
-    let out = plugins_dir.join("mem");
-    let trained = train_memory(&[
-        "--model",
-        &s(&model),
-        "--corpus",
-        &s(&corpus),
-        "--out",
-        &s(&out),
-        "--max-tokens",
-        "300",
-        "--block-len",
-        "64",
-        "--layers",
-        "1",
-        "--k",
-        "4",
-        "--lr",
-        "1e-2",
-    ]);
+    let mut args = memory_args(&model, &corpus, &plugins_dir.join("mem"));
+    args.extend(["--lr".into(), "1e-2".into()]);
+    let trained = train_memory(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(trained.status.success(), "{}", text(&trained.stderr));
 
     let report_path = dir.path().join("ppl.json");
