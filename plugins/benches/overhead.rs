@@ -141,6 +141,7 @@ fn controller(m: &Llama, dir: &std::path::Path) -> Arc<dyn Plugin> {
         steered_layers: (1, 20),
         hidden_units: units,
         alpha: 4.0,
+        decay: None,
     };
     let tensors = ControllerTensors {
         fc1_weight: t(units, 4 * hidden, 1),

@@ -50,6 +50,7 @@ fn controller_config(c: &ModelConfig) -> ControllerConfig {
         steered_layers: (2, 3),
         hidden_units: 8,
         alpha: ALPHA,
+        decay: None,
     }
 }
 
@@ -378,6 +379,37 @@ fn a_decaying_patch_fades_over_the_generated_tokens() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("decay"), "{e}");
+}
+
+#[test]
+fn the_configs_decay_is_the_default_a_request_overrides_or_turns_off_with_null() {
+    let c = config();
+    let model = TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let t = tensors(&c, 0.0, 2);
+    let steady_ctl = load(&c, &t, &controller_config(&c)).unwrap();
+    let mut fading_cfg = controller_config(&c);
+    fading_cfg.decay = Some(0.01);
+    let fading_ctl = load(&c, &t, &fading_cfg).unwrap();
+    let with = |ctl: &Arc<SteeringController>, params: serde_json::Value| {
+        let params = ctl.request_params(params.as_object().unwrap()).unwrap();
+        let hook: Arc<dyn Hook> = ctl.clone();
+        run(&model, &PROMPT, &STEPS, &[HookCall::new(hook, params)])
+    };
+    let steady = with(&steady_ctl, json!({"scale": 1.0}));
+    let explicit = with(&steady_ctl, json!({"scale": 1.0, "decay": 0.01}));
+    assert_ne!(steady, explicit);
+    assert_eq!(with(&fading_ctl, json!({"scale": 1.0})), explicit);
+    assert_eq!(
+        with(&fading_ctl, json!({"scale": 1.0, "decay": null})),
+        steady
+    );
+
+    fading_cfg.decay = Some(-1.0);
+    let err = load(&c, &t, &fading_cfg).unwrap_err().to_string();
+    assert!(err.contains("decay must be positive"), "{err}");
 }
 
 #[test]

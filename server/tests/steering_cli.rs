@@ -150,7 +150,9 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         serde_json::from_str(&std::fs::read_to_string(ctl.join("held_out_harmful.json")).unwrap())
             .unwrap();
     assert_eq!(held.len(), 2);
-    SteeringController::load("c", &ctl, &base, &mut PluginFiles::unconfined()).unwrap();
+    let loaded =
+        SteeringController::load("c", &ctl, &base, &mut PluginFiles::unconfined()).unwrap();
+    assert_eq!(loaded.config().decay, Some(2.0));
     // One JSON line of losses per MLP step, beside the controller.
     let log = std::fs::read_to_string(ctl.join("train_log.jsonl")).unwrap();
     let lines: Vec<Value> = log
@@ -201,7 +203,7 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         "--controller-scales",
         "1",
         "--controller-decays",
-        "none,4",
+        "none,4,config",
         "--out",
         s(&report),
         "--plot",
@@ -220,7 +222,14 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         .collect();
     assert_eq!(
         configs,
-        ["base", "steer", "steer", "controller", "controller"]
+        [
+            "base",
+            "steer",
+            "steer",
+            "controller",
+            "controller",
+            "controller"
+        ]
     );
     let decays: Vec<&Value> = r["results"]
         .as_array()
@@ -228,7 +237,9 @@ fn train_controller_then_eval_refusal_run_end_to_end() {
         .iter()
         .map(|x| &x["decay"])
         .collect();
-    assert_eq!(decays[3..], [&Value::Null, &serde_json::json!(4.0)]);
+    // `config` is the trainer's default decay, written to the controller's config.json.
+    let two = serde_json::json!(2.0);
+    assert_eq!(decays[3..], [&Value::Null, &serde_json::json!(4.0), &two]);
     assert_eq!(r["results"][0]["perplexity_vs_base"], 1.0);
     // Every configuration has each rate with its 95% interval around it.
     for row in r["results"].as_array().unwrap() {

@@ -50,6 +50,10 @@ pub struct ControllerConfig {
     pub hidden_units: usize,
     /// The patch scale α of `Δh_l = s · w_l · α · d_l`.
     pub alpha: f32,
+    /// The default decay τ of the patch over generated tokens (token `t` gets `exp(-t/τ)` of
+    /// it) when a request names none; absent: the full patch on every token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay: Option<f32>,
 }
 
 impl ControllerConfig {
@@ -82,6 +86,9 @@ impl ControllerConfig {
             )),
             Some(_) if self.hidden_units == 0 || !self.alpha.is_finite() => {
                 bad("hidden_units must be positive and alpha finite".into())
+            }
+            Some(_) if self.decay.is_some_and(|d| !(d.is_finite() && d > 0.0)) => {
+                bad(format!("decay must be positive, not {:?}", self.decay))
             }
             Some(_) => Ok(()),
         }

@@ -370,9 +370,11 @@ impl Plugin for SteeringController {
     fn request_params(&self, p: &Map<String, Value>) -> Result<HookParams> {
         params::reject_unknown(&self.name, p, &["scale", "decay"])?;
         let scale = params::number(&self.name, p, "scale", 1.0, (-16.0, 16.0))?;
-        let decay = match p.contains_key("decay") {
-            true => Some(params::number(&self.name, p, "decay", 1.0, (0.01, 1e6))?),
-            false => None,
+        // A request's decay replaces the config's; `null` asks for none.
+        let decay = match p.get("decay") {
+            None => self.config.decay,
+            Some(Value::Null) => None,
+            Some(_) => Some(params::number(&self.name, p, "decay", 1.0, (0.01, 1e6))?),
         };
         Ok(Arc::new(ControllerParams::new(scale).with_decay(decay)))
     }

@@ -57,8 +57,9 @@ pub struct RefusalArgs {
     #[arg(long, default_value = "1")]
     controller_scales: String,
     /// Comma-separated decays (generated tokens over which the controller's patch fades;
-    /// `none` for a patch that never fades) the controller is evaluated at, at every scale
-    #[arg(long, default_value = "none")]
+    /// `none` for a patch that never fades, `config` for the controller's own default) the
+    /// controller is evaluated at, at every scale
+    #[arg(long, default_value = "config")]
     controller_decays: String,
     /// Tokens generated per instruction (greedy)
     #[arg(long, default_value_t = 48)]
@@ -194,19 +195,16 @@ fn candidates(args: &RefusalArgs, base: &BaseModel) -> anyhow::Result<Vec<Candid
         }
     }
     if let Some(path) = &args.controller {
-        let c: Arc<dyn Plugin> = Arc::new(SteeringController::load(
-            "controller",
-            path,
-            base,
-            &mut PluginFiles::unconfined(),
-        )?);
+        let controller =
+            SteeringController::load("controller", path, base, &mut PluginFiles::unconfined())?;
+        let default_decay = controller.config().decay;
+        let c: Arc<dyn Plugin> = Arc::new(controller);
         for scale in scales(&args.controller_scales)? {
             for decay in decays(&args.controller_decays)? {
                 let mut params = serde_json::Map::new();
                 params.insert("scale".into(), json!(scale));
-                if let Some(decay) = decay {
-                    params.insert("decay".into(), json!(decay));
-                }
+                // Always explicit (`null` for none), so the row says what was served.
+                params.insert("decay".into(), json!(decay.unwrap_or(default_decay)));
                 candidates.push(Candidate {
                     label: "controller",
                     scale,
@@ -219,16 +217,18 @@ fn candidates(args: &RefusalArgs, base: &BaseModel) -> anyhow::Result<Vec<Candid
     Ok(candidates)
 }
 
-/// `--controller-decays`: numbers, or `none` for no decay.
-fn decays(list: &str) -> anyhow::Result<Vec<Option<f32>>> {
+/// `--controller-decays`: numbers, `none` for no decay or `config` for the controller's default
+/// (`None`).
+fn decays(list: &str) -> anyhow::Result<Vec<Option<Option<f32>>>> {
     list.split(',')
         .map(str::trim)
         .map(|x| match x {
-            "none" => Ok(None),
+            "config" => Ok(None),
+            "none" => Ok(Some(None)),
             x => x
                 .parse::<f32>()
-                .map(Some)
-                .context("--controller-decays must be numbers or `none`"),
+                .map(|d| Some(Some(d)))
+                .context("--controller-decays must be numbers, `none` or `config`"),
         })
         .collect()
 }

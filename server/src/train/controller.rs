@@ -47,6 +47,11 @@ pub struct ControllerArgs {
     /// Patch scale α the served controller uses (written to config.json)
     #[arg(long, default_value_t = 16.0)]
     alpha: f32,
+    /// Default decay τ of the served patch over generated tokens (token t gets exp(-t/τ) of
+    /// it; written to config.json, a request's `decay` overrides it, `null` turns it off).
+    /// τ 2 keeps the refusals and removes most of the degenerate loops (docs/BENCHMARKS.md)
+    #[arg(long, default_value = "2", value_parser = parse_decay)]
+    decay: Decay,
     /// Patch scale used to probe each layer's refusal-score gain (small enough that the gains
     /// stay roughly linear)
     #[arg(long, default_value_t = 4.0)]
@@ -107,6 +112,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         steered_layers: steered,
         hidden_units: args.units,
         alpha: args.alpha,
+        decay: args.decay.0,
     };
     config.check("controller", &base)?;
     let mut harmful = read_prompts(&args.harmful, args.limit, args.seed)?;
@@ -162,4 +168,19 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     );
     println!("controller written to {}", args.out.display());
     Ok(())
+}
+
+/// `--decay`: a positive number, or `none` (a patch that never fades). A newtype, since clap
+/// reads an `Option` field as an optional flag.
+#[derive(Debug, Clone, Copy)]
+struct Decay(Option<f32>);
+
+fn parse_decay(s: &str) -> Result<Decay, String> {
+    match s.trim() {
+        "none" => Ok(Decay(None)),
+        x => match x.parse::<f32>() {
+            Ok(d) if d.is_finite() && d > 0.0 => Ok(Decay(Some(d))),
+            _ => Err(format!("`{x}` is not a positive number or `none`")),
+        },
+    }
 }
