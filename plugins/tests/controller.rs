@@ -42,6 +42,14 @@ fn base(c: &ModelConfig) -> BaseModel {
     }
 }
 
+/// The tiny Llama the decay tests steer.
+fn tiny_llama(c: &ModelConfig) -> Llama {
+    TinyModel::random(c.clone(), 4)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap()
+}
+
 fn controller_config(c: &ModelConfig) -> ControllerConfig {
     ControllerConfig {
         kind: TYPE.into(),
@@ -163,10 +171,7 @@ const STEPS: [u32; 3] = [5, 44, 12];
 #[test]
 fn the_decision_is_the_mlp_of_the_input_layers_last_token_activations() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let t = tensors(&c, 0.0, 1);
     let ctl = load(&c, &t, &controller_config(&c)).unwrap();
     let (hook, params) = call(&ctl, 1.0);
@@ -208,10 +213,7 @@ fn the_decision_is_the_mlp_of_the_input_layers_last_token_activations() {
 #[test]
 fn it_steers_the_last_prompt_token_and_generated_tokens_at_the_steered_layers() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let t = tensors(&c, 0.0, 2);
     let ctl = load(&c, &t, &controller_config(&c)).unwrap();
     let (hook, params) = call(&ctl, 1.0);
@@ -246,10 +248,7 @@ fn it_steers_the_last_prompt_token_and_generated_tokens_at_the_steered_layers() 
 #[test]
 fn requests_in_one_batch_each_get_their_own_decision() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let ctl = load(&c, &tensors(&c, 0.0, 3), &controller_config(&c)).unwrap();
     let prompts: Vec<Vec<u32>> = (0..4u32).map(|i| vec![i + 2, 30 + i, 9, 70 - i]).collect();
     let alone: Vec<Vec<Vec<f32>>> = prompts
@@ -350,10 +349,7 @@ fn regression_non_finite_or_absurd_weights_are_refused_at_load() {
 #[test]
 fn a_decaying_patch_fades_over_the_generated_tokens() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let t = tensors(&c, 0.0, 2);
     let ctl = load(&c, &t, &controller_config(&c)).unwrap();
     let with = |params: serde_json::Value| {
@@ -384,10 +380,7 @@ fn a_decaying_patch_fades_over_the_generated_tokens() {
 #[test]
 fn the_configs_decay_is_the_default_a_request_overrides_or_turns_off_with_null() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let t = tensors(&c, 0.0, 2);
     let steady_ctl = load(&c, &t, &controller_config(&c)).unwrap();
     let mut fading_cfg = controller_config(&c);
@@ -415,10 +408,7 @@ fn the_configs_decay_is_the_default_a_request_overrides_or_turns_off_with_null()
 #[test]
 fn with_a_decay_the_controller_still_changes_only_what_its_strength_head_fires_on() {
     let c = config();
-    let model = TinyModel::random(c.clone(), 4)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let model = tiny_llama(&c);
     let base = run(&model, &PROMPT, &STEPS, &[]);
     // Strength logit `strength`, every layer weight's logit +10 (fully on).
     let fading = |strength: f32| {
