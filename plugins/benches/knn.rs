@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use plugins::memory::datastore::Datastore;
-use plugins::memory::knn::{search, search_hnsw, HnswParams, Neighbours};
+use plugins::memory::knn::{recall_against, search, search_hnsw, HnswParams, Neighbours};
 use plugins::train::Quiet;
 
 fn main() -> anyhow::Result<()> {
@@ -48,24 +48,12 @@ fn main() -> anyhow::Result<()> {
     let report = serde_json::json!({
         "datastore": path, "keys": keys, "dim": store.dim, "k": k,
         "exact_seconds": exact_s, "hnsw_seconds": hnsw_s, "hnsw": HnswParams::default().links,
-        "recall": recall(&exact, &approx),
+        "recall": recall_against(&exact, &approx),
         "median_sq_distance_first": median_at(&exact, 0),
         "median_sq_distance_kth": median_at(&exact, k - 1),
     });
     println!("{report}");
     Ok(())
-}
-
-/// The share of approximate neighbours at most as far as the exact k-th (ties interchangeable).
-fn recall(exact: &Neighbours, approx: &Neighbours) -> f64 {
-    let (mut hits, mut total) = (0usize, 0usize);
-    for (e, a) in exact.per_query.iter().zip(&approx.per_query) {
-        let Some(&(_, kth)) = e.last() else { continue };
-        let within = kth * (1.0 + 1e-5) + 1e-6;
-        hits += a.iter().filter(|x| x.1 <= within).count();
-        total += e.len();
-    }
-    hits as f64 / total.max(1) as f64
 }
 
 fn median_at(found: &Neighbours, rank: usize) -> f32 {

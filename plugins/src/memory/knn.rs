@@ -189,8 +189,7 @@ pub fn recall(store: &Datastore, found: &Neighbours, sample: usize) -> Result<f6
         let Some(&kth) = truth.last() else {
             continue;
         };
-        let within = kth * (1.0 + 1e-5) + 1e-6;
-        hits += found.per_query[i].iter().filter(|x| x.1 <= within).count();
+        hits += hits_within(&found.per_query[i], kth);
         total += k;
     }
     Ok(if total == 0 {
@@ -198,6 +197,23 @@ pub fn recall(store: &Datastore, found: &Neighbours, sample: usize) -> Result<f6
     } else {
         hits as f64 / total as f64
     })
+}
+
+/// [`recall`] of `found` against an exact search of the same queries (`exact`), every query.
+pub fn recall_against(exact: &Neighbours, found: &Neighbours) -> f64 {
+    let (mut hits, mut total) = (0usize, 0usize);
+    for (e, f) in exact.per_query.iter().zip(&found.per_query) {
+        let Some(&(_, kth)) = e.last() else { continue };
+        hits += hits_within(f, kth);
+        total += e.len();
+    }
+    hits as f64 / total.max(1) as f64
+}
+
+/// Found neighbours at most as far as the exact k-th (ties are interchangeable).
+fn hits_within(found: &[(u32, f32)], kth: f32) -> usize {
+    let within = kth * (1.0 + 1e-5) + 1e-6;
+    found.iter().filter(|x| x.1 <= within).count()
 }
 
 fn sq_distance(a: &[f32], b: &[f32]) -> f32 {
@@ -369,5 +385,18 @@ mod tests {
         assert_eq!(p[1].0, 9);
         assert!((p[1].1 - e1 / z).abs() < 1e-6);
         assert!(distribution(&[], &values, 1.0).is_empty());
+    }
+
+    #[test]
+    fn recall_against_exact_counts_ties_and_misses() {
+        let exact = Neighbours {
+            per_query: vec![vec![(0, 1.0), (1, 2.0)], vec![(2, 1.0), (3, 4.0)]],
+        };
+        assert_eq!(recall_against(&exact, &exact), 1.0);
+        // A key at the k-th distance counts (ties), one beyond it does not.
+        let found = Neighbours {
+            per_query: vec![vec![(0, 1.0), (7, 2.0)], vec![(2, 1.0), (9, 5.0)]],
+        };
+        assert_eq!(recall_against(&exact, &found), 0.75);
     }
 }

@@ -224,11 +224,9 @@ fn decays(list: &str) -> anyhow::Result<Vec<Option<Option<f32>>>> {
         .map(str::trim)
         .map(|x| match x {
             "config" => Ok(None),
-            "none" => Ok(Some(None)),
-            x => x
-                .parse::<f32>()
-                .map(|d| Some(Some(d)))
-                .context("--controller-decays must be numbers, `none` or `config`"),
+            x => crate::train::args::parse_decay(x)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--controller-decays: {e} (or `config`)")),
         })
         .collect()
 }

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::bundle::{LoadOptions, LoadedModel};
+use plugins::memory::corpus::Corpus;
 use plugins::train::Progress;
 
 /// A progress bar over `len` units of work (`unit`: "step", "completion"), with the elapsed
@@ -114,6 +115,33 @@ impl Progress for BarProgress {
             self.failed =
                 Some(anyhow::Error::new(e).context(format!("cannot write {}", path.display())));
         }
+    }
+}
+
+/// The training text of a corpus trainer (test documents refused), with its size on stderr.
+pub fn read_training_corpus(
+    paths: &[PathBuf],
+    tokenizer: &models::Tokenizer,
+    max_tokens: usize,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<Corpus> {
+    let corpus = Corpus::read(paths, tokenizer, Some(max_tokens), false, progress)?;
+    eprintln!(
+        "corpus: {} tokens from {} documents",
+        corpus.tokens.len(),
+        corpus.documents.len()
+    );
+    Ok(corpus)
+}
+
+/// A controller decay τ: a positive number, or `none` (a patch that never fades).
+pub fn parse_decay(s: &str) -> Result<Option<f32>, String> {
+    match s.trim() {
+        "none" => Ok(None),
+        x => match x.parse::<f32>() {
+            Ok(d) if d.is_finite() && d > 0.0 => Ok(Some(d)),
+            _ => Err(format!("`{x}` is not a positive number or `none`")),
+        },
     }
 }
 

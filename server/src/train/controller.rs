@@ -176,11 +176,5 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
 struct Decay(Option<f32>);
 
 fn parse_decay(s: &str) -> Result<Decay, String> {
-    match s.trim() {
-        "none" => Ok(Decay(None)),
-        x => match x.parse::<f32>() {
-            Ok(d) if d.is_finite() && d > 0.0 => Ok(Decay(Some(d))),
-            _ => Err(format!("`{x}` is not a positive number or `none`")),
-        },
-    }
+    super::args::parse_decay(s).map(Decay)
 }

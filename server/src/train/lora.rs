@@ -22,7 +22,6 @@ use models::bundle::{LoadOptions, LoadedModel};
 use plugins::lora::train::{
     hold_out, mean_completion_ce, parse_targets, LoraTrainConfig, LoraTrainer,
 };
-use plugins::memory::corpus::Corpus;
 use plugins::train::{Dataset, DenseLlama, Encoder, Example};
 use serde_json::json;
 
@@ -200,19 +199,13 @@ fn load_data(
 /// so every token after the first is a target exactly once.
 fn corpus_blocks(args: &LoraArgs, loaded: &LoadedModel) -> anyhow::Result<Vec<Example>> {
     let mut progress = super::args::BarProgress::new(None)?;
-    let corpus = Corpus::read(
+    let corpus = super::args::read_training_corpus(
         &args.corpus,
         &loaded.tokenizer,
-        Some(args.max_tokens),
-        false,
+        args.max_tokens,
         &mut progress,
     )?;
     progress.finish()?;
-    eprintln!(
-        "corpus: {} tokens from {} documents",
-        corpus.tokens.len(),
-        corpus.documents.len()
-    );
     let examples = corpus
         .blocks(args.max_len)
         .into_iter()

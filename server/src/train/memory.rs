@@ -12,7 +12,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::quantized::GgmlDType;
 use clap::{Args, ValueEnum};
-use plugins::memory::corpus::Corpus;
 use plugins::memory::targets::TARGETS_FILE;
 use plugins::memory::train::{train, write_memory, MemoryTrainConfig, WeightsFormat};
 use plugins::memory::work::{parse_layers, KnnSpec, TrainingTargets, WorkFolder};
@@ -136,18 +135,12 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<()> {
         }
     }
     let mut progress = BarProgress::appending(Some(work.path.join(LOG_FILE)))?;
-    let corpus = Corpus::read(
+    let corpus = super::args::read_training_corpus(
         &args.corpus,
         &loaded.tokenizer,
-        Some(args.max_tokens),
-        false,
+        args.max_tokens,
         &mut progress,
     )?;
-    eprintln!(
-        "corpus: {} tokens from {} documents",
-        corpus.tokens.len(),
-        corpus.documents.len()
-    );
     let spec = KnnSpec {
         block_len: args.block_len,
         k: args.k,
