@@ -58,6 +58,27 @@ pub enum TemplateError {
     },
     #[error("{path}: `chat_template` {problem}")]
     BadConfig { path: PathBuf, problem: String },
+    #[error(
+        "cannot continue the final message: its text does not appear in the rendered prompt \
+         (an empty message, or a template that rewrites it)"
+    )]
+    FinalMessageNotRendered,
+}
+
+/// What a rendering adds to the messages.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderOptions<'a> {
+    /// Append the opening of the assistant's turn.
+    pub add_generation_prompt: bool,
+    /// End the prompt inside the final message, right after its text, so that generation
+    /// continues it (`transformers`' `continue_final_message`); needs
+    /// `add_generation_prompt` off.
+    pub continue_final_message: bool,
+    /// The request's tool list, passed through as JSON.
+    pub tools: Option<&'a serde_json::Value>,
+    /// More template variables (vLLM's `chat_template_kwargs`); `messages`, `tools`,
+    /// `add_generation_prompt` and the special tokens are the renderer's and win.
+    pub kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A compiled chat template with the special tokens it may refer to.
@@ -109,13 +130,45 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String, TemplateError> {
+        let options = RenderOptions {
+            add_generation_prompt,
+            tools,
+            ..RenderOptions::default()
+        };
+        self.render_with(messages, &options)
+    }
+
+    /// Renders `messages` with everything [`RenderOptions`] can ask for.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        let text = self.render_context(messages, options)?;
+        match (options.continue_final_message, messages.last()) {
+            (true, Some(last)) => cut_after_final_message(text, &last.content),
+            _ => Ok(text),
+        }
+    }
+
+    fn render_context(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, TemplateError> {
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        for (name, value) in options.kwargs.into_iter().flatten() {
+            ctx.insert(name.as_str(), Value::from_serialize(value));
+        }
         ctx.insert("messages", Value::from_serialize(messages));
-        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt",
+            Value::from(options.add_generation_prompt),
+        );
         // Templates test `tools is not none`, so an absent list is `none`, not undefined.
         ctx.insert(
             "tools",
-            tools.map_or(Value::from(()), Value::from_serialize),
+            options.tools.map_or(Value::from(()), Value::from_serialize),
         );
         if let Some(bos) = &self.bos_token {
             ctx.insert("bos_token", Value::from(bos.as_str()));
@@ -134,6 +187,23 @@ impl ChatTemplate {
                 None => TemplateError::Render(err),
             })
     }
+}
+
+/// The rendered prompt up to the end of the final message's text, as `transformers` cuts it
+/// for `continue_final_message` (the last occurrence, so an earlier message with the same
+/// text does not end the prompt early).
+fn cut_after_final_message(mut text: String, content: &str) -> Result<String, TemplateError> {
+    let trimmed = content.trim();
+    if trimmed.is_empty() {
+        return Err(TemplateError::FinalMessageNotRendered);
+    }
+    // Templates often strip the message (`| trim`): look for the text as written, then trimmed.
+    let end = [content, trimmed]
+        .iter()
+        .find_map(|c| text.rfind(c).map(|at| at + c.len()))
+        .ok_or(TemplateError::FinalMessageNotRendered)?;
+    text.truncate(end);
+    Ok(text)
 }
 
 /// Marks an error as the template's own `raise_exception(msg)`, so `render` can report it as
@@ -351,6 +421,48 @@ mod tests {
     }
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn continue_final_message_ends_the_prompt_inside_the_last_message() {
+        let t = ChatTemplate::new(SMOLLM2, None, Some("<|im_end|>".into())).unwrap();
+        // The same text earlier in the conversation must not end the prompt there.
+        let messages = [
+            msg("user", "Say yes"),
+            msg("assistant", "Yes"),
+            msg("user", "Again"),
+            msg("assistant", "Yes"),
+        ];
+        let options = RenderOptions {
+            continue_final_message: true,
+            ..RenderOptions::default()
+        };
+        let out = t.render_with(&messages, &options).unwrap();
+        assert!(out.ends_with("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\nYes"));
+        let empty = [msg("user", "Hi"), msg("assistant", " ")];
+        let err = t.render_with(&empty, &options).unwrap_err();
+        assert!(
+            matches!(err, TemplateError::FinalMessageNotRendered),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kwargs_reach_the_template_but_cannot_replace_its_own_variables() {
+        let t = ChatTemplate::new(
+            "{{ enable_thinking }}|{{ add_generation_prompt }}|{{ messages | length }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let kwargs = serde_json::json!({"enable_thinking": false, "add_generation_prompt": true,
+            "messages": []});
+        let options = RenderOptions {
+            kwargs: kwargs.as_object(),
+            ..RenderOptions::default()
+        };
+        let out = t.render_with(&[msg("user", "a")], &options).unwrap();
+        assert_eq!(out, "False|False|1");
+    }
 
     #[test]
     fn smollm2_template_renders_like_jinja2() {

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use models::bundle::{LoadOptions, LoadedModel};
-use models::chat_template::ChatMessage;
+use models::chat_template::{ChatMessage, RenderOptions};
 use models::sampling::{Sampler, SamplingParams};
 use models::{Llama, LogitsWanted};
 use server::engine::testing::{tiny_char_id, tiny_loaded_model, TINY_EOS};
 use server::engine::{
-    Engine, EngineConfig, Event, EventReceiver, FinishReason, GenerateRequest, RealEngine,
-    TokenLogprob,
+    Engine, EngineConfig, Event, EventReceiver, FinishReason, GenerateRequest, OutputRules,
+    RealEngine, TokenLogprob,
 };
 
 const TINY_SEED: u64 = 11;
@@ -46,6 +46,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         stop_token_ids: Vec::new(),
         prompt_logprobs: None,
         hooks: Vec::new(),
+        output: OutputRules::default(),
     }
 }
 
@@ -302,7 +303,14 @@ fn text_helpers_use_the_model_tokenizer_and_template() {
         role: "user".into(),
         content: "hi".into(),
     }];
-    assert_eq!(engine.render_chat(&hi).unwrap(), "user: hi\nassistant:");
+    let generation_prompt = RenderOptions {
+        add_generation_prompt: true,
+        ..RenderOptions::default()
+    };
+    assert_eq!(
+        engine.render_chat(&hi, &generation_prompt).unwrap(),
+        "user: hi\nassistant:"
+    );
     let tokens = engine.tokenize("a b", true).unwrap();
     assert_eq!(tokens, ids("a b"));
     assert_eq!(engine.detokenize(&tokens).unwrap(), "a b");
@@ -326,7 +334,11 @@ fn chat_prompt(engine: &RealEngine, question: &str) -> Vec<u32> {
         role: "user".into(),
         content: question.into(),
     }];
-    let text = engine.render_chat(&messages).unwrap();
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        ..RenderOptions::default()
+    };
+    let text = engine.render_chat(&messages, &options).unwrap();
     engine.tokenize(&text, true).unwrap()
 }
 

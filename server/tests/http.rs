@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use server::config::ServeConfig;
 use server::engine::fake::{FakeConfig, FakeEngine, Reply, BOS, BYTE_OFFSET, FAKE_LOGPROB};
-use server::engine::{EngineError, EngineStats, Event, FinishReason, Timings};
+use server::engine::{Engine, EngineError, EngineStats, Event, FinishReason, OutputRules, Timings};
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tower::ServiceExt;
 
@@ -248,7 +248,7 @@ async fn output_changing_unsupported_fields_are_400_and_harmless_ones_accepted()
         ("tool_choice", json!("required")),
         ("response_format", json!({"type": "json_object"})),
         ("functions", json!([{"name": "f"}])),
-        ("guided_json", json!({})),
+        ("guided_json", json!({"type": "object"})),
     ] {
         let mut body = json!({"messages": hello()});
         body[field] = value;
@@ -344,6 +344,116 @@ async fn chat_reply_has_choices_usage_and_timings() {
     assert_eq!(sent.sampling.temperature, 0.0);
     assert_eq!(sent.stop_token_ids, vec![server::engine::fake::EOS]);
     assert_eq!(sent.prompt[0], BOS);
+}
+
+// ------------------------------------------------- vLLM's and SGLang's extension fields
+
+/// The fields vllm-router 0.1.17 adds to every chat request (read off the router's traffic).
+fn as_vllm_router_sends_it(mut body: Value) -> Value {
+    let added = json!({
+        "logprobs": false, "no_stop_trim": false, "ignore_eos": false,
+        "continue_final_message": false, "skip_special_tokens": true,
+        "separate_reasoning": true, "stream_reasoning": true, "return_hidden_states": false,
+        "include_reasoning": true,
+    });
+    for (k, v) in added.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn requests_as_vllm_router_rewrites_them_are_served() {
+    let (app, fake) = echo_app();
+    let body = as_vllm_router_sends_it(json!({"messages": hello(), "max_tokens": 2}));
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+    // On completions it adds fewer, and `echo: false`.
+    let body = json!({"prompt": "hi", "max_tokens": 2, "stream": false, "echo": false,
+        "no_stop_trim": false, "ignore_eos": false, "skip_special_tokens": true,
+        "return_hidden_states": false});
+    let answer = send(&app, post("/v1/completions", body.to_string())).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json());
+    let sent = fake.submitted();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|r| r.output == OutputRules::default()));
+}
+
+#[tokio::test]
+async fn vllm_output_fields_reach_the_engine() {
+    let (app, fake) = echo_app();
+    let body = json!({"messages": hello(), "max_tokens": 4, "min_tokens": 2,
+        "stop_token_ids": [7, 7], "include_stop_str_in_output": true,
+        "skip_special_tokens": false});
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+    let sent = fake.submitted().pop().expect("submitted");
+    let expected = OutputRules {
+        min_tokens: 2,
+        include_stop_str: true,
+        skip_special_tokens: false,
+    };
+    assert_eq!(sent.output, expected);
+    // The model's end-of-sequence stays a stop token; the request's is added once.
+    assert_eq!(sent.stop_token_ids, vec![fake.eos_token_ids()[0], 7]);
+    let body = json!({"messages": hello(), "ignore_eos": true, "stop_token_ids": [7],
+        "no_stop_trim": true});
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+    let sent = fake.submitted().pop().expect("submitted");
+    assert_eq!(sent.stop_token_ids, vec![7]);
+    assert!(sent.output.include_stop_str);
+}
+
+#[tokio::test]
+async fn chat_rendering_fields_shape_the_prompt() {
+    let (app, fake) = echo_app();
+    let prompt_text = |fake: &FakeEngine| {
+        let sent = fake.submitted().pop().expect("submitted");
+        fake.detokenize(&sent.prompt).expect("bytes")
+    };
+    let messages = json!([{"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Once upon"}]);
+    let body = json!({"messages": messages, "continue_final_message": true,
+        "add_generation_prompt": false});
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+    assert!(prompt_text(&fake).ends_with("<|assistant|>Once upon"));
+    let body = json!({"messages": hello(), "add_generation_prompt": false});
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+    assert!(prompt_text(&fake).ends_with("hello\n"));
+    let body = json!({"messages": hello(), "chat_template_kwargs": {"enable_thinking": false}});
+    assert_eq!(chat(&app, body).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn extension_values_that_are_not_implemented_or_contradict_are_400_naming_them() {
+    let (app, _) = echo_app();
+    for (extra, param) in [
+        (json!({"use_beam_search": true}), "use_beam_search"),
+        (
+            json!({"return_hidden_states": true}),
+            "return_hidden_states",
+        ),
+        (json!({"min_tokens": 9, "max_tokens": 4}), "min_tokens"),
+        (json!({"stop_token_ids": [1_000_000]}), "stop_token_ids"),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs",
+        ),
+        (
+            json!({"continue_final_message": true, "add_generation_prompt": true}),
+            "continue_final_message",
+        ),
+        (
+            json!({"include_stop_str_in_output": true, "no_stop_trim": false}),
+            "no_stop_trim",
+        ),
+    ] {
+        let mut body = json!({"messages": hello()});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let answer = chat(&app, body).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{extra}");
+        assert_eq!(answer.json()["error"]["param"], param, "{}", answer.json());
+    }
 }
 
 #[tokio::test]

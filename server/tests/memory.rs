@@ -21,7 +21,7 @@ use plugins::memory::tiny::{edit_config, write_memory, Weights};
 use plugins::{BaseModel, PluginKind, PluginSpec, Registry, RegistryConfig, Source};
 use serde_json::{json, Value};
 use server::engine::testing::{tiny_char_id, tiny_loaded_model_as};
-use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
+use server::engine::{Engine, EngineConfig, Event, GenerateRequest, OutputRules, RealEngine};
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 
 const SEED: u64 = 5;
@@ -98,6 +98,7 @@ impl Setup {
             stop_token_ids: Vec::new(),
             prompt_logprobs: None,
             hooks: self.chain(0.5),
+            output: OutputRules::default(),
         }
     }
 

@@ -22,7 +22,7 @@ use plugins::lora::tiny::{TinyAdapter, ALL_PROJECTIONS};
 use plugins::{BaseModel, PluginKind, PluginSpec, Registry, RegistryConfig, Source};
 use serde_json::{json, Value};
 use server::engine::testing::{tiny_char_id, tiny_loaded_model};
-use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
+use server::engine::{Engine, EngineConfig, Event, GenerateRequest, OutputRules, RealEngine};
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 
 const SEED: u64 = 5;
@@ -120,6 +120,7 @@ fn request(prompt: &str, temperature: f32, seed: u64, hooks: Vec<HookCall>) -> G
         stop_token_ids: Vec::new(),
         prompt_logprobs: None,
         hooks,
+        output: OutputRules::default(),
     }
 }
 

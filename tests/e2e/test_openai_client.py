@@ -57,6 +57,32 @@ def test_stop_sequence_is_not_in_the_output(client):
     assert text.startswith(r.choices[0].text)
 
 
+def test_vllm_output_extensions_through_extra_body(client):
+    kwargs = dict(model=MODEL_ID, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    text = client.completions.create(**kwargs).choices[0].text
+    kept = client.completions.create(stop=[" 6"], extra_body={"include_stop_str_in_output": True}, **kwargs)
+    assert kept.choices[0].finish_reason == "stop"
+    assert kept.choices[0].text == text[: text.index(" 6") + 2]
+    # The greedy reply's first token as a stop token ends the reply at once, unless
+    # min_tokens holds it off (then the token is masked and another one comes first).
+    first = client.completions.create(logprobs=0, extra_body={"return_tokens_as_token_ids": True}, **kwargs)
+    first_id = int(first.choices[0].logprobs.tokens[0].removeprefix("token_id:"))
+    stopped = client.completions.create(extra_body={"stop_token_ids": [first_id]}, **kwargs)
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == ("", "stop")
+    assert stopped.usage.completion_tokens == 1
+    held = client.completions.create(extra_body={"stop_token_ids": [first_id], "min_tokens": 3}, **kwargs)
+    assert held.usage.completion_tokens >= 3
+    assert held.choices[0].text != ""
+
+
+def test_chat_continues_the_final_message(client):
+    messages = CAPITAL + [{"role": "assistant", "content": "The capital of France is"}]
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=4, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert "Paris" in r.choices[0].message.content
+
+
 def test_n_greater_than_one(client):
     r = client.chat.completions.create(model=MODEL_ID, messages=CAPITAL, max_tokens=8, temperature=1.0, n=3, seed=7)
     assert sorted(c.index for c in r.choices) == [0, 1, 2]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use models::chat_template::ChatMessage;
+use models::chat_template::{ChatMessage, RenderOptions};
 use tokio::sync::mpsc;
 
 use super::{
@@ -217,7 +217,11 @@ impl Engine for FakeEngine {
         &self.config.info
     }
 
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, EngineError> {
         if !self.config.chat_template {
             return Err(EngineError::NoChatTemplate);
         }
@@ -225,7 +229,12 @@ impl Engine for FakeEngine {
             .iter()
             .map(|m| format!("<|{}|>{}\n", m.role, m.content))
             .collect();
-        text.push_str("<|assistant|>");
+        if options.continue_final_message {
+            text.pop();
+        }
+        if options.add_generation_prompt {
+            text.push_str("<|assistant|>");
+        }
         Ok(text)
     }
 
@@ -316,6 +325,7 @@ impl Engine for FakeEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::OutputRules;
     use models::sampling::SamplingParams;
 
     fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
@@ -329,6 +339,7 @@ mod tests {
             stop_token_ids: vec![EOS],
             prompt_logprobs: None,
             hooks: Vec::new(),
+            output: OutputRules::default(),
         }
     }
 

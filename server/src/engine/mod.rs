@@ -24,7 +24,7 @@ pub use step_metrics::{HistogramSnapshot, StepMetricsSnapshot};
 
 use std::time::Duration;
 
-use models::chat_template::ChatMessage;
+use models::chat_template::{ChatMessage, RenderOptions};
 use models::sampling::SamplingParams;
 use models::HookCall;
 use tokio::sync::mpsc;
@@ -55,6 +55,30 @@ pub struct GenerateRequest {
     /// The request's resolved plug-in chain, in order (empty: the base model). The calls hold
     /// the plug-ins, so the request keeps the versions it resolved until it ends.
     pub hooks: Vec<HookCall>,
+    pub output: OutputRules,
+}
+
+/// When a sequence may stop and what its text includes, beyond `stop` and `stop_token_ids`
+/// (vLLM's `min_tokens`, `include_stop_str_in_output` and `skip_special_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputRules {
+    /// Until this many tokens are generated, the stop tokens cannot be sampled (their logits
+    /// are masked) and stop strings are not looked for.
+    pub min_tokens: usize,
+    /// A matched stop string ends the text instead of being cut off.
+    pub include_stop_str: bool,
+    /// Special tokens (other than the stop tokens, never in the text) are left out.
+    pub skip_special_tokens: bool,
+}
+
+impl Default for OutputRules {
+    fn default() -> Self {
+        Self {
+            min_tokens: 0,
+            include_stop_str: false,
+            skip_special_tokens: true,
+        }
+    }
 }
 
 /// A token's log-probability and the most likely alternatives at its position.
@@ -171,8 +195,13 @@ pub enum EngineError {
 pub trait Engine: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
-    /// Renders chat messages with the model's template, generation prompt appended.
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+    /// Renders chat messages with the model's template (the generation prompt appended, or
+    /// the last message left open, as `options` say).
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, EngineError>;
 
     /// Text to token ids, special tokens parsed, BOS added when the model wants it
     /// (`add_special`).

@@ -15,7 +15,7 @@ use models::{Hook, HookCall, HookGroup, HookPoints, HookState};
 
 use super::real::{EngineConfig, RealEngine};
 use super::testing::{collect_events as collect, tiny_char_id, tiny_loaded_model_as, wait_until};
-use super::{Engine, EngineError, Event, GenerateRequest};
+use super::{Engine, EngineError, Event, GenerateRequest, OutputRules};
 
 /// Bytes each [`Tokens`] state reports per token it holds.
 const BYTES_PER_TOKEN: usize = 1000;
@@ -165,6 +165,7 @@ fn request(f: &Fixture, prompt: &str, max_tokens: usize, seed: u64) -> GenerateR
         stop_token_ids: Vec::new(),
         prompt_logprobs: None,
         hooks: vec![f.hook.clone()],
+        output: OutputRules::default(),
     }
 }
 

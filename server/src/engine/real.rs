@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use models::bundle::LoadedModel;
-use models::chat_template::{ChatMessage, ChatTemplate};
+use models::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
 use models::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -308,13 +308,17 @@ impl Engine for RealEngine {
         &self.info
     }
 
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, EngineError> {
         let template = self
             .chat_template
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?;
         template
-            .render(messages, true, None)
+            .render_with(messages, options)
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 
@@ -425,6 +429,8 @@ fn spawn_worker<M: StepModel>(worker: Worker<M>) -> std::io::Result<JoinHandle<(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::sync::Condvar;
+
+    use crate::engine::OutputRules;
 
     use candle_core::Tensor;
     use models::sampling::SamplingParams;
@@ -537,6 +543,7 @@ mod tests {
             stop_token_ids: Vec::new(),
             prompt_logprobs: None,
             hooks: Vec::new(),
+            output: OutputRules::default(),
         }
     }
 

@@ -66,6 +66,8 @@ pub(crate) struct Sequence {
     /// The request's `max_tokens`, capped so the sequence fits the model's context.
     max_tokens: usize,
     stop_token_ids: Vec<u32>,
+    /// Generated tokens before a stop token or string may end the sequence.
+    min_tokens: usize,
     /// `Some(top_n)` when prompt log-probs were asked for.
     prompt_logprobs: Option<usize>,
     /// Prompt log-probs scored so far, sent once the whole prompt is scored.
@@ -107,14 +109,15 @@ impl Sequence {
             generated: Vec::new(),
             max_tokens: request.max_tokens.min(room),
             stop_token_ids: request.stop_token_ids,
+            min_tokens: request.output.min_tokens,
             prompt_logprobs: request.prompt_logprobs,
             prompt_scores: Vec::new(),
             hooks: request.hooks,
             sampler,
             // Continuing: the first piece keeps its leading space, which separates a plain
             // completion from its prompt; byte-level vocabularies decode the same either way.
-            decoder: IncrementalDecoder::continuing(true),
-            stops: StopStrings::new(&request.stop),
+            decoder: IncrementalDecoder::continuing(request.output.skip_special_tokens),
+            stops: StopStrings::new(&request.stop, request.output.include_stop_str),
             cache,
             events,
             clock: Clock {
@@ -351,7 +354,12 @@ impl Sequence {
         now: Instant,
     ) -> Result<(), EngineError> {
         check_logits(logits)?;
-        let sampled = self.sampler.sample(logits);
+        let sampled = match self.generated.len() < self.min_tokens {
+            false => self.sampler.sample(logits),
+            true => self
+                .sampler
+                .sample(&without_tokens(logits, &self.stop_token_ids)),
+        };
         let id = sampled.id;
         self.generated.push(id);
         self.clock.first_token.get_or_insert(now);
@@ -366,7 +374,7 @@ impl Sequence {
             .push(tokenizer, id)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?
             .unwrap_or_default();
-        let (text, matched) = match self.stops.push(&piece) {
+        let (text, matched) = match self.stops.push(&piece, self.stop_strings_armed()) {
             StopOutcome::Emit(text) => (text, false),
             StopOutcome::Matched(text) => (text, true),
         };
@@ -380,6 +388,12 @@ impl Sequence {
             self.finish(FinishReason::Length, now);
         }
         Ok(())
+    }
+
+    /// Stop strings end the text once `min_tokens` tokens are out (vLLM's rule: counted with
+    /// the token that completes the string).
+    fn stop_strings_armed(&self) -> bool {
+        self.generated.len() >= self.min_tokens
     }
 
     fn token_logprob(&self, sampled: SampledToken) -> Option<TokenLogprob> {
@@ -396,7 +410,7 @@ impl Sequence {
     /// Flushes held text and sends `Finished`.
     fn finish(&mut self, reason: FinishReason, now: Instant) {
         let tail = self.decoder.finish().unwrap_or_default();
-        let (trailing_text, matched) = self.stops.finish(&tail);
+        let (trailing_text, matched) = self.stops.finish(&tail, self.stop_strings_armed());
         let reason = if matched { FinishReason::Stop } else { reason };
         tracing::debug!(
             request_id = %self.request_id,
@@ -488,11 +502,28 @@ fn check_logits(logits: &[f32]) -> Result<(), EngineError> {
     }
 }
 
+/// `logits` with `ids` made impossible: how `min_tokens` keeps the stop tokens from being
+/// sampled (and how vLLM does it).
+fn without_tokens(logits: &[f32], ids: &[u32]) -> Vec<f32> {
+    let mut masked = logits.to_vec();
+    for &id in ids {
+        if let Some(l) = masked.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    // A model that can say nothing else stops anyway rather than sample from nothing.
+    match masked.iter().any(|l| l.is_finite()) {
+        true => masked,
+        false => logits.to_vec(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::engine::testing::{tiny_char_id, tiny_tokenizer, TINY_EOS, TINY_VOCAB};
+    use crate::engine::OutputRules;
     use candle_core::{DType, Device};
     use models::sampling::SamplingParams;
     use models::tiny::tiny_config;
@@ -516,6 +547,7 @@ mod tests {
             stop_token_ids: vec![TINY_EOS],
             prompt_logprobs: None,
             hooks: Vec::new(),
+            output: OutputRules::default(),
         }
     }
 
@@ -619,6 +651,48 @@ mod tests {
         let ev = events(&mut rx);
         assert_eq!(texts(&ev), "x");
         assert!(matches!(&ev[1], Event::Token { text, .. } if text.is_empty()));
+        assert_eq!(finished(&ev), (FinishReason::Stop, 3));
+    }
+
+    /// Logits where the stop token is far ahead and `id` second.
+    fn eos_then(id: u32) -> Tensor {
+        let mut v = vec![0f32; TINY_VOCAB];
+        v[TINY_EOS as usize] = 20.0;
+        v[id as usize] = 10.0;
+        Tensor::from_vec(v, (1, TINY_VOCAB), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn min_tokens_masks_the_stop_token_and_defers_stop_strings() {
+        let mut req = request("ab", 10);
+        req.stop = vec!["x".into()];
+        req.output.min_tokens = 3;
+        let (mut seq, mut rx) = start(req, 256);
+        let x = ids("x")[0];
+        // Tokens 1 and 2: the stop token is the argmax but masked; "x" is not a stop yet.
+        step(&mut seq, 2, LogitsWanted::Last, Some(eos_then(x)));
+        step(&mut seq, 1, LogitsWanted::Last, Some(eos_then(x)));
+        assert!(!seq.is_done());
+        // Token 3 completes min_tokens: masked once more, and now "x" stops.
+        step(&mut seq, 1, LogitsWanted::Last, Some(eos_then(x)));
+        let ev = events(&mut rx);
+        assert_eq!(texts(&ev), "xx");
+        assert_eq!(finished(&ev), (FinishReason::Stop, 3));
+        // Without min_tokens the stop token wins at once.
+        let (mut seq, mut rx) = start(request("ab", 10), 256);
+        step(&mut seq, 2, LogitsWanted::Last, Some(eos_then(x)));
+        assert_eq!(finished(&events(&mut rx)), (FinishReason::Stop, 1));
+    }
+
+    #[test]
+    fn include_stop_str_keeps_the_matched_stop_string() {
+        let mut req = request("ab", 10);
+        req.stop = vec!["yz".into()];
+        req.output.include_stop_str = true;
+        let (mut seq, mut rx) = start(req, 256);
+        generate(&mut seq, "xyz");
+        let ev = events(&mut rx);
+        assert_eq!(texts(&ev), "xyz");
         assert_eq!(finished(&ev), (FinishReason::Stop, 3));
     }
 

@@ -5,14 +5,17 @@
 //! streams out token by token, any tail of the text that could still grow into a stop string
 //! is held back until it either completes one (dropped, generation ends) or cannot anymore
 //! (released). vLLM and TGI do the same; the held text is at most the longest stop string
-//! minus one byte.
+//! minus one byte. With vLLM's `include_stop_str_in_output` the matched stop string ends the
+//! output instead of being cut off; before `min_tokens` tokens (text pushed unarmed) nothing
+//! is looked for or held back.
 
 /// What one push of text produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopOutcome {
     /// No stop string yet; this text is safe to send (may be empty while text is held back).
     Emit(String),
-    /// A stop string completed: the text before it is the last output; generation ends.
+    /// A stop string completed: the text before it (and the stop string itself, when kept)
+    /// is the last output; generation ends.
     Matched(String),
 }
 
@@ -20,26 +23,35 @@ pub enum StopOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct StopStrings {
     stops: Vec<String>,
+    /// Whether a matched stop string is part of the output.
+    keep: bool,
     /// Text not yet released: a suffix that is a proper prefix of some stop string.
     held: String,
 }
 
 impl StopStrings {
-    /// Empty stop strings are ignored: they would match before any output.
-    pub fn new(stops: &[String]) -> Self {
+    /// Empty stop strings are ignored: they would match before any output. `keep`: a
+    /// matched stop string stays at the end of the output.
+    pub fn new(stops: &[String], keep: bool) -> Self {
         Self {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            keep,
             held: String::new(),
         }
     }
 
-    /// Adds newly decoded text and returns what may go out.
-    pub fn push(&mut self, text: &str) -> StopOutcome {
+    /// Adds newly decoded text and returns what may go out. Unless `armed`, stop strings are
+    /// not looked for and all of the text goes out.
+    pub fn push(&mut self, text: &str, armed: bool) -> StopOutcome {
         self.held.push_str(text);
-        if let Some(at) = self.earliest_match() {
-            let before = self.held[..at].to_string();
+        if !armed {
+            return StopOutcome::Emit(std::mem::take(&mut self.held));
+        }
+        if let Some((at, len)) = self.earliest_match() {
+            let end = if self.keep { at + len } else { at };
+            let last = self.held[..end].to_string();
             self.held.clear();
-            return StopOutcome::Matched(before);
+            return StopOutcome::Matched(last);
         }
         let keep_from = self.held.len() - self.partial_suffix_len();
         let out = self.held[..keep_from].to_string();
@@ -50,8 +62,8 @@ impl StopStrings {
     /// At the end of generation: the held text (it can no longer complete a stop string),
     /// after pushing `tail` (the decoder's final flush). Returns the text and whether a stop
     /// string matched inside `tail`.
-    pub fn finish(&mut self, tail: &str) -> (String, bool) {
-        match self.push(tail) {
+    pub fn finish(&mut self, tail: &str, armed: bool) -> (String, bool) {
+        match self.push(tail, armed) {
             StopOutcome::Matched(before) => (before, true),
             StopOutcome::Emit(mut out) => {
                 out.push_str(&self.held);
@@ -61,13 +73,14 @@ impl StopStrings {
         }
     }
 
-    /// Byte offset of the first stop string occurrence in the held text. Earlier output was
-    /// released only when no stop string could start in it, so searching `held` suffices.
-    fn earliest_match(&self) -> Option<usize> {
+    /// Byte offset and length of the first stop string occurrence in the held text (the
+    /// longest of those starting there). Earlier output was released only when no stop
+    /// string could start in it, so searching `held` suffices.
+    fn earliest_match(&self) -> Option<(usize, usize)> {
         self.stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)))
     }
 
     /// Length of the longest suffix of the held text that is a proper prefix of a stop string.
@@ -90,14 +103,17 @@ mod tests {
     use super::*;
 
     fn filter(stops: &[&str]) -> StopStrings {
-        StopStrings::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        StopStrings::new(
+            &stops.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            false,
+        )
     }
 
     /// Pushes pieces in order; returns everything emitted and whether a stop matched.
     fn run(f: &mut StopStrings, pieces: &[&str]) -> (String, bool) {
         let mut out = String::new();
         for p in pieces {
-            match f.push(p) {
+            match f.push(p, true) {
                 StopOutcome::Emit(t) => out.push_str(&t),
                 StopOutcome::Matched(t) => {
                     out.push_str(&t);
@@ -105,7 +121,7 @@ mod tests {
                 }
             }
         }
-        let (tail, matched) = f.finish("");
+        let (tail, matched) = f.finish("", true);
         out.push_str(&tail);
         (out, matched)
     }
@@ -113,15 +129,15 @@ mod tests {
     #[test]
     fn without_stops_everything_passes_at_once() {
         let mut f = filter(&[]);
-        assert_eq!(f.push("hello"), StopOutcome::Emit("hello".into()));
+        assert_eq!(f.push("hello", true), StopOutcome::Emit("hello".into()));
     }
 
     #[test]
     fn a_possible_prefix_is_held_then_released() {
         let mut f = filter(&["END"]);
-        assert_eq!(f.push("abc E"), StopOutcome::Emit("abc ".into()));
-        assert_eq!(f.push("N"), StopOutcome::Emit(String::new()));
-        assert_eq!(f.push("x"), StopOutcome::Emit("ENx".into()));
+        assert_eq!(f.push("abc E", true), StopOutcome::Emit("abc ".into()));
+        assert_eq!(f.push("N", true), StopOutcome::Emit(String::new()));
+        assert_eq!(f.push("x", true), StopOutcome::Emit("ENx".into()));
     }
 
     #[test]
@@ -133,7 +149,7 @@ mod tests {
     #[test]
     fn the_earliest_of_several_stop_strings_wins() {
         let mut f = filter(&["cd", "b"]);
-        assert_eq!(f.push("abcd"), StopOutcome::Matched("a".into()));
+        assert_eq!(f.push("abcd", true), StopOutcome::Matched("a".into()));
     }
 
     #[test]
@@ -145,15 +161,15 @@ mod tests {
     #[test]
     fn finish_matches_inside_the_final_flush() {
         let mut f = filter(&["!!"]);
-        assert_eq!(f.push("hi!"), StopOutcome::Emit("hi".into()));
-        assert_eq!(f.finish("!x"), (String::new(), true));
+        assert_eq!(f.push("hi!", true), StopOutcome::Emit("hi".into()));
+        assert_eq!(f.finish("!x", true), (String::new(), true));
     }
 
     #[test]
     fn multibyte_text_is_split_on_char_boundaries_only() {
         let mut f = filter(&["é!"]);
-        assert_eq!(f.push("café"), StopOutcome::Emit("caf".into()));
-        assert_eq!(f.push("?"), StopOutcome::Emit("é?".into()));
+        assert_eq!(f.push("café", true), StopOutcome::Emit("caf".into()));
+        assert_eq!(f.push("?", true), StopOutcome::Emit("é?".into()));
         assert_eq!(
             run(&mut filter(&["é!"]), &["cafxé", "!"]),
             ("cafx".into(), true)
@@ -163,7 +179,7 @@ mod tests {
     #[test]
     fn empty_stop_strings_are_ignored() {
         let mut f = filter(&[""]);
-        assert_eq!(f.push("text"), StopOutcome::Emit("text".into()));
+        assert_eq!(f.push("text", true), StopOutcome::Emit("text".into()));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::svg::{line_chart, Series};
 use crate::train::args::{load_model, model_path, BarProgress};
 use plugins::train::Progress;
 use server::config::PluginEntry;
-use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
+use server::engine::{Engine, EngineConfig, Event, GenerateRequest, OutputRules, RealEngine};
 
 /// Windows in flight at once.
 const WAVE: usize = 8;
@@ -247,6 +247,7 @@ fn score(
                 stop_token_ids: Vec::new(),
                 prompt_logprobs: Some(0),
                 hooks: hooks.to_vec(),
+                output: OutputRules::default(),
             })?);
         }
         for ((window, first), mut rx) in wave.iter().zip(receivers) {

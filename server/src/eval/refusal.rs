@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use super::svg::{line_chart, Series};
 use crate::train::args::{load_model, model_path, parse_range, progress_bar};
 use indicatif::ProgressBar;
-use server::engine::{Engine, EngineConfig, Event, GenerateRequest, RealEngine};
+use server::engine::{Engine, EngineConfig, Event, GenerateRequest, OutputRules, RealEngine};
 
 #[derive(Debug, Args)]
 pub struct RefusalArgs {
@@ -255,6 +255,7 @@ fn generate(
             stop_token_ids: eos.to_vec(),
             prompt_logprobs: None,
             hooks: candidate.chain()?,
+            output: OutputRules::default(),
         };
         receivers.push(engine.submit(request)?);
     }

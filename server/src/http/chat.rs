@@ -22,6 +22,7 @@ use super::validate::{chat_messages, fan_out, generation, max_tokens, LogprobsWa
 use super::wire::ChatRequest;
 use super::{unix_now, RequestId};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
+use models::chat_template::RenderOptions;
 
 /// Create a chat completion
 ///
@@ -106,8 +107,8 @@ pub(super) fn plan(
         top_param: "top_logprobs",
     };
     let gen = generation(&req.sampling(), wanted, engine)?;
-    let text = engine.render_chat(&messages)?;
-    let tokens = engine.tokenize(&text, true)?;
+    let text = engine.render_chat(&messages, &render_options(req)?)?;
+    let tokens = engine.tokenize(&text, req.add_special_tokens.unwrap_or(true))?;
     if tokens.is_empty() {
         return Err(EngineError::EmptyPrompt.into());
     }
@@ -132,7 +133,48 @@ pub(super) fn plan(
         tokens,
         max_tokens: max,
     };
-    Ok(fan_out(id, &[prompt], &gen, None, &selection.chain.calls))
+    fan_out(id, &[prompt], &gen, None, &selection.chain.calls)
+}
+
+/// The template variables a request may not set through `chat_template_kwargs`: the
+/// renderer's own, which would silently win.
+const RESERVED_TEMPLATE_VARIABLES: &[&str] = &[
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
+/// vLLM's rendering fields: `add_generation_prompt` (default true), `continue_final_message`
+/// (which leaves the last message open, so takes no generation prompt),
+/// `chat_template_kwargs`.
+fn render_options(req: &ChatRequest) -> Result<RenderOptions<'_>, ApiError> {
+    let continue_final_message = req.continue_final_message.unwrap_or(false);
+    if continue_final_message && req.add_generation_prompt == Some(true) {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "continue_final_message continues the last message, so it cannot be combined with \
+             add_generation_prompt: true (set add_generation_prompt to false)",
+        ));
+    }
+    let kwargs = req.chat_template_kwargs.as_ref();
+    if let Some(name) = kwargs.and_then(|k| {
+        RESERVED_TEMPLATE_VARIABLES
+            .iter()
+            .find(|name| k.contains_key(**name))
+    }) {
+        return Err(ApiError::invalid(
+            "chat_template_kwargs",
+            format!("chat_template_kwargs cannot set `{name}`, which the server sets"),
+        ));
+    }
+    Ok(RenderOptions {
+        add_generation_prompt: !continue_final_message && req.add_generation_prompt.unwrap_or(true),
+        continue_final_message,
+        tools: None,
+        kwargs,
+    })
 }
 
 fn logprobs_of(engine: &dyn Engine, names: TokenNames, tokens: &[GenToken]) -> ChatLogprobs {

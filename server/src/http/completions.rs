@@ -125,7 +125,8 @@ pub(super) fn plan(
     };
     let gen = generation(&req.sampling(), wanted, engine)?;
     let echo = req.echo.unwrap_or(false);
-    let prompts = prompt_inputs(&req.prompt, engine, echo)?;
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let prompts = prompt_inputs(&req.prompt, engine, echo, add_special)?;
     if prompts.len() * gen.n > MAX_CHOICES {
         return Err(ApiError::invalid(
             "prompt",
@@ -153,7 +154,7 @@ pub(super) fn plan(
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let prompt_logprobs = (echo && wanted.logprobs).then_some(wanted.top);
-    let requests = fan_out(id, &plans, &gen, prompt_logprobs, &selection.chain.calls);
+    let requests = fan_out(id, &plans, &gen, prompt_logprobs, &selection.chain.calls)?;
     let shape = Shape {
         prompts,
         n: gen.n,
@@ -164,15 +165,17 @@ pub(super) fn plan(
     Ok((requests, shape))
 }
 
-/// Tokenizes text prompts (BOS as the model wants) and checks token-id prompts.
+/// Tokenizes text prompts (BOS as the model wants, with `add_special`) and checks token-id
+/// prompts.
 fn prompt_inputs(
     prompt: &Prompt,
     engine: &dyn Engine,
     echo: bool,
+    add_special: bool,
 ) -> Result<Vec<PromptInput>, ApiError> {
     let from_text = |text: &String| -> Result<PromptInput, ApiError> {
         Ok(PromptInput {
-            tokens: engine.tokenize(text, true)?,
+            tokens: engine.tokenize(text, add_special)?,
             text: text.clone(),
         })
     };

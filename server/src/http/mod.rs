@@ -20,6 +20,7 @@ mod chat;
 mod completions;
 pub mod cors;
 pub mod error;
+mod extensions;
 pub mod extract;
 pub mod fuzzing;
 mod generate;

@@ -12,6 +12,7 @@ use super::selection::select_for;
 use super::state::AppState;
 use super::validate::{chat_messages, check_token_ids};
 use super::wire::{DetokenizeRequest, TokenizeRequest};
+use models::chat_template::RenderOptions;
 
 /// Tokenize
 ///
@@ -36,7 +37,13 @@ pub async fn tokenize(
     select_for(&state, engine.info(), req.model.as_deref(), &[])?;
     let text = match (&req.prompt, &req.messages) {
         (Some(prompt), None) => prompt.clone(),
-        (None, Some(messages)) => engine.render_chat(&chat_messages(messages)?)?,
+        (None, Some(messages)) => {
+            let options = RenderOptions {
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                ..RenderOptions::default()
+            };
+            engine.render_chat(&chat_messages(messages)?, &options)?
+        }
         _ => {
             return Err(ApiError::invalid(
                 "prompt",

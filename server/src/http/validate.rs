@@ -11,8 +11,8 @@ use models::HookCall;
 
 use super::error::{ApiError, ErrorKind};
 use super::state::{MAX_N, MAX_STOP};
-use super::wire::{Content, SamplingWire, WireMessage};
-use crate::engine::{Engine, GenerateRequest};
+use super::wire::{Content, OutputWire, SamplingWire, WireMessage};
+use crate::engine::{Engine, GenerateRequest, OutputRules};
 
 /// What the request asked for in log-probs, and which field to blame for a bad value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,7 @@ pub struct Generation {
     pub n: usize,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    pub output: OutputRules,
 }
 
 /// Checks the shared sampling fields and fills in the defaults.
@@ -51,16 +52,45 @@ pub fn generation(
     let sampling = sampling_params(wire, logprobs, engine.info().vocab_size)?;
     // A random seed still goes into the request, so a log line can reproduce it.
     let seed = wire.seed.unwrap_or_else(rand::random);
-    let stop_token_ids = match wire.ignore_eos {
+    let mut stop_token_ids = match wire.ignore_eos {
         Some(true) => Vec::new(),
         _ => engine.eos_token_ids(),
     };
+    let requested = wire.output.stop_token_ids.as_deref().unwrap_or_default();
+    check_token_ids(requested, engine.info().vocab_size, "stop_token_ids")?;
+    for &id in requested {
+        if !stop_token_ids.contains(&id) {
+            stop_token_ids.push(id);
+        }
+    }
     Ok(Generation {
         sampling,
         seed,
         n,
         stop,
         stop_token_ids,
+        output: output_rules(&wire.output)?,
+    })
+}
+
+fn output_rules(wire: &OutputWire) -> Result<OutputRules, ApiError> {
+    let d = OutputRules::default();
+    // SGLang's `no_stop_trim` and vLLM's flag say the same; a request giving both contrary
+    // values asks for two things.
+    let include_stop_str = match (wire.include_stop_str_in_output, wire.no_stop_trim) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(
+                "no_stop_trim",
+                "no_stop_trim and include_stop_str_in_output are the same setting and were \
+                 given different values",
+            ))
+        }
+        (a, b) => a.or(b).unwrap_or(d.include_stop_str),
+    };
+    Ok(OutputRules {
+        min_tokens: wire.min_tokens.unwrap_or(d.min_tokens),
+        include_stop_str,
+        skip_special_tokens: wire.skip_special_tokens.unwrap_or(d.skip_special_tokens),
     })
 }
 
@@ -269,17 +299,26 @@ pub struct PromptPlan {
 
 /// One [`GenerateRequest`] per prompt and choice, choice-major within each prompt (index
 /// `prompt * n + choice`, as OpenAI numbers them). Ids are `<id>-<index>` when there is more
-/// than one, seeds `seed + index`.
+/// than one, seeds `seed + index`. A `min_tokens` above a prompt's `max_tokens` is a 400.
 pub fn fan_out(
     id: &str,
     prompts: &[PromptPlan],
     gen: &Generation,
     prompt_logprobs: Option<usize>,
     hooks: &[HookCall],
-) -> Vec<GenerateRequest> {
+) -> Result<Vec<GenerateRequest>, ApiError> {
     let total = prompts.len() * gen.n;
     let mut requests = Vec::with_capacity(total);
     for prompt in prompts {
+        if gen.output.min_tokens > prompt.max_tokens {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must not exceed the completion's max_tokens ({})",
+                    gen.output.min_tokens, prompt.max_tokens
+                ),
+            ));
+        }
         for _ in 0..gen.n {
             let index = requests.len();
             let seed = gen.seed.wrapping_add(index as u64);
@@ -296,10 +335,11 @@ pub fn fan_out(
                 stop_token_ids: gen.stop_token_ids.clone(),
                 prompt_logprobs,
                 hooks: hooks.to_vec(),
+                output: gen.output,
             });
         }
     }
-    requests
+    Ok(requests)
 }
 
 #[cfg(test)]
@@ -378,6 +418,7 @@ mod tests {
             n: 2,
             stop: vec![],
             stop_token_ids: vec![1],
+            output: OutputRules::default(),
         };
         let prompts = [
             PromptPlan {
@@ -389,15 +430,60 @@ mod tests {
                 max_tokens: 6,
             },
         ];
-        let reqs = fan_out("r", &prompts, &gen, None, &[]);
+        let reqs = fan_out("r", &prompts, &gen, None, &[]).expect("valid");
         let ids: Vec<_> = reqs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3"]);
         let seeds: Vec<_> = reqs.iter().map(|r| r.seed).collect();
         assert_eq!(seeds, [7, 8, 9, 10]);
         assert_eq!(reqs[2].prompt, vec![5]);
         assert_eq!(reqs[3].max_tokens, 6);
-        let single = fan_out("r", &prompts[..1], &Generation { n: 1, ..gen }, None, &[]);
+        let single = fan_out(
+            "r",
+            &prompts[..1],
+            &Generation {
+                n: 1,
+                ..gen.clone()
+            },
+            None,
+            &[],
+        )
+        .expect("valid");
         assert_eq!(single[0].id, "r");
+        let too_many = Generation {
+            output: OutputRules {
+                min_tokens: 5,
+                ..OutputRules::default()
+            },
+            ..gen
+        };
+        let e = fan_out("r", &prompts, &too_many, None, &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("min_tokens"));
+        assert!(e.message.contains("max_tokens (4)"), "{}", e.message);
+    }
+
+    #[test]
+    fn output_rules_take_either_name_of_the_stop_string_flag() {
+        let rules = |include, trim| {
+            output_rules(&OutputWire {
+                include_stop_str_in_output: include,
+                no_stop_trim: trim,
+                min_tokens: Some(2),
+                skip_special_tokens: Some(false),
+                ..OutputWire::default()
+            })
+        };
+        for (include, trim, kept) in [
+            (None, None, false),
+            (Some(true), None, true),
+            (None, Some(true), true),
+            (Some(false), Some(false), false),
+        ] {
+            let r = rules(include, trim).expect("consistent");
+            assert_eq!(r.include_stop_str, kept, "{include:?} {trim:?}");
+            assert_eq!((r.min_tokens, r.skip_special_tokens), (2, false));
+        }
+        let e = rules(Some(true), Some(false)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("no_stop_trim"));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Request bodies as clients send them (OpenAI's chat and legacy completions APIs plus the
-//! vLLM extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`; vLLM's /tokenize and
-//! /detokenize), and each type's [`Screen`] policy for fields beyond its own.
+//! vLLM extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
+//! `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`,
+//! `add_special_tokens` and, on chat, `add_generation_prompt`, `continue_final_message`,
+//! `chat_template_kwargs`; vLLM's /tokenize and /detokenize), and each type's [`Screen`]
+//! policy for fields beyond its own (vLLM's and SGLang's other extensions: `extensions`).
 //!
 //! Everything is `deny_unknown_fields`: a field graft does not know could change the output,
 //! so it is a 400 naming it rather than silently ignored. Fields known to be harmless are
@@ -16,6 +19,7 @@ use utoipa::ToSchema;
 use plugins::{PluginKind, PluginSpec};
 
 use super::error::ApiError;
+use super::extensions;
 use super::extract::Screen;
 
 /// Accepted anywhere and without effect on the output: bookkeeping fields clients send.
@@ -39,6 +43,18 @@ pub struct SamplingWire {
     pub n: Option<usize>,
     /// vLLM extension: keep generating past end-of-sequence tokens (load tests use it).
     pub ignore_eos: Option<bool>,
+    pub output: OutputWire,
+}
+
+/// vLLM's (and SGLang's) fields on when generation may stop and what the text includes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutputWire {
+    pub min_tokens: Option<usize>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub include_stop_str_in_output: Option<bool>,
+    /// SGLang's name for `include_stop_str_in_output`.
+    pub no_stop_trim: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
 }
 
 /// `stop`: one string or a list.
@@ -105,6 +121,30 @@ pub struct ChatRequest {
     #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
+    /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
+    /// end the output (at most `max_tokens`).
+    pub min_tokens: Option<usize>,
+    /// vLLM: token ids that end generation besides the model's end-of-sequence tokens (not
+    /// part of the text; they apply with `ignore_eos` too).
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM: end the text with the stop string that ended it (default false).
+    pub include_stop_str_in_output: Option<bool>,
+    /// SGLang's name for `include_stop_str_in_output`.
+    pub no_stop_trim: Option<bool>,
+    /// vLLM: leave special tokens out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM: end the prompt with the opening of the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM: the last message is the start of the reply, to be continued: the prompt ends
+    /// with its text, without the template's end of turn or a generation prompt.
+    pub continue_final_message: Option<bool>,
+    /// vLLM: extra variables for the chat template (e.g. `{"enable_thinking": false}`); they
+    /// cannot replace `messages`, `tools`, `add_generation_prompt` or the special tokens.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// Add the model's BOS token when it wants one (default true; the template may add its
+    /// own).
+    pub add_special_tokens: Option<bool>,
     pub logprobs: Option<bool>,
     /// Alternatives per token, with `logprobs`.
     #[schema(maximum = 20)]
@@ -132,6 +172,13 @@ impl ChatRequest {
             seed: self.seed,
             n: self.n,
             ignore_eos: self.ignore_eos,
+            output: OutputWire {
+                min_tokens: self.min_tokens,
+                stop_token_ids: self.stop_token_ids.clone(),
+                include_stop_str_in_output: self.include_stop_str_in_output,
+                no_stop_trim: self.no_stop_trim,
+                skip_special_tokens: self.skip_special_tokens,
+            },
         }
     }
 }
@@ -192,6 +239,7 @@ pub struct ContentPart {
 impl Screen for ChatRequest {
     fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
         drop_harmless(body);
+        extensions::screen_chat(body)?;
         let no_tools = is_empty(body.get("tools")) && is_empty(body.get("functions"));
         refuse_unless("tools", body, is_empty)?;
         refuse_unless("functions", body, is_empty)?;
@@ -256,6 +304,20 @@ pub struct CompletionRequest {
     #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
+    /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
+    /// end the output (at most `max_tokens`).
+    pub min_tokens: Option<usize>,
+    /// vLLM: token ids that end generation besides the model's end-of-sequence tokens (not
+    /// part of the text; they apply with `ignore_eos` too).
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM: end the text with the stop string that ended it (default false).
+    pub include_stop_str_in_output: Option<bool>,
+    /// SGLang's name for `include_stop_str_in_output`.
+    pub no_stop_trim: Option<bool>,
+    /// vLLM: leave special tokens out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM: add the model's BOS token when it wants one (default true).
+    pub add_special_tokens: Option<bool>,
     /// Legacy: return the log-probs of each token and of its top-N alternatives.
     #[schema(maximum = 20)]
     pub logprobs: Option<usize>,
@@ -283,6 +345,13 @@ impl CompletionRequest {
             seed: self.seed,
             n: self.n,
             ignore_eos: self.ignore_eos,
+            output: OutputWire {
+                min_tokens: self.min_tokens,
+                stop_token_ids: self.stop_token_ids.clone(),
+                include_stop_str_in_output: self.include_stop_str_in_output,
+                no_stop_trim: self.no_stop_trim,
+                skip_special_tokens: self.skip_special_tokens,
+            },
         }
     }
 }
@@ -290,6 +359,7 @@ impl CompletionRequest {
 impl Screen for CompletionRequest {
     fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
         drop_harmless(body);
+        extensions::screen_completion(body)?;
         refuse_unless("suffix", body, |v| {
             is_empty(v) || v == Some(&Value::from(""))
         })?;
@@ -310,18 +380,13 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<WireMessage>>,
     /// Add BOS when the model wants it; default true, as the generation routes do.
     pub add_special_tokens: Option<bool>,
+    /// With `messages`: end with the opening of the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
     /// Also return each token's text.
     pub return_token_strs: Option<bool>,
 }
 
-impl Screen for TokenizeRequest {
-    fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
-        // The template always appends the generation prompt, as the chat route does.
-        refuse_unless("add_generation_prompt", body, |v| {
-            is_empty(v) || v == Some(&Value::Bool(true))
-        })
-    }
-}
+impl Screen for TokenizeRequest {}
 
 /// POST /detokenize.
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]

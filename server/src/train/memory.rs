@@ -80,7 +80,7 @@ pub struct MemoryArgs {
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
     /// Peak learning rate (AdamW; decays linearly to 0)
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     /// Passes over the training tokens
     #[arg(long, default_value_t = 1)]
