@@ -29,6 +29,8 @@ pub enum PluginError {
     AlreadyLoaded(String),
     #[error("`{path}` cannot be used: {message}")]
     BadFile { path: PathBuf, message: String },
+    #[error("`{0}` does not exist")]
+    Missing(PathBuf),
     #[error("plug-in `{name}` has unusable weights: {message}")]
     BadWeights { name: String, message: String },
     #[error("plug-in `{name}` does not fit the base model: {message}")]

@@ -16,9 +16,10 @@ pub(crate) fn confine(dir: &Path, path: &Path) -> Result<PathBuf> {
     } else {
         dir.join(path)
     };
-    let canonical = joined
-        .canonicalize()
-        .map_err(|e| PluginError::bad_file(&joined, e))?;
+    let canonical = joined.canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PluginError::Missing(path.to_path_buf()),
+        _ => PluginError::bad_file(&joined, e),
+    })?;
     if !canonical.starts_with(dir) {
         return Err(PluginError::OutsideDir {
             path: path.to_path_buf(),

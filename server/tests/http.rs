@@ -85,6 +85,8 @@ async fn health_is_503_while_loading_then_200() {
     send(&app, get("/v1/models"))
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE, "model_loading");
+    // Liveness is not readiness: a loading process is alive.
+    assert_eq!(send(&app, get("/live")).await.json()["status"], "alive");
     assert!(state.slot.fill(Arc::new(FakeEngine::default())));
     let r = send(&app, get("/health")).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -103,6 +105,8 @@ async fn shutting_down_is_503() {
     send(&app, get("/health"))
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    let live = send(&app, get("/live")).await;
+    assert_eq!(live.status, StatusCode::OK, "a draining process is alive");
 }
 
 #[tokio::test]

@@ -529,6 +529,78 @@ async fn the_registry_routes_load_list_refuse_and_unload() {
     assert!(metrics.contains("vllm:lora_requests_info{"), "{metrics}");
 }
 
+/// vLLM's error body for `status`, checked: `type` and the status as a numeric `code`.
+fn vllm_error(r: &common::Answer, status: StatusCode, kind: &str) -> String {
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json();
+    assert_eq!(e["error"]["type"], kind, "{e}");
+    assert_eq!(e["error"]["code"], status.as_u16(), "{e}");
+    e["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn vllm_lora_endpoints_load_and_unload_as_vllm_answers() {
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let load = |body: Value| post("/v1/load_lora_adapter", body.to_string());
+    let unload = |body: Value| post("/v1/unload_lora_adapter", body.to_string());
+
+    let r = send(&app, load(json!({"lora_name": "sql", "lora_path": "a1"}))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(text, "Success: LoRA adapter 'sql' added successfully.");
+    assert_eq!(
+        chat(&app, greedy("sql", json!([]))).await.status,
+        StatusCode::OK
+    );
+    let metrics = String::from_utf8(send(&app, get("/metrics")).await.body.to_vec()).unwrap();
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("vllm:lora_requests_info{"))
+        .unwrap_or_default();
+    assert!(
+        info.contains("running_lora_adapters=\"a0,a1,sql\""),
+        "{metrics}"
+    );
+    assert!(info.contains("waiting_lora_adapters=\"\""), "{metrics}");
+
+    let again = send(&app, load(json!({"lora_name": "sql", "lora_path": "a0"}))).await;
+    let message = vllm_error(&again, StatusCode::BAD_REQUEST, "InvalidUserInput");
+    assert!(message.contains("has already been loaded"), "{message}");
+    let inplace = json!({"lora_name": "sql", "lora_path": "a0", "load_inplace": true});
+    assert_eq!(send(&app, load(inplace)).await.status, StatusCode::OK);
+    let missing = send(&app, load(json!({"lora_name": "x", "lora_path": "nope"}))).await;
+    let message = vllm_error(&missing, StatusCode::NOT_FOUND, "NotFoundError");
+    assert_eq!(message, "Loading lora x failed: No adapter found for nope");
+    for body in [
+        json!({"lora_name": "", "lora_path": "a1"}),
+        json!({"lora_name": BASE_ID, "lora_path": "a1"}),
+        json!({"lora_name": "x", "lora_path": "/etc"}),
+        json!({"lora_name": "x", "lora_path": "a1", "is_3d_lora_weight": true}),
+        json!({"lora_name": "x"}),
+    ] {
+        let r = send(&app, load(body.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(r.json()["error"]["code"], 400, "{body}");
+    }
+
+    let r = send(&app, unload(json!({"lora_name": "sql"}))).await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "Success: LoRA adapter 'sql' removed successfully."
+    );
+    let gone = send(&app, unload(json!({"lora_name": "sql"}))).await;
+    let message = vllm_error(&gone, StatusCode::NOT_FOUND, "NotFoundError");
+    assert_eq!(message, "The lora adapter 'sql' cannot be found.");
+    chat(&app, greedy("sql", json!([])))
+        .await
+        .error(StatusCode::NOT_FOUND, "model_not_found");
+}
+
 /// Control-vector GGUFs that made candle panic (a 500 "task panicked"): each is a 400 naming
 /// the file and the field.
 #[tokio::test]

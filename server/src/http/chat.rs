@@ -63,7 +63,14 @@ pub async fn chat_completions(
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
     let names = TokenNames::from_flag(req.return_tokens_as_token_ids);
-    let subs = submit_all(engine.as_ref(), requests, &state.metrics, caller.meter(), n)?;
+    let subs = submit_all(
+        engine.as_ref(),
+        requests,
+        &state.metrics,
+        caller.meter(),
+        n,
+        &selection.lora_names(),
+    )?;
     let stream = req.stream.unwrap_or(false);
     let envelope = Envelope {
         id: format!("chatcmpl-{}", request_id.0),

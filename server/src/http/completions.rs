@@ -86,6 +86,7 @@ pub async fn completions(
         &state.metrics,
         caller.meter(),
         shape.n,
+        &selection.lora_names(),
     )?;
     let envelope = Envelope {
         id: format!("cmpl-{}", request_id.0),

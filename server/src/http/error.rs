@@ -255,6 +255,7 @@ impl From<PluginError> for ApiError {
             | PluginError::BadParameter { .. }
             | PluginError::BadName { .. }
             | PluginError::BadFile { .. }
+            | PluginError::Missing(_)
             | PluginError::Incompatible { .. }
             | PluginError::BadWeights { .. }
             | PluginError::OutsideDir { .. }

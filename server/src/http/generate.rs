@@ -34,6 +34,9 @@ pub struct Tracker {
     meter: Option<Meter>,
     /// Tokens to charge: the prompt's (for one choice per prompt) plus those generated.
     tokens: usize,
+    /// The request's LoRA adapters while it waits for its first output
+    /// (`vllm:lora_requests_info`'s `waiting_lora_adapters`).
+    waiting_on: Vec<String>,
 }
 
 impl Tracker {
@@ -46,6 +49,21 @@ impl Tracker {
             done: false,
             meter: None,
             tokens: 0,
+            waiting_on: Vec::new(),
+        }
+    }
+
+    /// Counts the request's LoRA adapters as waiting until its first event.
+    pub fn waiting_on(mut self, adapters: &[String]) -> Self {
+        self.metrics.adapters_waiting(adapters);
+        self.waiting_on = adapters.to_vec();
+        self
+    }
+
+    fn started(&mut self) {
+        if !self.waiting_on.is_empty() {
+            self.metrics.adapters_started(&self.waiting_on);
+            self.waiting_on.clear();
         }
     }
 
@@ -57,6 +75,7 @@ impl Tracker {
     }
 
     pub fn observe(&mut self, event: &Event) {
+        self.started();
         match event {
             Event::PromptLogprobs(_) => {}
             Event::Token { .. } => self.on_token(),
@@ -110,6 +129,7 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
+        self.started();
         if let Some(meter) = &self.meter {
             meter.charge(self.tokens);
         }
@@ -134,13 +154,15 @@ pub struct Submission {
 /// are dropped here, which cancels them. A refused request is answered (429 or 503), not
 /// cancelled, so neither it nor its dropped siblings count in `graft_requests_cancelled_total`.
 /// `requests` are `n` choices per prompt in a row (as `fan_out` makes them); `meter` is
-/// charged each prompt once, as `usage` counts it.
+/// charged each prompt once, as `usage` counts it; `loras` are the LoRA adapters the requests
+/// run with, counted as waiting until each request's first output.
 pub fn submit_all(
     engine: &dyn Engine,
     requests: Vec<GenerateRequest>,
     metrics: &Arc<Metrics>,
     meter: Option<Meter>,
     n: usize,
+    loras: &[String],
 ) -> Result<Vec<Submission>, ApiError> {
     let mut subs = Vec::with_capacity(requests.len());
     let mut requests = requests.into_iter().peekable();
@@ -155,7 +177,9 @@ pub fn submit_all(
                     let charged = if i == 0 { prompt } else { 0 };
                     subs.push(Submission {
                         rx,
-                        tracker: Tracker::new(metrics.clone(), id).charging(meter.clone(), charged),
+                        tracker: Tracker::new(metrics.clone(), id)
+                            .charging(meter.clone(), charged)
+                            .waiting_on(loras),
                     });
                 }
             }

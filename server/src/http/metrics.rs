@@ -5,8 +5,11 @@
 //! (the HTTP tests build one per test) never share counters. Besides graft's own `graft_*`
 //! series it exports the vLLM-named gauges the Kubernetes Gateway API Inference Extension
 //! reads (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
-//! and `vllm:lora_requests_info`, whose labels list the adapters in use).
+//! and `vllm:lora_requests_info`, whose labels list the resident adapters and those with
+//! waiting requests).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, with_local_recorder, Unit};
@@ -65,6 +68,8 @@ pub struct MetricsError(#[from] BuildError);
 /// One app's metrics registry.
 pub struct Metrics {
     recorder: PrometheusRecorder,
+    /// LoRA adapter name to requests naming it that have not started yet.
+    waiting_adapters: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Metrics {
@@ -76,7 +81,10 @@ impl Metrics {
             .set_buckets_for_metric(full(REQUEST_DURATION), LATENCY_BUCKETS)?
             .set_buckets_for_metric(full(QUEUE_TIME), LATENCY_BUCKETS)?
             .build_recorder();
-        let metrics = Self { recorder };
+        let metrics = Self {
+            recorder,
+            waiting_adapters: Mutex::new(BTreeMap::new()),
+        };
         metrics.describe();
         metrics.zero_counters();
         Ok(metrics)
@@ -205,10 +213,33 @@ impl Metrics {
         });
     }
 
-    /// Plug-in gauges, set from the registry at scrape time. `vllm:lora_requests_info` follows
-    /// vLLM: one series whose labels name the adapters in use (graft does not tell running
-    /// from waiting requests apart here, so both are in `running_lora_adapters`), valued at
-    /// the scrape's Unix time.
+    /// A request naming these LoRA adapters is queued (see [`Self::adapters_started`]).
+    pub fn adapters_waiting(&self, names: &[String]) {
+        let mut waiting = lock(&self.waiting_adapters);
+        for name in names {
+            *waiting.entry(name.clone()).or_default() += 1;
+        }
+    }
+
+    /// A request counted by [`Self::adapters_waiting`] produced its first output or ended.
+    pub fn adapters_started(&self, names: &[String]) {
+        let mut waiting = lock(&self.waiting_adapters);
+        for name in names {
+            if let Some(n) = waiting.get_mut(name) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    waiting.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Plug-in gauges, set from the registry at scrape time. `vllm:lora_requests_info` has
+    /// the Gateway API Inference Extension's meaning, valued at the scrape's Unix time as
+    /// vLLM's: `running_lora_adapters` the LoRA adapters resident and ready,
+    /// `waiting_lora_adapters` those named by requests that have not produced output yet,
+    /// `max_lora` how many adapters of the largest registered size the plug-in memory budget
+    /// holds (the resident count when no LoRA is registered).
     pub fn plugin_gauges(&self, plugins: &[PluginInfo], (resident, budget): (usize, usize)) {
         let loras: Vec<&PluginInfo> = plugins
             .iter()
@@ -216,9 +247,14 @@ impl Metrics {
             .collect();
         let running: Vec<&str> = loras
             .iter()
-            .filter(|p| p.in_use > 0)
+            .filter(|p| p.resident)
             .map(|p| p.name.as_str())
             .collect();
+        let waiting: Vec<String> = lock(&self.waiting_adapters).keys().cloned().collect();
+        let max_lora = match loras.iter().map(|p| p.bytes).max() {
+            Some(largest) if largest > 0 => (budget / largest).max(running.len()),
+            _ => running.len(),
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -231,8 +267,8 @@ impl Metrics {
             gauge!(PLUGIN_BUDGET_BYTES).set(budget as f64);
             let labels = [
                 ("running_lora_adapters", running.join(",")),
-                ("waiting_lora_adapters", String::new()),
-                ("max_lora", loras.len().to_string()),
+                ("waiting_lora_adapters", waiting.join(",")),
+                ("max_lora", max_lora.to_string()),
             ];
             gauge!(VLLM_LORA_INFO, &labels).set(now);
         });
@@ -331,6 +367,11 @@ fn write_histogram(
     }
 }
 
+/// The map behind the lock even if a panicking thread poisoned it: counts stay usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,23 +466,28 @@ mod tests {
             name: "sql".into(),
             hash: "sha256:0".into(),
         }]);
-        let info = |name: &str, in_use| PluginInfo {
+        let info = |name: &str, resident| PluginInfo {
             kind: PluginKind::Lora,
             name: name.into(),
             path: "/p".into(),
             hash: "sha256:0".into(),
             source: plugins::Source::Api,
-            resident: true,
-            bytes: 10,
-            in_use,
+            resident,
+            bytes: 30,
+            in_use: 0,
         };
-        m.plugin_gauges(&[info("sql", 2), info("idle", 0)], (20, 100));
+        let adapters = ["sql".to_string(), "poem".to_string()];
+        m.adapters_waiting(&adapters);
+        m.adapters_waiting(&adapters[..1]);
+        m.adapters_started(&adapters);
+        m.plugin_gauges(&[info("sql", true), info("evicted", false)], (20, 100));
         let text = m.render(None, None);
         assert!(
             text.contains("graft_plugin_requests_total{type=\"lora\",name=\"sql\"} 1"),
             "{text}"
         );
         assert!(text.contains("graft_plugin_resident_bytes 20"), "{text}");
-        assert!(text.contains("vllm:lora_requests_info{running_lora_adapters=\"sql\",waiting_lora_adapters=\"\",max_lora=\"2\"}"), "{text}");
+        // Resident: sql; still waiting: sql (twice named, once started); 100 / 30 -> 3.
+        assert!(text.contains("vllm:lora_requests_info{running_lora_adapters=\"sql\",waiting_lora_adapters=\"sql\",max_lora=\"3\"}"), "{text}");
     }
 }

@@ -35,6 +35,7 @@ pub mod state;
 mod stream;
 mod tokenize;
 mod validate;
+mod vllm_lora;
 pub mod wire;
 
 use std::sync::Arc;
@@ -78,6 +79,14 @@ pub fn app(state: AppState) -> Router {
             "/v1/plugins/{name}",
             delete(plugin_api::unload).route_layer(middleware::from_fn(auth::require_admin)),
         )
+        .route(
+            "/v1/load_lora_adapter",
+            post(vllm_lora::load).route_layer(middleware::from_fn(auth::require_admin)),
+        )
+        .route(
+            "/v1/unload_lora_adapter",
+            post(vllm_lora::unload).route_layer(middleware::from_fn(auth::require_admin)),
+        )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(
@@ -86,6 +95,7 @@ pub fn app(state: AppState) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(routes::health))
+        .route("/live", get(routes::live))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::openapi_json));
     let router = Router::new()
@@ -151,7 +161,7 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| match route.as_str() {
         // Probes and scrapes arrive every few seconds; keep them out of the default log.
-        "/health" | "/metrics" => tracing::debug!(status, ms, "request answered"),
+        "/health" | "/live" | "/metrics" => tracing::debug!(status, ms, "request answered"),
         _ => tracing::info!(status, ms, "request answered"),
     });
     if let Ok(value) = HeaderValue::from_str(&id) {

@@ -137,6 +137,20 @@ pub const OPERATIONS: &[OperationSpec] = &[
             ShuttingDown,
         ],
     },
+    // vLLM's LoRA endpoints answer their own errors in vLLM's shape (documented on the
+    // operations); these are the ones the middleware in front of them answers.
+    OperationSpec {
+        method: "post",
+        path: "/v1/load_lora_adapter",
+        access: Access::Admin,
+        errors: &[PayloadTooLarge, Unauthorized, AdminRequired, RateLimited],
+    },
+    OperationSpec {
+        method: "post",
+        path: "/v1/unload_lora_adapter",
+        access: Access::Admin,
+        errors: &[PayloadTooLarge, Unauthorized, AdminRequired, RateLimited],
+    },
     OperationSpec {
         method: "post",
         path: "/tokenize",
@@ -154,6 +168,12 @@ pub const OPERATIONS: &[OperationSpec] = &[
         path: "/health",
         access: Access::Open,
         errors: &[ModelLoading, ShuttingDown],
+    },
+    OperationSpec {
+        method: "get",
+        path: "/live",
+        access: Access::Open,
+        errors: &[],
     },
     OperationSpec {
         method: "get",
@@ -189,9 +209,12 @@ const BEARER: &str = "bearer";
         super::plugin_api::list,
         super::plugin_api::load,
         super::plugin_api::unload,
+        super::vllm_lora::load,
+        super::vllm_lora::unload,
         super::tokenize::tokenize,
         super::tokenize::detokenize,
         super::routes::health,
+        super::routes::live,
         super::routes::metrics,
         openapi_json,
     ),

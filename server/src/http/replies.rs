@@ -71,6 +71,7 @@ constants! {
     graft = "graft",
     assistant = "assistant",
     ok = "ok",
+    alive = "alive",
 }
 
 /// POST /v1/chat/completions without `stream`.
@@ -300,6 +301,13 @@ pub struct DetokenizeResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Health {
     #[schema(schema_with = ok)]
+    pub status: &'static str,
+}
+
+/// GET /live, always.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Live {
+    #[schema(schema_with = alive)]
     pub status: &'static str,
 }
 

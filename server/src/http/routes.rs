@@ -11,7 +11,7 @@ use plugins::PluginKind;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorKind};
-use super::replies::{Health, ModelCard, ModelList};
+use super::replies::{Health, Live, ModelCard, ModelList};
 use super::state::AppState;
 
 /// Readiness
@@ -28,6 +28,21 @@ use super::state::AppState;
 pub async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state.engine()?;
     Ok(Json(Health { status: "ok" }))
+}
+
+/// Liveness
+///
+/// 200 whenever the process answers, loading and draining included: a liveness probe that
+/// read `/health` would restart a pod that is only loading its model or finishing its streams.
+#[utoipa::path(
+    get,
+    path = "/live",
+    operation_id = "live",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Live)),
+)]
+pub async fn live() -> Json<Live> {
+    Json(Live { status: "alive" })
 }
 
 /// Prometheus metrics

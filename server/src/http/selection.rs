@@ -6,7 +6,7 @@
 //! `plugins` list in its order. Every failure names what is wrong: `model` for the model
 //! field, `plugins[i]` (or `plugins[i].<param>`) for an entry of the list.
 
-use plugins::{Chain, PluginError, PluginSpec, Registry};
+use plugins::{Chain, PluginError, PluginKind, PluginSpec, Registry};
 
 use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::state::AppState;
@@ -19,6 +19,18 @@ pub struct Selection {
     /// The `model` the client sent when it selected a plug-in (what vLLM answers with), else
     /// the base model's id.
     pub model: String,
+}
+
+impl Selection {
+    /// The LoRA adapters in the chain, by name (what `vllm:lora_requests_info` reports).
+    pub fn lora_names(&self) -> Vec<String> {
+        self.chain
+            .entries
+            .iter()
+            .filter(|e| e.kind == PluginKind::Lora)
+            .map(|e| e.name.clone())
+            .collect()
+    }
 }
 
 /// [`select_for`] for a generation request. One that names plug-ins resolves on the blocking
