@@ -51,7 +51,7 @@ mod tests {
             "{outside}"
         );
         let missing = confine(&dir, Path::new("nope")).unwrap_err();
-        assert!(matches!(missing, PluginError::BadFile { .. }), "{missing}");
+        assert!(matches!(missing, PluginError::Missing(_)), "{missing}");
 
         #[cfg(unix)]
         {
