@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "Kubernetes manifests (offline, against the Kubernetes API schemas)"
+scripts/deploy/validate-k8s.sh
+
 step "fetch the default model (cached after the first run)"
 cargo run -q -p server --locked -- fetch
 
