@@ -23,6 +23,9 @@ cargo run -q -p server --locked -- fetch
 step "Rust tests"
 cargo test --workspace --locked
 
+step "container image (built with podman, served from its unpacked root file system)"
+scripts/deploy/check-image.sh
+
 step "fuzz targets (coverage-guided libFuzzer, FUZZ_SECONDS each; docs/FUZZING.md)"
 scripts/fuzz.sh
 

@@ -1,6 +1,7 @@
 //! The `server` binary: `server serve` runs the OpenAI-compatible HTTP server, `server fetch`
-//! downloads the default model ahead of time and prints its path, `server train lora` trains
-//! a LoRA adapter offline (see `train`).
+//! downloads the default model ahead of time and prints its path, `server train <kind>` trains
+//! a plug-in offline (see `train`), `server eval <kind>` evaluates one, `server probe` is a
+//! health check for container images.
 //!
 //! `serve` binds the socket first, so /health answers 503 while the model loads in the
 //! background; then it fills the app's engine slot and /health turns 200. On SIGINT/SIGTERM
@@ -27,6 +28,7 @@ use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tokio::sync::{oneshot, watch};
 
 mod eval;
+mod probe;
 mod train;
 
 /// Time past the drain deadline for the engine's last step and the final bytes to leave.
@@ -60,6 +62,9 @@ enum Command {
         #[command(subcommand)]
         kind: eval::EvalCommand,
     },
+    /// Ask a local server's /health (or --path) and exit 0 if it answers 200: a health check
+    /// for images without curl
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +111,7 @@ fn run() -> anyhow::Result<()> {
             init_logging(LogFormat::Text);
             eval::run(kind)
         }
+        Command::Probe(args) => probe::run(&args),
         Command::Serve(args) => {
             let sub = matches
                 .subcommand_matches("serve")
