@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Validates the Kubernetes manifests in deploy/kubernetes offline: every resource the
 # kustomization lists, in strict mode (unknown fields are errors), against the schemas of
-# Kubernetes $K8S_VERSION that the PyPI package kubernetes-validate bundles. Also fails on a
-# manifest file the kustomization forgets, and first checks that a broken manifest is refused
+# Kubernetes $K8S_VERSION that the PyPI package kubernetes-validate bundles, and the custom
+# resources in deploy/kubernetes/gateway (which it has no schema for) against the JSON
+# schemas committed in deploy/kubernetes/schemas, written from their CRDs. Also fails on a
+# manifest file the kustomization forgets, and first checks that broken manifests are refused
 # (so a validator that accepts everything cannot pass). Installs into .venv-deploy.
 #
 #   scripts/deploy/validate-k8s.sh            # K8S_VERSION=1.33.0
@@ -39,3 +41,35 @@ for f in "$dir"/*.yaml; do
 done
 (cd "$dir" && validate $resources)
 echo "deploy/kubernetes: $(wc -w <<< "$resources") manifests valid against Kubernetes $K8S_VERSION"
+
+# Custom resources: kind -> committed schema.
+.venv-deploy/bin/python - "$dir" <<'PY'
+import json, pathlib, sys, yaml
+import jsonschema
+
+schemas = {"InferencePool": "inferencepool-v1.json"}
+root = pathlib.Path(sys.argv[1])
+def check(doc):
+    schema = json.loads((root / "schemas" / schemas[doc["kind"]]).read_text())
+    jsonschema.validate(doc, schema)
+
+broken = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+          "metadata": {"name": "x"}, "spec": {"selector": {"matchLabels": {}}, "targetPorts": [{"number": 0}],
+                                              "endpointPickerRef": {"name": "e"}}}
+try:
+    check(broken)
+    sys.exit("the InferencePool schema accepted port 0; the check is broken")
+except jsonschema.ValidationError:
+    pass
+count = 0
+for path in sorted((root / "gateway").glob("*.yaml")):
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc["kind"] not in schemas:
+            sys.exit(f"{path}: no committed schema for kind {doc['kind']}")
+        try:
+            check(doc)
+        except jsonschema.ValidationError as e:
+            sys.exit(f"{path}: {e.message} at {'/'.join(map(str, e.absolute_path))}")
+        count += 1
+print(f"deploy/kubernetes/gateway: {count} custom resources valid against their CRD schemas")
+PY

@@ -5,8 +5,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL_ID, Server
+from conftest import ADAPTER, MODEL_ID, Server
 
 
 def step_counts(m: dict) -> tuple:
@@ -64,3 +65,22 @@ def test_overload_outcomes_add_up_and_429s_are_not_cancellations():
         assert delta("graft_requests_cancelled_total") == 0
     finally:
         assert s.stop() == 0
+
+
+def test_lora_info_reads_as_the_inference_gateways_picker_reads_it(server):
+    """The endpoint picker takes the vllm:lora_requests_info series with the newest value
+    (a Unix time), splits its adapter labels on commas and parses max_lora as an integer."""
+    r = requests.post(server.url + "/v1/completions", timeout=60,
+                      json={"model": ADAPTER, "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "vllm:lora_requests_info"]
+    assert samples, text
+    latest = max(samples, key=lambda s: s.value)
+    assert abs(latest.value - time.time()) < 60, "valued at the scrape's Unix time"
+    running = [a for a in latest.labels["running_lora_adapters"].split(",") if a]
+    waiting = [a for a in latest.labels["waiting_lora_adapters"].split(",") if a]
+    assert ADAPTER in running, latest.labels
+    assert waiting == [], "nothing is queued now"
+    assert int(latest.labels["max_lora"]) >= len(running)
