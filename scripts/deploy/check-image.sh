@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v podman > /dev/null; then
   [ "$(id -u)" = 0 ] || { echo "podman is missing and installing it needs root" >&2; exit 1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman > /dev/null
+  install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman > /dev/null; }
+  install || { apt-get update -q > /dev/null && install; }
 fi
 tag=graft:ci-$$
 PROFILE=debug TAG=$tag scripts/deploy/build-image.sh

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds and lints the `cuda` feature without a GPU, so the CUDA code cannot rot unseen:
+# nvcc and the CUDA headers come from PyPI wheels (scripts/cuda/requirements.txt, installed
+# into .venv-cuda), candle's kernels are compiled for CUDA_COMPUTE_CAP (default 80, there is
+# no GPU to ask), and build and clippy share target/cuda. CUDA's libraries are loaded at run
+# time (cudarc), so linking needs none of them.
+#
+#   scripts/cuda/build.sh            # build + clippy -D warnings
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ ! -x .venv-cuda/bin/python ] || ! cmp -s scripts/cuda/requirements.txt .venv-cuda/requirements.stamp; then
+  [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
+  .venv-cuda/bin/pip install -q --disable-pip-version-check -r scripts/cuda/requirements.txt
+  cp scripts/cuda/requirements.txt .venv-cuda/requirements.stamp
+fi
+cuda=$(.venv-cuda/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+export PATH=$cuda/bin:$PATH CUDA_PATH=$cuda CUDA_ROOT=$cuda CUDA_HOME=$cuda
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
+nvcc --version | tail -1
+cargo build --locked -p server --features cuda
+cargo clippy --locked -p server -p models -p plugins --features cuda --all-targets -- -D warnings
+echo "the cuda feature builds and lints clean (compute capability $CUDA_COMPUTE_CAP)"
