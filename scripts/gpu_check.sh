@@ -13,14 +13,8 @@ cd "$(dirname "$0")/.."
 out=target/gpu-check
 mkdir -p "$out"
 cap=${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
-if [ ! -x .venv-cuda/bin/python ] || ! cmp -s scripts/cuda/requirements.txt .venv-cuda/requirements.stamp; then
-  [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
-  .venv-cuda/bin/pip install -q --disable-pip-version-check -r scripts/cuda/requirements.txt
-  cp scripts/cuda/requirements.txt .venv-cuda/requirements.stamp
-fi
-cuda=$(.venv-cuda/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
-PATH=$cuda/bin:$PATH CUDA_PATH=$cuda CUDA_ROOT=$cuda CUDA_COMPUTE_CAP=$cap \
-  cargo build -q --release --locked -p server --features cuda -p loadtest
+source scripts/cuda/env.sh
+CUDA_COMPUTE_CAP=$cap cargo build -q --release --locked -p server --features cuda -p loadtest
 bin=target/release/server
 model=$("$bin" fetch)
 

@@ -8,13 +8,7 @@
 #   scripts/cuda/build.sh            # build + clippy -D warnings
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ ! -x .venv-cuda/bin/python ] || ! cmp -s scripts/cuda/requirements.txt .venv-cuda/requirements.stamp; then
-  [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
-  .venv-cuda/bin/pip install -q --disable-pip-version-check -r scripts/cuda/requirements.txt
-  cp scripts/cuda/requirements.txt .venv-cuda/requirements.stamp
-fi
-cuda=$(.venv-cuda/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
-export PATH=$cuda/bin:$PATH CUDA_PATH=$cuda CUDA_ROOT=$cuda CUDA_HOME=$cuda
+source scripts/cuda/env.sh
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
 nvcc --version | tail -1
