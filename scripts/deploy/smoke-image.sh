@@ -20,7 +20,9 @@ ctr=$(podman create "$TAG")
 mkdir -p "$root"
 podman export "$ctr" | tar -x -C "$root"
 podman rm -f "$ctr" > /dev/null
-mount -t proc proc "$root/proc"
+# As a container runtime would; the server also runs without it (checked), so a sandbox that
+# forbids the mount only loses the check's fidelity.
+mount -t proc proc "$root/proc" 2> /dev/null || echo "note: /proc not mounted (not permitted here)" >&2
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mapfile -t env < <(podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$TAG" | sed '/^$/d')
