@@ -35,6 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log_name: str, what: str, timeout: float) -> None:
+    """Polls `url`/health until it answers 200; fails at once if `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log_name}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} did not become ready")
+
+
 class Server:
     def __init__(self, *args: str, command: tuple[str, ...] = (str(BIN), "serve")):
         self.port = free_port()
@@ -48,17 +63,7 @@ class Server:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError("server did not become ready")
+        wait_healthy(self.url, self.proc, self.log.name, "server", timeout)
 
     def assert_serving(self) -> None:
         """The server still answers a real generation after whatever the test did."""

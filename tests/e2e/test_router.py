@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ADAPTER, MODEL_ID, ROOT, Server, free_port
+from conftest import ADAPTER, MODEL_ID, ROOT, Server, free_port, wait_healthy
 
 ROUTER = Path(os.environ.get("VLLM_ROUTER_BIN", ROOT / ".venv-e2e" / "bin" / "vllm-router"))
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -34,16 +34,7 @@ class Router:
              "--retry-max-retries", "2", "--log-level", "warning",
              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"vllm-router exited; see {self.log.name}"
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError("vllm-router did not become ready")
+        wait_healthy(self.url, self.proc, self.log.name, "vllm-router", 60)
 
     def stop(self):
         self.proc.terminate()
