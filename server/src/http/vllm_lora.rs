@@ -127,8 +127,7 @@ fn success(message: String) -> Response {
 )]
 pub async fn load(State(state): State<AppState>, body: Bytes) -> Result<Response, VllmError> {
     let req: LoadLoraAdapterRequest = parse(&body).map_err(|e| VllmError::invalid(e.message))?;
-    check_load(&state, &req)?;
-    let registry = registry(&state)?;
+    let registry = check_load(&state, &req)?;
     let name = req.lora_name.clone();
     let path = PathBuf::from(&req.lora_path);
     let loaded = on_blocking_pool("LoRA adapter load task", move || {
@@ -155,8 +154,11 @@ pub async fn load(State(state): State<AppState>, body: Bytes) -> Result<Response
     }
 }
 
-/// vLLM's checks before loading, with its messages.
-fn check_load(state: &AppState, req: &LoadLoraAdapterRequest) -> Result<(), VllmError> {
+/// vLLM's checks before loading, with its messages; returns the registry to load into.
+fn check_load(
+    state: &AppState,
+    req: &LoadLoraAdapterRequest,
+) -> Result<std::sync::Arc<plugins::Registry>, VllmError> {
     if req.lora_name.is_empty() || req.lora_path.is_empty() {
         return Err(VllmError::invalid(
             "Both 'lora_name' and 'lora_path' must be provided.",
@@ -185,7 +187,7 @@ fn check_load(state: &AppState, req: &LoadLoraAdapterRequest) -> Result<(), Vllm
             "The name '{}' is taken by a {} plug-in.",
             req.lora_name, p.kind
         ))),
-        _ => Ok(()),
+        _ => Ok(registry),
     }
 }
 
