@@ -71,6 +71,9 @@ pub struct HookPoints {
     pub residual: bool,
     pub early_exit: bool,
     pub logits: bool,
+    /// [`Hook::draft`]: proposes tokens for the next step to verify. Called by the engine
+    /// between steps, never by the forward pass.
+    pub draft: bool,
 }
 
 /// Per-request parameters of one hook in one row's chain (a LoRA scale, steering layers...).
@@ -271,6 +274,18 @@ pub trait Hook: Send + Sync {
     fn logits(&self, _group: &HookGroup<'_>, _logits: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// Runs in the engine between steps, not in the forward pass: after a decoding sequence
+    /// has sampled, proposes up to `max` tokens to follow `tokens` (the whole sequence so far,
+    /// prompt then generated, the last sampled token included). The next step feeds the last
+    /// token and the drafts in one row with logits at every position; the sequence samples
+    /// them in order as it would one by one, keeps the drafts that equal its own samples and
+    /// cuts the cache back after the first that does not ([`crate::KvCache::truncate`]), so
+    /// the output is what it would be without drafts. Returns the drafts, at most `max`;
+    /// empty for none. With several drafting hooks the first non-empty proposal is fed.
+    fn draft(&self, _params: &HookParams, _tokens: &[u32], _max: usize) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// What an early-exit hook decides for one row after a layer.
@@ -315,6 +330,7 @@ impl Hook for NoOpHook {
             residual: true,
             early_exit: true,
             logits: true,
+            draft: true,
         }
     }
 

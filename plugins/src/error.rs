@@ -23,6 +23,10 @@ pub enum PluginError {
         param: String,
         message: String,
     },
+    #[error("`{0}` is built in: requests name it by type alone, and there is nothing to load")]
+    BuiltIn(String),
+    #[error("a `{0}` plug-in needs a `name`: the name it was loaded under")]
+    NameRequired(PluginKind),
     #[error("invalid plug-in name `{name}`: {message}")]
     BadName { name: String, message: String },
     #[error("a plug-in named `{0}` is already loaded (unload it first, or set \"replace\": true)")]

@@ -17,6 +17,7 @@ use crate::files::PluginFiles;
 use crate::lora::LoraAdapter;
 use crate::memory::MemoryDecoder;
 use crate::plugin::Plugin;
+use crate::speculative::Speculative;
 use crate::steer::SteeringVector;
 
 /// A plug-in type, as written in requests (`"type": "lora"`) and in the config. Its name,
@@ -32,6 +33,7 @@ pub enum PluginKind {
     Steer,
     Controller,
     Memory,
+    Speculative,
 }
 
 /// Reads a plug-in of one kind from `path` (already resolved and confined) through `files`
@@ -46,17 +48,21 @@ pub struct KindInfo {
     pub name: &'static str,
     pub description: &'static str,
     pub load: Loader,
+    /// A kind with no files: one instance, made at start, serves every request, which names
+    /// only its type (`name` may be left out). Its loader refuses every path.
+    pub built_in: Option<fn() -> Arc<dyn Plugin>>,
 }
 
 /// Every kind, in [`PluginKind`] declaration order (`KINDS[k as usize].kind == k`, which a
 /// test keeps true).
-pub const KINDS: [KindInfo; 4] = [
+pub const KINDS: [KindInfo; 5] = [
     KindInfo {
         kind: PluginKind::Lora,
         name: "lora",
         description: "a LoRA adapter in the PEFT format (adapter_config.json + \
                       adapter_model.safetensors)",
         load: |name, path, base, files| Ok(Arc::new(LoraAdapter::load(name, path, base, files)?)),
+        built_in: None,
     },
     KindInfo {
         kind: PluginKind::Steer,
@@ -65,6 +71,7 @@ pub const KINDS: [KindInfo; 4] = [
         load: |name, path, base, files| {
             Ok(Arc::new(SteeringVector::load(name, path, base, files)?))
         },
+        built_in: None,
     },
     KindInfo {
         kind: PluginKind::Controller,
@@ -73,6 +80,7 @@ pub const KINDS: [KindInfo; 4] = [
         load: |name, path, base, files| {
             Ok(Arc::new(SteeringController::load(name, path, base, files)?))
         },
+        built_in: None,
     },
     KindInfo {
         kind: PluginKind::Memory,
@@ -80,6 +88,15 @@ pub const KINDS: [KindInfo; 4] = [
         description: "a memory decoder: a small LM mixed into the next-token distribution \
                       (config.json with a graft block + model.safetensors or model.gguf)",
         load: |name, path, base, files| Ok(Arc::new(MemoryDecoder::load(name, path, base, files)?)),
+        built_in: None,
+    },
+    KindInfo {
+        kind: PluginKind::Speculative,
+        name: "speculative",
+        description: "speculative decoding (built in, no file): drafts by prompt lookup, \
+                      verified by the model, output unchanged",
+        load: |name, _path, _base, _files| Err(PluginError::BuiltIn(name.to_string())),
+        built_in: Some(Speculative::built_in),
     },
 ];
 
@@ -182,7 +199,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown plug-in type `dora` (known: lora, steer, controller, memory)"
+            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative)"
         );
         assert!(serde_json::from_value::<PluginKind>(serde_json::json!(3)).is_err());
     }

@@ -30,6 +30,7 @@ mod paths;
 pub mod plugin;
 pub mod registry;
 pub mod spec;
+pub mod speculative;
 pub mod steer;
 pub mod train;
 pub mod weights;

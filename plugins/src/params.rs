@@ -55,6 +55,26 @@ pub(crate) fn number(
     Ok(x)
 }
 
+/// A whole number within `[min, max]`, or `None` when absent.
+pub(crate) fn count(
+    plugin: &str,
+    params: &Map<String, Value>,
+    name: &str,
+    (min, max): (usize, usize),
+) -> Result<Option<usize>> {
+    let Some(v) = params.get(name) else {
+        return Ok(None);
+    };
+    match v.as_u64() {
+        Some(n) if (min as u64..=max as u64).contains(&n) => Ok(Some(n as usize)),
+        _ => Err(bad(
+            plugin,
+            name,
+            format!("must be a whole number within [{min}, {max}], got {v}"),
+        )),
+    }
+}
+
 /// `[first, last]`: an inclusive range of 0-based layers below `layers`.
 pub(crate) fn layer_range(plugin: &str, v: &Value, layers: usize) -> Result<(usize, usize)> {
     let pair = v.as_array().filter(|a| a.len() == 2).and_then(|a| {

@@ -23,12 +23,15 @@ use crate::base::BaseModel;
 use crate::chain::{Chain, ChainEntry};
 use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
-use crate::kinds::PluginKind;
+use crate::kinds::{PluginKind, KINDS};
 use crate::paths::confine;
 use crate::plugin::{self, LoadedPlugin, Plugin};
 use crate::spec::PluginSpec;
 
 /// The registry's limits.
+/// The hash a built-in plug-in reports in a response's chain echo: it has no files.
+pub const BUILT_IN: &str = "built-in";
+
 #[derive(Debug, Clone, Default)]
 pub struct RegistryConfig {
     /// The folder plug-in paths must lie under; `None` refuses every path.
@@ -108,6 +111,8 @@ pub struct Registry {
     dir: Option<PathBuf>,
     budget: usize,
     state: Mutex<State>,
+    /// One instance per built-in kind (no files, never evicted), made at start.
+    built_ins: BTreeMap<PluginKind, Arc<dyn Plugin>>,
 }
 
 impl Registry {
@@ -122,6 +127,10 @@ impl Registry {
             dir,
             budget: config.budget_bytes,
             state: Mutex::new(State::default()),
+            built_ins: KINDS
+                .iter()
+                .filter_map(|row| Some((row.kind, (row.built_in?)())))
+                .collect(),
         })
     }
 
@@ -191,18 +200,29 @@ impl Registry {
         (resident_bytes(&state), self.budget)
     }
 
-    /// Resolves a request's `plugins` list, in order, into hook calls and their echo.
+    /// Resolves a request's `plugins` list, in order, into hook calls and their echo. A
+    /// built-in kind resolves to its one instance (a `name`, if given, must be the type's).
     pub fn resolve(&self, specs: &[PluginSpec]) -> Result<Chain> {
         let mut chain = Chain::default();
         for spec in specs {
             let kind = spec.kind;
-            let (plugin, hash) = self.acquire(&spec.name, kind)?;
+            let (plugin, name, hash) = match self.built_ins.get(&kind) {
+                Some(plugin) => (
+                    plugin.clone(),
+                    kind.name().to_string(),
+                    BUILT_IN.to_string(),
+                ),
+                None if spec.name.is_empty() => return Err(PluginError::NameRequired(kind)),
+                None => {
+                    let (plugin, hash) = self.acquire(&spec.name, kind)?;
+                    (plugin, spec.name.clone(), hash)
+                }
+            };
+            if !spec.name.is_empty() && name != spec.name {
+                return Err(PluginError::BuiltIn(kind.name().to_string()));
+            }
             let params = plugin.request_params(&spec.params)?;
-            chain.entries.push(ChainEntry {
-                kind,
-                name: spec.name.clone(),
-                hash,
-            });
+            chain.entries.push(ChainEntry { kind, name, hash });
             let hook: Arc<dyn Hook> = plugin;
             chain.calls.push(HookCall::new(hook, params));
         }

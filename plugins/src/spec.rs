@@ -14,6 +14,8 @@ use crate::kinds::PluginKind;
 pub struct PluginSpec {
     #[serde(rename = "type")]
     pub kind: PluginKind,
+    /// Required for kinds loaded from files; a built-in kind is named by its type alone.
+    #[serde(default)]
     pub name: String,
     #[serde(flatten)]
     pub params: Map<String, Value>,

@@ -29,6 +29,7 @@ pub mod defaults {
     pub const MAX_RUNNING: usize = 16;
     pub const MAX_BATCH_TOKENS: usize = 512;
     pub const PREFILL_CHUNK: usize = 256;
+    pub const SPECULATIVE_DISABLE_BY_BATCH_SIZE: usize = 4;
     pub const MAX_WAITING: usize = 256;
     pub const KV_BUDGET_MIB: usize = 1024;
     pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -119,6 +120,15 @@ pub struct ServeConfig {
     /// Longest prefill chunk of one sequence per step
     #[arg(long, env = "GRAFT_PREFILL_CHUNK", default_value_t = defaults::PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// Speculative decoding (a request's `speculative` plug-in) verifies drafts only in
+    /// steps with at most this many decoding sequences; 0 turns it off (vLLM's
+    /// disable_by_batch_size)
+    #[arg(
+        long,
+        env = "GRAFT_SPECULATIVE_DISABLE_BY_BATCH_SIZE",
+        default_value_t = defaults::SPECULATIVE_DISABLE_BY_BATCH_SIZE
+    )]
+    pub speculative_disable_by_batch_size: usize,
     /// Most requests waiting for a slot; beyond that requests get 429
     #[arg(long, env = "GRAFT_MAX_WAITING", default_value_t = defaults::MAX_WAITING)]
     pub max_waiting: usize,
@@ -215,6 +225,7 @@ impl Default for ServeConfig {
             max_running: MAX_RUNNING,
             max_batch_tokens: MAX_BATCH_TOKENS,
             prefill_chunk: PREFILL_CHUNK,
+            speculative_disable_by_batch_size: SPECULATIVE_DISABLE_BY_BATCH_SIZE,
             max_waiting: MAX_WAITING,
             kv_budget_mib: KV_BUDGET_MIB,
             max_context: None,

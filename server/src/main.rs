@@ -324,6 +324,7 @@ fn build_engine(
         prefill_chunk: config.prefill_chunk,
         max_waiting: config.max_waiting,
         kv_budget_bytes: config.kv_budget_bytes(),
+        speculation_max_batch: config.speculative_disable_by_batch_size,
     };
     let engine = Arc::new(server::engine::RealEngine::new(loaded, engine_config)?);
     let stopper = engine.clone();

@@ -376,13 +376,79 @@ async fn bad_plugin_selections_get_openai_shaped_errors_naming_them() {
     assert_eq!(error["param"], "plugins[0].type", "{error}");
     let message = error["message"].as_str().unwrap();
     assert!(
-        message.contains("unknown plug-in type `lorra` (known: lora, steer, controller, memory)"),
+        message.contains(
+            "unknown plug-in type `lorra` (known: lora, steer, controller, memory, speculative)"
+        ),
         "{message}"
     );
     // The server still serves.
     assert_eq!(
         chat(&app, greedy(BASE_ID, json!([]))).await.status,
         StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn speculative_decoding_is_built_in_named_by_type_and_changes_no_output() {
+    let s = Setup::new();
+    let engine_dir = tempfile::tempdir().unwrap();
+    let app = http_app(&s, engine_dir.path());
+    let ngram = json!({"type": "speculative", "method": "ngram", "num_speculative_tokens": 4,
+                       "prompt_lookup_min": 1, "prompt_lookup_max": 3});
+    let echo = json!({"type": "speculative", "name": "speculative", "hash": "built-in"});
+    let lora = json!({"type": "lora", "name": "a0"});
+    for (plain, drafted) in [
+        (json!([]), json!([ngram])),
+        (json!([lora]), json!([lora, ngram])),
+        (
+            json!([]),
+            json!([{"type": "speculative", "name": "speculative"}]),
+        ),
+    ] {
+        let mut want = greedy(BASE_ID, plain.clone());
+        let mut got = greedy(BASE_ID, drafted.clone());
+        for body in [&mut want, &mut got] {
+            body["max_tokens"] = json!(48);
+        }
+        let want = chat(&app, want).await.ok();
+        let got = chat(&app, got).await.ok();
+        assert_eq!(got["choices"], want["choices"], "{drafted}");
+        let chain = got["plugins"].as_array().unwrap();
+        assert_eq!(chain.last().unwrap(), &echo, "{got}");
+    }
+    let metrics = String::from_utf8(send(&app, get("/metrics")).await.body.to_vec()).unwrap();
+    let drafts = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vllm:spec_decode_num_draft_tokens_total "))
+        .unwrap();
+    assert!(drafts.parse::<u64>().unwrap() > 0, "{metrics}");
+
+    let cases = [
+        (
+            json!([{"type": "speculative", "num_speculative_tokens": 0}]),
+            "plugins[0].num_speculative_tokens",
+        ),
+        (
+            json!([{"type": "speculative", "method": "eagle"}]),
+            "plugins[0].method",
+        ),
+        (
+            json!([{"type": "speculative", "name": "mine"}]),
+            "plugins[0]",
+        ),
+        (json!([{"type": "lora"}]), "plugins[0]"),
+    ];
+    for (plugins, param) in cases {
+        let r = chat(&app, greedy(BASE_ID, plugins.clone())).await;
+        let error = r.error(StatusCode::BAD_REQUEST, "invalid_value");
+        assert_eq!(error["param"], param, "{plugins}: {error}");
+    }
+    let load = json!({"type": "speculative", "name": "spec", "path": "a0"});
+    let r = send(&app, post("/v1/plugins", load.to_string())).await;
+    let error = r.error(StatusCode::BAD_REQUEST, "invalid_value");
+    assert!(
+        error["message"].as_str().unwrap().contains("built in"),
+        "{error}"
     );
 }
 

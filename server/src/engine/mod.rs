@@ -14,13 +14,15 @@ mod plugin_state_tests;
 mod real;
 mod scheduler;
 mod sequence;
+#[cfg(test)]
+mod speculative_tests;
 mod step_metrics;
 mod stop;
 pub mod testing;
 mod worker;
 
 pub use real::{EngineConfig, RealEngine, StartError};
-pub use step_metrics::{HistogramSnapshot, StepMetricsSnapshot};
+pub use step_metrics::{HistogramSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot};
 
 use std::time::Duration;
 

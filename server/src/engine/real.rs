@@ -41,6 +41,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// KV-cache memory the running sequences may claim, in bytes.
     pub kv_budget_bytes: usize,
+    /// Speculative drafts are verified only in steps with at most this many decoding
+    /// sequences (0: never); see `scheduler`.
+    pub speculation_max_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             prefill_chunk: 256,
             max_waiting: 256,
             kv_budget_bytes: 1 << 30,
+            speculation_max_batch: 4,
         }
     }
 }
@@ -154,6 +158,7 @@ impl RealEngine {
             prefill_chunk: config.prefill_chunk,
             kv_budget_bytes: config.kv_budget_bytes,
             kv_bytes_per_token: facts.kv_bytes_per_token,
+            speculation_max_batch: config.speculation_max_batch,
         };
         let worker = Worker::new(
             model,

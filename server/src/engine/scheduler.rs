@@ -45,6 +45,10 @@ pub trait Schedulable {
     fn copies(&self) -> usize {
         1
     }
+    /// Draft tokens a decoding sequence proposes to feed after its last sampled token.
+    fn drafts(&self) -> usize {
+        0
+    }
 }
 
 /// Limits the scheduler enforces; see `EngineConfig` for their meaning.
@@ -55,6 +59,9 @@ pub struct SchedulerLimits {
     pub prefill_chunk: usize,
     pub kv_budget_bytes: usize,
     pub kv_bytes_per_token: usize,
+    /// Drafts are fed only while at most this many sequences decode in the step (vLLM's
+    /// `disable_by_batch_size`): past it the extra positions cost more than they save.
+    pub speculation_max_batch: usize,
 }
 
 /// One row of a planned step.
@@ -62,7 +69,8 @@ pub struct SchedulerLimits {
 pub struct PlannedRow {
     /// Index into [`Scheduler::running_mut`].
     pub index: usize,
-    /// Tokens this row feeds: 1 when decoding, a prompt chunk when prefilling.
+    /// Tokens this row feeds: 1 when decoding (plus the drafts fed with it), a prompt chunk
+    /// when prefilling.
     pub tokens: usize,
     pub logits: LogitsWanted,
 }
@@ -160,8 +168,9 @@ impl<S: Schedulable> Scheduler<S> {
         self.running.extend(forked);
     }
 
-    /// The next step's rows, in running order: one token per decoding sequence, then prompt
-    /// chunks within the remaining token budget. Empty when nothing runs.
+    /// The next step's rows, in running order: one token per decoding sequence (and its
+    /// drafts, see [`Self::draft_allowance`]), then prompt chunks within the remaining token
+    /// budget. Empty when nothing runs.
     pub fn plan(&self) -> Vec<PlannedRow> {
         let decoding = self
             .running
@@ -169,14 +178,21 @@ impl<S: Schedulable> Scheduler<S> {
             .filter(|s| s.prefilled() >= s.prompt_len())
             .count();
         let mut budget = self.limits.max_batch_tokens.saturating_sub(decoding);
+        let mut spare_for_drafts = self.draft_allowance(decoding, budget);
+        budget -= spare_for_drafts;
         let mut rows = Vec::with_capacity(self.running.len());
         for (index, seq) in self.running.iter().enumerate() {
             let remaining = seq.prompt_len().saturating_sub(seq.prefilled());
             if remaining == 0 {
+                let drafts = seq.drafts().min(spare_for_drafts);
+                spare_for_drafts -= drafts;
                 rows.push(PlannedRow {
                     index,
-                    tokens: 1,
-                    logits: LogitsWanted::Last,
+                    tokens: 1 + drafts,
+                    logits: match drafts {
+                        0 => LogitsWanted::Last,
+                        _ => LogitsWanted::All,
+                    },
                 });
                 continue;
             }
@@ -192,6 +208,22 @@ impl<S: Schedulable> Scheduler<S> {
             });
         }
         rows
+    }
+
+    /// Token budget the step's drafts may take: none past `speculation_max_batch` decoding
+    /// sequences, and never the room one whole prompt chunk needs while a prompt waits, so
+    /// drafts never delay a prefill.
+    fn draft_allowance(&self, decoding: usize, budget: usize) -> usize {
+        if decoding == 0 || decoding > self.limits.speculation_max_batch {
+            return 0;
+        }
+        let prefilling = self.running.iter().any(|s| s.prefilled() < s.prompt_len());
+        let reserved = match prefilling {
+            true => self.limits.prefill_chunk,
+            false => 0,
+        };
+        let wanted: usize = self.running.iter().map(Schedulable::drafts).sum();
+        wanted.min(budget.saturating_sub(reserved))
     }
 
     /// Removes and returns the running sequences for which `done` says so, keeping the
@@ -237,6 +269,7 @@ mod tests {
         prefilled: usize,
         allocated: usize,
         prompt_logits: bool,
+        drafts: usize,
     }
 
     impl Schedulable for Fake {
@@ -255,6 +288,9 @@ mod tests {
         fn wants_prompt_logits(&self) -> bool {
             self.prompt_logits
         }
+        fn drafts(&self) -> usize {
+            self.drafts
+        }
     }
 
     fn seq(id: usize, prompt: usize) -> Fake {
@@ -265,6 +301,7 @@ mod tests {
             prefilled: 0,
             allocated: 0,
             prompt_logits: false,
+            drafts: 0,
         }
     }
 
@@ -275,6 +312,7 @@ mod tests {
             prefill_chunk: 8,
             kv_budget_bytes: usize::MAX,
             kv_bytes_per_token: 1,
+            speculation_max_batch: 2,
         }
     }
 
@@ -330,6 +368,53 @@ mod tests {
         use LogitsWanted::*;
         let expect = vec![(0, 1, Last), (1, 1, Last), (2, 1, Last), (3, 8, None)];
         assert_eq!(rows(&s.plan()), expect);
+    }
+
+    fn drafting(id: usize, drafts: usize) -> Fake {
+        Fake {
+            prefilled: 3,
+            drafts,
+            ..seq(id, 3)
+        }
+    }
+
+    #[test]
+    fn drafts_ride_with_their_decode_row_and_ask_for_every_position() {
+        let mut s = scheduler(limits(), vec![drafting(0, 4), drafting(1, 0)]);
+        s.admit();
+        use LogitsWanted::*;
+        assert_eq!(rows(&s.plan()), vec![(0, 5, All), (1, 1, Last)]);
+    }
+
+    #[test]
+    fn drafts_never_take_the_room_of_a_waiting_prompt_chunk() {
+        // 16 tokens: 2 decode rows, one chunk of 8 reserved, 6 left for 2 x 5 drafts.
+        let mut s = scheduler(limits(), vec![drafting(0, 5), drafting(1, 5), seq(2, 30)]);
+        s.admit();
+        use LogitsWanted::*;
+        assert_eq!(
+            rows(&s.plan()),
+            vec![(0, 6, All), (1, 2, All), (2, 8, None)]
+        );
+    }
+
+    #[test]
+    fn past_speculation_max_batch_decode_rows_feed_no_drafts() {
+        let seqs = vec![drafting(0, 2), drafting(1, 2), drafting(2, 2)];
+        let mut s = scheduler(limits(), seqs.clone());
+        s.admit();
+        use LogitsWanted::*;
+        assert_eq!(
+            rows(&s.plan()),
+            vec![(0, 1, Last), (1, 1, Last), (2, 1, Last)]
+        );
+        let wider = SchedulerLimits {
+            speculation_max_batch: 3,
+            ..limits()
+        };
+        let mut s = scheduler(wider, seqs);
+        s.admit();
+        assert_eq!(rows(&s.plan()), vec![(0, 3, All), (1, 3, All), (2, 3, All)]);
     }
 
     #[test]

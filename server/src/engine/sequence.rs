@@ -82,6 +82,13 @@ pub(crate) struct Sequence {
     clock: Clock,
     /// The row fed in the current step: first position and token count.
     in_flight: Option<(usize, usize)>,
+    /// Tokens the chain's drafting hook proposed to follow the last sampled one.
+    drafts: Vec<u32>,
+    /// A decode row's tokens while it is in flight: the last sampled token, then the drafts
+    /// fed with it.
+    feed: Vec<u32>,
+    /// The last step's verification: drafts fed and drafts accepted (0 fed: none).
+    verified: Verified,
     /// The other choices of the same prompt, forked off when the prompt is in the cache.
     forks: Vec<PendingFork>,
     max_positions: usize,
@@ -127,6 +134,9 @@ impl Sequence {
                 last_token: None,
             },
             in_flight: None,
+            drafts: Vec::new(),
+            feed: Vec::new(),
+            verified: Verified::default(),
             forks: Vec::new(),
             max_positions,
             done: false,
@@ -214,7 +224,8 @@ impl Sequence {
     }
 
     /// The row this sequence contributes to the step: `tokens` prompt tokens from where its
-    /// cache ends, or its last sampled token. Call only when [`Self::can_feed`].
+    /// cache ends, or its last sampled token followed by `tokens - 1` of its drafts. Call only
+    /// when [`Self::can_feed`].
     pub fn row(&mut self, tokens: usize, logits: LogitsWanted, now: Instant) -> BatchRow<'_> {
         self.clock.first_step.get_or_insert(now);
         let start = self.cache.len();
@@ -222,8 +233,11 @@ impl Sequence {
             let end = (start + tokens).min(self.prompt.len());
             &self.prompt[start..end]
         } else {
-            let last = self.generated.len().saturating_sub(1);
-            &self.generated[last..]
+            let drafts = tokens.saturating_sub(1).min(self.drafts.len());
+            self.feed.clear();
+            self.feed.extend(self.generated.last());
+            self.feed.extend_from_slice(&self.drafts[..drafts]);
+            &self.feed
         };
         self.in_flight = Some((start, fed.len()));
         BatchRow {
@@ -279,13 +293,84 @@ impl Sequence {
                 .map_err(|e| internal(models::error::candle_message(e)))?,
             None => Vec::new(),
         };
+        self.verified = Verified::default();
         if start < self.prompt.len() {
-            return self.after_prefill(start, fed, &rows, tokenizer, now);
+            self.after_prefill(start, fed, &rows, tokenizer, now)?;
+        } else {
+            self.verify(start, fed, &rows, tokenizer, now)?;
         }
-        let last = rows
-            .last()
-            .ok_or_else(|| internal("no logits for a decode row"))?;
-        self.sample_and_emit(last, tokenizer, now)
+        self.propose_drafts();
+        Ok(())
+    }
+
+    /// After a decode row `start..start + fed` (the last sampled token and `fed - 1` drafts):
+    /// samples its positions in order as one-token steps would, while each sample equals the
+    /// draft fed after it, then cuts the cache back to the tokens that stay.
+    fn verify(
+        &mut self,
+        start: usize,
+        fed: usize,
+        rows: &[Vec<f32>],
+        tokenizer: &Tokenizer,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let drafted = fed - 1;
+        let rows = match drafted {
+            0 => rows.last().map(std::slice::from_ref).unwrap_or_default(),
+            _ => rows,
+        };
+        if rows.len() != fed {
+            return Err(internal(format!(
+                "{} rows of logits for a decode row of {fed}",
+                rows.len()
+            )));
+        }
+        let mut accepted = 0;
+        for (i, row) in rows.iter().enumerate() {
+            self.sample_and_emit(row, tokenizer, now)?;
+            let agrees = self.generated.last() == self.feed.get(i + 1);
+            if self.done || i == drafted || !agrees {
+                break;
+            }
+            accepted += 1;
+        }
+        self.verified = Verified { drafted, accepted };
+        if accepted < drafted && !self.done {
+            self.cache
+                .truncate(start + 1 + accepted)
+                .map_err(|e| internal(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Asks the chain's drafting hook, if any, for tokens to follow the last sampled one:
+    /// never more than the request may still generate after the next sampled token.
+    fn propose_drafts(&mut self) {
+        self.drafts.clear();
+        if self.done || self.generated.is_empty() {
+            return;
+        }
+        let max = self.max_tokens.saturating_sub(self.generated.len() + 1);
+        let drafting = self.hooks.iter().filter(|c| c.hook.points().draft);
+        let mut sequence: Option<Vec<u32>> = None;
+        for call in drafting {
+            if max == 0 {
+                return;
+            }
+            let tokens =
+                sequence.get_or_insert_with(|| [&self.prompt[..], &self.generated].concat());
+            let mut drafts = call.hook.draft(&call.params, tokens, max);
+            drafts.truncate(max);
+            if !drafts.is_empty() {
+                self.drafts = drafts;
+                return;
+            }
+        }
+    }
+
+    /// The last step's verification, for the speculative-decoding metrics.
+    pub fn verified(&self) -> Verified {
+        self.verified
     }
 
     /// After a prompt chunk `start..start + fed`: scores its tokens if asked, and once the
@@ -445,6 +530,15 @@ impl Sequence {
     }
 }
 
+/// What a decode step did with its drafts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Verified {
+    /// Draft tokens fed after the last sampled token.
+    pub drafted: usize,
+    /// How many of them the sequence's own samples agreed with, in order.
+    pub accepted: usize,
+}
+
 impl Schedulable for Sequence {
     fn prompt_len(&self) -> usize {
         self.prompt.len()
@@ -475,6 +569,10 @@ impl Schedulable for Sequence {
 
     fn wants_prompt_logits(&self) -> bool {
         self.prompt_logprobs.is_some()
+    }
+
+    fn drafts(&self) -> usize {
+        self.drafts.len()
     }
 }
 

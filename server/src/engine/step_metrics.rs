@@ -72,6 +72,57 @@ impl AtomicHistogram {
     }
 }
 
+/// Draft positions whose acceptance is counted one by one (`num_speculative_tokens` is at
+/// most this).
+pub const SPEC_POSITIONS: usize = 16;
+
+/// Speculative decoding's counters, vLLM's `vllm:spec_decode_*` series.
+#[derive(Debug, Default)]
+pub struct SpecDecodeCounters {
+    /// Decode rows that fed at least one draft.
+    pub drafts: AtomicU64,
+    pub draft_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
+    /// Per draft position: how often the draft at that position was accepted.
+    pub accepted_per_position: [AtomicU64; SPEC_POSITIONS],
+}
+
+/// [`SpecDecodeCounters`] as read at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecDecodeSnapshot {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    pub accepted_per_position: Vec<u64>,
+}
+
+impl SpecDecodeCounters {
+    /// One decode row that fed `drafted` drafts and kept the first `accepted`.
+    pub fn record(&self, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.drafts.fetch_add(1, Ordering::Relaxed);
+        self.draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        for counter in self.accepted_per_position.iter().take(accepted) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> SpecDecodeSnapshot {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SpecDecodeSnapshot {
+            drafts: read(&self.drafts),
+            draft_tokens: read(&self.draft_tokens),
+            accepted_tokens: read(&self.accepted_tokens),
+            accepted_per_position: self.accepted_per_position.iter().map(read).collect(),
+        }
+    }
+}
+
 /// The engine thread's per-step histograms.
 #[derive(Debug)]
 pub struct StepMetrics {
@@ -81,6 +132,7 @@ pub struct StepMetrics {
     pub sampling: AtomicHistogram,
     /// Tokens fed to the model in the step (decode rows plus prompt chunks).
     pub tokens: AtomicHistogram,
+    pub spec: SpecDecodeCounters,
 }
 
 /// [`StepMetrics`] as read at one moment.
@@ -89,6 +141,7 @@ pub struct StepMetricsSnapshot {
     pub forward: HistogramSnapshot,
     pub sampling: HistogramSnapshot,
     pub tokens: HistogramSnapshot,
+    pub spec: SpecDecodeSnapshot,
 }
 
 impl Default for StepMetrics {
@@ -97,6 +150,7 @@ impl Default for StepMetrics {
             forward: AtomicHistogram::new(STEP_SECONDS_BUCKETS),
             sampling: AtomicHistogram::new(STEP_SECONDS_BUCKETS),
             tokens: AtomicHistogram::new(STEP_TOKENS_BUCKETS),
+            spec: SpecDecodeCounters::default(),
         }
     }
 }
@@ -117,6 +171,7 @@ impl StepMetrics {
             forward: self.forward.snapshot(),
             sampling: self.sampling.snapshot(),
             tokens: self.tokens.snapshot(),
+            spec: self.spec.snapshot(),
         }
     }
 }
@@ -136,6 +191,18 @@ mod tests {
         assert_eq!(s.buckets, vec![(1.0, 2), (8.0, 4), (16.0, 5)]);
         assert_eq!(s.count, 6);
         assert_eq!(s.sum, 121.0);
+    }
+
+    #[test]
+    fn spec_counters_add_drafts_and_accepted_positions() {
+        let c = SpecDecodeCounters::default();
+        c.record(4, 2);
+        c.record(3, 0);
+        c.record(0, 0); // no draft fed: not a draft
+        c.record(2, 2);
+        let s = c.snapshot();
+        assert_eq!((s.drafts, s.draft_tokens, s.accepted_tokens), (3, 9, 4));
+        assert_eq!(s.accepted_per_position[..3], [2, 2, 0]);
     }
 
     #[test]

@@ -269,6 +269,7 @@ impl<M: StepModel> Worker<M> {
         match outputs {
             Ok(outputs) => {
                 self.after_step(&plan, outputs);
+                self.count_verified(&plan);
                 let sampling = started.elapsed() - forward;
                 self.shared.steps.record(tokens, forward, Some(sampling));
             }
@@ -327,6 +328,17 @@ impl<M: StepModel> Worker<M> {
         }
         self.scheduler
             .adopt(forked.into_iter().map(|(seq, _)| seq).collect());
+    }
+
+    /// Adds the step's draft verifications to the speculative-decoding counters.
+    fn count_verified(&self, plan: &[PlannedRow]) {
+        let running = self.scheduler.running();
+        for row in plan.iter().filter(|row| row.tokens > 1) {
+            if let Some(seq) = running.get(row.index) {
+                let v = seq.verified();
+                self.shared.steps.spec.record(v.drafted, v.accepted);
+            }
+        }
     }
 
     /// The planned rows whose sequences have something to feed; the others (a scheduling

@@ -254,6 +254,8 @@ impl From<PluginError> for ApiError {
             | PluginError::WrongType { .. }
             | PluginError::BadParameter { .. }
             | PluginError::BadName { .. }
+            | PluginError::BuiltIn(_)
+            | PluginError::NameRequired(_)
             | PluginError::BadFile { .. }
             | PluginError::Missing(_)
             | PluginError::Incompatible { .. }

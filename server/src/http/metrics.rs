@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 use plugins::{ChainEntry, PluginInfo, PluginKind};
 
-use crate::engine::{EngineStats, HistogramSnapshot, StepMetricsSnapshot};
+use crate::engine::{EngineStats, HistogramSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot};
 
 pub const REQUESTS_TOTAL: &str = "graft_requests_total";
 pub const REQUEST_DURATION: &str = "graft_request_duration_seconds";
@@ -45,6 +45,10 @@ pub const VLLM_LORA_INFO: &str = "vllm:lora_requests_info";
 pub const STEP_SECONDS: &str = "graft_engine_step_seconds";
 pub const STEP_TOKENS: &str = "graft_engine_step_tokens";
 pub const VLLM_ITERATION_TOKENS: &str = "vllm:iteration_tokens_total";
+pub const SPEC_DRAFTS: &str = "vllm:spec_decode_num_drafts";
+pub const SPEC_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens";
+pub const SPEC_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens";
+pub const SPEC_ACCEPTED_PER_POS: &str = "vllm:spec_decode_num_accepted_tokens_per_pos";
 
 // Buckets as vLLM's `vllm/v1/metrics/loggers.py`, so dashboards built for vLLM read ours.
 const TTFT_BUCKETS: &[f64] = &[
@@ -328,6 +332,41 @@ fn write_step_histograms(out: &mut String, steps: &StepMetricsSnapshot) {
     );
     let help = "Same as graft_engine_step_tokens (vLLM name)";
     write_histogram(out, VLLM_ITERATION_TOKENS, help, &tokens);
+    write_spec_counters(out, &steps.spec);
+}
+
+/// Speculative decoding's counters under vLLM's names (a counter family `x` exposes `x_total`).
+fn write_spec_counters(out: &mut String, spec: &SpecDecodeSnapshot) {
+    use std::fmt::Write;
+    let families = [
+        (
+            SPEC_DRAFTS,
+            "Decode rows that fed speculative drafts",
+            spec.drafts,
+        ),
+        (
+            SPEC_DRAFT_TOKENS,
+            "Speculative draft tokens fed",
+            spec.draft_tokens,
+        ),
+        (
+            SPEC_ACCEPTED_TOKENS,
+            "Speculative draft tokens accepted",
+            spec.accepted_tokens,
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {value}"
+        );
+    }
+    let name = SPEC_ACCEPTED_PER_POS;
+    let help = "Speculative draft tokens accepted, per draft position";
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (position, value) in spec.accepted_per_position.iter().enumerate() {
+        let _ = writeln!(out, "{name}_total{{position=\"{position}\"}} {value}");
+    }
 }
 
 /// One histogram family: `series` pairs a label set (`a="b"`, or empty) with its snapshot.
@@ -421,6 +460,12 @@ mod tests {
             forward: h(vec![(0.005, 1), (0.01, 3)], 4, 0.05),
             sampling: h(vec![(0.005, 2), (0.01, 2)], 2, 0.001),
             tokens: h(vec![(1.0, 5), (8.0, 6)], 7, 300.0),
+            spec: SpecDecodeSnapshot {
+                drafts: 3,
+                draft_tokens: 9,
+                accepted_tokens: 4,
+                accepted_per_position: vec![2, 2, 0],
+            },
         };
         let text = Metrics::new().expect("metrics").render(None, Some(steps));
         for line in [
@@ -431,6 +476,11 @@ mod tests {
             "graft_engine_step_tokens_bucket{le=\"8\"} 6",
             "graft_engine_step_tokens_sum 300",
             "vllm:iteration_tokens_total_count 7",
+            "# TYPE vllm:spec_decode_num_drafts counter",
+            "vllm:spec_decode_num_drafts_total 3",
+            "vllm:spec_decode_num_draft_tokens_total 9",
+            "vllm:spec_decode_num_accepted_tokens_total 4",
+            "vllm:spec_decode_num_accepted_tokens_per_pos_total{position=\"1\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}: {text}");
         }
