@@ -9,6 +9,7 @@
 
 #[cfg(test)]
 mod disconnect_tests;
+mod draft_policy;
 #[cfg(test)]
 mod plugin_state_tests;
 mod real;

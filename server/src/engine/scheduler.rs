@@ -45,8 +45,9 @@ pub trait Schedulable {
     fn copies(&self) -> usize {
         1
     }
-    /// Draft tokens a decoding sequence proposes to feed after its last sampled token.
-    fn drafts(&self) -> usize {
+    /// Draft tokens a decoding sequence would feed after its last sampled token in a step
+    /// where `decoding` sequences decode.
+    fn drafts(&self, _decoding: usize) -> usize {
         0
     }
 }
@@ -184,7 +185,7 @@ impl<S: Schedulable> Scheduler<S> {
         for (index, seq) in self.running.iter().enumerate() {
             let remaining = seq.prompt_len().saturating_sub(seq.prefilled());
             if remaining == 0 {
-                let drafts = seq.drafts().min(spare_for_drafts);
+                let drafts = seq.drafts(decoding).min(spare_for_drafts);
                 spare_for_drafts -= drafts;
                 rows.push(PlannedRow {
                     index,
@@ -222,7 +223,7 @@ impl<S: Schedulable> Scheduler<S> {
             true => self.limits.prefill_chunk,
             false => 0,
         };
-        let wanted: usize = self.running.iter().map(Schedulable::drafts).sum();
+        let wanted: usize = self.running.iter().map(|s| s.drafts(decoding)).sum();
         wanted.min(budget.saturating_sub(reserved))
     }
 
@@ -288,7 +289,7 @@ mod tests {
         fn wants_prompt_logits(&self) -> bool {
             self.prompt_logits
         }
-        fn drafts(&self) -> usize {
+        fn drafts(&self, _decoding: usize) -> usize {
             self.drafts
         }
     }

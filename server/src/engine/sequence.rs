@@ -18,6 +18,7 @@ use models::sampling::{token_logprobs, SampledToken, Sampler};
 use models::{BatchRow, HookCall, IncrementalDecoder, KvCache, LogitsWanted, Tokenizer};
 use tokio::sync::mpsc;
 
+use super::draft_policy::DraftPolicy;
 use super::scheduler::Schedulable;
 use super::stop::{StopOutcome, StopStrings};
 use super::{EngineError, Event, FinishReason, GenerateRequest, Timings, TokenLogprob};
@@ -83,7 +84,9 @@ pub(crate) struct Sequence {
     /// The row fed in the current step: first position and token count.
     in_flight: Option<(usize, usize)>,
     /// Tokens the chain's drafting hook proposed to follow the last sampled one.
-    drafts: Vec<u32>,
+    proposal: Vec<u32>,
+    /// Decides how many of the proposal a step feeds (see `draft_policy`).
+    policy: DraftPolicy,
     /// A decode row's tokens while it is in flight: the last sampled token, then the drafts
     /// fed with it.
     feed: Vec<u32>,
@@ -134,7 +137,8 @@ impl Sequence {
                 last_token: None,
             },
             in_flight: None,
-            drafts: Vec::new(),
+            proposal: Vec::new(),
+            policy: DraftPolicy::default(),
             feed: Vec::new(),
             verified: Verified::default(),
             forks: Vec::new(),
@@ -233,10 +237,10 @@ impl Sequence {
             let end = (start + tokens).min(self.prompt.len());
             &self.prompt[start..end]
         } else {
-            let drafts = tokens.saturating_sub(1).min(self.drafts.len());
+            let drafts = tokens.saturating_sub(1).min(self.proposal.len());
             self.feed.clear();
             self.feed.extend(self.generated.last());
-            self.feed.extend_from_slice(&self.drafts[..drafts]);
+            self.feed.extend_from_slice(&self.proposal[..drafts]);
             &self.feed
         };
         self.in_flight = Some((start, fed.len()));
@@ -294,11 +298,14 @@ impl Sequence {
             None => Vec::new(),
         };
         self.verified = Verified::default();
+        let generated = self.generated.len();
         if start < self.prompt.len() {
             self.after_prefill(start, fed, &rows, tokenizer, now)?;
         } else {
             self.verify(start, fed, &rows, tokenizer, now)?;
         }
+        self.policy
+            .observe(&self.proposal, &self.generated[generated..]);
         self.propose_drafts();
         Ok(())
     }
@@ -343,26 +350,23 @@ impl Sequence {
         Ok(())
     }
 
-    /// Asks the chain's drafting hook, if any, for tokens to follow the last sampled one:
-    /// never more than the request may still generate after the next sampled token.
+    /// Asks the chain's drafting hook, if any, for tokens to follow the last sampled one
+    /// (never more than the request may still generate after the next sampled token); the
+    /// scheduler asks [`Schedulable::drafts`] how many of them the next step feeds.
     fn propose_drafts(&mut self) {
-        self.drafts.clear();
-        if self.done || self.generated.is_empty() {
+        self.proposal.clear();
+        let max = self.max_tokens.saturating_sub(self.generated.len() + 1);
+        if self.done || self.generated.is_empty() || max == 0 {
             return;
         }
-        let max = self.max_tokens.saturating_sub(self.generated.len() + 1);
-        let drafting = self.hooks.iter().filter(|c| c.hook.points().draft);
         let mut sequence: Option<Vec<u32>> = None;
-        for call in drafting {
-            if max == 0 {
-                return;
-            }
+        for call in self.hooks.iter().filter(|c| c.hook.points().draft) {
             let tokens =
                 sequence.get_or_insert_with(|| [&self.prompt[..], &self.generated].concat());
-            let mut drafts = call.hook.draft(&call.params, tokens, max);
-            drafts.truncate(max);
-            if !drafts.is_empty() {
-                self.drafts = drafts;
+            let mut proposal = call.hook.draft(&call.params, tokens, max);
+            proposal.truncate(max);
+            if !proposal.is_empty() {
+                self.proposal = proposal;
                 return;
             }
         }
@@ -571,8 +575,8 @@ impl Schedulable for Sequence {
         self.prompt_logprobs.is_some()
     }
 
-    fn drafts(&self) -> usize {
-        self.drafts.len()
+    fn drafts(&self, decoding: usize) -> usize {
+        self.policy.length(self.proposal.len(), decoding)
     }
 }
 
