@@ -17,21 +17,12 @@ DURATION=${DURATION:-30s}
 THREADS=${THREADS:-2}
 PORT=${PORT:-18086}
 OUT=${OUT:-$ROOT/target/bench/memory}
-GRAFT=$ROOT/target/release/server
-LOADTEST=$ROOT/target/release/loadtest
-[ -x "$GRAFT" ] && [ -x "$LOADTEST" ] || (cd "$ROOT" && cargo build --release -p server -p loadtest)
+. "$ROOT/scripts/bench/lib.sh"
+graft_binaries "$ROOT"
 
 rm -rf "$OUT"; mkdir -p "$OUT/plugins"
 cp -r "$MEMORY" "$OUT/plugins/memory"
-RAYON_NUM_THREADS=$THREADS "$GRAFT" serve --host 127.0.0.1 --port "$PORT" --max-running 8 \
-  --plugin-dir "$OUT/plugins" > "$OUT/server.log" 2>&1 &
-SERVER_PID=$!
-trap 'kill -TERM $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health")" = 200 ] && break
-  kill -0 $SERVER_PID 2>/dev/null || { echo "server exited; see $OUT/server.log" >&2; exit 1; }
-  sleep 0.5
-done
+start_graft "$PORT" "$OUT/server.log" --max-running 8 --plugin-dir "$OUT/plugins"
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$SERVER_PID/status"; }
 BEFORE=$(rss)
 curl -sf "http://127.0.0.1:$PORT/v1/plugins" -H 'content-type: application/json' \

@@ -23,9 +23,8 @@ THREADS=${THREADS:-2}
 PORT=${PORT:-18085}
 OUT=${OUT:-$ROOT/target/bench/plugins}
 LORA=${LORA:-$ROOT/plugins/tests/fixtures/lora_smollm2}
-GRAFT=$ROOT/target/release/server
-LOADTEST=$ROOT/target/release/loadtest
-[ -x "$GRAFT" ] && [ -x "$LOADTEST" ] || (cd "$ROOT" && cargo build --release -p server -p loadtest)
+. "$ROOT/scripts/bench/lib.sh"
+graft_binaries "$ROOT"
 
 rm -rf "$OUT"; mkdir -p "$OUT/plugins"
 cp -r "$LORA" "$OUT/plugins/lora"
@@ -38,16 +37,8 @@ if [ -n "${CONTROLLER:-}" ]; then cp -r "$CONTROLLER" "$OUT/plugins/ctl"; else
     --out "$OUT/plugins/ctl"
 fi
 
-RAYON_NUM_THREADS=$THREADS "$GRAFT" serve --host 127.0.0.1 --port "$PORT" --max-running "$CONCURRENCY" \
-  --plugin-dir "$OUT/plugins" --plugin lora:ref=lora --plugin steer:refuse=refuse.gguf \
-  --plugin controller:ctl=ctl > "$OUT/server.log" 2>&1 &
-SERVER_PID=$!
-trap 'kill -TERM $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health")" = 200 ] && break
-  kill -0 $SERVER_PID 2>/dev/null || { echo "server exited; see $OUT/server.log" >&2; exit 1; }
-  sleep 0.5
-done
+start_graft "$PORT" "$OUT/server.log" --max-running "$CONCURRENCY" --plugin-dir "$OUT/plugins" \
+  --plugin lora:ref=lora --plugin steer:refuse=refuse.gguf --plugin controller:ctl=ctl
 echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), concurrency $CONCURRENCY, $DURATION per run" | tee "$OUT/run.txt"
 
 run() {  # name rep [loadtest flags...]

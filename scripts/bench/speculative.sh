@@ -23,23 +23,14 @@ LEVELS=${LEVELS:-"1 8"}
 THREADS=${THREADS:-2}
 PORT=${PORT:-18086}
 OUT=${OUT:-$ROOT/target/bench/speculative}
-GRAFT=$ROOT/target/release/server
-LOADTEST=$ROOT/target/release/loadtest
-[ -x "$GRAFT" ] && [ -x "$LOADTEST" ] || (cd "$ROOT" && cargo build --release -p server -p loadtest)
+. "$ROOT/scripts/bench/lib.sh"
+graft_binaries "$ROOT"
 
 rm -rf "$OUT"; mkdir -p "$OUT"
 python3 "$ROOT/scripts/bench/speculative_prompts.py" "$OUT/prompts"
 extra=()
 [ -n "${DISABLE_BY_BATCH:-}" ] && extra=(--speculative-disable-by-batch-size "$DISABLE_BY_BATCH")
-RAYON_NUM_THREADS=$THREADS "$GRAFT" serve --host 127.0.0.1 --port "$PORT" --max-running 8 \
-  "${extra[@]}" > "$OUT/server.log" 2>&1 &
-SERVER_PID=$!
-trap 'kill -TERM $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health")" = 200 ] && break
-  kill -0 $SERVER_PID 2>/dev/null || { echo "server exited; see $OUT/server.log" >&2; exit 1; }
-  sleep 0.5
-done
+start_graft "$PORT" "$OUT/server.log" --max-running 8 "${extra[@]}"
 echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), k $K, lookup $LOOKUP_MIN-$LOOKUP_MAX" | tee "$OUT/run.txt"
 
 counters() {
