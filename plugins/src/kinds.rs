@@ -95,7 +95,11 @@ pub const KINDS: [KindInfo; 5] = [
         name: "speculative",
         description: "speculative decoding (built in, no file): drafts by prompt lookup, \
                       verified by the model, output unchanged",
-        load: |name, _path, _base, _files| Err(PluginError::BuiltIn(name.to_string())),
+        load: |_name, _path, _base, _files| {
+            Err(PluginError::BuiltIn(
+                PluginKind::Speculative.name().to_string(),
+            ))
+        },
         built_in: Some(Speculative::built_in),
     },
 ];

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use models::tiny::{tiny_config, TinyModel};
@@ -161,6 +162,9 @@ fn every_kind_loads_through_its_row_of_the_table() {
                         .kind,
                     kind
                 );
+            } else if row.built_in.is_some() {
+                let e = loaded.unwrap_err();
+                assert!(matches!(e, PluginError::BuiltIn(_)), "{name}: {e}");
             } else {
                 let e = loaded.unwrap_err();
                 assert!(
@@ -170,6 +174,50 @@ fn every_kind_loads_through_its_row_of_the_table() {
             }
         }
     }
+}
+
+/// A built-in kind has no files: requests name it by type, its one instance serves them all
+/// and nothing loads under its type.
+#[test]
+fn built_in_kinds_resolve_by_type_alone() {
+    let f = Fixture::new();
+    let reg = f.registry(1 << 20);
+    for row in KINDS.iter().filter(|row| row.built_in.is_some()) {
+        let by_type = PluginSpec::named(row.kind, "");
+        let by_name = PluginSpec::named(row.kind, row.name);
+        let chain = reg.resolve(&[by_type, by_name]).unwrap();
+        for entry in &chain.entries {
+            assert_eq!(
+                (entry.kind, entry.name.as_str(), entry.hash.as_str()),
+                (row.kind, row.name, "built-in")
+            );
+        }
+        assert!(
+            Arc::ptr_eq(&chain.calls[0].hook, &chain.calls[1].hook),
+            "one instance"
+        );
+        let other = reg
+            .resolve(&[PluginSpec::named(row.kind, "mine")])
+            .unwrap_err();
+        assert!(matches!(other, PluginError::BuiltIn(_)), "{other}");
+        assert!(
+            other
+                .to_string()
+                .contains(&format!("`{}` is built in", row.name)),
+            "{other}"
+        );
+        assert!(
+            reg.list().is_empty(),
+            "built-ins are not registered plug-ins"
+        );
+    }
+    let unnamed = reg
+        .resolve(&[PluginSpec::named(PluginKind::Lora, "")])
+        .unwrap_err();
+    assert!(
+        matches!(unnamed, PluginError::NameRequired(PluginKind::Lora)),
+        "{unnamed}"
+    );
 }
 
 #[test]

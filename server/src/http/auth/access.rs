@@ -89,10 +89,15 @@ impl Caller {
                 .forbidden(ErrorKind::PluginNotAllowed, &message)
                 .with_param("model"));
         }
-        match plugins.iter().position(|p| !allowed.contains(&p.name)) {
+        // A built-in plug-in, which requests name by type alone, is allowed by its type's name.
+        let name = |p: &PluginSpec| match p.name.is_empty() {
+            true => p.kind.name().to_string(),
+            false => p.name.clone(),
+        };
+        match plugins.iter().position(|p| !allowed.contains(&name(p))) {
             None => Ok(()),
             Some(i) => {
-                let message = format!("may not run the plug-in `{}`", plugins[i].name);
+                let message = format!("may not run the plug-in `{}`", name(&plugins[i]));
                 Err(self
                     .forbidden(ErrorKind::PluginNotAllowed, &message)
                     .with_param(format!("plugins[{i}]")))
@@ -206,6 +211,18 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("model"));
         assert!(c.may_use_model("base", "sql"));
         assert!(!c.may_use_model("base", "x"));
+    }
+
+    #[test]
+    fn a_built_in_plugin_is_allowed_by_its_type_name() {
+        let speculative = PluginSpec::named(plugins::PluginKind::Speculative, "");
+        let c = caller("[[keys]]\nname = \"a\"\nkey = \"k\"\nplugins = [\"sql\"]\n");
+        let e = c
+            .check("base", None, std::slice::from_ref(&speculative))
+            .unwrap_err();
+        assert!(e.message.contains("`speculative`"), "{e}");
+        let c = caller("[[keys]]\nname = \"a\"\nkey = \"k\"\nplugins = [\"speculative\"]\n");
+        assert!(c.check("base", None, &[speculative]).is_ok());
     }
 
     #[test]
