@@ -33,3 +33,6 @@ if [ -d tests/e2e ]; then
   step "end-to-end tests (real binary, real HTTP, openai client)"
   scripts/e2e.sh
 fi
+
+step "the cuda feature without a GPU (nvcc from PyPI wheels; libraries built, every target linted)"
+scripts/cuda/build.sh
