@@ -1,18 +1,18 @@
 //! What a speculative verification row costs: the default model's forward time for one row of
 //! `n` tokens with logits at every position (the last sampled token plus `n - 1` drafts), after
-//! a 256-token prompt, the cache cut back after each timing so every row runs at the same depth.
+//! a prompt (256 tokens by default), the cache cut back after each timing so every row runs at the same depth.
 //! The ratio to `n = 1` is the price of verifying `n - 1` drafts; speculation breaks even when
 //! a step emits that many tokens on average (accepted drafts + 1).
 //!
 //! Run: `cargo bench -p models --bench verify`. Env: GRAFT_BENCH_RUNS (timings per size,
-//! median; default 30), GRAFT_DEFAULT_MODEL_GGUF (model path). Prints one JSON object.
+//! median; default 30), GRAFT_BENCH_DEPTH (prompt tokens before the row; default 256, at most
+//! 1,000), GRAFT_DEFAULT_MODEL_GGUF (model path). Prints one JSON object.
 
 use std::time::Instant;
 
 use candle_core::Device;
 use models::{BatchRow, LogitsWanted};
 
-const DEPTH: usize = 256;
 const SIZES: [usize; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
 
 fn main() -> anyhow::Result<()> {
@@ -21,6 +21,10 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
+    let depth: usize = std::env::var("GRAFT_BENCH_DEPTH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
     let path = models::testing::default_model_for_tests().ok_or_else(|| {
         anyhow::anyhow!("the default model is not fetched (scripts/fetch-model.sh)")
     })?;
@@ -33,7 +37,8 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter_map(|v| v.as_u64().map(|id| id as u32))
         .collect();
-    let (prompt, next) = ids.split_at(DEPTH);
+    anyhow::ensure!(ids.len() >= depth + 9, "the fixture has {} tokens", ids.len());
+    let (prompt, next) = ids.split_at(depth);
     let mut cache = m.new_cache();
     let mut row = [BatchRow {
         seq_id: 0,
@@ -62,7 +67,7 @@ fn main() -> anyhow::Result<()> {
                 }];
                 m.forward(&mut row)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
-                cache.truncate(DEPTH)?;
+                cache.truncate(depth)?;
             }
             times.drain(..3); // warm-up
             times.sort_by(f64::total_cmp);
@@ -71,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     }
     let json = serde_json::json!({
         "threads": candle_core::utils::get_num_threads(),
-        "depth": DEPTH,
+        "depth": depth,
         "runs": runs,
         "row_tokens": SIZES,
         "ms": ms,
