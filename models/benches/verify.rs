@@ -37,7 +37,11 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter_map(|v| v.as_u64().map(|id| id as u32))
         .collect();
-    anyhow::ensure!(ids.len() >= depth + 9, "the fixture has {} tokens", ids.len());
+    anyhow::ensure!(
+        ids.len() >= depth + 9,
+        "the fixture has {} tokens",
+        ids.len()
+    );
     let (prompt, next) = ids.split_at(depth);
     let mut cache = m.new_cache();
     let mut row = [BatchRow {
