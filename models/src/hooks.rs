@@ -30,6 +30,7 @@ use candle_core::Tensor;
 use crate::batch::LogitsWanted;
 use crate::error::Result;
 use crate::hook_state::{self, HookState};
+use crate::output_head::OutputHead;
 
 /// The projections a linear-delta hook can act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -256,15 +257,18 @@ pub trait Hook: Send + Sync {
         Ok(None)
     }
 
-    /// Runs after decoder layer `layer`, after the residual hooks. `h`: `(group tokens, hidden)`.
-    /// Returns one [`Exit`] per row of the group (`None`: every row stays). A row that exits
-    /// gets its logits from this layer's output. With several hooks the first that exits a
-    /// row decides how.
+    /// Runs after decoder layer `layer`, after the residual hooks, for the rows still in the
+    /// stack (never after the last layer). `h`: `(group tokens, hidden)`; `head`: the model's
+    /// final norm and LM head, for scoring candidate tokens at this layer. Returns one
+    /// [`Exit`] per row of the group (`None`: every row stays). A row that exits gets its
+    /// logits from this layer's output. With several hooks the first that exits a row
+    /// decides how.
     fn early_exit(
         &self,
         _layer: usize,
         _group: &HookGroup<'_>,
         _h: &Tensor,
+        _head: &OutputHead<'_>,
     ) -> Result<Option<Vec<Exit>>> {
         Ok(None)
     }
@@ -289,7 +293,7 @@ pub trait Hook: Send + Sync {
 }
 
 /// What an early-exit hook decides for one row after a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// Go on through the next layer.
     Stay,
@@ -300,6 +304,11 @@ pub enum Exit {
     /// positions (a draft token that a verification row will replace after
     /// [`crate::KvCache::truncate`]).
     Skip,
+    /// Leave as [`Exit::Propagate`] if the top token of this layer's logits at the row's last
+    /// position (final norm and LM head, the head's linear hooks included) is one of these
+    /// candidates, else stay (SpecEE's check of a predictor that fired). The logits computed
+    /// for the check become the row's logits, so a confirmed exit costs no second LM head.
+    IfTopIn(Vec<u32>),
 }
 
 /// Which blocks of a layer's cache slots each key/value head reads (a sparse-attention

@@ -20,6 +20,7 @@ use crate::hooks::{Exit, HookPoints, Projection};
 use crate::kv_cache::KvCache;
 use crate::linear::{ActivationQuantization, Linear};
 use crate::loader::{LayerWeight, WeightName, WeightSource};
+use crate::output_head::OutputHead;
 use crate::rope::Rope;
 
 /// `q_proj`, `k_proj`, `v_proj`, `o_proj` of one layer.
@@ -170,6 +171,11 @@ impl Llama {
             }
         }
         self.lm_head.set_activation_quantization(mode);
+    }
+
+    /// The final norm and LM head, as early-exit hooks read them.
+    pub fn output_head(&self) -> OutputHead<'_> {
+        OutputHead::new(&self.norm, self.config.rms_norm_eps as f64, &self.lm_head)
     }
 
     /// A fresh, empty cache for a new sequence.
@@ -381,6 +387,14 @@ fn take_states(batch: &mut [BatchRow<'_>]) -> Result<Vec<ChainState>> {
     Ok(states)
 }
 
+/// The tensors stacked along dimension 0 (one tensor is returned as is).
+fn cat(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    Ok(match parts.len() {
+        1 => parts.remove(0),
+        _ => Tensor::cat(&parts, 0)?,
+    })
+}
+
 fn hook_error(hook: &str, message: String) -> ModelError {
     ModelError::Hook {
         hook: hook.to_string(),
@@ -395,6 +409,8 @@ struct Exited {
     positions: Tensor,
     /// Whether its later layers get keys and values ([`Exit::Propagate`]).
     propagate: bool,
+    /// The logits of its last position, when an [`Exit::IfTopIn`] check computed them.
+    last_logits: Option<Tensor>,
 }
 
 /// Per-step state: which rows are still active, where their tokens sit, RoPE tables for
@@ -570,9 +586,13 @@ impl<'a> Step<'a> {
     /// packed batch, keeping their hidden states for the LM head and for the keys and values
     /// of the layers they skip.
     fn early_exits(&mut self, model: &Llama, l: usize, x: Tensor) -> Result<Tensor> {
+        if self.exit.is_empty() || l + 1 == model.layers.len() {
+            return Ok(x);
+        }
+        let head = model.output_head();
         let mut leaving = vec![Exit::Stay; self.packing.rows.len()];
         for g in &self.exit {
-            if let Some(exits) = g.hook.early_exit(l, &g.group, &g.gather(&x)?)? {
+            if let Some(exits) = g.hook.early_exit(l, &g.group, &g.gather(&x)?, &head)? {
                 if exits.len() != g.slots.len() {
                     return Err(hook_error(
                         g.hook.name(),
@@ -586,10 +606,11 @@ impl<'a> Step<'a> {
                 }
             }
         }
-        let stays = |s: &usize| leaving[*s] == Exit::Stay;
-        if leaving.iter().all(|e| *e == Exit::Stay) || l + 1 == model.layers.len() {
+        let checked = self.check_exits(model, &x, &mut leaving)?;
+        if leaving.iter().all(|e| *e == Exit::Stay) {
             return Ok(x);
         }
+        let stays = |s: &usize| leaving[*s] == Exit::Stay;
         let stay: Vec<usize> = (0..leaving.len()).filter(stays).collect();
         for slot in (0..leaving.len()).filter(|s| !stays(s)) {
             let (off, len) = (self.packing.offsets[slot], self.packing.lengths[slot]);
@@ -597,13 +618,49 @@ impl<'a> Step<'a> {
                 row: self.packing.rows[slot],
                 hidden: x.narrow(0, off, len)?,
                 positions: self.packing.positions.narrow(0, off, len)?,
-                propagate: leaving[slot] == Exit::Propagate,
+                propagate: leaving[slot] != Exit::Skip,
+                last_logits: checked[slot].clone(),
             });
         }
         let x = x.index_select(&self.packing.token_index(&stay, &self.device)?, 0)?;
         let active: Vec<usize> = stay.iter().map(|&s| self.packing.rows[s]).collect();
         self.repack(model, &active)?;
         Ok(x)
+    }
+
+    /// Settles every [`Exit::IfTopIn`] in `leaving`: one LM-head pass over those rows' last
+    /// positions, then [`Exit::Propagate`] where the top token is a candidate, else
+    /// [`Exit::Stay`]. Returns the computed logits `(1, vocab)` of the rows that leave.
+    fn check_exits(
+        &self,
+        model: &Llama,
+        x: &Tensor,
+        leaving: &mut [Exit],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut logits = vec![None; leaving.len()];
+        let slots: Vec<usize> = (0..leaving.len())
+            .filter(|&s| matches!(leaving[s], Exit::IfTopIn(_)))
+            .collect();
+        if slots.is_empty() {
+            return Ok(logits);
+        }
+        let last = |s: usize| self.packing.offsets[s] + self.packing.lengths[s] - 1;
+        let index: Vec<u32> = slots.iter().map(|&s| last(s) as u32).collect();
+        let h = x.index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)?;
+        let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
+        let rows: Vec<usize> = slots.iter().map(|&s| self.packing.rows[s]).collect();
+        let head = self.lm_head(model, &rows, &vec![1; rows.len()], &h)?;
+        let top = head.argmax(1)?.to_vec1::<u32>()?;
+        for (i, &s) in slots.iter().enumerate() {
+            let confirmed = matches!(&leaving[s], Exit::IfTopIn(c) if c.contains(&top[i]));
+            leaving[s] = if confirmed {
+                Exit::Propagate
+            } else {
+                Exit::Stay
+            };
+            logits[s] = confirmed.then(|| head.narrow(0, i, 1)).transpose()?;
+        }
+        Ok(logits)
     }
 
     /// Writes layer `l`'s keys and values for rows that exited before it, computed from
@@ -636,37 +693,66 @@ impl<'a> Step<'a> {
         Ok(())
     }
 
-    /// Final norm, LM head and logits hooks for every position a row asked for.
+    /// Final norm, LM head and logits hooks for every position a row asked for. Rows whose
+    /// exit check already computed their one wanted position's logits reuse them.
     fn logits(
         &self,
         model: &Llama,
         batch: &[BatchRow<'_>],
         x: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
-        let mut parts = Vec::new();
         let mut wanted = Vec::new(); // (batch row, entries)
+        let mut done: Vec<Option<Tensor>> = Vec::new();
+        let (mut hidden, mut hidden_rows, mut hidden_lengths) =
+            (Vec::new(), Vec::new(), Vec::new());
         for (r, row) in batch.iter().enumerate() {
             let offsets = row.logit_offsets();
             if offsets.is_empty() {
                 continue;
             }
-            let hidden = self.final_hidden(r, x)?;
-            parts.push(hidden.narrow(0, offsets.start, offsets.len())?);
             wanted.push((r, offsets.len()));
+            let checked = self.exited.iter().find(|e| e.row == r);
+            match checked.and_then(|e| e.last_logits.as_ref()) {
+                Some(l) if offsets.start + 1 == row.tokens.len() => done.push(Some(l.clone())),
+                _ => {
+                    done.push(None);
+                    hidden.push(self.final_hidden(r, x)?.narrow(
+                        0,
+                        offsets.start,
+                        offsets.len(),
+                    )?);
+                    hidden_rows.push(r);
+                    hidden_lengths.push(offsets.len());
+                }
+            }
         }
         let mut out: Vec<Option<Tensor>> = vec![None; batch.len()];
-        if parts.is_empty() {
+        if wanted.is_empty() {
             return Ok(out);
         }
-        let h = if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Tensor::cat(&parts, 0)?
+        let computed = match hidden.len() {
+            0 => None,
+            _ => {
+                let h = cat(hidden)?;
+                let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
+                Some(self.lm_head(model, &hidden_rows, &hidden_lengths, &h)?)
+            }
         };
-        let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
+        let mut parts = Vec::with_capacity(wanted.len());
+        let mut offset = 0;
+        for (d, &(_, len)) in done.into_iter().zip(&wanted) {
+            parts.push(match (d, &computed) {
+                (Some(l), _) => l,
+                (None, Some(c)) => {
+                    offset += len;
+                    c.narrow(0, offset - len, len)?
+                }
+                (None, None) => return Err(ModelError::Batch("logits lost a row".into())),
+            });
+        }
         let rows: Vec<usize> = wanted.iter().map(|w| w.0).collect();
         let lengths: Vec<usize> = wanted.iter().map(|w| w.1).collect();
-        let mut logits = self.lm_head(model, &rows, &lengths, &h)?;
+        let mut logits = cat(parts)?;
         for g in plan(self.rows, &rows, &lengths, |p| p.logits, &self.device)? {
             let old = g.gather(&logits)?;
             if let Some(new) = g.hook.logits(&g.group, &old)? {

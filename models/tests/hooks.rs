@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use models::tiny::{tiny_config, TinyModel};
 use models::{
     Architecture, BatchRow, Exit, Hook, HookCall, HookGroup, HookPoints, Llama, LogitsWanted,
-    Projection,
+    OutputHead, Projection,
 };
 
 const MAX_POS: usize = 128;
@@ -57,8 +57,9 @@ impl Hook for ExitAfter {
         layer: usize,
         g: &HookGroup<'_>,
         _h: &Tensor,
+        _head: &OutputHead<'_>,
     ) -> models::Result<Option<Vec<Exit>>> {
-        Ok((layer == self.0).then(|| vec![self.1; g.rows.len()]))
+        Ok((layer == self.0).then(|| vec![self.1.clone(); g.rows.len()]))
     }
 }
 
@@ -237,6 +238,56 @@ fn early_exit_takes_logits_from_the_exit_layer_and_keeps_the_cache_whole() {
     assert_eq!(next.dims(), &[1, 96]);
     assert_eq!(cache.layer_positions(1), vec![0, 1, 2, 3]);
     let _ = Device::Cpu;
+}
+
+/// The top token of `logits`' last row.
+fn top(logits: &Tensor) -> u32 {
+    let last = logits.dim(0).expect("dim") - 1;
+    logits
+        .get(last)
+        .expect("row")
+        .argmax(0)
+        .expect("argmax")
+        .to_scalar()
+        .expect("top")
+}
+
+#[test]
+fn a_checked_exit_leaves_only_when_the_layers_top_token_is_a_candidate() {
+    let full = tiny();
+    let m = full.build(MAX_POS).expect("build");
+    let mut short = full.clone();
+    short.config.num_layers = 1;
+    let short = short.build(MAX_POS).expect("short");
+    let (ta, tb) = ([3u32, 8, 13, 21], [34u32, 55]);
+    let (early_a, early_b) = (last_logits(&short, &ta, &[]), last_logits(&short, &tb, &[]));
+    let (full_a, full_b) = (last_logits(&m, &ta, &[]), last_logits(&m, &tb, &[]));
+    assert!(max_diff(&early_a, &full_a) > 1e-3, "the layers must differ");
+    let check = |candidates: Vec<u32>| {
+        [HookCall::bare(Arc::new(ExitAfter(
+            0,
+            Exit::IfTopIn(candidates),
+        )))]
+    };
+    let (hit, miss) = (top(&early_a), (top(&early_b) + 1) % 96);
+    // Alone: a confirmed check gives the exit layer's logits, a refused one the full model's.
+    assert!(max_diff(&last_logits(&m, &ta, &check(vec![7, hit])), &early_a) < 1e-5);
+    assert!(max_diff(&last_logits(&m, &tb, &check(vec![miss])), &full_b) < 1e-5);
+    // In one batch each row gets what it gets alone.
+    let (a, b) = batch_of_two(&m, &check(vec![hit]), &check(vec![miss]));
+    assert!(max_diff(&a, &early_a) < 1e-5 && max_diff(&b, &full_b) < 1e-5);
+    // A confirmed exit keeps the cache whole, like `Exit::Propagate`.
+    let mut cache = m.new_cache();
+    let hooks = check(vec![hit]);
+    let mut b = [BatchRow {
+        seq_id: 0,
+        tokens: &ta,
+        cache: &mut cache,
+        hooks: &hooks,
+        logits: LogitsWanted::Last,
+    }];
+    m.forward(&mut b).expect("exit step");
+    assert_eq!(cache.layer_positions(1), vec![0, 1, 2, 3]);
 }
 
 #[test]

@@ -364,6 +364,7 @@ impl Hook for Draft {
         layer: usize,
         g: &HookGroup<'_>,
         _: &Tensor,
+        _: &models::OutputHead<'_>,
     ) -> models::Result<Option<Vec<Exit>>> {
         Ok((layer == 0).then(|| vec![Exit::Skip; g.rows.len()]))
     }
