@@ -2,6 +2,7 @@
 
 use candle_core::Device;
 use models::{ModelConfig, Projection};
+use serde::{Deserialize, Serialize};
 
 /// What plug-ins are checked against at load, and where their tensors go.
 #[derive(Debug, Clone)]
@@ -31,6 +32,28 @@ impl BaseModel {
             Projection::Gate | Projection::Up => (c.intermediate_size, hidden),
             Projection::Down => (hidden, c.intermediate_size),
             Projection::LmHead => (c.vocab_size, hidden),
+        }
+    }
+}
+
+/// The base model a plug-in file was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseIdentity {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+}
+
+impl BaseIdentity {
+    pub fn of(base: &BaseModel) -> Self {
+        let c = &base.config;
+        Self {
+            architecture: c.architecture.name().to_string(),
+            hidden_size: c.hidden_size,
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
         }
     }
 }

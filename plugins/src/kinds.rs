@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::base::BaseModel;
 use crate::controller::SteeringController;
+use crate::early_exit::EarlyExit;
 use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
 use crate::lora::LoraAdapter;
@@ -26,7 +27,7 @@ use crate::steer::SteeringVector;
 #[cfg_attr(
     feature = "openapi",
     derive(utoipa::ToSchema),
-    schema(rename_all = "lowercase")
+    schema(rename_all = "snake_case")
 )]
 pub enum PluginKind {
     Lora,
@@ -34,6 +35,7 @@ pub enum PluginKind {
     Controller,
     Memory,
     Speculative,
+    EarlyExit,
 }
 
 /// Reads a plug-in of one kind from `path` (already resolved and confined) through `files`
@@ -55,7 +57,7 @@ pub struct KindInfo {
 
 /// Every kind, in [`PluginKind`] declaration order (`KINDS[k as usize].kind == k`, which a
 /// test keeps true).
-pub const KINDS: [KindInfo; 5] = [
+pub const KINDS: [KindInfo; 6] = [
     KindInfo {
         kind: PluginKind::Lora,
         name: "lora",
@@ -101,6 +103,14 @@ pub const KINDS: [KindInfo; 5] = [
             ))
         },
         built_in: Some(Speculative::built_in),
+    },
+    KindInfo {
+        kind: PluginKind::EarlyExit,
+        name: "early_exit",
+        description: "speculative early exit (SpecEE): per-layer predictors let a decode token \
+                      leave the model early (config.json + predictors.safetensors); lossy",
+        load: |name, path, base, files| Ok(Arc::new(EarlyExit::load(name, path, base, files)?)),
+        built_in: None,
     },
 ];
 

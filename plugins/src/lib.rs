@@ -19,6 +19,7 @@
 pub mod base;
 pub mod chain;
 pub mod controller;
+pub mod early_exit;
 pub mod error;
 pub mod files;
 pub mod kinds;

@@ -6,32 +6,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::base::BaseIdentity;
 use crate::base::BaseModel;
 use crate::error::{PluginError, Result};
 
 pub const TYPE: &str = "steering_controller";
-
-/// The base model a plug-in file was made for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BaseIdentity {
-    pub architecture: String,
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub vocab_size: usize,
-}
-
-impl BaseIdentity {
-    pub fn of(base: &BaseModel) -> Self {
-        let c = &base.config;
-        Self {
-            architecture: c.architecture.name().to_string(),
-            hidden_size: c.hidden_size,
-            num_layers: c.num_layers,
-            vocab_size: c.vocab_size,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
