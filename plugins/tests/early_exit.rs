@@ -93,6 +93,12 @@ fn chain(p: EarlyExit) -> Vec<HookCall> {
     vec![HookCall::new(p, params)]
 }
 
+fn shared_chain(p: &Arc<EarlyExit>) -> Vec<HookCall> {
+    let p: Arc<dyn Plugin> = p.clone();
+    let params = p.request_params(&serde_json::Map::new()).unwrap();
+    vec![HookCall::new(p, params)]
+}
+
 fn step(m: &Llama, cache: &mut KvCache, tokens: &[u32], hooks: &[HookCall]) -> Tensor {
     let mut b = [BatchRow {
         seq_id: 0,
@@ -142,8 +148,18 @@ fn a_token_leaves_where_its_predictor_fires_when_the_layers_top_token_is_a_candi
         let t = top(&early);
         let other = (t + 1) % 96;
         // The layer's top token among the candidates: the token leaves with its logits.
-        let (got, cache) = decode(&m, &chain(exit_at(&c, fire, [other, t])));
+        let plugin = Arc::new(exit_at(&c, fire, [other, t]));
+        let (got, cache) = decode(&m, &shared_chain(&plugin));
         assert!(max_diff(&got, &early) < 1e-5, "exit at {fire}");
+        let counts = plugin.counts();
+        assert_eq!(
+            (
+                counts.decode_tokens,
+                counts.checks[fire],
+                counts.exits[fire]
+            ),
+            (1, 1, 1)
+        );
         // Every later layer still holds the token's keys and values.
         for l in 0..6 {
             assert_eq!(
@@ -153,8 +169,11 @@ fn a_token_leaves_where_its_predictor_fires_when_the_layers_top_token_is_a_candi
             );
         }
         // Not among them: the check fails and the token goes the whole depth.
-        let (got, _) = decode(&m, &chain(exit_at(&c, fire, [other, (t + 2) % 96])));
+        let plugin = Arc::new(exit_at(&c, fire, [other, (t + 2) % 96]));
+        let (got, _) = decode(&m, &shared_chain(&plugin));
         assert_eq!(max_diff(&got, &full), 0.0, "refused at {fire}");
+        let counts = plugin.counts();
+        assert_eq!((counts.checks[fire], counts.exits[fire]), (1, 0));
     }
 }
 
@@ -325,4 +344,30 @@ fn training_on_a_tiny_model_writes_a_plugin_that_loads_and_reports_its_exits() {
     // And it runs: a decode step with it gives logits of the model's shape.
     let (logits, _) = decode(&m, &chain(loaded));
     assert_eq!(logits.dims(), &[1, 96]);
+}
+
+#[test]
+fn the_evaluation_of_a_plugin_that_never_exits_finds_the_base_model() {
+    let c = config();
+    let m = model(&c);
+    let plugin = Arc::new(exit_at(&c, 2, [4, 5]));
+    let never = plugins::early_exit::eval::EvalOptions {
+        max_new_tokens: 6,
+        thresholds: vec![1.0],
+        batches: vec![1, 3],
+        repetitions: 1,
+    };
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![9, 8], vec![40, 41, 42, 43]];
+    let r = plugins::early_exit::eval::evaluate(&m, &plugin, &prompts, &[], &never, &mut Quiet)
+        .unwrap();
+    let t = &r.thresholds[0];
+    assert_eq!(
+        (t.agreement, t.exit_fraction, t.identical_answers),
+        (1.0, 0.0, 1.0)
+    );
+    assert_eq!(t.mean_exit_layer, 5.0);
+    assert!((t.perplexity_ratio - 1.0).abs() < 1e-9);
+    assert_eq!(r.base_tokens_per_s.len(), 2);
+    // Threshold 1.0 never fires, so no check ran; 5 teacher-forced decode positions per prompt.
+    assert_eq!(plugin.counts().checks.iter().sum::<u64>(), 0);
 }

@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod drafts;
+pub mod eval;
 pub mod generate;
 pub mod predictor;
 pub mod report;
@@ -33,6 +34,7 @@ pub mod train;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
@@ -73,6 +75,39 @@ pub struct EarlyExit {
     num_layers: usize,
     /// The final norm's weight and epsilon, read from the model at the first exit check.
     norm: OnceLock<(Vec<f32>, f64)>,
+    counters: Counters,
+}
+
+/// What the hook has done since it was loaded, over every request.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Decode steps that could exit (single-token rows).
+    decode_tokens: AtomicU64,
+    /// Per layer: checks asked for ([`Exit::IfTopIn`]) and checks that failed.
+    checks: Vec<AtomicU64>,
+    failed: Vec<AtomicU64>,
+}
+
+/// A snapshot of [`EarlyExit::counts`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExitCounts {
+    pub decode_tokens: u64,
+    /// Per layer: checks asked for.
+    pub checks: Vec<u64>,
+    /// Per layer: tokens that left there (checks that passed).
+    pub exits: Vec<u64>,
+}
+
+impl ExitCounts {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &ExitCounts) -> ExitCounts {
+        let minus = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| x - y).collect();
+        ExitCounts {
+            decode_tokens: self.decode_tokens - earlier.decode_tokens,
+            checks: minus(&self.checks, &earlier.checks),
+            exits: minus(&self.exits, &earlier.exits),
+        }
+    }
 }
 
 impl EarlyExit {
@@ -129,6 +164,11 @@ impl EarlyExit {
             table,
             num_layers,
             norm: OnceLock::new(),
+            counters: Counters {
+                decode_tokens: AtomicU64::new(0),
+                checks: (0..num_layers).map(|_| AtomicU64::new(0)).collect(),
+                failed: (0..num_layers).map(|_| AtomicU64::new(0)).collect(),
+            },
         })
     }
 
@@ -142,6 +182,18 @@ impl EarlyExit {
 
     pub fn predictor(&self, layer: usize) -> Option<&Predictor> {
         self.predictors.get(layer)?.as_ref()
+    }
+
+    /// Decode tokens seen, checks and exits per layer, since the plug-in was loaded.
+    pub fn counts(&self) -> ExitCounts {
+        let read = |v: &[AtomicU64]| v.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let (checks, failed): (Vec<u64>, Vec<u64>) =
+            (read(&self.counters.checks), read(&self.counters.failed));
+        ExitCounts {
+            decode_tokens: self.counters.decode_tokens.load(Ordering::Relaxed),
+            exits: checks.iter().zip(&failed).map(|(c, f)| c - f).collect(),
+            checks,
+        }
     }
 
     /// Writes `dir/config.json` and `dir/predictors.safetensors`.
@@ -195,6 +247,14 @@ impl EarlyExit {
             || recent.iter().any(|&e| l == e || l + 2 == e || l == e + 2)
     }
 
+    /// Called for a row again in the step of its check: the check found its top token
+    /// outside the candidates, and the row stayed.
+    fn check_failed(&self, step: &mut StepScratch) {
+        if let Some(layer) = step.checked_at.take() {
+            self.counters.failed[layer].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The exit decision for one single-token row after layer `l`; `h` is its hidden state.
     fn decide(
         &self,
@@ -204,6 +264,16 @@ impl EarlyExit {
         head: &OutputHead<'_>,
     ) -> models::Result<Exit> {
         let p = self.params_of(row.params);
+        let last = self.config.layers[self.config.layers.len() - 1];
+        if l > last {
+            // The layer after the last check: the row is still here, so that check failed.
+            row.with_state(&self.name, |s: &mut ExitState| {
+                if let Some(step) = s.step.as_mut() {
+                    self.check_failed(step);
+                }
+            })?;
+            return Ok(Exit::Stay);
+        }
         if l + 1 < p.min_layer {
             return Ok(Exit::Stay);
         }
@@ -228,7 +298,7 @@ impl EarlyExit {
             let Some(step) = s.step.as_mut() else {
                 return Exit::Stay;
             };
-            step.checked_at = None; // called again: an earlier check, if any, failed
+            self.check_failed(step);
             if let Some(rows) = fetched {
                 step.rows = Some(rows);
             }
@@ -241,6 +311,7 @@ impl EarlyExit {
                         && pred.probability(&features) > p.threshold =>
                 {
                     step.checked_at = Some(l);
+                    self.counters.checks[l].fetch_add(1, Ordering::Relaxed);
                     Exit::IfTopIn(step.candidates.clone())
                 }
                 _ => Exit::Stay,
@@ -353,6 +424,7 @@ impl Hook for EarlyExit {
                 s.tokens.truncate(row.start_position);
                 s.tokens.extend_from_slice(row.tokens);
                 if row.tokens.len() == 1 {
+                    self.counters.decode_tokens.fetch_add(1, Ordering::Relaxed);
                     s.step = Some(StepScratch {
                         candidates: drafts::candidates(
                             &s.tokens,
@@ -375,7 +447,7 @@ impl Hook for EarlyExit {
         head: &OutputHead<'_>,
     ) -> models::Result<Option<Vec<Exit>>> {
         let first = self.config.layers[0].saturating_sub(1);
-        if layer < first || layer > self.config.layers[self.config.layers.len() - 1] {
+        if layer < first || layer > self.config.layers[self.config.layers.len() - 1] + 1 {
             return Ok(None);
         }
         let mut exits = Vec::with_capacity(group.rows.len());

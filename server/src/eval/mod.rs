@@ -1,6 +1,7 @@
 //! `server eval ...`: evaluations of plug-ins through the real generation path; thin shims over
 //! each kind's evaluation in the plugins crate (`plugins::controller::eval`).
 
+mod early_exit;
 mod perplexity;
 mod refusal;
 pub(crate) mod svg;
@@ -15,11 +16,15 @@ pub enum EvalCommand {
     /// Token-level perplexity of the base model, plug-in chains (a memory decoder at every
     /// mixing weight, a LoRA adapter) and the kNN-LM baseline on text files
     Perplexity(Box<perplexity::PerplexityArgs>),
+    /// Decode speed against agreement with the full model of an early-exit plug-in over a
+    /// sweep of predictor thresholds, on held-out prompts
+    EarlyExit(Box<early_exit::EarlyExitArgs>),
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
         EvalCommand::Refusal(args) => refusal::run(*args),
         EvalCommand::Perplexity(args) => perplexity::run(*args),
+        EvalCommand::EarlyExit(args) => early_exit::run(*args),
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod args;
 mod controller;
+mod early_exit;
 mod lora;
 mod loss_chart;
 mod memory;
@@ -28,6 +29,10 @@ pub enum TrainCommand {
     /// kNN-LM targets, then KL + cross-entropy training); writes config.json + model.gguf the
     /// server loads as a `memory` plug-in
     Memory(Box<memory::MemoryArgs>),
+    /// Train speculative early-exit predictors (SpecEE) on the model's own greedy answers;
+    /// writes config.json + predictors.safetensors the server loads as an `early_exit`
+    /// plug-in, and report.json / report.svg
+    EarlyExit(Box<early_exit::EarlyExitArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
@@ -36,5 +41,6 @@ pub fn run(command: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Steer(args) => steer::run(*args),
         TrainCommand::Controller(args) => controller::run(*args),
         TrainCommand::Memory(args) => memory::run(*args),
+        TrainCommand::EarlyExit(args) => early_exit::run(*args),
     }
 }
