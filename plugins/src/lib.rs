@@ -41,6 +41,6 @@ pub use chain::{Chain, ChainEntry};
 pub use error::{PluginError, Result};
 pub use kinds::{KindInfo, PluginKind, KINDS};
 pub use panic::panic_message;
-pub use plugin::{LoadedPlugin, Plugin};
+pub use plugin::{LoadedPlugin, Plugin, PluginCounter};
 pub use registry::{PluginInfo, Registry, RegistryConfig, Source};
 pub use spec::PluginSpec;

@@ -30,6 +30,22 @@ pub trait Plugin: Hook + Debug {
 
     /// Bytes of tensors the plug-in keeps resident (on the model's device).
     fn resident_bytes(&self) -> usize;
+
+    /// The counters this plug-in keeps for `/metrics`, since it was loaded (an evicted and
+    /// reloaded plug-in starts again from zero, which Prometheus reads as a counter reset).
+    fn counters(&self) -> Vec<PluginCounter> {
+        Vec::new()
+    }
+}
+
+/// One counter of a plug-in: the metric, its labels besides the plug-in's `name`, its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginCounter {
+    pub metric: &'static str,
+    /// What the counter counts, for the metric's `# HELP` line.
+    pub help: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: u64,
 }
 
 /// A plug-in and where it came from.

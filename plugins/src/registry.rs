@@ -25,7 +25,7 @@ use crate::error::{PluginError, Result};
 use crate::files::PluginFiles;
 use crate::kinds::{PluginKind, KINDS};
 use crate::paths::confine;
-use crate::plugin::{self, LoadedPlugin, Plugin};
+use crate::plugin::{self, LoadedPlugin, Plugin, PluginCounter};
 use crate::spec::PluginSpec;
 
 /// The registry's limits.
@@ -187,6 +187,18 @@ impl Registry {
     pub fn list(&self) -> Vec<PluginInfo> {
         let state = self.lock();
         state.entries.iter().map(|(n, e)| e.info(n)).collect()
+    }
+
+    /// Every resident plug-in's counters, with its name.
+    pub fn counters(&self) -> Vec<(String, PluginCounter)> {
+        let state = self.lock();
+        let resident = state
+            .entries
+            .iter()
+            .filter_map(|(n, e)| Some((n, e.resident.as_ref()?)));
+        resident
+            .flat_map(|(n, p)| p.counters().into_iter().map(move |c| (n.clone(), c)))
+            .collect()
     }
 
     /// The type of a registered plug-in.

@@ -52,7 +52,7 @@ use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
 use crate::kinds::PluginKind;
 use crate::params;
-use crate::plugin::Plugin;
+use crate::plugin::{Plugin, PluginCounter};
 use crate::weights;
 
 /// What one request asked for.
@@ -491,6 +491,34 @@ impl Plugin for EarlyExit {
             threshold,
             min_layer,
         }))
+    }
+
+    /// `graft_early_exit_decode_tokens_total`, and per layer with a predictor
+    /// `graft_early_exit_checks_total{layer}` and `graft_early_exit_tokens_total{layer}`.
+    fn counters(&self) -> Vec<PluginCounter> {
+        let c = self.counts();
+        let mut out = vec![PluginCounter {
+            metric: "graft_early_exit_decode_tokens_total",
+            help: "Decode tokens that could leave early",
+            labels: Vec::new(),
+            value: c.decode_tokens,
+        }];
+        for &l in &self.config.layers {
+            let layer = vec![("layer", l.to_string())];
+            out.push(PluginCounter {
+                metric: "graft_early_exit_checks_total",
+                help: "LM-head checks of a layer's top token after its predictor fired",
+                labels: layer.clone(),
+                value: c.checks[l],
+            });
+            out.push(PluginCounter {
+                metric: "graft_early_exit_tokens_total",
+                help: "Decode tokens that left the model after this layer",
+                labels: layer,
+                value: c.exits[l],
+            });
+        }
+        out
     }
 
     fn resident_bytes(&self) -> usize {

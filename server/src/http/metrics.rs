@@ -15,7 +15,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, with_local_recorder, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusRecorder};
 
-use plugins::{ChainEntry, PluginInfo, PluginKind};
+use plugins::{ChainEntry, PluginCounter, PluginInfo, PluginKind};
 
 use crate::engine::{EngineStats, HistogramSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot};
 
@@ -278,6 +278,19 @@ impl Metrics {
         });
     }
 
+    /// Plug-ins' own counters ([`plugins::Plugin::counters`]), set from the registry at
+    /// scrape time, each labelled with the plug-in's `name`.
+    pub fn plugin_counters(&self, counters: &[(String, PluginCounter)]) {
+        self.with(|| {
+            for (name, c) in counters {
+                metrics::describe_counter!(c.metric, c.help);
+                let mut labels = vec![("name", name.clone())];
+                labels.extend(c.labels.iter().cloned());
+                counter!(c.metric, &labels).absolute(c.value);
+            }
+        });
+    }
+
     pub fn cancelled(&self) {
         self.with(|| counter!(CANCELLED).increment(1));
     }
@@ -506,6 +519,26 @@ mod tests {
         let b = Metrics::new().expect("metrics");
         a.request("/health", 200);
         assert!(!b.render(None, None).contains("route=\"/health\""));
+    }
+
+    #[test]
+    fn plugin_counters_are_exported_with_the_plugins_name_and_their_own_labels() {
+        let m = Metrics::new().expect("metrics");
+        let counter = |value| PluginCounter {
+            metric: "graft_early_exit_tokens_total",
+            help: "Decode tokens that left the model after this layer",
+            labels: vec![("layer", "12".into())],
+            value,
+        };
+        m.plugin_counters(&[("ee".into(), counter(3))]);
+        m.plugin_counters(&[("ee".into(), counter(7))]);
+        let text = m.render(None, None);
+        let line = "graft_early_exit_tokens_total{name=\"ee\",layer=\"12\"} 7";
+        assert!(text.contains(line), "{text}");
+        assert!(
+            text.contains("# HELP graft_early_exit_tokens_total Decode tokens"),
+            "{text}"
+        );
     }
 
     #[test]

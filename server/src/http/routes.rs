@@ -64,6 +64,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         state
             .metrics
             .plugin_gauges(&registry.list(), registry.memory());
+        state.metrics.plugin_counters(&registry.counters());
     }
     let body = state.metrics.render(stats, steps);
     (
