@@ -358,8 +358,9 @@ fn the_evaluation_of_a_plugin_that_never_exits_finds_the_base_model() {
         repetitions: 1,
     };
     let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![9, 8], vec![40, 41, 42, 43]];
-    let r = plugins::early_exit::eval::evaluate(&m, &plugin, &prompts, &[], &never, &mut Quiet)
-        .unwrap();
+    let r =
+        plugins::early_exit::eval::evaluate(&m, &plugin, &[], &prompts, &[], &never, &mut Quiet)
+            .unwrap();
     let t = &r.thresholds[0];
     assert_eq!(
         (t.agreement, t.exit_fraction, t.identical_answers),

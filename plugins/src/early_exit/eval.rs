@@ -55,20 +55,22 @@ pub struct ThresholdResult {
     pub perplexity_ratio: f64,
 }
 
-/// Evaluates `plugin` on `prompts` (token ids); `stop`: end-of-turn tokens.
+/// Evaluates `plugin` on `prompts` (token ids); `stop`: end-of-turn tokens. `before`: plug-ins
+/// that run before it in every chain, the base's included (a LoRA adapter, to measure whether
+/// predictors trained on the base model stay valid on the adapted one).
 pub fn evaluate(
     model: &Llama,
     plugin: &Arc<EarlyExit>,
+    before: &[HookCall],
     prompts: &[Vec<u32>],
     stop: &[u32],
     opts: &EvalOptions,
     progress: &mut dyn Progress,
 ) -> Result<EvalReport> {
-    let chains: Vec<Vec<HookCall>> = opts
-        .thresholds
-        .iter()
-        .map(|&t| chain(plugin, t))
-        .collect::<Result<_>>()?;
+    let mut chains: Vec<Vec<HookCall>> = vec![before.to_vec()];
+    for &t in &opts.thresholds {
+        chains.push(before.iter().cloned().chain(chain(plugin, t)?).collect());
+    }
     let configs = opts.thresholds.len() + 1;
     progress.phase(
         "timed runs",
@@ -81,7 +83,7 @@ pub fn evaluate(
     for _ in 0..opts.repetitions {
         for (b, &batch) in opts.batches.iter().enumerate() {
             for c in 0..configs {
-                let hooks: &[HookCall] = if c == 0 { &[] } else { &chains[c - 1] };
+                let hooks: &[HookCall] = &chains[c];
                 let start = Instant::now();
                 let out = greedy(
                     model,
@@ -105,13 +107,13 @@ pub fn evaluate(
         .iter()
         .map(|per| per.iter().map(|v| median(v)).collect())
         .collect();
-    let base_ppl = perplexity(model, prompts, &answers[0])?;
+    let base_ppl = perplexity(model, prompts, &answers[0], before)?;
     progress.phase("teacher-forced", opts.thresholds.len());
     let mut results = Vec::new();
     for (i, &threshold) in opts.thresholds.iter().enumerate() {
-        let before = plugin.counts();
-        let agreement = teacher_forced(model, prompts, &answers[0], &chains[i])?;
-        let counts = plugin.counts().since(&before);
+        let counted = plugin.counts();
+        let agreement = teacher_forced(model, prompts, &answers[0], &chains[i + 1])?;
+        let counts = plugin.counts().since(&counted);
         let c = i + 1;
         let same = answers[c]
             .iter()
@@ -132,7 +134,7 @@ pub fn evaluate(
                 .map(|(b, &n)| (n, speed[c][b], speed[c][b] / speed[0][b]))
                 .collect(),
             identical_answers: same as f64 / prompts.len().max(1) as f64,
-            perplexity_ratio: perplexity(model, prompts, &answers[c])? / base_ppl,
+            perplexity_ratio: perplexity(model, prompts, &answers[c], before)? / base_ppl,
         });
         progress.advance(1);
     }
@@ -213,9 +215,14 @@ pub fn teacher_forced(
     Ok(agree as f64 / total.max(1) as f64)
 }
 
-/// The full model's perplexity of `answers` after their prompts (every answer token, the
-/// first included).
-pub fn perplexity(model: &Llama, prompts: &[Vec<u32>], answers: &[Vec<u32>]) -> Result<f64> {
+/// The full model's perplexity (with the chain `hooks`) of `answers` after their prompts
+/// (every answer token, the first included).
+pub fn perplexity(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    answers: &[Vec<u32>],
+    hooks: &[HookCall],
+) -> Result<f64> {
     let (mut nll, mut count) = (0f64, 0usize);
     for (prompt, answer) in prompts.iter().zip(answers) {
         if answer.is_empty() {
@@ -227,7 +234,7 @@ pub fn perplexity(model: &Llama, prompts: &[Vec<u32>], answers: &[Vec<u32>]) -> 
             seq_id: 0,
             tokens: &seq,
             cache: &mut cache,
-            hooks: &[],
+            hooks,
             logits: LogitsWanted::All,
         }];
         let logits = model.forward(&mut rows)?.remove(0);

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
+use models::HookCall;
 use plugins::early_exit::eval::{evaluate, EvalOptions, EvalReport};
 use plugins::early_exit::EarlyExit;
 use plugins::files::PluginFiles;
+use plugins::lora::LoraAdapter;
 use plugins::train::prompts::{chat_ids_all, read_prompts};
-use plugins::BaseModel;
+use plugins::{BaseModel, Plugin};
 
 use super::svg::{line_chart, Series};
 use crate::train::args::{load_model, model_path, BarProgress};
@@ -24,6 +26,10 @@ pub struct EarlyExitArgs {
     /// The plug-in folder `server train early-exit` wrote
     #[arg(long)]
     plugin: PathBuf,
+    /// A LoRA adapter (PEFT folder) run before the early exit in every chain, the base's too:
+    /// do predictors trained on the base model stay valid on the adapted one?
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Held-out instructions (never the training file)
     #[arg(long, default_value = "../shared/data/refusal/harmless_val.json")]
     prompts: PathBuf,
@@ -90,6 +96,19 @@ pub fn run(args: EarlyExitArgs) -> anyhow::Result<()> {
         &base,
         &mut PluginFiles::unconfined(),
     )?);
+    let before = match &args.lora {
+        None => Vec::new(),
+        Some(dir) => {
+            let lora: Arc<dyn Plugin> = Arc::new(LoraAdapter::load(
+                "lora",
+                dir,
+                &base,
+                &mut PluginFiles::unconfined(),
+            )?);
+            let params = lora.request_params(&serde_json::Map::new())?;
+            vec![HookCall::new(lora, params)]
+        }
+    };
     let prompts = read_prompts(&args.prompts, args.limit, args.seed)?;
     let ids = chat_ids_all(&loaded, &prompts)?;
     let opts = EvalOptions {
@@ -100,11 +119,19 @@ pub fn run(args: EarlyExitArgs) -> anyhow::Result<()> {
     };
     let mut progress = BarProgress::new(None)?;
     let stop = loaded.tokenizer.eos_ids().to_vec();
-    let report = evaluate(&loaded.model, &plugin, &ids, &stop, &opts, &mut progress)?;
+    let report = evaluate(
+        &loaded.model,
+        &plugin,
+        &before,
+        &ids,
+        &stop,
+        &opts,
+        &mut progress,
+    )?;
     progress.finish()?;
     print_table(&report);
     if let Some(path) = &args.out {
-        let json = serde_json::json!({"options": opts, "plugin": args.plugin, "report": report});
+        let json = serde_json::json!({"options": opts, "plugin": args.plugin, "lora": args.lora, "report": report});
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
