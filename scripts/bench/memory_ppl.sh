@@ -12,7 +12,7 @@
 #        folders and `server train lora --corpus ... --out RUNS/lora-<domain>` adapters; required),
 #        CORPORA (corpora), TOKENS (scored tokens per set, 16384), TRAIN_TOKENS (the trainer's
 #        --max-tokens, 400000), SETS (python-docs-valid licenses-valid python-docs licenses
-#        english), THREADS (2), OUT
+#        english), THREADS (2), OUT (sets already scored there are kept unless RESCORE=1)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 : "${RUNS:?set RUNS to the folder holding the trained memories}"
@@ -36,6 +36,8 @@ mkdir -p "$OUT"
 echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), $TOKENS scored tokens per set" | tee "$OUT/run.txt"
 score() {  # name text-folder skip-tokens [datastore domain]
   local name=$1 text=$2 skip=$3 domain=${4:-}
+  # An interrupted run resumes: a set whose table exists is kept (RESCORE=1 scores it again).
+  if [ -f "$OUT/$name.json" ] && [ -z "${RESCORE:-}" ]; then echo "== $name: kept $OUT/$name.json"; return; fi
   local knn=()
   [ -n "$domain" ] && [ -f "$RUNS/$domain.work/datastore.safetensors" ] && knn=(--datastore "$RUNS/$domain.work/datastore.safetensors")
   echo "== $name: load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/run.txt"

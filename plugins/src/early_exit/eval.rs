@@ -1,24 +1,25 @@
 //! What early exit buys and costs on held-out prompts (what `server eval early-exit` runs),
 //! greedy, against the full model in the same run:
 //!
-//! - speed: decode tokens/s of free-running generation with the plug-in at each threshold
-//!   over the base's, `batch` prompts at a time, configurations interleaved per repetition;
+//! - speed: decode tokens/s (prefill steps excluded, every answer run to `max_new_tokens` so
+//!   each configuration does the same work but for its exits) with the plug-in at each
+//!   threshold over the base's, `batch` prompts at a time, configurations interleaved per
+//!   repetition;
 //! - agreement, teacher-forced: along the base's own greedy answer, at every decode position,
 //!   whether the early-exit step picks the base's next token; with where tokens left;
 //! - drift, free-running: the share of answers identical to the base's and the full model's
 //!   perplexity of the early-exit answers against that of its own.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use models::{BatchRow, HookCall, Llama, LogitsWanted};
 use serde::Serialize;
 use serde_json::{json, Map};
 
-use super::generate::greedy;
+use super::generate::timed_greedy;
 use super::{EarlyExit, ExitCounts};
 use crate::plugin::Plugin;
-use crate::train::{Progress, Result};
+use crate::train::{Progress, Quiet, Result};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalOptions {
@@ -84,20 +85,24 @@ pub fn evaluate(
         for (b, &batch) in opts.batches.iter().enumerate() {
             for c in 0..configs {
                 let hooks: &[HookCall] = &chains[c];
-                let start = Instant::now();
-                let out = greedy(
+                // Every answer runs to max_new_tokens, so each configuration does the same
+                // work but for its exits; answers are cut at a stop token below.
+                let g = timed_greedy(
                     model,
                     prompts,
                     hooks,
                     opts.max_new_tokens,
-                    stop,
+                    &[],
                     batch,
-                    &mut crate::train::Quiet,
+                    &mut Quiet,
                 )?;
-                let tokens: usize = out.iter().map(Vec::len).sum();
-                times[c][b].push(tokens as f64 / start.elapsed().as_secs_f64());
+                times[c][b].push(g.decode_tokens() as f64 / g.decode_seconds.max(1e-9));
                 if b == 0 {
-                    answers[c] = out;
+                    answers[c] = g
+                        .outputs
+                        .into_iter()
+                        .map(|o| cut_at_stop(o, stop))
+                        .collect();
                 }
                 progress.advance(1);
             }
@@ -157,6 +162,14 @@ fn chain(plugin: &Arc<EarlyExit>, threshold: f32) -> Result<Vec<HookCall>> {
     let hook: Arc<dyn Plugin> = plugin.clone();
     let p = hook.request_params(&params)?;
     Ok(vec![HookCall::new(hook, p)])
+}
+
+/// `output` up to and including its first stop token.
+fn cut_at_stop(mut output: Vec<u32>, stop: &[u32]) -> Vec<u32> {
+    if let Some(i) = output.iter().position(|t| stop.contains(t)) {
+        output.truncate(i + 1);
+    }
+    output
 }
 
 fn median(v: &[f64]) -> f64 {

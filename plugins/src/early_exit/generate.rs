@@ -1,6 +1,8 @@
 //! Greedy decoding on the serving model, several prompts per step: the trainer's source of
 //! the model's own outputs, and the evaluation's generation with and without early exit.
 
+use std::time::Instant;
+
 use models::{BatchRow, HookCall, Llama, LogitsWanted};
 
 use crate::train::{Progress, Result};
@@ -17,12 +19,45 @@ pub fn greedy(
     batch: usize,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Vec<u32>>> {
-    let mut outputs = Vec::with_capacity(prompts.len());
+    Ok(timed_greedy(model, prompts, hooks, max_new, stop, batch, progress)?.outputs)
+}
+
+/// Greedy outputs and the time their decode steps took.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub outputs: Vec<Vec<u32>>,
+    /// Seconds in decode steps: every step after each batch's prefill.
+    pub decode_seconds: f64,
+}
+
+impl Generation {
+    /// Tokens that decode steps produced (the first of each output is the prefill's).
+    pub fn decode_tokens(&self) -> usize {
+        self.outputs.iter().map(|o| o.len().saturating_sub(1)).sum()
+    }
+}
+
+/// [`greedy`], timing the decode steps apart from the prefills.
+pub fn timed_greedy(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    hooks: &[HookCall],
+    max_new: usize,
+    stop: &[u32],
+    batch: usize,
+    progress: &mut dyn Progress,
+) -> Result<Generation> {
+    let mut generation = Generation {
+        outputs: Vec::with_capacity(prompts.len()),
+        decode_seconds: 0.0,
+    };
     for chunk in prompts.chunks(batch.max(1)) {
-        outputs.extend(greedy_batch(model, chunk, hooks, max_new, stop)?);
+        let (outputs, seconds) = greedy_batch(model, chunk, hooks, max_new, stop)?;
+        generation.outputs.extend(outputs);
+        generation.decode_seconds += seconds;
         progress.advance(chunk.len());
     }
-    Ok(outputs)
+    Ok(generation)
 }
 
 fn greedy_batch(
@@ -31,7 +66,7 @@ fn greedy_batch(
     hooks: &[HookCall],
     max_new: usize,
     stop: &[u32],
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<(Vec<Vec<u32>>, f64)> {
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
@@ -39,6 +74,7 @@ fn greedy_batch(
         0 => Vec::new(),
         _ => (0..prompts.len()).collect(),
     };
+    let mut decode_start = None;
     while !active.is_empty() {
         let mut rows: Vec<BatchRow<'_>> = Vec::with_capacity(active.len());
         for (i, cache) in caches.iter_mut().enumerate() {
@@ -65,8 +101,10 @@ fn greedy_batch(
             }
         }
         active = still;
+        decode_start.get_or_insert_with(Instant::now);
     }
-    Ok(outputs)
+    let seconds = decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    Ok((outputs, seconds))
 }
 
 #[cfg(test)]
