@@ -213,7 +213,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative)"
+            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative, early_exit)"
         );
         assert!(serde_json::from_value::<PluginKind>(serde_json::json!(3)).is_err());
     }

@@ -36,8 +36,10 @@ pub struct EarlyExitArgs {
     /// Prompts used (shuffled with --seed)
     #[arg(long, default_value_t = 32)]
     limit: usize,
+    /// Seed of the prompt shuffle
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Greedy tokens per answer (timed runs ignore the end of turn and run to it)
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// Predictor thresholds to sweep, comma-separated

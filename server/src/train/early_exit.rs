@@ -57,6 +57,7 @@ pub struct EarlyExitArgs {
     /// Passes over the examples (Adam, batches of 1,024)
     #[arg(long, default_value_t = 100)]
     epochs: usize,
+    /// Adam learning rate of the predictors
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Default predictor threshold, written to config.json
