@@ -68,6 +68,7 @@ pub(crate) fn plan<'a>(
                     group: HookGroup {
                         rows: vec![hook_row],
                         lengths: vec![lengths[slot]],
+                        step_rows: active.len(),
                     },
                     slots: vec![slot],
                     index: None,

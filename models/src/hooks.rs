@@ -146,6 +146,9 @@ impl HookRow<'_> {
 pub struct HookGroup<'a> {
     pub rows: Vec<HookRow<'a>>,
     pub lengths: Vec<usize>,
+    /// Rows the step is running at this point, with and without this hook (rows that left
+    /// early no longer count): what a hook whose cost depends on the batch can decide by.
+    pub step_rows: usize,
 }
 
 impl HookGroup<'_> {

@@ -83,6 +83,7 @@ fn exit_at(c: &ModelConfig, fire: usize, row: [u32; 2]) -> EarlyExit {
         lookup_max: 1,
         hidden_units: 1,
         threshold: 0.5,
+        max_batch_rows: 8,
     };
     EarlyExit::new(&format!("exit{fire}"), config, predictors, table, &base(c)).unwrap()
 }
@@ -219,6 +220,57 @@ fn rows_leaving_at_different_layers_share_a_step_and_get_what_they_get_alone() {
 }
 
 #[test]
+fn no_token_leaves_a_step_running_more_rows_than_the_file_allows() {
+    let c = config();
+    let m = model(&c);
+    let t = top(&decode(&cut(&c, 2), &[]).0);
+    let mut one = exit_at(&c, 1, [t, 0]);
+    let mut config = one.config().clone();
+    config.max_batch_rows = 1;
+    let table = one.table().clone();
+    let predictors = [1, 2, 3]
+        .map(|l| (l, one.predictor(l).unwrap().clone()))
+        .into();
+    one = EarlyExit::new("one", config, predictors, table, &base(&c)).unwrap();
+    let plugin = Arc::new(one);
+    let hooks = shared_chain(&plugin);
+    // Alone the token leaves at layer 1.
+    let (alone, _) = decode(&m, &hooks);
+    assert!(max_diff(&alone, &decode(&cut(&c, 2), &[]).0) < 1e-5);
+    // Beside a row without the plug-in the step runs two rows: it goes the whole depth.
+    let mut caches = [m.new_cache(), m.new_cache()];
+    for cache in caches.iter_mut() {
+        step(&m, cache, &PROMPT, &hooks);
+    }
+    let next = [NEXT];
+    let [a, b] = &mut caches;
+    let mut rows = [
+        BatchRow {
+            seq_id: 0,
+            tokens: &next,
+            cache: a,
+            hooks: &hooks,
+            logits: LogitsWanted::Last,
+        },
+        BatchRow {
+            seq_id: 1,
+            tokens: &next,
+            cache: b,
+            hooks: &[],
+            logits: LogitsWanted::Last,
+        },
+    ];
+    let out = m.forward(&mut rows).unwrap();
+    let full = decode(&m, &[]).0;
+    assert!(max_diff(out[0].as_ref().unwrap(), &full) < 1e-5);
+    assert_eq!(
+        plugin.counts().exits[1],
+        1,
+        "only the lone step let it leave"
+    );
+}
+
+#[test]
 fn files_round_trip_and_bad_ones_are_refused_naming_the_fault() {
     let c = config();
     let dir = tempfile::tempdir().unwrap();
@@ -317,6 +369,7 @@ fn training_on_a_tiny_model_writes_a_plugin_that_loads_and_reports_its_exits() {
         epochs: 20,
         lr: 1e-2,
         threshold: 0.5,
+        max_batch_rows: 1,
         seed: 7,
     };
     let (plugin, report) =

@@ -42,6 +42,15 @@ pub struct EarlyExitConfig {
     /// Predictor probability above which a layer's top token is checked, when a request
     /// names none.
     pub threshold: f32,
+    /// Tokens may leave only in steps running at most this many rows: with more, a row that
+    /// leaves costs more (its own LM-head check, a repacked batch, its keys and values
+    /// projected alone) than the layers it skips (docs/BENCHMARKS.md, "Early exit").
+    #[serde(default = "one")]
+    pub max_batch_rows: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl EarlyExitConfig {
@@ -86,8 +95,13 @@ impl EarlyExitConfig {
         if !(1..=16).contains(&self.draft_tokens) || !(1..=MAX_LOOKUP).contains(&self.lookup_max) {
             return bad("draft_tokens and lookup_max must lie within [1, 16]".into());
         }
-        if self.hidden_units == 0 || !(self.threshold > 0.0 && self.threshold <= 1.0) {
-            return bad("hidden_units must be positive and threshold within (0, 1]".into());
+        if self.hidden_units == 0
+            || self.max_batch_rows == 0
+            || !(self.threshold > 0.0 && self.threshold <= 1.0)
+        {
+            return bad(
+                "hidden_units and max_batch_rows must be positive, threshold within (0, 1]".into(),
+            );
         }
         Ok(())
     }

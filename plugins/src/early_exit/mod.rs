@@ -447,7 +447,9 @@ impl Hook for EarlyExit {
         head: &OutputHead<'_>,
     ) -> models::Result<Option<Vec<Exit>>> {
         let first = self.config.layers[0].saturating_sub(1);
-        if layer < first || layer > self.config.layers[self.config.layers.len() - 1] + 1 {
+        let last = self.config.layers[self.config.layers.len() - 1] + 1;
+        // A step only shrinks as rows leave, so a step too big to exit never opened a check.
+        if layer < first || layer > last || group.step_rows > self.config.max_batch_rows {
             return Ok(None);
         }
         let mut exits = Vec::with_capacity(group.rows.len());

@@ -51,6 +51,8 @@ pub struct TrainOptions {
     pub lr: f64,
     /// The default threshold written to the file and used for the report.
     pub threshold: f32,
+    /// Written to the file: the most rows a step may run for tokens to leave it.
+    pub max_batch_rows: usize,
     pub seed: u64,
 }
 
@@ -141,6 +143,7 @@ pub fn train(
         lookup_max: opts.lookup_max,
         hidden_units: opts.hidden_units,
         threshold: opts.threshold,
+        max_batch_rows: opts.max_batch_rows,
     };
     let shipped = DraftTable::learn(outputs.iter().map(Vec::as_slice), vocab, opts.draft_tokens);
     let plugin = EarlyExit::new(name, config, predictors, shipped, base)?;
@@ -385,6 +388,7 @@ mod tests {
             epochs: 60,
             lr: 1e-2,
             threshold: 0.5,
+            max_batch_rows: 1,
             seed: 1,
         };
         // Label: the second feature (offset 100, scale 50) above 100; the others are noise.

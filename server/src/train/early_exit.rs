@@ -63,6 +63,10 @@ pub struct EarlyExitArgs {
     /// Default predictor threshold, written to config.json
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
+    /// Tokens may leave only in steps running at most this many rows (written to
+    /// config.json): with more, an exit costs more than it saves on the default model
+    #[arg(long, default_value_t = 1)]
+    max_batch_rows: usize,
     /// Seed of the prompt shuffle and the predictors' initialisation
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -98,6 +102,7 @@ pub fn run(args: EarlyExitArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         lr: args.lr,
         threshold: args.threshold,
+        max_batch_rows: args.max_batch_rows,
         seed: args.seed,
     };
     let mut progress = BarProgress::new(None)?;
