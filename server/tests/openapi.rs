@@ -208,10 +208,16 @@ fn errors_list_the_codes_of_their_status_with_retry_after_on_429() {
     assert!(chat["400"]["headers"].get("retry-after").is_none());
     let ok = &chat["200"]["content"];
     assert!(ok["application/json"]["schema"]["$ref"].is_string());
+    // Each event, as clients and schemathesis parse the stream ({data, event}), not a string.
+    let event = &ok["text/event-stream"]["schema"];
     assert!(
-        ok["text/event-stream"].is_object(),
-        "streams are documented"
+        event["$ref"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/SseEvent")),
+        "{event}"
     );
+    let sse = &doc["components"]["schemas"]["SseEvent"];
+    assert_eq!(sse["required"], serde_json::json!(["data"]), "{sse}");
 }
 
 #[test]

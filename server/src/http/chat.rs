@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::{chat_entry, TokenNames};
-use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs};
+use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
@@ -38,7 +38,7 @@ use models::chat_template::RenderOptions;
     request_body = ChatRequest,
     responses((status = 200, description = "The completion, or its chunks with `stream`", content(
         (ChatCompletion = "application/json"),
-        (String = "text/event-stream"),
+        (SseEvent = "text/event-stream"),
     ))),
 )]
 pub async fn chat_completions(

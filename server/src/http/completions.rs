@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
 use super::logprobs::{LegacyLogprobs, TokenNames};
-use super::replies::{TextChoice, TextCompletion};
+use super::replies::{SseEvent, TextChoice, TextCompletion};
 use super::selection::{select_for_generation, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
 use super::stream::{sse_response, ChunkFormat, Envelope};
@@ -58,7 +58,7 @@ pub(super) struct Shape {
     request_body = CompletionRequest,
     responses((status = 200, description = "The completion, or its chunks with `stream`", content(
         (TextCompletion = "application/json"),
-        (String = "text/event-stream"),
+        (SseEvent = "text/event-stream"),
     ))),
 )]
 pub async fn completions(

@@ -311,6 +311,17 @@ pub struct Live {
     pub status: &'static str,
 }
 
+/// One server-sent event of a streamed reply, as the `text/event-stream` content is parsed
+/// into events: `data` holds a JSON chunk (`ChatCompletionChunk` or `TextCompletionChunk`), an
+/// `ErrorBody` if generation fails half-way, or `[DONE]` last. Only documented: the stream is
+/// written as text.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct SseEvent {
+    pub data: String,
+    /// Absent: the default `message`.
+    pub event: Option<String>,
+}
+
 /// Every error reply, and the error event of a stream that fails half-way.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ErrorBody {
