@@ -39,7 +39,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use models::hooks::{HookParams, HookPoints};
-use models::{Exit, Hook, HookGroup, HookRow, HookState, OutputHead};
+use models::{Exit, Hook, HookGroup, HookRow, HookState, LogitsWanted, OutputHead};
 use serde_json::{Map, Value};
 
 pub use config::{EarlyExitConfig, CONFIG_FILE, TYPE, WEIGHTS_FILE};
@@ -455,9 +455,12 @@ impl Hook for EarlyExit {
         let mut exits = Vec::with_capacity(group.rows.len());
         let mut offset = 0;
         for (row, &len) in group.rows.iter().zip(&group.lengths) {
-            exits.push(match len {
-                1 => self.decide(layer, row, &h.narrow(0, offset, 1)?, head)?,
-                _ => Exit::Stay,
+            // One token that wants its logits: a decode step (or a one-token last prompt chunk,
+            // indistinguishable here); a middle prompt chunk of one token never leaves.
+            let decoding = len == 1 && row.logits != LogitsWanted::None;
+            exits.push(match decoding {
+                true => self.decide(layer, row, &h.narrow(0, offset, 1)?, head)?,
+                false => Exit::Stay,
             });
             offset += len;
         }
