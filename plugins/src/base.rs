@@ -57,3 +57,27 @@ impl BaseIdentity {
         }
     }
 }
+
+/// Checks a plug-in file's `type` and the base model it says it was made for: the part of
+/// every config check that is the same for each kind.
+pub fn check_made_for(
+    name: &str,
+    file_type: &str,
+    expected_type: &str,
+    made_for: &BaseIdentity,
+    base: &BaseModel,
+) -> crate::error::Result<()> {
+    let bad = |m: String| Err(crate::error::PluginError::incompatible(name, m));
+    if file_type != expected_type {
+        return bad(format!(
+            "config.json type is `{file_type}`, not `{expected_type}`"
+        ));
+    }
+    let expected = BaseIdentity::of(base);
+    if *made_for != expected {
+        return bad(format!(
+            "made for {made_for:?}, the base model is {expected:?}"
+        ));
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::base::BaseIdentity;
-use crate::base::BaseModel;
+use crate::base::{check_made_for, BaseModel};
 use crate::error::{PluginError, Result};
 
 pub const TYPE: &str = "steering_controller";
@@ -42,17 +42,9 @@ impl ControllerConfig {
 
     /// Checks the config against itself and against the base model.
     pub fn check(&self, name: &str, base: &BaseModel) -> Result<()> {
+        check_made_for(name, &self.kind, TYPE, &self.base_model, base)?;
         let bad = |m: String| Err(PluginError::incompatible(name, m));
-        if self.kind != TYPE {
-            return bad(format!("config.json type is `{}`, not `{TYPE}`", self.kind));
-        }
-        let expected = BaseIdentity::of(base);
-        if self.base_model != expected {
-            return bad(format!(
-                "made for {:?}, the base model is {expected:?}",
-                self.base_model
-            ));
-        }
+        let expected = &self.base_model;
         let last_input = self.input_layers.iter().copied().max();
         let (first, last) = self.steered_layers;
         let sorted = self.input_layers.windows(2).all(|w| w[0] < w[1]);

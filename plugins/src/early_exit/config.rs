@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::{BaseIdentity, BaseModel};
+use crate::base::{check_made_for, BaseIdentity, BaseModel};
 use crate::error::{PluginError, Result};
 
 pub const TYPE: &str = "early_exit";
@@ -65,17 +65,9 @@ impl EarlyExitConfig {
 
     /// Checks the config against itself and against the base model.
     pub fn check(&self, name: &str, base: &BaseModel) -> Result<()> {
+        check_made_for(name, &self.kind, TYPE, &self.base_model, base)?;
         let bad = |m: String| Err(PluginError::incompatible(name, m));
-        if self.kind != TYPE {
-            return bad(format!("config.json type is `{}`, not `{TYPE}`", self.kind));
-        }
-        let expected = BaseIdentity::of(base);
-        if self.base_model != expected {
-            return bad(format!(
-                "made for {:?}, the base model is {expected:?}",
-                self.base_model
-            ));
-        }
+        let expected = &self.base_model;
         let top = expected.num_layers.saturating_sub(3);
         let ascending = |l: &[usize]| l.windows(2).all(|w| w[0] < w[1]);
         if self.layers.is_empty() || !ascending(&self.layers) {
