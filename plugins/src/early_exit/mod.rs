@@ -243,8 +243,7 @@ impl EarlyExit {
 
     /// Whether layer `l`'s predictor runs for a row whose last tokens left at `recent`.
     fn scheduled(&self, l: usize, recent: &std::collections::VecDeque<usize>) -> bool {
-        self.config.offline_layers.contains(&l)
-            || recent.iter().any(|&e| l == e || l + 2 == e || l == e + 2)
+        state::scheduled(l, &self.config.offline_layers, recent)
     }
 
     /// Called for a row again in the step of its check: the check found its top token

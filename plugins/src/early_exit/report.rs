@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use serde::Serialize;
 
 use super::predictor::Predictor;
-use super::state::RECENT;
+use super::state;
 use super::train::TokenExamples;
 
 /// Share of the all-layers exits the offline schedule keeps.
@@ -126,7 +126,7 @@ pub fn offline_layers(histogram: &[usize]) -> Vec<usize> {
 
 /// Runs the exit rule over each sequence's tokens in order: at a scheduled layer (every
 /// layer when `offline` is `None`, else offline ∪ the online neighbours of the last
-/// [`RECENT`] exits) a token leaves when its predictor fires and the layer's top token is a
+/// [`state::RECENT`] exits) a token leaves when its predictor fires and the layer's top token is a
 /// candidate, which is the full model's token when the layer's label says so.
 pub fn simulate(
     sequences: &[Vec<TokenExamples>],
@@ -142,12 +142,7 @@ pub fn simulate(
     for seq in sequences {
         let mut recent: VecDeque<usize> = VecDeque::new();
         for t in seq {
-            let scheduled = |l: usize| match offline {
-                None => true,
-                Some(o) => {
-                    o.contains(&l) || recent.iter().any(|&e| l == e || l + 2 == e || l == e + 2)
-                }
-            };
+            let scheduled = |l: usize| offline.is_none_or(|o| state::scheduled(l, o, &recent));
             let exit = layers.iter().enumerate().find(|&(i, &l)| {
                 scheduled(l) && t.top_in[i] && predictors[i].probability(&t.features[i]) > threshold
             });
@@ -162,10 +157,7 @@ pub fn simulate(
                 exits += 1;
                 histogram[layer] += 1;
             }
-            recent.push_back(layer);
-            if recent.len() > RECENT {
-                recent.pop_front();
-            }
+            state::remember(&mut recent, layer);
         }
     }
     let share = |k: usize| k as f64 / tokens.max(1) as f64;

@@ -38,12 +38,23 @@ impl ExitState {
     /// did not).
     pub fn settle(&mut self, last_layer: usize) {
         if let Some(step) = self.step.take() {
-            self.recent.push_back(step.checked_at.unwrap_or(last_layer));
-            while self.recent.len() > RECENT {
-                self.recent.pop_front();
-            }
+            remember(&mut self.recent, step.checked_at.unwrap_or(last_layer));
         }
     }
+}
+
+/// Adds a token's exit layer to the last [`RECENT`] ones.
+pub fn remember(recent: &mut VecDeque<usize>, layer: usize) {
+    recent.push_back(layer);
+    while recent.len() > RECENT {
+        recent.pop_front();
+    }
+}
+
+/// SpecEE's schedule: layer `l`'s predictor runs when `l` is an offline layer or within
+/// `{e-2, e, e+2}` of the exit layer `e` of one of the last tokens.
+pub fn scheduled(l: usize, offline: &[usize], recent: &VecDeque<usize>) -> bool {
+    offline.contains(&l) || recent.iter().any(|&e| l == e || l + 2 == e || l == e + 2)
 }
 
 impl HookState for ExitState {
