@@ -16,7 +16,7 @@ use models::{BatchRow, HookCall, Llama, LogitsWanted};
 use serde::Serialize;
 use serde_json::{json, Map};
 
-use super::generate::timed_greedy;
+use super::generate::greedy;
 use super::{EarlyExit, ExitCounts};
 use crate::plugin::Plugin;
 use crate::train::{Progress, Quiet, Result};
@@ -87,7 +87,7 @@ pub fn evaluate(
                 let hooks: &[HookCall] = &chains[c];
                 // Every answer runs to max_new_tokens, so each configuration does the same
                 // work but for its exits; answers are cut at a stop token below.
-                let g = timed_greedy(
+                let g = greedy(
                     model,
                     prompts,
                     hooks,

@@ -7,21 +7,6 @@ use models::{BatchRow, HookCall, Llama, LogitsWanted};
 
 use crate::train::{Progress, Result};
 
-/// The greedy continuation of each prompt, at most `max_new` tokens, stopping after any of
-/// `stop` (kept in the output), `batch` prompts decoding together, every row with the chain
-/// `hooks`. Progress: one unit per prompt finished.
-pub fn greedy(
-    model: &Llama,
-    prompts: &[Vec<u32>],
-    hooks: &[HookCall],
-    max_new: usize,
-    stop: &[u32],
-    batch: usize,
-    progress: &mut dyn Progress,
-) -> Result<Vec<Vec<u32>>> {
-    Ok(timed_greedy(model, prompts, hooks, max_new, stop, batch, progress)?.outputs)
-}
-
 /// Greedy outputs and the time their decode steps took.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -37,8 +22,11 @@ impl Generation {
     }
 }
 
-/// [`greedy`], timing the decode steps apart from the prefills.
-pub fn timed_greedy(
+/// The greedy continuation of each prompt, at most `max_new` tokens, stopping after any of
+/// `stop` (kept in the output), `batch` prompts decoding together, every row with the chain
+/// `hooks`, with the time the decode steps took apart from the prefills. Progress: one unit
+/// per prompt finished.
+pub fn greedy(
     model: &Llama,
     prompts: &[Vec<u32>],
     hooks: &[HookCall],
@@ -121,13 +109,19 @@ mod tests {
             .build(128)
             .unwrap();
         let prompts = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]];
-        let together = greedy(&m, &prompts, &[], 6, &[], 3, &mut Quiet).unwrap();
-        let alone = greedy(&m, &prompts, &[], 6, &[], 1, &mut Quiet).unwrap();
+        let together = greedy(&m, &prompts, &[], 6, &[], 3, &mut Quiet)
+            .unwrap()
+            .outputs;
+        let alone = greedy(&m, &prompts, &[], 6, &[], 1, &mut Quiet)
+            .unwrap()
+            .outputs;
         assert_eq!(together, alone);
         assert!(together.iter().all(|o| o.len() == 6));
         // Stopping at a token the first output holds cuts it there, stop token included.
         let stop = together[0][2];
-        let cut = greedy(&m, &prompts[..1], &[], 6, &[stop], 1, &mut Quiet).unwrap();
+        let cut = greedy(&m, &prompts[..1], &[], 6, &[stop], 1, &mut Quiet)
+            .unwrap()
+            .outputs;
         let first = together[0].iter().position(|&t| t == stop).unwrap();
         assert_eq!(cut[0], together[0][..=first]);
     }

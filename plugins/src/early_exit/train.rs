@@ -97,7 +97,8 @@ pub fn train(
         stop,
         opts.batch,
         progress,
-    )?;
+    )?
+    .outputs;
     let vocab = base.config.vocab_size;
     let half = prompts.len() / 2;
     let table = DraftTable::learn(
