@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
 use models::HookCall;
 use plugins::early_exit::eval::{evaluate, EvalOptions, EvalReport};
@@ -13,10 +12,10 @@ use plugins::early_exit::EarlyExit;
 use plugins::files::PluginFiles;
 use plugins::lora::LoraAdapter;
 use plugins::train::prompts::{chat_ids_all, read_prompts};
-use plugins::{BaseModel, Plugin};
+use plugins::Plugin;
 
 use super::svg::{line_chart, Series};
-use crate::train::args::{load_model, model_path, BarProgress};
+use crate::train::args::{load_model, model_path, offline_base, BarProgress};
 
 #[derive(Debug, Args)]
 pub struct EarlyExitArgs {
@@ -86,12 +85,7 @@ pub fn run(args: EarlyExitArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let loaded = load_model(&model_path(&args.model)?, 2048)?;
-    let base = BaseModel {
-        id: String::new(),
-        config: loaded.model.config.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-    };
+    let base = offline_base(&loaded);
     let plugin = Arc::new(EarlyExit::load(
         "early-exit",
         &args.plugin,

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::Args;
 use models::sampling::SamplingParams;
 use plugins::controller::eval::{
@@ -23,7 +22,7 @@ use plugins::{BaseModel, Plugin};
 use serde_json::{json, Value};
 
 use super::svg::{line_chart, Series};
-use crate::train::args::{load_model, model_path, parse_range, progress_bar};
+use crate::train::args::{load_model, model_path, offline_base, parse_range, progress_bar};
 use indicatif::ProgressBar;
 use server::engine::{Engine, EngineConfig, Event, GenerateRequest, OutputRules, RealEngine};
 
@@ -81,12 +80,7 @@ pub struct RefusalArgs {
 pub fn run(args: RefusalArgs) -> anyhow::Result<()> {
     let path = model_path(&args.model)?;
     let scoring = load_model(&path, 2048)?;
-    let base = BaseModel {
-        id: String::new(),
-        config: scoring.model.config.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-    };
+    let base = offline_base(&scoring);
     let candidates = candidates(&args, &base)?;
     let harmful = chat_ids_all(
         &scoring,

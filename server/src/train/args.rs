@@ -201,6 +201,17 @@ pub fn load_model(path: &Path, max_positions: usize) -> anyhow::Result<LoadedMod
         .with_context(|| format!("cannot load the model at {}", path.display()))
 }
 
+/// What plug-ins loaded by an offline command are checked against: the loaded model's shapes
+/// on the CPU (no served id, no tokenizer identity to compare).
+pub fn offline_base(loaded: &LoadedModel) -> plugins::BaseModel {
+    plugins::BaseModel {
+        id: String::new(),
+        config: loaded.model.config.clone(),
+        device: Device::Cpu,
+        tokenizer_hash: None,
+    }
+}
+
 /// `a-b` or `a..b` (inclusive) into `(a, b)`.
 pub fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
     let (a, b) = s

@@ -6,16 +6,14 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::Args;
 use plugins::controller::eval::refusal_token_ids;
 use plugins::controller::recipe::{fit, Recipe};
 use plugins::controller::train::TrainOptions;
 use plugins::controller::{BaseIdentity, ControllerConfig, TYPE};
 use plugins::train::prompts::read_prompts;
-use plugins::BaseModel;
 
-use super::args::{load_model, model_path, parse_range, BarProgress};
+use super::args::{load_model, model_path, offline_base, parse_range, BarProgress};
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -99,12 +97,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let steered = parse_range(&args.steered_layers)?;
     let path = model_path(&args.model)?;
     let loaded = load_model(&path, 1024)?;
-    let base = BaseModel {
-        id: String::new(),
-        config: loaded.model.config.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-    };
+    let base = offline_base(&loaded);
     let config = ControllerConfig {
         kind: TYPE.into(),
         base_model: BaseIdentity::of(&base),

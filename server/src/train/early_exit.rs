@@ -6,14 +6,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::Args;
 use plugins::early_exit::report::Report;
 use plugins::early_exit::train::{train, TrainOptions};
 use plugins::train::prompts::{chat_ids_all, read_prompts};
-use plugins::BaseModel;
 
-use super::args::{check_out_dir, load_model, model_path, BarProgress};
+use super::args::{check_out_dir, load_model, model_path, offline_base, BarProgress};
 use crate::eval::svg::{line_chart, Series};
 
 #[derive(Debug, Args)]
@@ -76,12 +74,7 @@ pub fn run(args: EarlyExitArgs) -> anyhow::Result<()> {
     check_out_dir(&args.out, args.overwrite)?;
     let loaded = load_model(&model_path(&args.model)?, 2048)?;
     let config = &loaded.model.config;
-    let base = BaseModel {
-        id: String::new(),
-        config: config.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-    };
+    let base = offline_base(&loaded);
     let prompts = read_prompts(&args.prompts, args.limit, args.seed)
         .with_context(|| "pass --prompts FILE (e.g. shared/data/refusal/harmless_train.json)")?;
     if prompts.len() < 4 {
