@@ -402,6 +402,9 @@ fn hook_error(hook: &str, message: String) -> ModelError {
     }
 }
 
+/// `(batch row, entries)`: how many logit positions a row has in a stacked logits tensor.
+type RowEntries = (usize, usize);
+
 /// A row that left the layer stack early, with its hidden states at the exit layer.
 struct Exited {
     row: usize,
@@ -701,58 +704,12 @@ impl<'a> Step<'a> {
         batch: &[BatchRow<'_>],
         x: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
-        let mut wanted = Vec::new(); // (batch row, entries)
-        let mut done: Vec<Option<Tensor>> = Vec::new();
-        let (mut hidden, mut hidden_rows, mut hidden_lengths) =
-            (Vec::new(), Vec::new(), Vec::new());
-        for (r, row) in batch.iter().enumerate() {
-            let offsets = row.logit_offsets();
-            if offsets.is_empty() {
-                continue;
-            }
-            wanted.push((r, offsets.len()));
-            let checked = self.exited.iter().find(|e| e.row == r);
-            match checked.and_then(|e| e.last_logits.as_ref()) {
-                Some(l) if offsets.start + 1 == row.tokens.len() => done.push(Some(l.clone())),
-                _ => {
-                    done.push(None);
-                    hidden.push(self.final_hidden(r, x)?.narrow(
-                        0,
-                        offsets.start,
-                        offsets.len(),
-                    )?);
-                    hidden_rows.push(r);
-                    hidden_lengths.push(offsets.len());
-                }
-            }
-        }
         let mut out: Vec<Option<Tensor>> = vec![None; batch.len()];
-        if wanted.is_empty() {
+        let Some((wanted, mut logits)) = self.head_logits(model, batch, x)? else {
             return Ok(out);
-        }
-        let computed = match hidden.len() {
-            0 => None,
-            _ => {
-                let h = cat(hidden)?;
-                let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
-                Some(self.lm_head(model, &hidden_rows, &hidden_lengths, &h)?)
-            }
         };
-        let mut parts = Vec::with_capacity(wanted.len());
-        let mut offset = 0;
-        for (d, &(_, len)) in done.into_iter().zip(&wanted) {
-            parts.push(match (d, &computed) {
-                (Some(l), _) => l,
-                (None, Some(c)) => {
-                    offset += len;
-                    c.narrow(0, offset - len, len)?
-                }
-                (None, None) => return Err(ModelError::Batch("logits lost a row".into())),
-            });
-        }
         let rows: Vec<usize> = wanted.iter().map(|w| w.0).collect();
         let lengths: Vec<usize> = wanted.iter().map(|w| w.1).collect();
-        let mut logits = cat(parts)?;
         for g in plan(self.rows, &rows, &lengths, |p| p.logits, &self.device)? {
             let old = g.gather(&logits)?;
             if let Some(new) = g.hook.logits(&g.group, &old)? {
@@ -765,6 +722,63 @@ impl<'a> Step<'a> {
             offset += len;
         }
         Ok(out)
+    }
+
+    /// The LM head's logits of every wanted position, stacked in row order, with
+    /// `(batch row, entries)` per row that wants any; `None` when none does. A row whose
+    /// exit check computed its one wanted position's logits keeps them.
+    fn head_logits(
+        &self,
+        model: &Llama,
+        batch: &[BatchRow<'_>],
+        x: &Tensor,
+    ) -> Result<Option<(Vec<RowEntries>, Tensor)>> {
+        let mut wanted = Vec::new();
+        let mut checked: Vec<Option<Tensor>> = Vec::new();
+        let (mut hidden, mut hidden_rows, mut hidden_lengths) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for (r, row) in batch.iter().enumerate() {
+            let offsets = row.logit_offsets();
+            if offsets.is_empty() {
+                continue;
+            }
+            wanted.push((r, offsets.len()));
+            let exit = self.exited.iter().find(|e| e.row == r);
+            match exit.and_then(|e| e.last_logits.as_ref()) {
+                Some(l) if offsets.start + 1 == row.tokens.len() => checked.push(Some(l.clone())),
+                _ => {
+                    checked.push(None);
+                    let h = self.final_hidden(r, x)?;
+                    hidden.push(h.narrow(0, offsets.start, offsets.len())?);
+                    hidden_rows.push(r);
+                    hidden_lengths.push(offsets.len());
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let computed = match hidden.len() {
+            0 => None,
+            _ => {
+                let h = cat(hidden)?;
+                let h = candle_nn::ops::rms_norm(&h, &model.norm, model.config.rms_norm_eps)?;
+                Some(self.lm_head(model, &hidden_rows, &hidden_lengths, &h)?)
+            }
+        };
+        let mut parts = Vec::with_capacity(wanted.len());
+        let mut offset = 0;
+        for (c, &(_, len)) in checked.into_iter().zip(&wanted) {
+            parts.push(match (c, &computed) {
+                (Some(l), _) => l,
+                (None, Some(all)) => {
+                    offset += len;
+                    all.narrow(0, offset - len, len)?
+                }
+                (None, None) => return Err(ModelError::Batch("logits lost a row".into())),
+            });
+        }
+        Ok(Some((wanted, cat(parts)?)))
     }
 
     fn lm_head(
