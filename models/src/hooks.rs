@@ -187,6 +187,15 @@ pub trait Hook: Send + Sync {
         Ok(None)
     }
 
+    /// Whether a prefix cached by another request (its keys and values, and this hook's state
+    /// for it) may serve a request whose chain holds this hook with these parameters: the
+    /// engine's automatic prefix caching reuses a prefix only where every hook of both chains
+    /// agrees (see [`PrefixReuse`]). The default, [`PrefixReuse::Never`], is the safe answer
+    /// for a hook that has not thought about it.
+    fn prefix_reuse(&self, _params: &HookParams) -> PrefixReuse {
+        PrefixReuse::Never
+    }
+
     /// Bytes of state this hook will hold per position of a sequence with these parameters,
     /// an estimate the scheduler adds to the sequence's KV claim before it is admitted (what
     /// the state actually holds is counted from [`HookState::allocated_bytes`] once it runs).
@@ -293,6 +302,30 @@ pub trait Hook: Send + Sync {
     fn draft(&self, _params: &HookParams, _tokens: &[u32], _max: usize) -> Vec<u32> {
         Vec::new()
     }
+}
+
+/// What a hook means for reusing cached prefixes ([`Hook::prefix_reuse`]).
+///
+/// A cached prefix holds what the forward pass left for its positions: every layer's keys and
+/// values, and the state of each hook that keeps one. A request may reuse it only if its own
+/// chain would have left the same: the same hooks (the same loaded objects, so a plug-in
+/// replaced under its name never matches its old prefixes), in the same order, with the same
+/// key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PrefixReuse {
+    /// Changes nothing a prefix holds and keeps no state that depends on it (a drafter, a
+    /// hook on the final logits only): chains with and without it share prefixes.
+    Neutral,
+    /// Prefixes are shared only with chains holding this hook with the same key: whatever of
+    /// the parameters changes keys, values or the hook's state (a LoRA scale, steering
+    /// layers); an empty key when none does (a memory decoder's mixing weight).
+    Keyed(String),
+    /// As [`PrefixReuse::Keyed`], but only the prompt's positions are kept for reuse: the
+    /// hook changes what decode steps leave (an early exit propagates keys and values from
+    /// an intermediate layer), so a later request's prefill of the same tokens would differ.
+    PromptOnly(String),
+    /// No prefix is reused for a request with this hook, nor kept from one.
+    Never,
 }
 
 /// What an early-exit hook decides for one row after a layer.

@@ -16,7 +16,8 @@
 //!
 //! [`KvCache::truncate`] cuts everything (every layer and every plug-in state) back to a
 //! position, as if the later tokens had never been fed: speculative decoding's rejected
-//! drafts. [`KvCache::fork`] copies it for the `n > 1` choices of one request.
+//! drafts. [`KvCache::fork`] copies it for the `n > 1` choices of one request, and
+//! [`KvCache::fork_prefix`] copies its first positions for a request that shares them.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -261,36 +262,74 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|slot| slot.as_ref().map(LayerKv::fork).transpose())
+            .map(|slot| slot.as_ref().map(|l| l.copy(l.len, l.capacity)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        Ok(self.with_contents(layers, self.len, self.plugins.fork()?))
+    }
+
+    /// An independent copy of positions `0..len` only (keys, values, and plug-in state cut
+    /// back to `len`), allocated for just those: what a later request sharing this sequence's
+    /// first `len` tokens starts from (automatic prefix caching). Feeding it the rest of that
+    /// request gives the same bits as feeding the whole request to an empty cache.
+    pub fn fork_prefix(&self, len: usize) -> Result<Self> {
+        let len = len.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| {
+                slot.as_ref()
+                    .map(|l| {
+                        let kept = l.slots_before(len);
+                        l.copy(kept, kept.max(MIN_CAPACITY))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut plugins = self.plugins.fork()?;
+        plugins.truncate(len)?;
+        Ok(self.with_contents(layers, len, plugins))
+    }
+
+    fn with_contents(&self, layers: Vec<Option<LayerKv>>, len: usize, plugins: ChainState) -> Self {
+        Self {
             layers,
-            len: self.len,
+            len,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             dtype: self.dtype,
             device: self.device.clone(),
-            plugins: self.plugins.fork()?,
-        })
+            plugins,
+        }
     }
 }
 
 impl LayerKv {
-    fn fork(&self) -> Result<Self> {
+    /// Committed slots holding positions before `len`.
+    fn slots_before(&self, len: usize) -> usize {
+        match &self.positions {
+            None => self.len.min(len),
+            Some(p) => p[..self.len].partition_point(|&x| (x as usize) < len),
+        }
+    }
+
+    /// A copy of the first `kept` committed slots in new storage of `capacity` slots.
+    fn copy(&self, kept: usize, capacity: usize) -> Result<Self> {
         let copy = |t: &Tensor| -> Result<Tensor> {
-            let all = Tensor::zeros(t.dims(), t.dtype(), t.device())?;
-            if self.len > 0 {
-                all.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            let (heads, _, dim) = t.dims3()?;
+            let all = Tensor::zeros((heads, capacity, dim), t.dtype(), t.device())?;
+            if kept > 0 {
+                all.slice_set(&t.narrow(1, 0, kept)?.contiguous()?, 1, 0)?;
             }
             Ok(all)
         };
+        let positions = self.positions.as_ref().map(|p| p[..kept].to_vec());
         Ok(Self {
             k: copy(&self.k)?,
             v: copy(&self.v)?,
-            capacity: self.capacity,
-            len: self.len,
+            capacity,
+            len: kept,
             pending: 0,
-            positions: self.positions.as_ref().map(|p| p[..self.len].to_vec()),
+            positions: positions.filter(|p| !is_identity(p)),
         })
     }
 }

@@ -33,7 +33,9 @@ pub use batch::{BatchRow, LogitsWanted};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use hook_state::{ChainState, HookState};
-pub use hooks::{Exit, Hook, HookCall, HookGroup, HookPoints, HookRow, KeyBlocks, Projection};
+pub use hooks::{
+    Exit, Hook, HookCall, HookGroup, HookPoints, HookRow, KeyBlocks, PrefixReuse, Projection,
+};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
 pub use output_head::OutputHead;

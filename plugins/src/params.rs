@@ -1,5 +1,9 @@
 //! Helpers plug-ins use to read their per-request parameters with errors naming the field.
 
+use std::fmt::Debug;
+
+use models::hooks::HookParams;
+use models::PrefixReuse;
 use serde_json::{Map, Value};
 
 use crate::error::{PluginError, Result};
@@ -92,6 +96,16 @@ pub(crate) fn layer_range(plugin: &str, v: &Value, layers: usize) -> Result<(usi
     }
 }
 
+/// Prefix reuse keyed by every parameter of type `T` (their `Debug` text, exact for floats):
+/// what a hook declares when any of its parameters changes the keys and values it leaves.
+/// Parameters of another type (never expected) allow no reuse.
+pub(crate) fn reuse_keyed_by<T: Debug + 'static>(params: &HookParams) -> PrefixReuse {
+    match params.downcast_ref::<T>() {
+        Some(p) => PrefixReuse::Keyed(format!("{p:?}")),
+        None => PrefixReuse::Never,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +156,18 @@ mod tests {
             msg.contains("`sclae`") && msg.contains("known: scale"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn prefix_reuse_is_keyed_by_the_exact_parameters() {
+        use crate::lora::LoraParams;
+        let key = |scale: f32| {
+            let params: HookParams = std::sync::Arc::new(LoraParams { scale });
+            reuse_keyed_by::<LoraParams>(&params)
+        };
+        assert_eq!(key(0.5), key(0.5));
+        assert_ne!(key(0.5), key(0.5 + f32::EPSILON));
+        let foreign: HookParams = std::sync::Arc::new(());
+        assert_eq!(reuse_keyed_by::<LoraParams>(&foreign), PrefixReuse::Never);
     }
 }

@@ -129,6 +129,15 @@ pub struct ServeConfig {
         default_value_t = defaults::SPECULATIVE_DISABLE_BY_BATCH_SIZE
     )]
     pub speculative_disable_by_batch_size: usize,
+    /// Keep ended requests' KV caches (within --kv-budget-mib, least recently used evicted
+    /// first) and start later prompts with the same prefix from them; false turns it off
+    #[arg(
+        long,
+        env = "GRAFT_PREFIX_CACHING",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub prefix_caching: bool,
     /// Most requests waiting for a slot; beyond that requests get 429
     #[arg(long, env = "GRAFT_MAX_WAITING", default_value_t = defaults::MAX_WAITING)]
     pub max_waiting: usize,
@@ -226,6 +235,7 @@ impl Default for ServeConfig {
             max_batch_tokens: MAX_BATCH_TOKENS,
             prefill_chunk: PREFILL_CHUNK,
             speculative_disable_by_batch_size: SPECULATIVE_DISABLE_BY_BATCH_SIZE,
+            prefix_caching: true,
             max_waiting: MAX_WAITING,
             kv_budget_mib: KV_BUDGET_MIB,
             max_context: None,

@@ -325,6 +325,7 @@ fn build_engine(
         max_waiting: config.max_waiting,
         kv_budget_bytes: config.kv_budget_bytes(),
         speculation_max_batch: config.speculative_disable_by_batch_size,
+        prefix_caching: config.prefix_caching,
     };
     let engine = Arc::new(server::engine::RealEngine::new(loaded, engine_config)?);
     let stopper = engine.clone();

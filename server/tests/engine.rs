@@ -47,6 +47,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         prompt_logprobs: None,
         hooks: Vec::new(),
         output: OutputRules::default(),
+        cache_prompt: true,
     }
 }
 

@@ -614,6 +614,7 @@ async fn scripted_trailing_text_and_stop_reason_reach_the_client() {
             completion_tokens: 1,
             trailing_text: "!".into(),
             timings: Timings::default(),
+            cached_tokens: 0,
         },
     ];
     let (app, _) = fake_app(FakeConfig {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use common::{chat, post, send};
+use common::{chat, post, send, tokens_and_cached};
 use models::sampling::SamplingParams;
 use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, HookCall, ModelConfig};
@@ -99,6 +99,7 @@ impl Setup {
             prompt_logprobs: None,
             hooks: self.chain(0.5),
             output: OutputRules::default(),
+            cache_prompt: true,
         }
     }
 
@@ -252,5 +253,44 @@ async fn bad_memory_files_are_400s_naming_what_is_wrong() {
             said.iter().all(|w| message.contains(w)),
             "{path}: {message}"
         );
+    }
+}
+
+#[test]
+fn a_cached_prefix_restores_the_memory_cache_and_changes_nothing() {
+    let s = setup();
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = RealEngine::new(
+        tiny_loaded_model_as(plain_dir.path(), SEED, GgmlDType::Q8_0).unwrap(),
+        EngineConfig {
+            prefill_chunk: 4,
+            prefix_caching: false,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let shared = "the memory decoder mixes its own distribution";
+    // (λ, with the memory, prompt tokens expected from the cache): λ only mixes logits, so
+    // memories at any λ share prefixes, which hold the memory's own cache; the base does not.
+    let cases = [
+        (0.5, true, 0),
+        (0.3, true, shared.len() + 1),
+        (0.0, false, 0),
+    ];
+    for (i, (lambda, with_memory, expected)) in cases.into_iter().enumerate() {
+        let request = GenerateRequest {
+            prompt: format!("{shared} {i}")
+                .chars()
+                .map(|c| tiny_char_id(c).unwrap())
+                .collect(),
+            hooks: match with_memory {
+                true => s.chain(lambda),
+                false => Vec::new(),
+            },
+            ..s.request(40 + i as u64, 10)
+        };
+        let (got, cached) = tokens_and_cached(s.engine.submit(request.clone()).unwrap());
+        assert_eq!(cached, expected, "case {i}");
+        assert_eq!(got, tokens(plain.submit(request).unwrap()), "case {i}");
     }
 }

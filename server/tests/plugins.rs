@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use candle_core::Device;
-use common::{chat, get, post, send};
+use common::{chat, get, post, send, tokens_and_cached};
 use models::sampling::SamplingParams;
 use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, HookCall};
@@ -121,6 +121,7 @@ fn request(prompt: &str, temperature: f32, seed: u64, hooks: Vec<HookCall>) -> G
         prompt_logprobs: None,
         hooks,
         output: OutputRules::default(),
+        cache_prompt: true,
     }
 }
 
@@ -724,5 +725,40 @@ async fn malformed_control_vectors_are_400s_naming_the_file_and_the_field() {
             "{message}"
         );
         assert_eq!(e["param"], "path");
+    }
+}
+
+#[test]
+fn a_prefix_is_reused_only_under_the_same_adapters_with_the_same_scales() {
+    let s = Setup::new();
+    let engine = s.engine(s.dir.path());
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = RealEngine::new(
+        tiny_loaded_model(plain_dir.path(), SEED).unwrap(),
+        EngineConfig {
+            prefix_caching: false,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let shared = "the quick brown fox jumps over the lazy dog";
+    let chains: [(&[(&str, f64)], usize); 8] = [
+        (&[], 0),
+        (&[("a0", 1.0)], 0), // the base model's prefix holds other keys and values
+        (&[("a0", 1.0)], shared.len()),
+        (&[("a0", 0.5)], 0),
+        (&[("a1", 1.0)], 0),
+        (&[], shared.len()),
+        (&[("a0", 1.0), ("a1", 1.0)], 0),
+        (&[("a1", 1.0), ("a0", 1.0)], 0), // another order is another model
+    ];
+    for (i, (chain, expected)) in chains.into_iter().enumerate() {
+        let prompt = format!("{shared}{i}");
+        let submit = |e: &RealEngine| {
+            tokens_and_cached(e.submit(request(&prompt, 1.0, 7, s.chain(chain))).unwrap())
+        };
+        let (got, cached) = submit(&engine);
+        assert_eq!(cached, expected, "request {i} {chain:?}");
+        assert_eq!(got, submit(&plain).0, "request {i} {chain:?}");
     }
 }

@@ -147,3 +147,32 @@ fn a_fork_is_an_independent_copy() -> Result<()> {
     assert_eq!(k_orig, vec![0., 0., 1., 1., 2., 2., 74., 74.]);
     Ok(())
 }
+
+#[test]
+fn a_prefix_fork_holds_the_first_positions_and_grows_like_a_fresh_cache() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut cache, &[0, 1], 3, 0.0)?;
+    feed(&mut cache, &[0], 2, 0.0)?; // positions 3 and 4 leave layer 1 out
+    feed(&mut cache, &[0, 1], 2, 0.0)?;
+    let mut prefix = cache.fork_prefix(4)?;
+    assert_eq!(prefix.len(), 4);
+    assert_eq!((prefix.layer_len(0), prefix.layer_len(1)), (4, 3));
+    assert_eq!(prefix.layer_positions(1), vec![0, 1, 2]);
+    // Sized for what it holds, not for the source's allocation.
+    let per_layer = 2 * MIN_CAPACITY * 2 * 4;
+    assert_eq!(prefix.allocated_bytes(), 2 * per_layer);
+    // The rest of the tokens fed to the prefix give what they give to one fed from scratch
+    // the same way.
+    feed(&mut prefix, &[0, 1], 3, 0.0)?;
+    let mut scratch = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    feed(&mut scratch, &[0, 1], 3, 0.0)?;
+    feed(&mut scratch, &[0], 1, 0.0)?;
+    feed(&mut scratch, &[0, 1], 3, 0.0)?;
+    for l in 0..2 {
+        assert_eq!(keys(&mut prefix, l)?, keys(&mut scratch, l)?, "layer {l}");
+    }
+    // The source is untouched, and a prefix past its end is all of it.
+    assert_eq!(cache.len(), 7);
+    assert_eq!(cache.fork_prefix(100)?.len(), 7);
+    Ok(())
+}

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use models::hooks::HookParams;
-use models::{Hook, HookGroup, HookPoints};
+use models::{Hook, HookGroup, HookPoints, PrefixReuse};
 use serde_json::{Map, Value};
 
 pub use config::{BaseIdentity, ControllerConfig, TYPE};
@@ -326,6 +326,13 @@ impl Hook for SteeringController {
             residual: true,
             ..HookPoints::default()
         }
+    }
+
+    /// Never: the decision is made at the prompt's last token and steers the prompt's later
+    /// positions too, so the same first tokens of another prompt hold other keys and values
+    /// (and the decision lives in the request's parameters, which a prefix cannot carry).
+    fn prefix_reuse(&self, _params: &HookParams) -> PrefixReuse {
+        PrefixReuse::Never
     }
 
     /// `h`: `(group tokens, hidden)`. At the input layers, records prompt rows' last-token

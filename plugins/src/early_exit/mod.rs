@@ -39,7 +39,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use models::hooks::{HookParams, HookPoints};
-use models::{Exit, Hook, HookGroup, HookRow, HookState, LogitsWanted, OutputHead};
+use models::{Exit, Hook, HookGroup, HookRow, HookState, LogitsWanted, OutputHead, PrefixReuse};
 use serde_json::{Map, Value};
 
 pub use config::{EarlyExitConfig, CONFIG_FILE, TYPE, WEIGHTS_FILE};
@@ -404,6 +404,13 @@ impl Hook for EarlyExit {
             early_exit: true,
             ..HookPoints::default()
         }
+    }
+
+    /// Prompt positions only: prefill never exits, but a decode step that exits leaves keys
+    /// and values propagated from an intermediate layer, which a prefill of the same tokens
+    /// would not. The parameters change nothing a prompt leaves.
+    fn prefix_reuse(&self, _params: &HookParams) -> PrefixReuse {
+        PrefixReuse::PromptOnly(String::new())
     }
 
     fn new_state(&self, _params: &HookParams) -> models::Result<Option<Box<dyn HookState>>> {

@@ -28,7 +28,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Tensor};
 use models::hooks::HookParams;
 use models::kernels::LowRankBf16;
-use models::{Hook, HookGroup, HookPoints, Projection};
+use models::{Hook, HookGroup, HookPoints, PrefixReuse, Projection};
 use safetensors::SafeTensors;
 use serde_json::{Map, Value};
 
@@ -316,6 +316,11 @@ impl Hook for LoraAdapter {
             linear: true,
             ..HookPoints::default()
         }
+    }
+
+    /// The adapter changes keys and values in proportion to the request's scale.
+    fn prefix_reuse(&self, params: &HookParams) -> PrefixReuse {
+        crate::params::reuse_keyed_by::<LoraParams>(params)
     }
 
     fn targets(&self, layer: usize, projection: Projection) -> bool {

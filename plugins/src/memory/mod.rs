@@ -40,7 +40,9 @@ use models::hooks::HookParams;
 use models::loader::gguf::GgufSource;
 use models::loader::safetensors::SafetensorsSource;
 use models::loader::WeightSource;
-use models::{BatchRow, Hook, HookGroup, HookPoints, HookState, Llama, ModelConfig, ModelError};
+use models::{
+    BatchRow, Hook, HookGroup, HookPoints, HookState, Llama, ModelConfig, ModelError, PrefixReuse,
+};
 use serde_json::{Map, Value};
 
 pub use config::{GraftBlock, MemoryConfig, TYPE};
@@ -295,6 +297,12 @@ impl Hook for MemoryDecoder {
             logits: true,
             ..HookPoints::default()
         }
+    }
+
+    /// Keyed, with an empty key: the memory's own cache must hold the prefix too, so only
+    /// chains with this memory share prefixes; λ and T act on the mixture alone.
+    fn prefix_reuse(&self, _params: &HookParams) -> PrefixReuse {
+        PrefixReuse::Keyed(String::new())
     }
 
     fn new_state(&self, _params: &HookParams) -> models::Result<Option<Box<dyn HookState>>> {

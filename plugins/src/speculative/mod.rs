@@ -15,7 +15,7 @@ pub mod ngram;
 use std::sync::Arc;
 
 use models::hooks::{HookParams, HookPoints};
-use models::Hook;
+use models::{Hook, PrefixReuse};
 use serde_json::{Map, Value};
 
 use crate::error::{PluginError, Result};
@@ -61,6 +61,12 @@ impl Hook for Speculative {
             draft: true,
             ..HookPoints::default()
         }
+    }
+
+    /// Neutral: drafts are verified by the model, whose keys and values for the tokens kept
+    /// are the ones one-token steps would leave, and the drafter keeps no state.
+    fn prefix_reuse(&self, _params: &HookParams) -> PrefixReuse {
+        PrefixReuse::Neutral
     }
 
     fn draft(&self, params: &HookParams, tokens: &[u32], max: usize) -> Vec<u32> {

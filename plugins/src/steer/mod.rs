@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use models::hooks::HookParams;
-use models::{Hook, HookGroup, HookPoints};
+use models::{Hook, HookGroup, HookPoints, PrefixReuse};
 use serde_json::{Map, Value};
 
 pub use file::{ControlVector, ARCHITECTURE};
@@ -123,6 +123,11 @@ impl Hook for SteeringVector {
             residual: true,
             ..HookPoints::default()
         }
+    }
+
+    /// The vector changes keys and values of the layers after the ones it steers, by scale.
+    fn prefix_reuse(&self, params: &HookParams) -> PrefixReuse {
+        crate::params::reuse_keyed_by::<SteerParams>(params)
     }
 
     /// `h`: `(group tokens, hidden)`; returns `h + c_row * direction[layer]`, each row's

@@ -167,6 +167,7 @@ fn echo_events(request: &GenerateRequest, fail_after: Option<usize>) -> Vec<Even
             false => FinishReason::Stop,
         },
         prompt_tokens: request.prompt.len(),
+        cached_tokens: 0,
         completion_tokens,
         trailing_text: String::new(),
         timings: Timings {
@@ -340,6 +341,7 @@ mod tests {
             prompt_logprobs: None,
             hooks: Vec::new(),
             output: OutputRules::default(),
+            cache_prompt: true,
         }
     }
 

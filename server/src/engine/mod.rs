@@ -12,6 +12,8 @@ mod disconnect_tests;
 mod draft_policy;
 #[cfg(test)]
 mod plugin_state_tests;
+mod prefix_cache;
+mod prefix_reuse;
 mod real;
 mod scheduler;
 mod sequence;
@@ -22,8 +24,11 @@ mod stop;
 pub mod testing;
 mod worker;
 
+pub use prefix_cache::BLOCK_TOKENS as PREFIX_BLOCK_TOKENS;
 pub use real::{EngineConfig, RealEngine, StartError};
-pub use step_metrics::{HistogramSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot};
+pub use step_metrics::{
+    HistogramSnapshot, PrefixCacheSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot,
+};
 
 use std::time::Duration;
 
@@ -59,6 +64,9 @@ pub struct GenerateRequest {
     /// the plug-ins, so the request keeps the versions it resolved until it ends.
     pub hooks: Vec<HookCall>,
     pub output: OutputRules,
+    /// Whether the prompt may start from a prefix another request left in the engine's
+    /// prefix cache, and leave its own there (llama.cpp's `cache_prompt`; on by default).
+    pub cache_prompt: bool,
 }
 
 /// When a sequence may stop and what its text includes, beyond `stop` and `stop_token_ids`
@@ -136,6 +144,8 @@ pub enum Event {
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache (not prefilled).
+        cached_tokens: usize,
         completion_tokens: usize,
         /// Text held back at the end (a partial stop-string prefix that did not match).
         trailing_text: String,

@@ -166,6 +166,7 @@ fn request(f: &Fixture, prompt: &str, max_tokens: usize, seed: u64) -> GenerateR
         prompt_logprobs: None,
         hooks: vec![f.hook.clone()],
         output: OutputRules::default(),
+        cache_prompt: true,
     }
 }
 

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// Speculative drafts are verified only in steps with at most this many decoding
     /// sequences (0: never); see `scheduler`.
     pub speculation_max_batch: usize,
+    /// Whether ended sequences' caches are kept for later requests with the same prefix
+    /// (automatic prefix caching, within the KV budget; see `prefix_cache`).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             kv_budget_bytes: 1 << 30,
             speculation_max_batch: 4,
+            prefix_caching: true,
         }
     }
 }
@@ -165,6 +169,7 @@ impl RealEngine {
             tokenizer.clone(),
             facts.max_positions,
             limits,
+            config.prefix_caching,
             inbox,
             shared.clone(),
         );
@@ -549,6 +554,7 @@ mod tests {
             prompt_logprobs: None,
             hooks: Vec::new(),
             output: OutputRules::default(),
+            cache_prompt: true,
         }
     }
 

@@ -133,6 +133,16 @@ impl<S: Schedulable> Scheduler<S> {
         self.running.iter().map(|s| self.kv_claim(s)).sum()
     }
 
+    /// KV bytes the sequence at the head of the queue would claim (0: none waits).
+    pub fn next_claim(&self) -> usize {
+        self.waiting.front().map_or(0, |s| self.kv_claim(s))
+    }
+
+    /// The KV budget the running sequences' claims are checked against.
+    pub fn kv_budget_bytes(&self) -> usize {
+        self.limits.kv_budget_bytes
+    }
+
     /// Moves sequences from the head of the queue into the running set while the limits
     /// allow; returns how many requests moved (a sequence with choices to fork counts them
     /// all, in running slots too). A sequence whose claim alone exceeds the limits is

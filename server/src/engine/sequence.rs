@@ -19,6 +19,7 @@ use models::{BatchRow, HookCall, IncrementalDecoder, KvCache, LogitsWanted, Toke
 use tokio::sync::mpsc;
 
 use super::draft_policy::DraftPolicy;
+use super::prefix_cache::{common_prefix, ChainKey};
 use super::scheduler::Schedulable;
 use super::stop::{StopOutcome, StopStrings};
 use super::{EngineError, Event, FinishReason, GenerateRequest, Timings, TokenLogprob};
@@ -96,6 +97,12 @@ pub(crate) struct Sequence {
     forks: Vec<PendingFork>,
     max_positions: usize,
     done: bool,
+    /// Ended by an error: its cache is not kept for other requests.
+    failed: bool,
+    /// Under which key its prefixes may be shared (`None`: never; see `prefix_cache`).
+    reuse: Option<ChainKey>,
+    /// Prompt tokens that came from a kept prefix instead of being prefilled.
+    cached_tokens: usize,
 }
 
 impl Sequence {
@@ -112,6 +119,11 @@ impl Sequence {
         let room = max_positions.saturating_sub(request.prompt.len()) + 1;
         let mut sampler = Sampler::new(request.sampling, request.seed);
         sampler.observe_prompt(&request.prompt);
+        // Prompt log-probs need logits at every prompt position, which a reused prefix skips.
+        let reuse = match request.cache_prompt && request.prompt_logprobs.is_none() {
+            true => ChainKey::of(&request.hooks),
+            false => None,
+        };
         Self {
             id,
             request_id: request.id,
@@ -144,6 +156,9 @@ impl Sequence {
             forks: Vec::new(),
             max_positions,
             done: false,
+            failed: false,
+            reuse,
+            cached_tokens: 0,
         }
     }
 
@@ -273,6 +288,7 @@ impl Sequence {
             let _ = self.events.try_send(Event::Failed(error));
             self.done = true;
         }
+        self.failed = true;
     }
 
     fn try_after_step(
@@ -370,6 +386,62 @@ impl Sequence {
                 return;
             }
         }
+    }
+
+    /// What a new sequence looks a kept prefix up by: its chain's key, its prompt, and how
+    /// many of the prompt's tokens a prefix may cover (all but the last, whose logits start
+    /// the answer). `None` once it has fed anything, or when it may not reuse prefixes.
+    pub fn prefix_query(&self) -> Option<(&ChainKey, &[u32], usize)> {
+        let key = self.reuse.as_ref()?;
+        let fresh = self.cache.is_empty() && self.in_flight.is_none() && !self.done;
+        fresh.then(|| (key, &self.prompt[..], self.prompt.len().saturating_sub(1)))
+    }
+
+    /// How many of `prompt[..limit]` this sequence's cache holds under `key` (0: none), for
+    /// a request arriving while it runs.
+    pub fn shared_prefix(&self, key: &ChainKey, prompt: &[u32], limit: usize) -> usize {
+        if self.reuse.as_ref() != Some(key) || self.failed {
+            return 0;
+        }
+        let held = self.held_tokens();
+        common_prefix(&held, &prompt[..limit.min(prompt.len())])
+    }
+
+    /// A copy of this sequence's first `tokens` positions, for another sequence to start from.
+    pub fn copy_prefix(&self, tokens: usize) -> models::Result<KvCache> {
+        self.cache.fork_prefix(tokens)
+    }
+
+    /// Starts this (not yet stepped) sequence from `cache`, which holds its first `tokens`
+    /// prompt tokens; its chain's hooks that kept no state in it make theirs now.
+    pub fn start_from_prefix(&mut self, cache: KvCache, tokens: usize) -> Result<(), EngineError> {
+        self.cache = cache;
+        self.cached_tokens = tokens;
+        self.attach_plugins()
+    }
+
+    /// The tokens whose positions this sequence may leave for others, in order: all it fed,
+    /// or only the prompt when a hook changes what decode steps leave.
+    fn held_tokens(&self) -> Vec<u32> {
+        let mut len = self.cache.len();
+        if self.reuse.as_ref().is_some_and(ChainKey::prompt_only) {
+            len = len.min(self.prompt.len());
+        }
+        let extra = len.saturating_sub(self.prompt.len());
+        let mut tokens = self.prompt[..len.min(self.prompt.len())].to_vec();
+        tokens.extend(self.generated.iter().take(extra));
+        tokens
+    }
+
+    /// What an ended sequence leaves for the prefix cache: its key, the tokens its cache
+    /// holds, and the cache cut to them. `None` if it failed or may not share.
+    pub fn into_kept_prefix(mut self) -> Option<(ChainKey, Vec<u32>, KvCache)> {
+        if self.failed {
+            return None;
+        }
+        let tokens = self.held_tokens();
+        self.cache.truncate(tokens.len()).ok()?;
+        Some((self.reuse?, tokens, self.cache))
     }
 
     /// The last step's verification, for the speculative-decoding metrics.
@@ -511,6 +583,7 @@ impl Sequence {
         self.send(Event::Finished {
             reason,
             prompt_tokens: self.prompt.len(),
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.generated.len(),
             trailing_text,
             timings: self.clock.timings(now),
@@ -650,6 +723,7 @@ mod tests {
             prompt_logprobs: None,
             hooks: Vec::new(),
             output: OutputRules::default(),
+            cache_prompt: true,
         }
     }
 

@@ -104,6 +104,7 @@ fn request(
         prompt_logprobs: None,
         hooks,
         output: OutputRules::default(),
+        cache_prompt: true,
     }
 }
 

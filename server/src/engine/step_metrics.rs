@@ -5,7 +5,7 @@
 //! chunks) than usual. The engine thread is the only writer, so recording is a few relaxed
 //! atomic adds per step and never takes a lock a scrape could hold.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Step-time buckets in seconds: a decode step of the default model on two cores takes a few
@@ -123,6 +123,54 @@ impl SpecDecodeCounters {
     }
 }
 
+/// Automatic prefix caching's figures: vLLM's `vllm:prefix_cache_*` counters (in tokens) and
+/// what the cache holds.
+#[derive(Debug, Default)]
+pub struct PrefixCacheCounters {
+    pub enabled: AtomicBool,
+    /// Prompt tokens of the requests that looked a prefix up.
+    pub queries: AtomicU64,
+    /// Of those, tokens a kept prefix covered.
+    pub hits: AtomicU64,
+    pub bytes: AtomicU64,
+    pub entries: AtomicU64,
+}
+
+/// [`PrefixCacheCounters`] as read at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheSnapshot {
+    pub enabled: bool,
+    pub queries: u64,
+    pub hits: u64,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+impl PrefixCacheCounters {
+    /// One lookup for a prompt of `queried` tokens, `hit` of which were found.
+    pub fn record(&self, queried: usize, hit: usize) {
+        self.queries.fetch_add(queried as u64, Ordering::Relaxed);
+        self.hits.fetch_add(hit as u64, Ordering::Relaxed);
+    }
+
+    /// What the cache holds now.
+    pub fn hold(&self, bytes: usize, entries: usize) {
+        self.bytes.store(bytes as u64, Ordering::Relaxed);
+        self.entries.store(entries as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> PrefixCacheSnapshot {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PrefixCacheSnapshot {
+            enabled: self.enabled.load(Ordering::Relaxed),
+            queries: read(&self.queries),
+            hits: read(&self.hits),
+            bytes: read(&self.bytes),
+            entries: read(&self.entries),
+        }
+    }
+}
+
 /// The engine thread's per-step histograms.
 #[derive(Debug)]
 pub struct StepMetrics {
@@ -133,6 +181,7 @@ pub struct StepMetrics {
     /// Tokens fed to the model in the step (decode rows plus prompt chunks).
     pub tokens: AtomicHistogram,
     pub spec: SpecDecodeCounters,
+    pub prefix: PrefixCacheCounters,
 }
 
 /// [`StepMetrics`] as read at one moment.
@@ -142,6 +191,7 @@ pub struct StepMetricsSnapshot {
     pub sampling: HistogramSnapshot,
     pub tokens: HistogramSnapshot,
     pub spec: SpecDecodeSnapshot,
+    pub prefix: PrefixCacheSnapshot,
 }
 
 impl Default for StepMetrics {
@@ -151,6 +201,7 @@ impl Default for StepMetrics {
             sampling: AtomicHistogram::new(STEP_SECONDS_BUCKETS),
             tokens: AtomicHistogram::new(STEP_TOKENS_BUCKETS),
             spec: SpecDecodeCounters::default(),
+            prefix: PrefixCacheCounters::default(),
         }
     }
 }
@@ -172,6 +223,7 @@ impl StepMetrics {
             sampling: self.sampling.snapshot(),
             tokens: self.tokens.snapshot(),
             spec: self.spec.snapshot(),
+            prefix: self.prefix.snapshot(),
         }
     }
 }

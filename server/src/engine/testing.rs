@@ -67,6 +67,27 @@ pub fn tiny_loaded_model_as(
     })
 }
 
+/// A greedy request for `prompt` with nothing else asked for: no stops, no plug-ins, no
+/// log-probs, prefix caching allowed. Tests set what they vary with struct-update syntax.
+pub fn plain_request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> super::GenerateRequest {
+    super::GenerateRequest {
+        id: id.to_string(),
+        prompt,
+        sampling: models::sampling::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        seed: 0,
+        max_tokens,
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        prompt_logprobs: None,
+        hooks: Vec::new(),
+        output: super::OutputRules::default(),
+        cache_prompt: true,
+    }
+}
+
 /// Every event of a request until its channel closes (blocking).
 pub fn collect_events(mut rx: super::EventReceiver) -> Vec<super::Event> {
     std::iter::from_fn(|| rx.blocking_recv()).collect()

@@ -3,8 +3,9 @@
 //! [`RealEngine::submit`](super::RealEngine) sends requests here over a bounded channel; each
 //! turn of [`Worker::run`] receives what arrived (blocking only when there is nothing to do),
 //! drops sequences whose client went away, admits waiting sequences, runs one forward step
-//! over the scheduler's batch, hands every row its logits, removes finished sequences (which
-//! frees their KV caches) and publishes the figures `stats()` reads.
+//! over the scheduler's batch, hands every row its logits, removes finished sequences (whose
+//! KV caches go to the prefix cache, see `prefix_cache`, or are freed) and publishes the
+//! figures `stats()` reads.
 //!
 //! A failing or panicking forward step fails the sequences of that batch and nothing else;
 //! the loop goes on serving the rest. On shutdown the loop keeps stepping until every
@@ -21,6 +22,8 @@ use models::{BatchRow, KvCache, Llama, Tokenizer};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
+use super::prefix_cache::PrefixCache;
+use super::prefix_reuse::{keep_prefixes, reuse_prefixes};
 use super::scheduler::{PlannedRow, Schedulable, Scheduler, SchedulerLimits};
 use super::sequence::{PendingFork, Sequence};
 use super::step_metrics::StepMetrics;
@@ -102,6 +105,8 @@ pub(crate) struct Worker<M> {
     next_id: u64,
     /// Whether a step ran since memory was last given back.
     stepped_since_trim: bool,
+    /// Prefixes kept for later requests (`None`: prefix caching is off).
+    prefix: Option<PrefixCache>,
 }
 
 /// How long the engine waits idle before giving freed memory back to the system.
@@ -113,9 +118,15 @@ impl<M: StepModel> Worker<M> {
         tokenizer: Arc<Tokenizer>,
         max_positions: usize,
         limits: SchedulerLimits,
+        prefix_caching: bool,
         inbox: Receiver<Message>,
         shared: Arc<Shared>,
     ) -> Self {
+        shared
+            .steps
+            .prefix
+            .enabled
+            .store(prefix_caching, Ordering::Relaxed);
         Self {
             model,
             tokenizer,
@@ -126,6 +137,7 @@ impl<M: StepModel> Worker<M> {
             deadline: None,
             next_id: 0,
             stepped_since_trim: false,
+            prefix: prefix_caching.then(PrefixCache::default),
         }
     }
 
@@ -145,8 +157,15 @@ impl<M: StepModel> Worker<M> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.fail_all(EngineError::ShuttingDown);
         }
+        self.make_room_for_admission();
+        let before = self.scheduler.running().len();
         let admitted = self.scheduler.admit();
         self.shared.waiting.fetch_sub(admitted, Ordering::SeqCst);
+        if let Some(store) = &mut self.prefix {
+            let new = before..self.scheduler.running().len();
+            let counters = &self.shared.steps.prefix;
+            reuse_prefixes(store, self.scheduler.running_mut(), new, counters);
+        }
         // Before the step too: a step can take long, and the gauges should show the admitted.
         self.publish();
         self.step();
@@ -243,6 +262,29 @@ impl<M: StepModel> Worker<M> {
         for seq in waiting.iter().chain(&running) {
             tracing::info!(request_id = %seq.request_id(), "request cancelled by the client");
         }
+        self.keep_prefixes(running);
+    }
+
+    /// Evicts kept prefixes until they fit beside the running sequences' claims and the
+    /// claim of the next sequence to admit: a kept prefix never keeps a request waiting.
+    fn make_room_for_admission(&mut self) {
+        if let Some(store) = &mut self.prefix {
+            let claims = self.scheduler.kv_claimed_bytes() + self.scheduler.next_claim();
+            store.evict_to(self.scheduler.kv_budget_bytes().saturating_sub(claims));
+            self.shared.steps.prefix.hold(store.bytes(), store.len());
+        }
+    }
+
+    /// Hands ended sequences' caches to the prefix cache (or drops them), within what the
+    /// KV budget leaves beside the running sequences' claims.
+    fn keep_prefixes(&mut self, ended: Vec<Sequence>) {
+        let Some(store) = &mut self.prefix else {
+            return;
+        };
+        let room =
+            (self.scheduler.kv_budget_bytes()).saturating_sub(self.scheduler.kv_claimed_bytes());
+        keep_prefixes(store, ended, room);
+        self.shared.steps.prefix.hold(store.bytes(), store.len());
     }
 
     fn fail_all(&mut self, error: EngineError) {
@@ -284,8 +326,10 @@ impl<M: StepModel> Worker<M> {
                 }
             }
         }
-        // Dropping the finished sequences frees their caches now, not at the next turn.
-        drop(self.scheduler.take_running(Sequence::is_done));
+        // Finished sequences leave their caches to the prefix cache or free them now, not at
+        // the next turn.
+        let ended = self.scheduler.take_running(Sequence::is_done);
+        self.keep_prefixes(ended);
     }
 
     /// Samples, detokenizes and streams each row's result. Rows are independent (each

@@ -248,6 +248,7 @@ fn score(
                 prompt_logprobs: Some(0),
                 hooks: hooks.to_vec(),
                 output: OutputRules::default(),
+                cache_prompt: true,
             })?);
         }
         for ((window, first), mut rx) in wave.iter().zip(receivers) {

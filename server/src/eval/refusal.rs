@@ -250,6 +250,7 @@ fn generate(
             prompt_logprobs: None,
             hooks: candidate.chain()?,
             output: OutputRules::default(),
+            cache_prompt: true,
         };
         receivers.push(engine.submit(request)?);
     }

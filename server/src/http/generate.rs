@@ -208,6 +208,7 @@ pub struct Outcome {
     pub finish_reason: FinishReason,
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub prompt_tokens: usize,
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
 }
@@ -232,6 +233,7 @@ pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
             Event::Finished {
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
                 trailing_text,
                 timings,
@@ -244,6 +246,7 @@ pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
                     finish_reason: reason,
                     prompt_logprobs,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     timings,
                 });
@@ -310,11 +313,22 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache rather than prefilled.
+    pub cached_tokens: usize,
 }
 
 /// Server-side timings under llama.cpp's names, plus the time spent queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TimingsOut {
+    /// Prompt tokens taken from the prefix cache.
+    pub cache_n: usize,
+    /// Prompt tokens prefilled (the prompt less `cache_n`).
     pub prompt_n: usize,
     pub prompt_ms: f64,
     pub predicted_n: usize,
@@ -327,6 +341,7 @@ pub struct TimingsOut {
 pub struct ChoiceTotals {
     pub index: usize,
     pub prompt_tokens: usize,
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
 }
@@ -339,6 +354,7 @@ pub fn summarize(choices: &[ChoiceTotals], n: usize) -> (Usage, TimingsOut) {
     for c in choices {
         if c.index % n.max(1) == 0 {
             usage.prompt_tokens += c.prompt_tokens;
+            usage.prompt_tokens_details.cached_tokens += c.cached_tokens;
         }
         usage.completion_tokens += c.completion_tokens;
         timings.prompt_ms = timings.prompt_ms.max(ms(c.timings.prompt));
@@ -346,7 +362,8 @@ pub fn summarize(choices: &[ChoiceTotals], n: usize) -> (Usage, TimingsOut) {
         timings.queue_ms = timings.queue_ms.max(ms(c.timings.queue));
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    timings.prompt_n = usage.prompt_tokens;
+    timings.cache_n = usage.prompt_tokens_details.cached_tokens;
+    timings.prompt_n = usage.prompt_tokens - timings.cache_n;
     timings.predicted_n = usage.completion_tokens;
     (usage, timings)
 }
@@ -356,6 +373,7 @@ impl Outcome {
         ChoiceTotals {
             index,
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.completion_tokens,
             timings: self.timings,
         }
@@ -378,6 +396,7 @@ mod tests {
             .map(|i| ChoiceTotals {
                 index: i,
                 prompt_tokens: 10 + (i / 2),
+                cached_tokens: i / 2 * 4,
                 completion_tokens: 3,
                 timings: t(i as u64),
             })
@@ -388,5 +407,7 @@ mod tests {
         assert_eq!(usage.total_tokens, 33);
         assert_eq!(timings.queue_ms, 3.0);
         assert_eq!(timings.predicted_n, 12);
+        assert_eq!(usage.prompt_tokens_details.cached_tokens, 4);
+        assert_eq!((timings.cache_n, timings.prompt_n), (4, 21 - 4));
     }
 }

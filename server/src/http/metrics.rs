@@ -17,7 +17,9 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 use plugins::{ChainEntry, PluginCounter, PluginInfo, PluginKind};
 
-use crate::engine::{EngineStats, HistogramSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot};
+use crate::engine::{
+    EngineStats, HistogramSnapshot, PrefixCacheSnapshot, SpecDecodeSnapshot, StepMetricsSnapshot,
+};
 
 pub const REQUESTS_TOTAL: &str = "graft_requests_total";
 pub const REQUEST_DURATION: &str = "graft_request_duration_seconds";
@@ -49,6 +51,11 @@ pub const SPEC_DRAFTS: &str = "vllm:spec_decode_num_drafts";
 pub const SPEC_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens";
 pub const SPEC_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens";
 pub const SPEC_ACCEPTED_PER_POS: &str = "vllm:spec_decode_num_accepted_tokens_per_pos";
+pub const PREFIX_QUERIES: &str = "vllm:prefix_cache_queries";
+pub const PREFIX_HITS: &str = "vllm:prefix_cache_hits";
+pub const PREFIX_BYTES: &str = "graft_prefix_cache_bytes";
+pub const PREFIX_ENTRIES: &str = "graft_prefix_cache_entries";
+pub const VLLM_CACHE_CONFIG: &str = "vllm:cache_config_info";
 
 // Buckets as vLLM's `vllm/v1/metrics/loggers.py`, so dashboards built for vLLM read ours.
 const TTFT_BUCKETS: &[f64] = &[
@@ -346,11 +353,40 @@ fn write_step_histograms(out: &mut String, steps: &StepMetricsSnapshot) {
     let help = "Same as graft_engine_step_tokens (vLLM name)";
     write_histogram(out, VLLM_ITERATION_TOKENS, help, &tokens);
     write_spec_counters(out, &steps.spec);
+    write_prefix_cache(out, &steps.prefix);
 }
 
-/// Speculative decoding's counters under vLLM's names (a counter family `x` exposes `x_total`).
+/// Automatic prefix caching: vLLM's token counters and cache-config info, and what the cache
+/// holds.
+fn write_prefix_cache(out: &mut String, prefix: &PrefixCacheSnapshot) {
+    let help = "Prompt tokens looked up in the prefix cache";
+    write_family(
+        out,
+        PREFIX_QUERIES,
+        help,
+        "counter",
+        &[("", prefix.queries)],
+    );
+    let help = "Prompt tokens found in the prefix cache";
+    write_family(out, PREFIX_HITS, help, "counter", &[("", prefix.hits)]);
+    let help = "Bytes the kept prefixes hold";
+    write_family(out, PREFIX_BYTES, help, "gauge", &[("", prefix.bytes)]);
+    write_family(
+        out,
+        PREFIX_ENTRIES,
+        "Prefixes kept",
+        "gauge",
+        &[("", prefix.entries)],
+    );
+    let enabled = if prefix.enabled { "True" } else { "False" };
+    let block = crate::engine::PREFIX_BLOCK_TOKENS;
+    let labels = format!("block_size=\"{block}\",enable_prefix_caching=\"{enabled}\"");
+    let help = "Information of the KV cache configuration";
+    write_family(out, VLLM_CACHE_CONFIG, help, "gauge", &[(&labels, 1)]);
+}
+
+/// Speculative decoding's counters under vLLM's names.
 fn write_spec_counters(out: &mut String, spec: &SpecDecodeSnapshot) {
-    use std::fmt::Write;
     let families = [
         (
             SPEC_DRAFTS,
@@ -369,16 +405,35 @@ fn write_spec_counters(out: &mut String, spec: &SpecDecodeSnapshot) {
         ),
     ];
     for (name, help, value) in families {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {value}"
-        );
+        write_family(out, name, help, "counter", &[("", value)]);
     }
-    let name = SPEC_ACCEPTED_PER_POS;
+    let per_position: Vec<(String, u64)> = spec
+        .accepted_per_position
+        .iter()
+        .enumerate()
+        .map(|(position, &value)| (format!("position=\"{position}\""), value))
+        .collect();
+    let series: Vec<(&str, u64)> = per_position.iter().map(|(l, v)| (l.as_str(), *v)).collect();
     let help = "Speculative draft tokens accepted, per draft position";
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (position, value) in spec.accepted_per_position.iter().enumerate() {
-        let _ = writeln!(out, "{name}_total{{position=\"{position}\"}} {value}");
+    write_family(out, SPEC_ACCEPTED_PER_POS, help, "counter", &series);
+}
+
+/// One counter or gauge family: `series` pairs a label set (`a="b"`, or empty) with its value.
+/// A counter family `x` exposes `x_total`, as the exposition format has it.
+fn write_family(out: &mut String, name: &str, help: &str, kind: &str, series: &[(&str, u64)]) {
+    use std::fmt::Write;
+    let suffix = if kind == "counter" { "_total" } else { "" };
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in series {
+        match labels.is_empty() {
+            true => {
+                let _ = writeln!(out, "{name}{suffix} {value}");
+            }
+            false => {
+                let _ = writeln!(out, "{name}{suffix}{{{labels}}} {value}");
+            }
+        }
     }
 }
 
@@ -479,6 +534,13 @@ mod tests {
                 accepted_tokens: 4,
                 accepted_per_position: vec![2, 2, 0],
             },
+            prefix: PrefixCacheSnapshot {
+                enabled: true,
+                queries: 120,
+                hits: 64,
+                bytes: 4096,
+                entries: 2,
+            },
         };
         let text = Metrics::new().expect("metrics").render(None, Some(steps));
         for line in [
@@ -494,6 +556,12 @@ mod tests {
             "vllm:spec_decode_num_draft_tokens_total 9",
             "vllm:spec_decode_num_accepted_tokens_total 4",
             "vllm:spec_decode_num_accepted_tokens_per_pos_total{position=\"1\"} 2",
+            "# TYPE vllm:prefix_cache_queries counter",
+            "vllm:prefix_cache_queries_total 120",
+            "vllm:prefix_cache_hits_total 64",
+            "graft_prefix_cache_bytes 4096",
+            "graft_prefix_cache_entries 2",
+            "vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}: {text}");
         }

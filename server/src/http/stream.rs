@@ -181,6 +181,7 @@ impl<F: ChunkFormat> StreamState<F> {
             Event::Finished {
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
                 trailing_text,
                 timings,
@@ -189,6 +190,7 @@ impl<F: ChunkFormat> StreamState<F> {
                     *slot = Some(ChoiceTotals {
                         index,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                         timings,
                     });
@@ -332,6 +334,7 @@ mod tests {
         Event::Finished {
             reason: FinishReason::Length,
             prompt_tokens: 5,
+            cached_tokens: 0,
             completion_tokens,
             trailing_text: String::new(),
             timings: Timings::default(),

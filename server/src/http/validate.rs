@@ -33,6 +33,7 @@ pub struct Generation {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub output: OutputRules,
+    pub cache_prompt: bool,
 }
 
 /// Checks the shared sampling fields and fills in the defaults.
@@ -70,6 +71,7 @@ pub fn generation(
         stop,
         stop_token_ids,
         output: output_rules(&wire.output)?,
+        cache_prompt: wire.cache_prompt.unwrap_or(true),
     })
 }
 
@@ -336,6 +338,7 @@ pub fn fan_out(
                 prompt_logprobs,
                 hooks: hooks.to_vec(),
                 output: gen.output,
+                cache_prompt: gen.cache_prompt,
             });
         }
     }
@@ -419,6 +422,7 @@ mod tests {
             stop: vec![],
             stop_token_ids: vec![1],
             output: OutputRules::default(),
+            cache_prompt: true,
         };
         let prompts = [
             PromptPlan {

@@ -44,6 +44,9 @@ pub struct SamplingWire {
     /// vLLM extension: keep generating past end-of-sequence tokens (load tests use it).
     pub ignore_eos: Option<bool>,
     pub output: OutputWire,
+    /// llama.cpp's: start from a cached prefix of the prompt and leave this one's (default
+    /// true; false opts the request out of prefix caching).
+    pub cache_prompt: Option<bool>,
 }
 
 /// vLLM's (and SGLang's) fields on when generation may stop and what the text includes.
@@ -121,6 +124,9 @@ pub struct ChatRequest {
     #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
+    /// llama.cpp: reuse a cached prefix of the prompt and leave this one's for later
+    /// requests (default true; false opts out of prefix caching).
+    pub cache_prompt: Option<bool>,
     /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
     /// end the output (at most `max_tokens`).
     pub min_tokens: Option<usize>,
@@ -172,6 +178,7 @@ impl ChatRequest {
             seed: self.seed,
             n: self.n,
             ignore_eos: self.ignore_eos,
+            cache_prompt: self.cache_prompt,
             output: OutputWire {
                 min_tokens: self.min_tokens,
                 stop_token_ids: self.stop_token_ids.clone(),
@@ -304,6 +311,9 @@ pub struct CompletionRequest {
     #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
     pub ignore_eos: Option<bool>,
+    /// llama.cpp: reuse a cached prefix of the prompt and leave this one's for later
+    /// requests (default true; false opts out of prefix caching).
+    pub cache_prompt: Option<bool>,
     /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
     /// end the output (at most `max_tokens`).
     pub min_tokens: Option<usize>,
@@ -345,6 +355,7 @@ impl CompletionRequest {
             seed: self.seed,
             n: self.n,
             ignore_eos: self.ignore_eos,
+            cache_prompt: self.cache_prompt,
             output: OutputWire {
                 min_tokens: self.min_tokens,
                 stop_token_ids: self.stop_token_ids.clone(),

@@ -1,5 +1,5 @@
-//! HTTP test helpers shared by the suites that drive `server::http::app` with
-//! `tower::ServiceExt::oneshot` (no socket).
+//! Test helpers shared by the suites: HTTP through `server::http::app` with
+//! `tower::ServiceExt::oneshot` (no socket), and reading an engine request's events.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -93,4 +93,19 @@ pub fn get(uri: &str) -> Request<Body> {
 
 pub async fn chat(app: &Router, body: Value) -> Answer {
     send(app, post("/v1/chat/completions", body.to_string())).await
+}
+
+/// A request's tokens and how many of its prompt tokens came from the prefix cache.
+pub fn tokens_and_cached(mut rx: server::engine::EventReceiver) -> (Vec<u32>, usize) {
+    use server::engine::Event;
+    let (mut out, mut cached) = (Vec::new(), usize::MAX);
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Token { id, .. } => out.push(id),
+            Event::Finished { cached_tokens, .. } => cached = cached_tokens,
+            Event::Failed(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+    (out, cached)
 }
