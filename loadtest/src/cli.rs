@@ -89,6 +89,15 @@ pub struct Args {
     /// Standard deviation of the synthetic prompt length.
     #[arg(long, default_value_t = 0.0, conflicts_with = "prompts")]
     pub input_std: f64,
+    /// A synthetic system prompt of about this many tokens, the same in every request (0:
+    /// none): a shared prefix, as deployed chat front-ends send.
+    #[arg(long, default_value_t = 0, conflicts_with = "prompts")]
+    pub system_tokens: u32,
+    /// Turns per conversation: each request resends the conversation so far (the system
+    /// prompt, the earlier user messages and the server's own replies), as chat clients do.
+    /// Chat and the closed loop only; `--requests` and `--warmup` count turns.
+    #[arg(long, default_value_t = 1, conflicts_with = "prompts")]
+    pub turns: u32,
     /// `max_tokens` of each request (unless its JSONL line sets one).
     #[arg(long, default_value_t = 128)]
     pub output_tokens: u32,
@@ -147,6 +156,13 @@ pub enum ConfigError {
     DuplicateChain(String),
     #[error("--input-std and --output-std must be finite and >= 0")]
     Std,
+    #[error("--turns must be at least 1")]
+    Turns,
+    #[error(
+        "--turns above 1 needs --endpoint chat and a closed loop (--concurrency or \
+         --sweep-concurrency): a conversation's next turn is sent when its reply is in"
+    )]
+    TurnsNeedClosedChat,
 }
 
 impl Args {
@@ -162,6 +178,13 @@ impl Args {
             }
         }
         let levels = self.levels()?;
+        if self.turns == 0 {
+            return Err(ConfigError::Turns);
+        }
+        let closed = levels.iter().all(|l| matches!(l, Level::Concurrency(_)));
+        if self.turns > 1 && !(closed && self.endpoint == Endpoint::Chat) {
+            return Err(ConfigError::TurnsNeedClosedChat);
+        }
         let (mix, chains) = check_chains(self.mix.unwrap_or_default(), self.chains)?;
         let requests = match (self.requests, self.duration) {
             (Some(0), _) => return Err(ConfigError::Requests),
@@ -198,6 +221,8 @@ impl Args {
                 },
                 seed: self.seed,
                 ignore_eos: self.ignore_eos,
+                system_tokens: self.system_tokens,
+                turns: self.turns,
                 mix,
                 chains,
                 extra_body: self.extra_body,

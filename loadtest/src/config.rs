@@ -134,6 +134,10 @@ pub struct WorkloadSpec {
     pub seed: u64,
     /// Sends `ignore_eos: true`, so each request generates exactly `max_tokens`.
     pub ignore_eos: bool,
+    /// Words of the synthetic system prompt every request starts with (0: none).
+    pub system_tokens: u32,
+    /// Turns per conversation (1: independent requests).
+    pub turns: u32,
     /// Shares of chains; `base` is the plain request. Empty: every request is `base`.
     pub mix: Vec<MixEntry>,
     /// Request-body fragments by chain name, merged into the body.

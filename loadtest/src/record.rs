@@ -76,6 +76,8 @@ pub enum TokenSource {
 pub struct RequestRecord {
     /// The workload index (the same request in every level).
     pub index: u64,
+    /// Its turn in its conversation, from 1.
+    pub turn: u32,
     pub chain: String,
     /// When the request was sent, from the start of the level's measured phase.
     pub start: Duration,
@@ -89,6 +91,9 @@ pub struct RequestRecord {
     /// Streamed chunks that carried content.
     pub content_chunks: u64,
     pub input_tokens: Option<u64>,
+    /// Prompt tokens the server took from its prefix cache, where its `usage` says
+    /// (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub token_source: TokenSource,
     pub max_tokens: u32,
@@ -148,6 +153,7 @@ pub(crate) mod tests {
     pub fn ok(ttft_ms: u64, gaps_ms: &[u64], e2e_ms: u64, tokens: u64) -> RequestRecord {
         RequestRecord {
             index: 0,
+            turn: 1,
             chain: "base".into(),
             start: Duration::ZERO,
             ttft: Some(Duration::from_millis(ttft_ms)),
@@ -155,6 +161,7 @@ pub(crate) mod tests {
             gaps: gaps_ms.iter().map(|&g| Duration::from_millis(g)).collect(),
             content_chunks: gaps_ms.len() as u64 + 1,
             input_tokens: Some(10),
+            cached_tokens: None,
             output_tokens: Some(tokens),
             token_source: TokenSource::Usage,
             max_tokens: tokens as u32,

@@ -99,7 +99,8 @@ fn check_records(out: &Path) {
     assert_eq!(rows[0]["token_source"], "usage");
     let csv = read(out, "requests.csv");
     assert_eq!(csv.lines().count(), 9);
-    let header = "level,level_label,load,index,chain,outcome,error,start_ms,ttft_ms,tpot_ms,e2e_ms";
+    let header =
+        "level,level_label,load,index,turn,chain,outcome,error,start_ms,ttft_ms,tpot_ms,e2e_ms";
     assert!(csv.starts_with(header), "{csv}");
 }
 

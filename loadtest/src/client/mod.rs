@@ -72,14 +72,15 @@ impl Client {
     }
 
     /// Sends `req` and measures it; `start` is stamped from `origin`. When `cancel` turns true
-    /// before the response ends, the request is dropped and recorded as incomplete.
+    /// before the response ends, the request is dropped and recorded as incomplete. Returns
+    /// the record and the reply's text (what a conversation's next turn sends back).
     pub async fn send(
         &self,
         mut req: PreparedRequest,
         origin: Instant,
         mut cancel: watch::Receiver<bool>,
         live: &Live,
-    ) -> RequestRecord {
+    ) -> (RequestRecord, String) {
         let body = std::mem::take(&mut req.body);
         let builder = self.authorized(self.http.post(&self.route)).body(body);
         let builder = builder.header("content-type", "application/json");
@@ -105,7 +106,11 @@ impl Client {
             _ => t0.elapsed(),
         };
         let start = t0.saturating_duration_since(origin);
-        probe.into_record(&req, start, e2e, outcome, self.stream)
+        let reply = std::mem::take(&mut probe.reply);
+        (
+            probe.into_record(&req, start, e2e, outcome, self.stream),
+            reply,
+        )
     }
 
     async fn exchange(

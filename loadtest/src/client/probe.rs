@@ -38,6 +38,10 @@ pub struct Probe {
     content_chunks: u64,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    /// `usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM, graft).
+    cached_tokens: Option<u64>,
+    /// The reply's text (first choice), which a conversation's next turn sends back.
+    pub reply: String,
     /// A finish reason or `[DONE]` was seen: the response is whole.
     pub finished: bool,
     /// When the response ended (`[DONE]`, or the whole body), from the request's start.
@@ -55,7 +59,11 @@ impl Probe {
         let choices = chunk.get("choices").and_then(Value::as_array);
         let mut content = false;
         for choice in choices.into_iter().flatten() {
-            content |= has_content(choice.get("delta").unwrap_or(choice));
+            let delta = choice.get("delta").unwrap_or(choice);
+            content |= has_content(delta);
+            if choice.get("index").and_then(Value::as_u64).unwrap_or(0) == 0 {
+                self.reply.push_str(reply_text(delta));
+            }
             self.finished |= choice.get("finish_reason").is_some_and(|f| !f.is_null());
         }
         if content {
@@ -70,6 +78,9 @@ impl Probe {
             return Err(Failure::new(ErrorKind::Stream, "response has no `choices`"));
         }
         self.usage(body);
+        if let Some(first) = body.pointer("/choices/0") {
+            self.reply = reply_text(first.get("message").unwrap_or(first)).to_string();
+        }
         self.ttft = Some(at);
         self.finished = true;
         Ok(())
@@ -91,6 +102,8 @@ impl Probe {
         let count = |k: &str| usage.get(k).and_then(Value::as_u64);
         self.prompt_tokens = count("prompt_tokens").or(self.prompt_tokens);
         self.completion_tokens = count("completion_tokens").or(self.completion_tokens);
+        let cached = usage.pointer("/prompt_tokens_details/cached_tokens");
+        self.cached_tokens = cached.and_then(Value::as_u64).or(self.cached_tokens);
     }
 
     /// The record of `req`, sent at `start` (from the phase start), ended after `e2e`.
@@ -109,6 +122,7 @@ impl Probe {
         };
         RequestRecord {
             index: req.index,
+            turn: req.turn,
             chain: req.chain.clone(),
             start,
             ttft: self.ttft,
@@ -116,6 +130,7 @@ impl Probe {
             gaps: self.gaps,
             content_chunks: self.content_chunks,
             input_tokens,
+            cached_tokens: self.cached_tokens,
             output_tokens,
             token_source,
             max_tokens: req.max_tokens,
@@ -123,6 +138,14 @@ impl Probe {
             outcome,
         }
     }
+}
+
+/// The text of a chat message or delta (`content`) or a completion choice (`text`).
+fn reply_text(v: &Value) -> &str {
+    ["content", "text"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(Value::as_str))
+        .unwrap_or_default()
 }
 
 fn has_content(v: &Value) -> bool {
@@ -156,6 +179,7 @@ mod tests {
     fn req() -> PreparedRequest {
         PreparedRequest {
             index: 3,
+            turn: 1,
             chain: "base".into(),
             body: Vec::new(),
             max_tokens: 8,

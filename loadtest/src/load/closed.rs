@@ -5,6 +5,10 @@
 //! depend on which worker is fast. With a ramp-up, worker `k` starts at `ramp * k / n`: the
 //! concurrency climbs linearly from 1 to `n`. A worker stops taking requests at the deadline
 //! or when the counter passes the request bound.
+//!
+//! With `--turns T` the counter hands out conversations: a worker sends a conversation's `T`
+//! turns one after the other, each with the replies to the turns before it, so `n` workers
+//! hold `n` conversations open, as `n` chat users would. A failed turn ends its conversation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,27 +82,48 @@ async fn worker(
     let mut records = Vec::new();
     let begin = shared.deadline.map_or(begin, |d| begin.min(d));
     tokio::time::sleep_until(begin).await;
-    loop {
-        if shared.deadline.is_some_and(|d| Instant::now() >= d) || *cancel.borrow() {
-            break;
-        }
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        if let Some(max) = shared.max {
-            if i >= max {
+    let turns = u64::from(shared.env.workload.turns());
+    while !shared.stopped(&cancel) {
+        let conversation = shared.next.fetch_add(1, Ordering::Relaxed);
+        let mut replies = Vec::new();
+        for turn in 0..turns {
+            let i = conversation * turns + turn;
+            if !shared.take(i) || (turn > 0 && shared.stopped(&cancel)) {
+                return records;
+            }
+            let req = shared.env.workload.turn(shared.first_index + i, &replies);
+            let env = &shared.env;
+            let (record, reply) = env
+                .client
+                .send(req, shared.origin, cancel.clone(), &env.live)
+                .await;
+            env.live.finished(&record);
+            let ok = record.is_ok();
+            records.push(record);
+            if !ok {
                 break;
             }
-            if i + 1 == max {
-                shared.issued_all.send_replace(true);
-            }
+            replies.push(reply);
         }
-        let req = shared.env.workload.request(shared.first_index + i);
-        let env = &shared.env;
-        let record = env
-            .client
-            .send(req, shared.origin, cancel.clone(), &env.live)
-            .await;
-        env.live.finished(&record);
-        records.push(record);
     }
     records
+}
+
+impl Shared {
+    /// Past the deadline, or cancelled: no new request starts.
+    fn stopped(&self, cancel: &watch::Receiver<bool>) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d) || *cancel.borrow()
+    }
+
+    /// Whether request `i` of the phase is within the bound (and marks the bound issued when
+    /// `i` is its last request).
+    fn take(&self, i: u64) -> bool {
+        let Some(max) = self.max else {
+            return true;
+        };
+        if i + 1 == max {
+            self.issued_all.send_replace(true);
+        }
+        i < max
+    }
 }

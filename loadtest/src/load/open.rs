@@ -28,7 +28,7 @@ pub(super) async fn run(
         let req = env.workload.request(spec.first_index + i);
         let (env, cancel) = (env.clone(), cancel_rx.clone());
         tasks.spawn(async move {
-            let record = env.client.send(req, origin, cancel, &env.live).await;
+            let (record, _) = env.client.send(req, origin, cancel, &env.live).await;
             env.live.finished(&record);
             record
         });

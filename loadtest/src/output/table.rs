@@ -1,10 +1,11 @@
 //! The human-readable summary on stdout: a block per level (counts, rates, a latency table,
-//! the chains and their overheads), and for a sweep one line per level at the end.
+//! the chains and their overheads, the conversation turns), and for a sweep one line per
+//! level at the end.
 
 use std::fmt::Write;
 
 use crate::run::RunReport;
-use crate::stats::{percentile_key, ChainStats, Distribution, LevelStats};
+use crate::stats::{percentile_key, ChainStats, Distribution, LevelStats, TurnStats};
 
 fn num(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
@@ -77,7 +78,29 @@ pub fn level_block(s: &LevelStats, percentiles: &[f64]) -> String {
     if s.chains.len() > 1 {
         chains(&mut out, &s.chains);
     }
+    if !s.turns.is_empty() {
+        turns(&mut out, &s.turns);
+    }
     out
+}
+
+fn turns(out: &mut String, turns: &[TurnStats]) {
+    let _ = writeln!(
+        out,
+        "  {:<6} {:>5} {:>9} {:>10} {:>10}",
+        "turn", "done", "ttft p50", "prompt tok", "cached tok"
+    );
+    for t in turns {
+        let _ = writeln!(
+            out,
+            "  {:<6} {:>5} {:>9} {:>10} {:>10}",
+            t.turn,
+            t.completed,
+            num(t.median_ttft_ms, 2),
+            num(t.mean_input_tokens, 0),
+            num(t.mean_cached_tokens, 0)
+        );
+    }
 }
 
 fn chains(out: &mut String, chains: &[ChainStats]) {

@@ -1,5 +1,5 @@
 //! Aggregates of one level: counts by outcome, rates, token totals, latency distributions,
-//! goodput, the per-chain breakdown and the throughput timeline.
+//! goodput, the per-chain and per-turn breakdowns and the throughput timeline.
 //!
 //! Latencies come from completed requests only (an error's or a cancelled request's timings
 //! describe the failure, not the service). Rates divide by the measured phase's elapsed time,
@@ -9,6 +9,7 @@ mod chains;
 mod distribution;
 mod slo;
 mod timeline;
+mod turns;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,12 +20,13 @@ pub use chains::{ChainStats, Medians};
 pub use distribution::{key as percentile_key, median, Distribution};
 pub use slo::{goodput, meets, per_second};
 pub use timeline::{output_timeline, TimelinePoint};
+pub use turns::{by_turn, TurnStats};
 
 use crate::config::{Level, ReportSpec};
 use crate::record::{Outcome, RequestRecord, TokenSource};
 
 /// Latency values resolved to a microsecond, in ms.
-const MS_RESOLUTION: f64 = 0.001;
+pub(crate) const MS_RESOLUTION: f64 = 0.001;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelStats {
@@ -57,6 +59,9 @@ pub struct LevelStats {
     pub e2e_ms: Option<Distribution>,
     pub output_tok_s_per_request: Option<Distribution>,
     pub chains: Vec<ChainStats>,
+    /// By conversation turn, with `--turns`; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub turns: Vec<TurnStats>,
     pub timeline: Vec<TimelinePoint>,
 }
 
@@ -139,6 +144,7 @@ pub fn level_stats(
         e2e_ms: Distribution::new(&s.e2e, MS_RESOLUTION, ps),
         output_tok_s_per_request: Distribution::new(&s.output_tps, 0.001, ps),
         chains: chains::by_chain(records, chains, ps),
+        turns: by_turn(records, ps),
         timeline: output_timeline(records, elapsed),
     }
 }

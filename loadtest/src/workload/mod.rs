@@ -1,10 +1,16 @@
 //! The workload: request `i` of a run as a ready-to-send JSON body and its chain name.
 //!
-//! A request is a pure function of the seed and its index, so every level of a sweep sends the
-//! same requests in the same order, and two runs with the same flags send the same bytes. The
-//! body is `model`, the prompt (`messages` or `prompt`), `max_tokens`, `stream` (with
-//! `stream_options.include_usage`, so token counts come from the server), `ignore_eos` when
-//! asked, then `--extra-body` and the chain's fragment merged over it in that order.
+//! A request is a pure function of the seed and its index (and, in a multi-turn conversation,
+//! of the replies the server gave to the conversation's earlier turns), so every level of a
+//! sweep sends the same requests in the same order, and two runs with the same flags send the
+//! same bytes. The body is `model`, the prompt (`messages` or `prompt`, after the shared system
+//! prompt if one is asked for), `max_tokens`, `stream` (with `stream_options.include_usage`,
+//! so token counts come from the server), `ignore_eos` when asked, then `--extra-body` and the
+//! chain's fragment merged over it in that order.
+//!
+//! With `--turns T`, requests `c·T .. c·T + T` of a phase are the turns of one conversation:
+//! turn `t` resends the system prompt, the user messages of turns `0..t` (each the one its own
+//! index draws) with the server's replies to them, then its own user message.
 
 mod mix;
 mod prompts;
@@ -24,6 +30,8 @@ use crate::config::{Endpoint, LengthDist, Target, WorkloadSpec};
 #[derive(Debug, Clone)]
 pub struct PreparedRequest {
     pub index: u64,
+    /// Its turn in its conversation, from 1 (always 1 without `--turns`).
+    pub turn: u32,
     pub chain: String,
     pub body: Vec<u8>,
     pub max_tokens: u32,
@@ -35,6 +43,7 @@ pub(crate) enum Purpose {
     Prompt = 1,
     Mix = 2,
     Arrivals = 3,
+    System = 4,
 }
 
 /// A generator for `purpose`, independent of the others drawn from the same seed, and of other
@@ -53,6 +62,8 @@ pub struct Workload {
     stream: bool,
     model: String,
     prompts: Option<Vec<PromptLine>>,
+    /// The system prompt every synthetic request starts with.
+    system: Option<String>,
     mix: Mix,
 }
 
@@ -63,14 +74,24 @@ impl Workload {
             Some(path) => Some(prompts::load(path, target.endpoint)?),
             None => None,
         };
+        let system = (spec.system_tokens > 0).then(|| {
+            let mut rng = seeded(spec.seed, Purpose::System, 0);
+            words::text(&mut rng, spec.system_tokens as usize)
+        });
         Ok(Workload {
             spec: spec.clone(),
             endpoint: target.endpoint,
             stream: target.stream,
             model,
             prompts,
+            system,
             mix: Mix::new(&spec.mix, spec.seed),
         })
+    }
+
+    /// Turns per conversation (1: every request stands alone).
+    pub fn turns(&self) -> u32 {
+        self.spec.turns.max(1)
     }
 
     /// The chain names of the mix, `base` alone without one.
@@ -78,8 +99,14 @@ impl Workload {
         self.mix.names()
     }
 
-    /// Request `index` of the run.
+    /// Request `index` of the run, the first turn of its conversation.
     pub fn request(&self, index: u64) -> PreparedRequest {
+        self.turn(index, &[])
+    }
+
+    /// Request `index` of the run as the turn after `replies`, the server's replies to the
+    /// conversation's earlier turns (requests `index - replies.len() .. index`).
+    pub fn turn(&self, index: u64, replies: &[String]) -> PreparedRequest {
         let mut rng = seeded(self.spec.seed, Purpose::Prompt, index);
         let mut body = json!({ "model": self.model });
         let line_max = match &self.prompts {
@@ -89,13 +116,8 @@ impl Workload {
                 line.max_tokens
             }
             None => {
-                let n = sample(&mut rng, self.spec.input) as usize;
-                let text = words::text(&mut rng, n);
-                let fields = match self.endpoint {
-                    Endpoint::Chat => json!({ "messages": [{"role": "user", "content": text}] }),
-                    Endpoint::Completions => json!({ "prompt": text }),
-                };
-                merge(&mut body, &fields);
+                let text = self.user_text(&mut rng);
+                merge(&mut body, &self.synthetic(index, replies, text));
                 None
             }
         };
@@ -117,10 +139,39 @@ impl Workload {
         }
         PreparedRequest {
             index,
+            turn: replies.len() as u32 + 1,
             chain,
             body: body.to_string().into_bytes(),
             max_tokens,
         }
+    }
+
+    /// A synthetic request's user message: the first draws of its index's generator.
+    fn user_text(&self, rng: &mut ChaCha8Rng) -> String {
+        let n = sample(rng, self.spec.input) as usize;
+        words::text(rng, n)
+    }
+
+    /// The prompt fields of a synthetic request: the system prompt, the conversation so far,
+    /// then `text`.
+    fn synthetic(&self, index: u64, replies: &[String], text: String) -> Value {
+        if self.endpoint == Endpoint::Completions {
+            let prompt = match &self.system {
+                Some(system) => format!("{system}\n\n{text}"),
+                None => text,
+            };
+            return json!({ "prompt": prompt });
+        }
+        let message = |role: &str, content: &str| json!({"role": role, "content": content});
+        let mut messages: Vec<Value> = self.system.iter().map(|s| message("system", s)).collect();
+        let first = index.saturating_sub(replies.len() as u64);
+        for (k, reply) in replies.iter().enumerate() {
+            let mut rng = seeded(self.spec.seed, Purpose::Prompt, first + k as u64);
+            messages.push(message("user", &self.user_text(&mut rng)));
+            messages.push(message("assistant", reply));
+        }
+        messages.push(message("user", &text));
+        json!({ "messages": messages })
     }
 }
 
@@ -228,6 +279,48 @@ mod tests {
         );
         assert_eq!(body(base)["model"], "n");
         assert_eq!(body(base)["temperature"], 0);
+    }
+
+    #[test]
+    fn a_later_turn_resends_the_system_prompt_the_earlier_turns_and_the_replies() {
+        let w = workload(&[
+            "--system-tokens",
+            "30",
+            "--input-tokens",
+            "8",
+            "--turns",
+            "3",
+        ]);
+        let first = body(&w.turn(6, &[]));
+        let replies = ["one reply".to_string(), "another".to_string()];
+        let third = w.turn(8, &replies);
+        assert_eq!(third.turn, 3);
+        let messages = body(&third)["messages"].as_array().unwrap().clone();
+        let roles: Vec<&str> = messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "user", "assistant", "user"]
+        );
+        assert_eq!(
+            messages[0], first["messages"][0],
+            "one system prompt for all"
+        );
+        assert_eq!(
+            messages[0]["content"].as_str().unwrap().split(' ').count(),
+            30
+        );
+        assert_eq!(
+            messages[1], first["messages"][1],
+            "turn 1's own user message"
+        );
+        assert_eq!(messages[2]["content"], "one reply");
+        assert_eq!(messages[3], body(&w.request(7))["messages"][1]);
+        assert_eq!(messages[4]["content"], "another");
+        assert_eq!(messages[5], body(&w.request(8))["messages"][1]);
+        assert_eq!(w.request(8).turn, 1);
     }
 
     #[test]
