@@ -6,6 +6,10 @@
 #                                   RAYON_NUM_THREADS=$THREADS, output to LOG; returns once
 #                                   /health answers 200 (exits if the server dies first); sets
 #                                   SERVER_PID and stops the server (SIGTERM) when the script exits
+#   wait_health PORT                for a server started as SERVER_PID: returns once /health
+#                                   answers 200, fails if it exits or takes over 150 s
+#   stop_server                     stops SERVER_PID (SIGTERM, then SIGKILL after 10 s), for
+#                                   scripts that start and stop servers in turn
 
 graft_binaries() {
   GRAFT=$1/target/release/server
@@ -25,4 +29,23 @@ start_graft() {
   done
   echo "server not healthy after 150 s; see $log" >&2
   exit 1
+}
+
+wait_health() {  # port
+  for _ in $(seq 300); do
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited before it was ready" >&2; return 1; }
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/health")" = 200 ] && return 0
+    sleep 0.5
+  done
+  echo "server not ready after 150 s" >&2; return 1
+}
+
+stop_server() {
+  if [ -n "${SERVER_PID:-}" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=
 }

@@ -22,7 +22,7 @@ graft_binaries "$ROOT"
 
 rm -rf "$OUT"; mkdir -p "$OUT/plugins"
 cp -r "$MEMORY" "$OUT/plugins/memory"
-start_graft "$PORT" "$OUT/server.log" --max-running 8 --plugin-dir "$OUT/plugins"
+start_graft "$PORT" "$OUT/server.log" --prefix-caching false --max-running 8 --plugin-dir "$OUT/plugins"
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$SERVER_PID/status"; }
 BEFORE=$(rss)
 curl -sf "http://127.0.0.1:$PORT/v1/plugins" -H 'content-type: application/json' \

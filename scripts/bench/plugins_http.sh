@@ -37,7 +37,7 @@ if [ -n "${CONTROLLER:-}" ]; then cp -r "$CONTROLLER" "$OUT/plugins/ctl"; else
     --out "$OUT/plugins/ctl"
 fi
 
-start_graft "$PORT" "$OUT/server.log" --max-running "$CONCURRENCY" --plugin-dir "$OUT/plugins" \
+start_graft "$PORT" "$OUT/server.log" --prefix-caching false --max-running "$CONCURRENCY" --plugin-dir "$OUT/plugins" \
   --plugin lora:ref=lora --plugin steer:refuse=refuse.gguf --plugin controller:ctl=ctl
 echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), concurrency $CONCURRENCY, $DURATION per run" | tee "$OUT/run.txt"
 

@@ -4,9 +4,9 @@
 # repetition each server in turn (never both at once: llama.cpp's threads spin-wait) is started
 # alone, waited for on /health, swept, and stopped; the order alternates between repetitions.
 # Servers: `graft` (default settings: two-pass activation quantization), `graft-single`
-# (`--activations single`, llama.cpp's numerics) and `llama.cpp`, whose prompt cache is turned
-# off per request (`cache_prompt: false`): every level of a sweep sends the same prompts, and
-# graft has no prefix cache, so with it on llama.cpp would skip most prefills.
+# (`--activations single`, llama.cpp's numerics) and `llama.cpp`. Every level of a sweep sends
+# the same prompts, so both servers' prompt caches are turned off per request
+# (`cache_prompt: false`): this measures prefill and decode, not caching (prefix_cache.sh does).
 # Writes under target/bench/serve/: rep-N/<server>/{summary.json,requests.jsonl,report.html,peak_rss_kib},
 # logs/, run.txt and table.md (medians over repetitions, ratios graft/llama.cpp).
 #
@@ -45,29 +45,13 @@ rm -rf "$OUT"; mkdir -p "$OUT/logs"
   echo "llama.cpp: $("$BIN/llama-server" --version 2>&1 | grep -m1 -i version || true), -t $THREADS -c $((MAXC * 512)) -np $MAXC -cb"
 } | tee "$OUT/run.txt"
 
+# shellcheck source=lib.sh
+. "$ROOT/scripts/bench/lib.sh"
 SERVER_PID=
-stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=
-}
 trap stop_server EXIT INT TERM
 
-wait_health() {  # port
-  for _ in $(seq 300); do
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited before it was ready" >&2; return 1; }
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/health")" = 200 ] && return 0
-    sleep 0.5
-  done
-  echo "server not ready after 150 s" >&2; return 1
-}
-
 run_one() {  # server rep
-  local server=$1 rep=$2 port extra='{"temperature": 0.7}'
+  local server=$1 rep=$2 port extra='{"temperature": 0.7, "cache_prompt": false}'
   if [ "$server" = graft ] || [ "$server" = graft-single ]; then
     port=$GRAFT_PORT
     local activations=two-pass
@@ -76,7 +60,6 @@ run_one() {  # server rep
       --max-running "$MAXC" --drain-seconds 5 --activations $activations > "$OUT/logs/$server-$rep.log" 2>&1 &
   else
     port=$LLAMA_PORT
-    extra='{"temperature": 0.7, "cache_prompt": false}'
     "$BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" \
       -c $((MAXC * 512)) -np "$MAXC" -cb > "$OUT/logs/llamacpp-$rep.log" 2>&1 &
   fi

@@ -30,7 +30,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 python3 "$ROOT/scripts/bench/speculative_prompts.py" "$OUT/prompts"
 extra=()
 [ -n "${DISABLE_BY_BATCH:-}" ] && extra=(--speculative-disable-by-batch-size "$DISABLE_BY_BATCH")
-start_graft "$PORT" "$OUT/server.log" --max-running 8 "${extra[@]}"
+start_graft "$PORT" "$OUT/server.log" --prefix-caching false --max-running 8 "${extra[@]}"
 echo "date: $(date -u +%FT%TZ), graft $(git -C "$ROOT" rev-parse --short HEAD), k $K, lookup $LOOKUP_MIN-$LOOKUP_MAX" | tee "$OUT/run.txt"
 
 counters() {
