@@ -59,7 +59,7 @@ fn readme_load_testing_commands_parse() {
         .lines()
         .filter(|l| l.trim_start().starts_with("$LT"))
         .collect();
-    assert_eq!(commands.len(), 3, "{block}");
+    assert_eq!(commands.len(), 4, "{block}");
     for command in commands {
         let mut argv = words(command);
         argv[0] = "loadtest".into();

@@ -428,3 +428,14 @@ fn with_a_decay_the_controller_still_changes_only_what_its_strength_head_fires_o
     // ... one that fires steers, decay or not.
     assert!(max_diff(&fading(10.0), &base) > 1e-2);
 }
+
+#[test]
+fn a_controller_request_never_shares_a_prefix() {
+    let c = config();
+    let ctl = load(&c, &tensors(&c, 0.0, 3), &controller_config(&c)).unwrap();
+    let (call, _) = call(&ctl, 1.0);
+    assert_eq!(
+        call.hook.prefix_reuse(&call.params),
+        models::PrefixReuse::Never
+    );
+}

@@ -425,3 +425,16 @@ fn the_evaluation_of_a_plugin_that_never_exits_finds_the_base_model() {
     // Threshold 1.0 never fires, so no check ran; 5 teacher-forced decode positions per prompt.
     assert_eq!(plugin.counts().checks.iter().sum::<u64>(), 0);
 }
+
+#[test]
+fn only_prompt_positions_are_shared_whatever_the_parameters() {
+    let c = config();
+    let p: Arc<dyn Plugin> = Arc::new(exit_at(&c, 2, [5, 6]));
+    for params in [json!({}), json!({"threshold": 0.9, "min_layer": 2})] {
+        let params = p.request_params(params.as_object().unwrap()).unwrap();
+        assert_eq!(
+            p.prefix_reuse(&params),
+            models::PrefixReuse::PromptOnly(String::new())
+        );
+    }
+}

@@ -268,3 +268,19 @@ fn regression_non_finite_or_absurd_directions_are_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn prefixes_are_reused_only_under_the_same_parameters() {
+    let m = tiny();
+    let v = vector(&m, &[1], 7);
+    let reuse = |params| {
+        let c = call(&v, params);
+        c.hook.prefix_reuse(&c.params)
+    };
+    let one = reuse(json!({"scale": 1.0}));
+    assert!(matches!(one, models::PrefixReuse::Keyed(_)), "{one:?}");
+    assert_eq!(one, reuse(json!({"scale": 1.0})));
+    assert_ne!(one, reuse(json!({"scale": 2.0})));
+    // The same layers spelled out are the same parameters.
+    assert_eq!(one, reuse(json!({"scale": 1.0, "layers": [1, 1]})));
+}

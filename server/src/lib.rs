@@ -9,3 +9,4 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod memory;
+pub mod structured;

@@ -48,6 +48,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         hooks: Vec::new(),
         output: OutputRules::default(),
         cache_prompt: true,
+        constraint: None,
     }
 }
 

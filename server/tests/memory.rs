@@ -100,6 +100,7 @@ impl Setup {
             hooks: self.chain(0.5),
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         }
     }
 

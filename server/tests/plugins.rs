@@ -122,6 +122,7 @@ fn request(prompt: &str, temperature: f32, seed: u64, hooks: Vec<HookCall>) -> G
         hooks,
         output: OutputRules::default(),
         cache_prompt: true,
+        constraint: None,
     }
 }
 

@@ -236,3 +236,41 @@ fn prefixes_shorter_than_a_block_are_not_reused() {
     run(&engine, request(short.clone(), 4, 1));
     assert_eq!(run(&engine, request(short, 4, 2)).cached, 0);
 }
+
+/// A hook that changes nothing but declares what early exit declares: only prompt positions
+/// may be reused.
+struct PromptOnly;
+
+impl models::Hook for PromptOnly {
+    fn name(&self) -> &str {
+        "prompt-only"
+    }
+
+    fn points(&self) -> models::HookPoints {
+        models::HookPoints::default()
+    }
+
+    fn prefix_reuse(&self, _params: &models::hooks::HookParams) -> models::PrefixReuse {
+        models::PrefixReuse::PromptOnly(String::new())
+    }
+}
+
+#[test]
+fn a_prompt_only_chain_leaves_its_prompt_but_not_its_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), true, 1 << 30);
+    let hook: std::sync::Arc<dyn models::Hook> = std::sync::Arc::new(PromptOnly);
+    let with_hook = |prompt: Vec<u32>, seed| GenerateRequest {
+        hooks: vec![models::HookCall::bare(hook.clone())],
+        ..request(prompt, 8, seed)
+    };
+    let first = [system(), ids("tell me a story")].concat();
+    let a = run(&engine, with_hook(first.clone(), 1));
+    let next = [first.clone(), a.tokens, ids(" go on")].concat();
+    assert_eq!(run(&engine, with_hook(next.clone(), 2)).cached, first.len());
+    assert_eq!(
+        run(&engine, request(next, 8, 3)).cached,
+        0,
+        "not by another chain"
+    );
+}

@@ -223,4 +223,11 @@ mod tests {
         let foreign: HookParams = Arc::new(());
         assert!(Speculative.draft(&foreign, &t, 8).is_empty());
     }
+
+    #[test]
+    fn drafting_changes_nothing_a_cached_prefix_holds() {
+        let params = parse(json!({"num_speculative_tokens": 4})).unwrap();
+        let params: HookParams = Arc::new(params);
+        assert_eq!(Speculative.prefix_reuse(&params), PrefixReuse::Neutral);
+    }
 }

@@ -342,6 +342,7 @@ mod tests {
             hooks: Vec::new(),
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         }
     }
 

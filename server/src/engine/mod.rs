@@ -37,6 +37,8 @@ use models::sampling::SamplingParams;
 use models::HookCall;
 use tokio::sync::mpsc;
 
+use crate::structured::{Constraint, Grammars};
+
 pub mod fake;
 
 /// A request the HTTP layer has validated: prompt tokenized, parameters range-checked,
@@ -67,6 +69,8 @@ pub struct GenerateRequest {
     /// Whether the prompt may start from a prefix another request left in the engine's
     /// prefix cache, and leave its own there (llama.cpp's `cache_prompt`; on by default).
     pub cache_prompt: bool,
+    /// What the output must be (`response_format`), enforced token by token; `None`: text.
+    pub constraint: Option<Constraint>,
 }
 
 /// When a sequence may stop and what its text includes, beyond `stop` and `stop_token_ids`
@@ -245,6 +249,12 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     fn stats(&self) -> EngineStats;
+
+    /// The served vocabulary compiled for structured outputs (`response_format`); `None` when
+    /// this engine cannot constrain its output.
+    fn grammars(&self) -> Option<&Grammars> {
+        None
+    }
 
     /// Per-step histograms (forward time, sampling time, tokens per step), for engines that
     /// run steps.

@@ -167,6 +167,7 @@ fn request(f: &Fixture, prompt: &str, max_tokens: usize, seed: u64) -> GenerateR
         hooks: vec![f.hook.clone()],
         output: OutputRules::default(),
         cache_prompt: true,
+        constraint: None,
     }
 }
 

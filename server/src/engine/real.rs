@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,7 @@ use super::{
     Engine, EngineError, EngineStats, EventReceiver, GenerateRequest, ModelInfo,
     StepMetricsSnapshot,
 };
+use crate::structured::Grammars;
 
 /// Limits of the engine and its scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +122,9 @@ pub struct RealEngine {
     config: EngineConfig,
     tokenizer: Arc<Tokenizer>,
     chat_template: Option<ChatTemplate>,
+    /// Compiled on the first structured request (building the vocabulary's trie takes a
+    /// moment no plain request should wait for); `None` inside if it could not be built.
+    grammars: OnceLock<Option<Grammars>>,
     shared: Arc<Shared>,
     /// `None` once shut down; taken under the lock so no request can follow `Shutdown`.
     inbox: Mutex<Option<SyncSender<Message>>>,
@@ -187,6 +191,7 @@ impl RealEngine {
             config,
             tokenizer,
             chat_template,
+            grammars: OnceLock::new(),
             shared,
             inbox: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
@@ -381,6 +386,16 @@ impl Engine for RealEngine {
         Some(self.shared.steps.snapshot())
     }
 
+    fn grammars(&self) -> Option<&Grammars> {
+        let built = self.grammars.get_or_init(|| {
+            let vocab = self.info.vocab_size;
+            Grammars::new(self.tokenizer.clone(), vocab)
+                .inspect_err(|error| tracing::error!(%error, "structured outputs unavailable"))
+                .ok()
+        });
+        built.as_ref()
+    }
+
     fn stats(&self) -> EngineStats {
         let load = *self.shared.running_load();
         EngineStats {
@@ -555,6 +570,7 @@ mod tests {
             hooks: Vec::new(),
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         }
     }
 

@@ -11,6 +11,7 @@
 //! sequence ever sends, and a send that fails means the client went away, which cancels the
 //! sequence.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -23,6 +24,7 @@ use super::prefix_cache::{common_prefix, ChainKey};
 use super::scheduler::Schedulable;
 use super::stop::{StopOutcome, StopStrings};
 use super::{EngineError, Event, FinishReason, GenerateRequest, Timings, TokenLogprob};
+use crate::structured::Constraint;
 
 /// Events a sequence sends besides its tokens: prompt log-probs, the final event, slack.
 pub(crate) const EVENT_SLACK: usize = 8;
@@ -103,6 +105,8 @@ pub(crate) struct Sequence {
     reuse: Option<ChainKey>,
     /// Prompt tokens that came from a kept prefix instead of being prefilled.
     cached_tokens: usize,
+    /// The response format's state over the tokens generated so far.
+    constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -159,6 +163,7 @@ impl Sequence {
             failed: false,
             reuse,
             cached_tokens: 0,
+            constraint: request.constraint,
         }
     }
 
@@ -515,13 +520,14 @@ impl Sequence {
         now: Instant,
     ) -> Result<(), EngineError> {
         check_logits(logits)?;
-        let sampled = match self.generated.len() < self.min_tokens {
-            false => self.sampler.sample(logits),
-            true => self
-                .sampler
-                .sample(&without_tokens(logits, &self.stop_token_ids)),
-        };
+        let allowed = self.allowed_logits(logits)?;
+        let sampled = self.sampler.sample(&allowed);
         let id = sampled.id;
+        if let Some(constraint) = &mut self.constraint {
+            constraint
+                .consume(id, &self.stop_token_ids)
+                .map_err(|e| internal(format!("response_format constraint: {e}")))?;
+        }
         self.generated.push(id);
         self.clock.first_token.get_or_insert(now);
         self.clock.last_token = Some(now);
@@ -549,6 +555,22 @@ impl Sequence {
             self.finish(FinishReason::Length, now);
         }
         Ok(())
+    }
+
+    /// The logits to sample from: stop tokens masked until `min_tokens` are out, and tokens
+    /// the response format does not allow next masked (a constrained row shares its step with
+    /// others; only its own logits change).
+    fn allowed_logits<'a>(&mut self, logits: &'a [f32]) -> Result<Cow<'a, [f32]>, EngineError> {
+        let mut allowed = Cow::Borrowed(logits);
+        if self.generated.len() < self.min_tokens {
+            allowed = Cow::Owned(without_tokens(logits, &self.stop_token_ids));
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint
+                .mask(allowed.to_mut(), &self.stop_token_ids)
+                .map_err(|e| internal(format!("response_format constraint: {e}")))?;
+        }
+        Ok(allowed)
     }
 
     /// Stop strings end the text once `min_tokens` tokens are out (vLLM's rule: counted with
@@ -724,6 +746,7 @@ mod tests {
             hooks: Vec::new(),
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         }
     }
 

@@ -105,6 +105,7 @@ fn request(
         hooks,
         output: OutputRules::default(),
         cache_prompt: true,
+        constraint: None,
     }
 }
 

@@ -85,6 +85,7 @@ pub fn plain_request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> super::Ge
         hooks: Vec::new(),
         output: super::OutputRules::default(),
         cache_prompt: true,
+        constraint: None,
     }
 }
 

@@ -249,6 +249,7 @@ fn score(
                 hooks: hooks.to_vec(),
                 output: OutputRules::default(),
                 cache_prompt: true,
+                constraint: None,
             })?);
         }
         for ((window, first), mut rx) in wave.iter().zip(receivers) {

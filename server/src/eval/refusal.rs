@@ -251,6 +251,7 @@ fn generate(
             hooks: candidate.chain()?,
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         };
         receivers.push(engine.submit(request)?);
     }

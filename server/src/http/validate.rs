@@ -13,6 +13,7 @@ use super::error::{ApiError, ErrorKind};
 use super::state::{MAX_N, MAX_STOP};
 use super::wire::{Content, OutputWire, SamplingWire, WireMessage};
 use crate::engine::{Engine, GenerateRequest, OutputRules};
+use crate::structured::{Constraint, ResponseFormat};
 
 /// What the request asked for in log-probs, and which field to blame for a bad value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,7 @@ pub struct LogprobsWanted {
 }
 
 /// Everything about a generation except its prompt and length.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Generation {
     pub sampling: SamplingParams,
     /// The request's seed or a random one; choice `i` uses `seed + i`.
@@ -34,6 +35,8 @@ pub struct Generation {
     pub stop_token_ids: Vec<u32>,
     pub output: OutputRules,
     pub cache_prompt: bool,
+    /// The compiled `response_format`; each choice gets its own copy.
+    pub constraint: Option<Constraint>,
 }
 
 /// Checks the shared sampling fields and fills in the defaults.
@@ -72,6 +75,30 @@ pub fn generation(
         stop_token_ids,
         output: output_rules(&wire.output)?,
         cache_prompt: wire.cache_prompt.unwrap_or(true),
+        constraint: constraint(wire.response_format.as_ref(), engine)?,
+    })
+}
+
+/// The response format compiled into a constraint; a schema it cannot enforce is a 400 naming
+/// what it cannot (`Unimplemented keys: ["..."]`).
+fn constraint(
+    format: Option<&ResponseFormat>,
+    engine: &dyn Engine,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some(format) = format.filter(|f| f.schema().is_some()) else {
+        return Ok(None);
+    };
+    let grammars = engine.grammars().ok_or_else(|| {
+        ApiError::unsupported(
+            "response_format",
+            "structured outputs are not available for the served model",
+        )
+    })?;
+    grammars.compile(format).map_err(|e| {
+        ApiError::invalid(
+            "response_format",
+            format!("response_format cannot be enforced: {e}"),
+        )
     })
 }
 
@@ -339,6 +366,7 @@ pub fn fan_out(
                 hooks: hooks.to_vec(),
                 output: gen.output,
                 cache_prompt: gen.cache_prompt,
+                constraint: gen.constraint.clone(),
             });
         }
     }
@@ -423,6 +451,7 @@ mod tests {
             stop_token_ids: vec![1],
             output: OutputRules::default(),
             cache_prompt: true,
+            constraint: None,
         };
         let prompts = [
             PromptPlan {

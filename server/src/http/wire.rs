@@ -7,8 +7,8 @@
 //!
 //! Everything is `deny_unknown_fields`: a field graft does not know could change the output,
 //! so it is a 400 naming it rather than silently ignored. Fields known to be harmless are
-//! dropped by the screen first; fields known to change the output (tools, response_format
-//! with a schema) get a message of their own.
+//! dropped by the screen first; fields known to change the output that graft does not
+//! implement (tools) get a message of their own.
 
 use std::collections::HashMap;
 
@@ -17,6 +17,8 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use plugins::{PluginKind, PluginSpec};
+
+use crate::structured::ResponseFormat;
 
 use super::error::ApiError;
 use super::extensions;
@@ -47,6 +49,7 @@ pub struct SamplingWire {
     /// llama.cpp's: start from a cached prefix of the prompt and leave this one's (default
     /// true; false opts the request out of prefix caching).
     pub cache_prompt: Option<bool>,
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// vLLM's (and SGLang's) fields on when generation may stop and what the text includes.
@@ -127,6 +130,9 @@ pub struct ChatRequest {
     /// llama.cpp: reuse a cached prefix of the prompt and leave this one's for later
     /// requests (default true; false opts out of prefix caching).
     pub cache_prompt: Option<bool>,
+    /// What the output must be: `text` (the default), `json_object` or `json_schema`,
+    /// enforced while sampling.
+    pub response_format: Option<ResponseFormat>,
     /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
     /// end the output (at most `max_tokens`).
     pub min_tokens: Option<usize>,
@@ -179,6 +185,7 @@ impl ChatRequest {
             n: self.n,
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt,
+            response_format: self.response_format.clone(),
             output: OutputWire {
                 min_tokens: self.min_tokens,
                 stop_token_ids: self.stop_token_ids.clone(),
@@ -256,9 +263,6 @@ impl Screen for ChatRequest {
         })?;
         refuse_unless("function_call", body, |v| {
             is_empty(v) || v == Some(&Value::from("none")) || (no_tools && is_auto(v))
-        })?;
-        refuse_unless("response_format", body, |v| {
-            is_empty(v) || v.and_then(|f| f.get("type")) == Some(&Value::from("text"))
         })
     }
 }
@@ -314,6 +318,9 @@ pub struct CompletionRequest {
     /// llama.cpp: reuse a cached prefix of the prompt and leave this one's for later
     /// requests (default true; false opts out of prefix caching).
     pub cache_prompt: Option<bool>,
+    /// What the output must be: `text` (the default), `json_object` or `json_schema`,
+    /// enforced while sampling.
+    pub response_format: Option<ResponseFormat>,
     /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
     /// end the output (at most `max_tokens`).
     pub min_tokens: Option<usize>,
@@ -356,6 +363,7 @@ impl CompletionRequest {
             n: self.n,
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt,
+            response_format: self.response_format.clone(),
             output: OutputWire {
                 min_tokens: self.min_tokens,
                 stop_token_ids: self.stop_token_ids.clone(),
@@ -477,9 +485,27 @@ mod tests {
         let e = chat(r#"{"messages":[],"tools":[{"type":"function"}]}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnsupportedParameter);
         assert_eq!(e.param.as_deref(), Some("tools"));
-        let e = chat(r#"{"messages":[],"response_format":{"type":"json_object"}}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("response_format"));
         chat(r#"{"messages":[],"response_format":{"type":"text"}}"#).expect("text format");
+    }
+
+    #[test]
+    fn response_formats_parse_as_clients_send_them() {
+        let r = chat(r#"{"messages":[],"response_format":{"type":"json_object"}}"#).unwrap();
+        assert_eq!(r.response_format, Some(ResponseFormat::JsonObject {}));
+        let body = r#"{"messages":[],"response_format":{"type":"json_schema","json_schema":
+            {"name":"x","strict":true,"schema":{"type":"object"}}}}"#;
+        let r = chat(body).unwrap();
+        let schema = r.response_format.and_then(|f| f.schema()).unwrap();
+        assert_eq!(schema, serde_json::json!({"type": "object"}));
+        for bad in [
+            r#"{"type":"yaml"}"#,
+            r#"{"type":"json_schema"}"#,
+            r#"{"type":"json_schema","json_schema":{"schema":{}}}"#,
+            r#"{"type":"json_object","schema":{}}"#,
+        ] {
+            let body = format!(r#"{{"messages":[],"response_format":{bad}}}"#);
+            assert!(chat(&body).is_err(), "{bad}");
+        }
     }
 
     #[test]
