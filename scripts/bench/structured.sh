@@ -2,10 +2,11 @@
 # Structured outputs: the decode cost of a constrained row against an unconstrained one, through
 # the server on the default model (streaming chat, concurrency 1, 128 tokens with ignore_eos, one
 # graft server for all configurations, prefix caching off). Constrained rows use schemas that
-# cannot close within 128 tokens, so every step computes a mask:
+# cannot close within 128 tokens (with `ignore_eos` a closed one would go on with end tokens
+# only), so every step computes a mask over the model's output:
 #   plain    no response_format
-#   string   {"story": <free string>}: one long string lexeme
-#   records  an unbounded array of {"name": <string of at most 20>, "score": <0..100>,
+#   string   {"story": <string of at least 2000 characters>}: one long string lexeme
+#   records  an array of at least 50 {"name": <string of at most 20>, "score": <0..100>,
 #            "tier": <enum>} objects: a parser state change every few tokens
 # Configurations alternate within each repetition. Writes under target/bench/structured/:
 # rep-N/<config>/{summary.json,...}, server.log, run.txt and table.md (medians of TPOT and
@@ -32,8 +33,8 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 } | tee "$OUT/run.txt"
 start_graft "$PORT" "$OUT/server.log" --prefix-caching false --max-running 4
 
-string='{"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}'
-records='{"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "score": {"type": "integer", "minimum": 0, "maximum": 100}, "tier": {"enum": ["gold", "silver", "bronze"]}}, "required": ["name", "score", "tier"], "additionalProperties": false}}'
+string='{"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}'
+records='{"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "score": {"type": "integer", "minimum": 0, "maximum": 100}, "tier": {"enum": ["gold", "silver", "bronze"]}}, "required": ["name", "score", "tier"], "additionalProperties": false}, "minItems": 50}'
 body() {  # config
   case $1 in
     plain) echo '{"temperature": 0.7}' ;;
