@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
+use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
 use super::selection::{select_for_generation, Selection};
@@ -261,8 +261,8 @@ impl ChatFormat {
 }
 
 impl ChunkFormat for ChatFormat {
-    fn opening(&mut self, index: usize) -> Option<Value> {
-        Some(self.choice(index, json!({"role": "assistant", "content": ""}), None))
+    fn opening(&mut self, index: usize) -> Vec<Value> {
+        vec![self.choice(index, json!({"role": "assistant", "content": ""}), None)]
     }
 
     fn prompt_logprobs(&mut self, _: usize, _: Vec<TokenLogprob>) -> Option<Value> {
@@ -277,14 +277,20 @@ impl ChunkFormat for ChatFormat {
         Some(self.choice(index, delta, token.logprob.as_ref()))
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason, trailing: String) -> Value {
+    fn finish(
+        &mut self,
+        index: usize,
+        reason: FinishReason,
+        trailing: String,
+        _: &ChoiceTotals,
+    ) -> Vec<Value> {
         let delta = match trailing.is_empty() {
             true => json!({}),
             false => json!({ "content": trailing }),
         };
         let mut chunk = self.choice(index, delta, None);
         chunk["choices"][0]["finish_reason"] = json!(reason.as_str());
-        chunk
+        vec![chunk]
     }
 
     fn envelope(&self) -> &Envelope {

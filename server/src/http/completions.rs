@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect_all, submit_all, summarize, GenToken, Outcome};
+use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::replies::{SseEvent, TextChoice, TextCompletion};
 use super::selection::{select_for_generation, Selection};
@@ -297,13 +297,15 @@ impl CompletionFormat {
 }
 
 impl ChunkFormat for CompletionFormat {
-    fn opening(&mut self, index: usize) -> Option<Value> {
+    fn opening(&mut self, index: usize) -> Vec<Value> {
         // With prompt log-probs the echo waits for them, so text and log-probs share a chunk.
         if !self.shape.echo || self.shape.logprobs {
-            return None;
+            return Vec::new();
         }
-        let text = self.prompt(index)?.text.clone();
-        Some(self.chunk(index, &text, Value::Null, None))
+        let Some(text) = self.prompt(index).map(|p| p.text.clone()) else {
+            return Vec::new();
+        };
+        vec![self.chunk(index, &text, Value::Null, None)]
     }
 
     fn prompt_logprobs(&mut self, index: usize, lps: Vec<TokenLogprob>) -> Option<Value> {
@@ -335,8 +337,14 @@ impl ChunkFormat for CompletionFormat {
         Some(self.chunk(index, &token.text, json!(lps), None))
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason, trailing: String) -> Value {
-        self.chunk(index, &trailing, Value::Null, Some(reason))
+    fn finish(
+        &mut self,
+        index: usize,
+        reason: FinishReason,
+        trailing: String,
+        _: &ChoiceTotals,
+    ) -> Vec<Value> {
+        vec![self.chunk(index, &trailing, Value::Null, Some(reason))]
     }
 
     fn envelope(&self) -> &Envelope {

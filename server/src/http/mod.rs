@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod openapi;
 mod plugin_api;
 pub mod replies;
+pub mod responses;
 mod routes;
 mod selection;
 pub mod state;
@@ -68,6 +69,7 @@ pub fn app(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::create_response))
         .route("/v1/models", get(routes::models))
         .route(
             "/v1/plugins",

@@ -94,6 +94,12 @@ pub const OPERATIONS: &[OperationSpec] = &[
         errors: GENERATE,
     },
     OperationSpec {
+        method: "post",
+        path: "/v1/responses",
+        access: Access::Key,
+        errors: GENERATE,
+    },
+    OperationSpec {
         method: "get",
         path: "/v1/models",
         access: Access::Key,
@@ -205,6 +211,7 @@ const BEARER: &str = "bearer";
     paths(
         super::chat::chat_completions,
         super::completions::completions,
+        super::responses::create_response,
         super::routes::models,
         super::plugin_api::list,
         super::plugin_api::load,

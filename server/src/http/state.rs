@@ -16,6 +16,7 @@ use super::cors::AllowedOrigins;
 use super::error::{ApiError, ErrorKind};
 use super::generate::Deadline;
 use super::metrics::{Metrics, MetricsError};
+use super::responses::ResponseStore;
 use crate::engine::Engine;
 
 /// The largest `n` (choices per request) accepted; each choice is a full sequence in the
@@ -130,6 +131,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The API keys' limiters, built from `config.api_keys`.
     pub auth: Arc<Auth>,
+    /// Stored responses, for `previous_response_id` (POST /v1/responses).
+    pub responses: Arc<ResponseStore>,
 }
 
 impl AppState {
@@ -139,6 +142,7 @@ impl AppState {
             auth: Arc::new(Auth::new(&config.api_keys)),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()?),
+            responses: Arc::new(ResponseStore::default()),
         })
     }
 

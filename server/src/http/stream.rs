@@ -95,11 +95,18 @@ impl Envelope {
 /// How one route shapes its chunks. Every method returns whole chunks (envelope included).
 pub trait ChunkFormat: Send + 'static {
     /// Chunks sent as soon as the stream opens, before any engine event.
-    fn opening(&mut self, index: usize) -> Option<Value>;
+    fn opening(&mut self, index: usize) -> Vec<Value>;
     fn prompt_logprobs(&mut self, index: usize, logprobs: Vec<TokenLogprob>) -> Option<Value>;
     /// `None` when there is nothing to send (text held back and no log-probs).
     fn token(&mut self, index: usize, token: GenToken) -> Option<Value>;
-    fn finish(&mut self, index: usize, reason: FinishReason, trailing: String) -> Value;
+    /// The chunks that end choice `index`; `totals` are its token counts and timings.
+    fn finish(
+        &mut self,
+        index: usize,
+        reason: FinishReason,
+        trailing: String,
+        totals: &ChoiceTotals,
+    ) -> Vec<Value>;
     fn envelope(&self) -> &Envelope;
 }
 
@@ -130,7 +137,8 @@ impl<F: ChunkFormat> StreamState<F> {
 
     pub fn opening(&mut self) -> Vec<Frame> {
         let mut frames: Vec<Frame> = (0..self.finished.len())
-            .filter_map(|i| self.format.opening(i).map(Frame::Json))
+            .flat_map(|i| self.format.opening(i))
+            .map(Frame::Json)
             .collect();
         self.echo_once(&mut frames);
         frames
@@ -186,29 +194,30 @@ impl<F: ChunkFormat> StreamState<F> {
                 trailing_text,
                 timings,
             } => {
+                let totals = ChoiceTotals {
+                    index,
+                    prompt_tokens,
+                    cached_tokens,
+                    completion_tokens,
+                    timings,
+                };
                 if let Some(slot) = self.finished.get_mut(index) {
-                    *slot = Some(ChoiceTotals {
-                        index,
-                        prompt_tokens,
-                        cached_tokens,
-                        completion_tokens,
-                        timings,
-                    });
+                    *slot = Some(totals);
                 }
-                let mut chunk = self.format.finish(index, reason, trailing_text);
+                let mut chunks = self.format.finish(index, reason, trailing_text, &totals);
                 // Server-side timings of this choice ride on its final chunk, as llama.cpp's do.
-                if let Some(Some(totals)) = self.finished.get(index) {
-                    chunk["timings"] = json!(summarize(&[*totals], 1).1);
+                if let Some(chunk) = chunks.first_mut().filter(|c| c.get("choices").is_some()) {
+                    chunk["timings"] = json!(summarize(&[totals], 1).1);
                 }
-                return self.after_finish(chunk);
+                return self.after_finish(chunks);
             }
             Event::Failed(e) => return self.fail(e.into()),
         };
         chunk.map(Frame::Json).into_iter().collect()
     }
 
-    fn after_finish(&mut self, chunk: Value) -> Vec<Frame> {
-        let mut frames = vec![Frame::Json(chunk)];
+    fn after_finish(&mut self, chunks: Vec<Value>) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = chunks.into_iter().map(Frame::Json).collect();
         let totals: Option<Vec<ChoiceTotals>> = self.finished.iter().copied().collect();
         if let Some(totals) = totals {
             let envelope = self.format.envelope();
@@ -295,8 +304,8 @@ mod tests {
     struct Plain(Envelope);
 
     impl ChunkFormat for Plain {
-        fn opening(&mut self, index: usize) -> Option<Value> {
-            Some(self.0.chunk(vec![json!({"index": index, "open": true})]))
+        fn opening(&mut self, index: usize) -> Vec<Value> {
+            vec![self.0.chunk(vec![json!({"index": index, "open": true})])]
         }
         fn prompt_logprobs(&mut self, _: usize, _: Vec<TokenLogprob>) -> Option<Value> {
             None
@@ -304,10 +313,10 @@ mod tests {
         fn token(&mut self, index: usize, t: GenToken) -> Option<Value> {
             Some(self.0.chunk(vec![json!({"index": index, "text": t.text})]))
         }
-        fn finish(&mut self, index: usize, reason: FinishReason, _: String) -> Value {
-            self.0.chunk(vec![
-                json!({"index": index, "finish_reason": reason.as_str()}),
-            ])
+        fn finish(&mut self, i: usize, r: FinishReason, _: String, _: &ChoiceTotals) -> Vec<Value> {
+            vec![self
+                .0
+                .chunk(vec![json!({"index": i, "finish_reason": r.as_str()})])]
         }
         fn envelope(&self) -> &Envelope {
             &self.0
