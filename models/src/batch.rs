@@ -20,6 +20,10 @@ pub enum LogitsWanted {
     Last,
     /// Every position: prompt log-probs (`echo`), perplexity, training checks.
     All,
+    /// No logits: every position's final hidden state instead, after the final norm (what
+    /// the LM head would read), `(row tokens, hidden)`: embeddings. Logits hooks do not run
+    /// on them.
+    Hidden,
 }
 
 /// One row of a forward step.
@@ -41,7 +45,7 @@ impl BatchRow<'_> {
     pub(crate) fn logit_offsets(&self) -> std::ops::Range<usize> {
         let n = self.tokens.len();
         match self.logits {
-            LogitsWanted::None => 0..0,
+            LogitsWanted::None | LogitsWanted::Hidden => 0..0,
             LogitsWanted::Last => n - 1..n,
             LogitsWanted::All => 0..n,
         }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
 use crate::attention::HeadKeys;
-use crate::batch::{BatchRow, Packing, RowInfo};
+use crate::batch::{BatchRow, LogitsWanted, Packing, RowInfo};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hook_plan::{plan, PlannedGroup};
@@ -705,6 +705,16 @@ impl<'a> Step<'a> {
         x: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
         let mut out: Vec<Option<Tensor>> = vec![None; batch.len()];
+        for (r, row) in batch.iter().enumerate() {
+            if row.logits == LogitsWanted::Hidden {
+                let h = self.final_hidden(r, x)?;
+                out[r] = Some(candle_nn::ops::rms_norm(
+                    &h,
+                    &model.norm,
+                    model.config.rms_norm_eps,
+                )?);
+            }
+        }
         let Some((wanted, mut logits)) = self.head_logits(model, batch, x)? else {
             return Ok(out);
         };

@@ -335,3 +335,46 @@ fn a_skipping_exit_leaves_the_later_layers_without_the_rows_keys() {
             .expect("v")
     );
 }
+
+/// `LogitsWanted::Hidden` gives every position's final-norm hidden state: the LM head applied
+/// to them is the logits `LogitsWanted::All` gives, in one prefill or in chunks.
+#[test]
+fn hidden_states_are_what_the_lm_head_reads() {
+    let m = tiny().build(64).unwrap();
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 90).collect();
+    let run = |chunks: &[usize], wanted: LogitsWanted| -> Vec<Tensor> {
+        let mut cache = m.new_cache();
+        let (mut at, mut out) = (0, Vec::new());
+        for &c in chunks {
+            let mut b = [BatchRow {
+                seq_id: 0,
+                tokens: &prompt[at..at + c],
+                cache: &mut cache,
+                hooks: &[],
+                logits: wanted,
+            }];
+            out.push(m.forward(&mut b).unwrap().remove(0).unwrap());
+            at += c;
+        }
+        out
+    };
+    let hidden = Tensor::cat(&run(&[4, 5], LogitsWanted::Hidden), 0).unwrap();
+    assert_eq!(hidden.dims(), &[9, m.config.hidden_size]);
+    let logits = run(&[9], LogitsWanted::All).remove(0);
+    let head = m.output_head();
+    let ids: Vec<u32> = (0..m.config.vocab_size as u32).collect();
+    let rows = Tensor::from_vec(
+        head.token_rows(&ids).unwrap(),
+        (ids.len(), m.config.hidden_size),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let from_hidden = hidden.matmul(&rows.t().unwrap()).unwrap();
+    let diff = (from_hidden - logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "{diff}");
+}

@@ -106,7 +106,7 @@ impl Hook for Watcher {
                     .extend(positions.clone().zip(row.tokens.iter().copied()));
                 let end = positions.end;
                 seen.logit_positions.extend(match row.logits {
-                    LogitsWanted::None => 0..0,
+                    LogitsWanted::None | LogitsWanted::Hidden => 0..0,
                     LogitsWanted::Last => end - 1..end,
                     LogitsWanted::All => positions,
                 });

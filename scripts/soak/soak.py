@@ -14,7 +14,8 @@ a small plug-in memory budget) and overload bursts well past the waiting queue. 
   sent, status by status (a disconnected client is 499, or 200 if it finished first), the
   running and waiting gauges are back to 0, and cancellations never exceed disconnects;
 - RSS bounded: after the load, resident memory less what the server keeps on purpose
-  (resident plug-ins) returns within 1.5x of the idle figure within 10 s.
+  (resident plug-ins, and the prefix cache's kept KV caches, which stay inside the KV budget)
+  returns within 1.5x of the idle figure within 10 s.
 
 Writes a JSON report and an SVG of RSS and request rate over time (--out), prints one line per
 check, and exits non-zero if any check fails. docs/SOAK.md has the 30-minute run.
@@ -184,7 +185,7 @@ def check_overload(ledger: Ledger) -> list[str]:
 
 
 def check_rss(sampler: RssSampler, idle: int, m: dict, pid: int) -> tuple[list[str], dict]:
-    kept = int(metric(m, "graft_plugin_resident_bytes"))
+    kept = int(metric(m, "graft_plugin_resident_bytes")) + int(metric(m, "graft_prefix_cache_bytes"))
     deadline = time.time() + SETTLE_SECONDS
     final = rss_bytes(pid)
     while final - kept > RSS_SLACK * idle and time.time() < deadline:

@@ -49,6 +49,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         output: OutputRules::default(),
         cache_prompt: true,
         constraint: None,
+        embed: false,
     }
 }
 
@@ -71,6 +72,7 @@ fn collect(mut rx: EventReceiver) -> Output {
     while let Some(event) = rx.blocking_recv() {
         match event {
             Event::PromptLogprobs(lp) => out.prompt_logprobs = lp,
+            Event::Embedding(_) => panic!("an embedding for a generation"),
             Event::Token { id, text, .. } => {
                 out.tokens.push(id);
                 out.text.push_str(&text);

@@ -101,6 +101,7 @@ impl Setup {
             output: OutputRules::default(),
             cache_prompt: true,
             constraint: None,
+            embed: false,
         }
     }
 

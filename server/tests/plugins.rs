@@ -123,6 +123,7 @@ fn request(prompt: &str, temperature: f32, seed: u64, hooks: Vec<HookCall>) -> G
         output: OutputRules::default(),
         cache_prompt: true,
         constraint: None,
+        embed: false,
     }
 }
 

@@ -69,7 +69,7 @@ fn collect(mut rx: EventReceiver) -> Output {
             }
             Event::Finished { cached_tokens, .. } => out.cached = cached_tokens,
             Event::Failed(e) => panic!("request failed: {e}"),
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Embedding(_) => {}
         }
     }
     out

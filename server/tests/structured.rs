@@ -67,7 +67,7 @@ fn text(mut rx: EventReceiver) -> (String, String) {
                 reason = r.as_str().to_string();
             }
             Event::Failed(e) => panic!("request failed: {e}"),
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Embedding(_) => {}
         }
     }
     (out, reason)

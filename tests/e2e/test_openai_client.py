@@ -127,8 +127,9 @@ def test_n_choices_share_one_prefill_and_each_equals_its_own_request(client, ser
     r = client.chat.completions.create(n=3, seed=40, **kwargs)
     fed = step_tokens() - before
     texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
-    prompt = r.usage.prompt_tokens
-    # Each choice feeds every sampled token but its last; the prompt went in once.
+    # The prompt went in once (less what an earlier request left in the prefix cache); each
+    # choice feeds every sampled token but its last.
+    prompt = r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
     fed_tokens = r.usage.completion_tokens - 3
     assert fed == prompt + fed_tokens, (fed, prompt, r.usage)
     for i, text in enumerate(texts):

@@ -108,6 +108,7 @@ async fn steps_run_after_leaving(stream: bool) -> usize {
     let facts = ModelFacts {
         max_positions: loaded.model.max_positions(),
         vocab_size: loaded.model.config.vocab_size,
+        hidden_size: loaded.model.config.hidden_size,
         kv_bytes_per_token: loaded.model.config.kv_bytes_per_token(),
     };
     let gate = Arc::new(StepGate::default());

@@ -28,6 +28,8 @@ pub const VOCAB_SIZE: usize = 256 + BYTE_OFFSET as usize;
 
 /// The log-prob the fake gives every token it reports.
 pub const FAKE_LOGPROB: f32 = -0.5;
+/// Width of the fake's embeddings.
+pub const FAKE_HIDDEN: usize = 8;
 
 /// What the fake answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +67,7 @@ impl Default for FakeConfig {
                 id: "fake-model".into(),
                 context_length: 128,
                 vocab_size: VOCAB_SIZE,
+                hidden_size: FAKE_HIDDEN,
                 created: 1_700_000_000,
             },
             reply: Reply::Echo,
@@ -115,6 +118,20 @@ impl FakeEngine {
     }
 }
 
+/// A unit vector that depends on the prompt: its token ids folded into [`FAKE_HIDDEN`]
+/// components (the first set to 1 for an empty fold).
+pub fn fake_embedding(prompt: &[u32]) -> Vec<f32> {
+    let mut v = [0f32; FAKE_HIDDEN];
+    for (i, &id) in prompt.iter().enumerate() {
+        v[i % FAKE_HIDDEN] += id as f32;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    match norm > 0.0 {
+        true => v.iter().map(|x| x / norm).collect(),
+        false => (0..FAKE_HIDDEN).map(|i| f32::from(i == 0)).collect(),
+    }
+}
+
 fn logprob(id: u32, top: usize) -> TokenLogprob {
     // The token itself first, then made-up alternatives, each less likely.
     let alternatives = (0..top as u32).map(|i| {
@@ -134,6 +151,9 @@ fn logprob(id: u32, top: usize) -> TokenLogprob {
 
 fn echo_events(request: &GenerateRequest, fail_after: Option<usize>) -> Vec<Event> {
     let mut events = Vec::new();
+    if request.embed {
+        events.push(Event::Embedding(fake_embedding(&request.prompt)));
+    }
     if let Some(top) = request.prompt_logprobs {
         let lps = request.prompt.iter().skip(1).map(|&id| logprob(id, top));
         events.push(Event::PromptLogprobs(lps.collect()));
@@ -343,6 +363,7 @@ mod tests {
             output: OutputRules::default(),
             cache_prompt: true,
             constraint: None,
+            embed: false,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct GenerateRequest {
     pub cache_prompt: bool,
     /// What the output must be (`response_format`), enforced token by token; `None`: text.
     pub constraint: Option<Constraint>,
+    /// Embed instead of generating: the prompt's final hidden states (after the final norm),
+    /// mean-pooled and L2-normalised, come back as [`Event::Embedding`]; nothing is generated.
+    pub embed: bool,
 }
 
 /// When a sequence may stop and what its text includes, beyond `stop` and `stop_token_ids`
@@ -138,6 +141,8 @@ pub struct Timings {
 pub enum Event {
     /// Log-probs of prompt tokens 1.. (the first token has none).
     PromptLogprobs(Vec<TokenLogprob>),
+    /// An embedding request's vector (unit length), before `Finished`.
+    Embedding(Vec<f32>),
     /// One generated token. `text` is the newly completed text (may be empty while a UTF-8
     /// character or a possible stop string is held back); `logprob` when asked for.
     Token {
@@ -170,6 +175,8 @@ pub struct ModelInfo {
     /// Longest prompt plus completion, in tokens.
     pub context_length: usize,
     pub vocab_size: usize,
+    /// Width of the hidden states, hence of embeddings.
+    pub hidden_size: usize,
     /// Unix seconds when the model was loaded (`created` in /v1/models).
     pub created: u64,
 }

@@ -168,6 +168,7 @@ fn request(f: &Fixture, prompt: &str, max_tokens: usize, seed: u64) -> GenerateR
         output: OutputRules::default(),
         cache_prompt: true,
         constraint: None,
+        embed: false,
     }
 }
 

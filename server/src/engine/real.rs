@@ -113,6 +113,7 @@ impl EngineConfig {
 pub(crate) struct ModelFacts {
     pub max_positions: usize,
     pub vocab_size: usize,
+    pub hidden_size: usize,
     pub kv_bytes_per_token: usize,
 }
 
@@ -143,6 +144,7 @@ impl RealEngine {
         let facts = ModelFacts {
             max_positions: model.max_positions(),
             vocab_size: model.config.vocab_size,
+            hidden_size: model.config.hidden_size,
             kv_bytes_per_token: model.config.kv_bytes_per_token(),
         };
         Self::start(model, facts, tokenizer, chat_template, config)
@@ -182,6 +184,7 @@ impl RealEngine {
             id: config.model_id.clone(),
             context_length: facts.max_positions,
             vocab_size: facts.vocab_size,
+            hidden_size: facts.hidden_size,
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -539,6 +542,7 @@ mod tests {
         let facts = ModelFacts {
             max_positions: loaded.model.max_positions(),
             vocab_size: loaded.model.config.vocab_size,
+            hidden_size: loaded.model.config.hidden_size,
             kv_bytes_per_token: loaded.model.config.kv_bytes_per_token(),
         };
         let gate = Arc::new(Gate::default());
@@ -571,6 +575,7 @@ mod tests {
             output: OutputRules::default(),
             cache_prompt: true,
             constraint: None,
+            embed: false,
         }
     }
 

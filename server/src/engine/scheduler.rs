@@ -35,6 +35,10 @@ pub trait Schedulable {
     fn kv_allocated_bytes(&self) -> usize;
     /// Whether every prompt position needs logits (prompt log-probs were asked for).
     fn wants_prompt_logits(&self) -> bool;
+    /// Whether every prompt position needs its final hidden state instead (an embedding).
+    fn wants_prompt_hidden(&self) -> bool {
+        false
+    }
     /// Bytes of plug-in state the sequence's chain expects to hold per position, on top of
     /// the model's keys and values.
     fn state_bytes_per_token(&self) -> usize {
@@ -215,7 +219,7 @@ impl<S: Schedulable> Scheduler<S> {
             rows.push(PlannedRow {
                 index,
                 tokens,
-                logits: chunk_logits(seq.wants_prompt_logits(), tokens == remaining),
+                logits: chunk_logits(seq, tokens == remaining),
             });
         }
         rows
@@ -259,11 +263,16 @@ impl<S: Schedulable> Scheduler<S> {
 
 /// Logits a prefill chunk asks for: every position when prompt log-probs are wanted (each
 /// chunk scores its own tokens), else only the last chunk's last position, for sampling.
-fn chunk_logits(prompt_logits: bool, last_chunk: bool) -> LogitsWanted {
-    match (prompt_logits, last_chunk) {
-        (true, _) => LogitsWanted::All,
-        (false, true) => LogitsWanted::Last,
-        (false, false) => LogitsWanted::None,
+fn chunk_logits(seq: &impl Schedulable, last_chunk: bool) -> LogitsWanted {
+    match (
+        seq.wants_prompt_hidden(),
+        seq.wants_prompt_logits(),
+        last_chunk,
+    ) {
+        (true, _, _) => LogitsWanted::Hidden,
+        (false, true, _) => LogitsWanted::All,
+        (false, false, true) => LogitsWanted::Last,
+        (false, false, false) => LogitsWanted::None,
     }
 }
 

@@ -107,6 +107,8 @@ pub(crate) struct Sequence {
     cached_tokens: usize,
     /// The response format's state over the tokens generated so far.
     constraint: Option<Constraint>,
+    /// An embedding request's running sum of its prompt's final hidden states.
+    embedding: Option<Vec<f64>>,
 }
 
 impl Sequence {
@@ -124,7 +126,9 @@ impl Sequence {
         let mut sampler = Sampler::new(request.sampling, request.seed);
         sampler.observe_prompt(&request.prompt);
         // Prompt log-probs need logits at every prompt position, which a reused prefix skips.
-        let reuse = match request.cache_prompt && request.prompt_logprobs.is_none() {
+        // An embedding needs every prompt position's hidden state too.
+        let whole = request.prompt_logprobs.is_some() || request.embed;
+        let reuse = match request.cache_prompt && !whole {
             true => ChainKey::of(&request.hooks),
             false => None,
         };
@@ -164,6 +168,7 @@ impl Sequence {
             reuse,
             cached_tokens: 0,
             constraint: request.constraint,
+            embedding: request.embed.then(Vec::new),
         }
     }
 
@@ -467,7 +472,15 @@ impl Sequence {
         if let Some(top_n) = self.prompt_logprobs {
             self.score_prompt(start, fed, rows, top_n)?;
         }
+        if let Some(sum) = &mut self.embedding {
+            add_rows(sum, rows);
+        }
         if start + fed < self.prompt.len() {
+            return Ok(());
+        }
+        if let Some(sum) = self.embedding.take() {
+            self.send(Event::Embedding(mean_unit(&sum, self.prompt.len())));
+            self.finish(FinishReason::Stop, now);
             return Ok(());
         }
         if self.prompt_logprobs.is_some() {
@@ -670,6 +683,10 @@ impl Schedulable for Sequence {
         self.prompt_logprobs.is_some()
     }
 
+    fn wants_prompt_hidden(&self) -> bool {
+        self.embedding.is_some()
+    }
+
     fn drafts(&self, decoding: usize) -> usize {
         self.policy.length(self.proposal.len(), decoding)
     }
@@ -701,6 +718,26 @@ fn check_logits(logits: &[f32]) -> Result<(), EngineError> {
 
 /// `logits` with `ids` made impossible: how `min_tokens` keeps the stop tokens from being
 /// sampled (and how vLLM does it).
+/// Adds hidden-state rows to a running sum (sized by the first row).
+fn add_rows(sum: &mut Vec<f64>, rows: &[Vec<f32>]) {
+    for row in rows {
+        if sum.is_empty() {
+            sum.resize(row.len(), 0.0);
+        }
+        for (s, &x) in sum.iter_mut().zip(row) {
+            *s += f64::from(x);
+        }
+    }
+}
+
+/// The mean of `n` rows summed in `sum`, scaled to unit length (a zero vector stays zero).
+fn mean_unit(sum: &[f64], n: usize) -> Vec<f32> {
+    let mean: Vec<f64> = sum.iter().map(|s| s / n.max(1) as f64).collect();
+    let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+    mean.iter().map(|x| (x * scale) as f32).collect()
+}
+
 fn without_tokens(logits: &[f32], ids: &[u32]) -> Vec<f32> {
     let mut masked = logits.to_vec();
     for &id in ids {
@@ -747,6 +784,7 @@ mod tests {
             output: OutputRules::default(),
             cache_prompt: true,
             constraint: None,
+            embed: false,
         }
     }
 

@@ -106,6 +106,7 @@ fn request(
         output: OutputRules::default(),
         cache_prompt: true,
         constraint: None,
+        embed: false,
     }
 }
 

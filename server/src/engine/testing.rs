@@ -86,6 +86,7 @@ pub fn plain_request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> super::Ge
         output: super::OutputRules::default(),
         cache_prompt: true,
         constraint: None,
+        embed: false,
     }
 }
 

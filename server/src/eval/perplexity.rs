@@ -250,6 +250,7 @@ fn score(
                 output: OutputRules::default(),
                 cache_prompt: true,
                 constraint: None,
+                embed: false,
             })?);
         }
         for ((window, first), mut rx) in wave.iter().zip(receivers) {

@@ -252,6 +252,7 @@ fn generate(
             output: OutputRules::default(),
             cache_prompt: true,
             constraint: None,
+            embed: false,
         };
         receivers.push(engine.submit(request)?);
     }
@@ -266,7 +267,7 @@ fn generate(
                 }
                 Event::Finished { trailing_text, .. } => text.push_str(&trailing_text),
                 Event::Failed(e) => bail!("generation failed: {e}"),
-                Event::PromptLogprobs(_) => {}
+                Event::PromptLogprobs(_) | Event::Embedding(_) => {}
             }
         }
         generated.push((text, tokens));

@@ -15,7 +15,7 @@ use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
-use super::selection::{select_for_generation, Selection};
+use super::selection::{prepare_generation, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
 use super::validate::{chat_messages, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan};
@@ -48,11 +48,8 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let deadline = state.deadline();
-    let engine = state.engine()?;
-    caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
-    let selection =
-        select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
-    state.metrics.plugins_used(&selection.chain.entries);
+    let (engine, selection) =
+        prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
     let requests = plan(
         &req,
         engine.as_ref(),

@@ -18,7 +18,7 @@ use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::replies::{SseEvent, TextChoice, TextCompletion};
-use super::selection::{select_for_generation, Selection};
+use super::selection::{prepare_generation, Selection};
 use super::state::{AppState, HttpConfig, MAX_CHOICES};
 use super::stream::{sse_response, ChunkFormat, Envelope};
 use super::validate::{
@@ -30,9 +30,9 @@ use crate::engine::{Engine, FinishReason, GenerateRequest, TokenLogprob};
 
 /// One prompt: its tokens and, for `echo`, its text.
 #[derive(Debug, Clone, PartialEq)]
-struct PromptInput {
-    tokens: Vec<u32>,
-    text: String,
+pub(super) struct PromptInput {
+    pub tokens: Vec<u32>,
+    pub text: String,
 }
 
 /// What the response needs to know besides the engine's events.
@@ -68,11 +68,8 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let deadline = state.deadline();
-    let engine = state.engine()?;
-    caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
-    let selection =
-        select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
-    state.metrics.plugins_used(&selection.chain.entries);
+    let (engine, selection) =
+        prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
     let (requests, shape) = plan(
         &req,
         engine.as_ref(),
@@ -168,7 +165,7 @@ pub(super) fn plan(
 
 /// Tokenizes text prompts (BOS as the model wants, with `add_special`) and checks token-id
 /// prompts.
-fn prompt_inputs(
+pub(super) fn prompt_inputs(
     prompt: &Prompt,
     engine: &dyn Engine,
     echo: bool,

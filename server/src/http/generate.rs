@@ -77,7 +77,7 @@ impl Tracker {
     pub fn observe(&mut self, event: &Event) {
         self.started();
         match event {
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Embedding(_) => {}
             Event::Token { .. } => self.on_token(),
             Event::Finished {
                 reason,
@@ -207,6 +207,8 @@ pub struct Outcome {
     pub tokens: Vec<GenToken>,
     pub finish_reason: FinishReason,
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// An embedding request's vector.
+    pub embedding: Option<Vec<f32>>,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     pub completion_tokens: usize,
@@ -225,10 +227,12 @@ pub fn engine_gone() -> ApiError {
 pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
     let mut tokens = Vec::new();
     let mut prompt_logprobs = None;
+    let mut embedding = None;
     while let Some(event) = sub.rx.recv().await {
         sub.tracker.observe(&event);
         match event {
             Event::PromptLogprobs(lps) => prompt_logprobs = Some(lps),
+            Event::Embedding(vector) => embedding = Some(vector),
             Event::Token { id, text, logprob } => tokens.push(GenToken { id, text, logprob }),
             Event::Finished {
                 reason,
@@ -245,6 +249,7 @@ pub async fn collect(sub: &mut Submission) -> Result<Outcome, ApiError> {
                     tokens,
                     finish_reason: reason,
                     prompt_logprobs,
+                    embedding,
                     prompt_tokens,
                     cached_tokens,
                     completion_tokens,

@@ -19,6 +19,7 @@ mod body_limit;
 mod chat;
 mod completions;
 pub mod cors;
+mod embeddings;
 pub mod error;
 mod extensions;
 pub mod extract;
@@ -70,6 +71,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::create_response))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
         .route(
             "/v1/plugins",

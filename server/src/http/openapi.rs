@@ -95,6 +95,12 @@ pub const OPERATIONS: &[OperationSpec] = &[
     },
     OperationSpec {
         method: "post",
+        path: "/v1/embeddings",
+        access: Access::Key,
+        errors: GENERATE,
+    },
+    OperationSpec {
+        method: "post",
         path: "/v1/responses",
         access: Access::Key,
         errors: GENERATE,
@@ -212,6 +218,7 @@ const BEARER: &str = "bearer";
         super::chat::chat_completions,
         super::completions::completions,
         super::responses::create_response,
+        super::embeddings::embeddings,
         super::routes::models,
         super::plugin_api::list,
         super::plugin_api::load,

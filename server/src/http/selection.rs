@@ -6,11 +6,14 @@
 //! `plugins` list in its order. Every failure names what is wrong: `model` for the model
 //! field, `plugins[i]` (or `plugins[i].<param>`) for an entry of the list.
 
+use std::sync::Arc;
+
 use plugins::{Chain, PluginError, PluginKind, PluginSpec, Registry};
 
+use super::auth::Caller;
 use super::error::{on_blocking_pool, ApiError, ErrorKind};
 use super::state::AppState;
-use crate::engine::ModelInfo;
+use crate::engine::{Engine, ModelInfo};
 
 /// The resolved chain and the model name the response reports.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +54,22 @@ pub async fn select_for_generation(
         select(model.as_deref(), &plugins, &info, Some(&registry))
     })
     .await?
+}
+
+/// What every generation route does first: the engine (503 while loading), the caller's
+/// permission for the model and plug-ins (403), the plug-in selection (404s), and the
+/// plug-ins' use counted in the metrics.
+pub async fn prepare_generation(
+    state: &AppState,
+    caller: &Caller,
+    model: Option<&str>,
+    plugins: &[PluginSpec],
+) -> Result<(Arc<dyn Engine>, Selection), ApiError> {
+    let engine = state.engine()?;
+    caller.check(&engine.info().id, model, plugins)?;
+    let selection = select_for_generation(state, engine.info(), model, plugins).await?;
+    state.metrics.plugins_used(&selection.chain.entries);
+    Ok((engine, selection))
 }
 
 /// [`select`] with the app's registry (none until the model is loaded).
@@ -164,6 +183,7 @@ mod tests {
             id: "m".into(),
             context_length: 100,
             vocab_size: 96,
+            hidden_size: 32,
             created: 0,
         }
     }

@@ -183,6 +183,8 @@ impl<F: ChunkFormat> StreamState<F> {
         }
         let chunk = match event {
             Event::PromptLogprobs(lps) => self.format.prompt_logprobs(index, lps),
+            // Embeddings are never streamed.
+            Event::Embedding(_) => None,
             Event::Token { id, text, logprob } => {
                 self.format.token(index, GenToken { id, text, logprob })
             }

@@ -367,6 +367,7 @@ pub fn fan_out(
                 output: gen.output,
                 cache_prompt: gen.cache_prompt,
                 constraint: gen.constraint.clone(),
+                embed: false,
             });
         }
     }

@@ -28,7 +28,7 @@ use super::error::{ApiError, ErrorKind};
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all};
 use super::replies::SseEvent;
-use super::selection::select_for_generation;
+use super::selection::prepare_generation;
 use super::state::AppState;
 use super::stream::{sse_response, Envelope};
 use super::{unix_now, RequestId};
@@ -59,8 +59,8 @@ pub async fn create_response(
     ApiJson(req): ApiJson<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     let deadline = state.deadline();
-    let engine = state.engine()?;
-    caller.check(&engine.info().id, req.model.as_deref(), &req.plugins)?;
+    let (engine, selection) =
+        prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
     let owner = caller.name().map(str::to_string);
     let history = match &req.previous_response_id {
         Some(id) => state.responses.conversation(id, owner.as_deref())?,
@@ -68,9 +68,6 @@ pub async fn create_response(
     };
     let input = req.input_messages()?;
     let chat_req = req.as_chat(&history, &input)?;
-    let selection =
-        select_for_generation(&state, engine.info(), req.model.as_deref(), &req.plugins).await?;
-    state.metrics.plugins_used(&selection.chain.entries);
     let requests = chat::plan(
         &chat_req,
         engine.as_ref(),
