@@ -764,3 +764,46 @@ fn a_prefix_is_reused_only_under_the_same_adapters_with_the_same_scales() {
         assert_eq!(got, submit(&plain).0, "request {i} {chain:?}");
     }
 }
+
+#[test]
+fn a_response_format_constrains_a_row_whose_chain_changes_its_logits() {
+    let s = Setup::new();
+    let engine = s.engine(s.dir.path());
+    let format: server::structured::ResponseFormat = serde_json::from_value(json!({
+        "type": "json_schema",
+        "json_schema": {"name": "pick", "schema": {"enum": ["north", "south", "east", "west"]}}
+    }))
+    .unwrap();
+    let constraint = engine.grammars().unwrap().compile(&format).unwrap();
+    let mut answers = Vec::new();
+    for (seed, chain) in [
+        (1, s.chain(&[("a0", 1.0)])),
+        (2, s.chain(&[("a1", 2.0)])),
+        (3, vec![]),
+    ] {
+        let req = GenerateRequest {
+            constraint: constraint.clone(),
+            stop_token_ids: vec![server::engine::testing::TINY_EOS],
+            ..request("which way?", 1.0, seed, chain)
+        };
+        let (ids, _) = tokens_and_cached(engine.submit(req).unwrap());
+        let text: String = ids
+            .iter()
+            .filter(|&&id| id != server::engine::testing::TINY_EOS)
+            .map(|&id| {
+                server::engine::testing::tiny_tokenizer()
+                    .unwrap()
+                    .decode(&[id], false)
+                    .unwrap()
+            })
+            .collect();
+        let value: String = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        answers.push(value);
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|a| ["north", "south", "east", "west"].contains(&a.as_str())),
+        "{answers:?}"
+    );
+}
