@@ -100,8 +100,8 @@ fn block_hashes(key: &ChainKey, tokens: &[u32]) -> Vec<u64> {
 }
 
 /// Tokens two sequences share from the start.
-pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+pub(crate) fn common_prefix<'a>(a: impl IntoIterator<Item = &'a u32>, b: &[u32]) -> usize {
+    a.into_iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 struct Entry {

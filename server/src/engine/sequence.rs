@@ -413,8 +413,8 @@ impl Sequence {
         if self.reuse.as_ref() != Some(key) || self.failed {
             return 0;
         }
-        let held = self.held_tokens();
-        common_prefix(&held, &prompt[..limit.min(prompt.len())])
+        let usable = &prompt[..limit.min(prompt.len())];
+        common_prefix(self.held_tokens(), usable)
     }
 
     /// A copy of this sequence's first `tokens` positions, for another sequence to start from.
@@ -432,15 +432,12 @@ impl Sequence {
 
     /// The tokens whose positions this sequence may leave for others, in order: all it fed,
     /// or only the prompt when a hook changes what decode steps leave.
-    fn held_tokens(&self) -> Vec<u32> {
+    fn held_tokens(&self) -> impl Iterator<Item = &u32> {
         let mut len = self.cache.len();
         if self.reuse.as_ref().is_some_and(ChainKey::prompt_only) {
             len = len.min(self.prompt.len());
         }
-        let extra = len.saturating_sub(self.prompt.len());
-        let mut tokens = self.prompt[..len.min(self.prompt.len())].to_vec();
-        tokens.extend(self.generated.iter().take(extra));
-        tokens
+        self.prompt.iter().chain(&self.generated).take(len)
     }
 
     /// What an ended sequence leaves for the prefix cache: its key, the tokens its cache
@@ -449,7 +446,7 @@ impl Sequence {
         if self.failed {
             return None;
         }
-        let tokens = self.held_tokens();
+        let tokens: Vec<u32> = self.held_tokens().copied().collect();
         self.cache.truncate(tokens.len()).ok()?;
         Some((self.reuse?, tokens, self.cache))
     }
@@ -716,8 +713,6 @@ fn check_logits(logits: &[f32]) -> Result<(), EngineError> {
     }
 }
 
-/// `logits` with `ids` made impossible: how `min_tokens` keeps the stop tokens from being
-/// sampled (and how vLLM does it).
 /// Adds hidden-state rows to a running sum (sized by the first row).
 fn add_rows(sum: &mut Vec<f64>, rows: &[Vec<f32>]) {
     for row in rows {
@@ -738,6 +733,8 @@ fn mean_unit(sum: &[f64], n: usize) -> Vec<f32> {
     mean.iter().map(|x| (x * scale) as f32).collect()
 }
 
+/// `logits` with `ids` made impossible: how `min_tokens` keeps the stop tokens from being
+/// sampled (and how vLLM does it).
 fn without_tokens(logits: &[f32], ids: &[u32]) -> Vec<f32> {
     let mut masked = logits.to_vec();
     for &id in ids {
