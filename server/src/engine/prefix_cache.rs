@@ -114,6 +114,13 @@ struct Entry {
     last_used: u64,
 }
 
+/// A kept prefix that matches a prompt: which entry, and how many tokens it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Found {
+    entry: u64,
+    pub tokens: usize,
+}
+
 /// A prefix found for a prompt: a copy of its cache, and how many tokens it covers.
 pub(crate) struct PrefixHit {
     pub cache: KvCache,
@@ -141,11 +148,10 @@ impl PrefixCache {
         self.entries.len()
     }
 
-    /// The longest kept prefix of `prompt[..limit]` under `key`, at least one block long, as
-    /// `(entry, tokens)`. Hashes are chained, so the entries holding the deepest block the
-    /// prompt shares include every entry that shares more of it; among those the tokens
-    /// decide.
-    fn longest(&self, key: &ChainKey, prompt: &[u32], limit: usize) -> Option<(u64, usize)> {
+    /// The longest kept prefix of `prompt[..limit]` under `key`, at least one block long.
+    /// Hashes are chained, so the entries holding the deepest block the prompt shares include
+    /// every entry that shares more of it; among those the tokens decide.
+    pub fn find(&self, key: &ChainKey, prompt: &[u32], limit: usize) -> Option<Found> {
         let usable = &prompt[..limit.min(prompt.len())];
         let mut deepest = None;
         for hash in block_hashes(key, usable) {
@@ -158,35 +164,27 @@ impl PrefixCache {
             .iter()
             .filter_map(|id| {
                 let e = self.entries.get(id)?;
-                (e.key == *key).then(|| (*id, common_prefix(&e.tokens, usable)))
+                let tokens = common_prefix(&e.tokens, usable);
+                (e.key == *key).then_some(Found { entry: *id, tokens })
             })
-            .max_by_key(|&(_, n)| n)
-            .filter(|&(_, n)| n >= BLOCK_TOKENS)
+            .max_by_key(|f| f.tokens)
+            .filter(|f| f.tokens >= BLOCK_TOKENS)
     }
 
-    /// How many of `prompt`'s first `limit` tokens a kept prefix covers (0: none).
-    pub fn matched(&self, key: &ChainKey, prompt: &[u32], limit: usize) -> usize {
-        self.longest(key, prompt, limit).map_or(0, |(_, n)| n)
-    }
-
-    /// A copy of the longest kept prefix of `prompt[..limit]` under `key`; marks its entry
-    /// used. `Err` if the copy cannot be made (the request then starts from scratch).
-    pub fn take(
-        &mut self,
-        key: &ChainKey,
-        prompt: &[u32],
-        limit: usize,
-    ) -> models::Result<Option<PrefixHit>> {
-        let Some((id, tokens)) = self.longest(key, prompt, limit) else {
-            return Ok(None);
-        };
+    /// A copy of a prefix [`PrefixCache::find`] found; marks its entry used. `Ok(None)` if
+    /// the entry is gone; `Err` if the copy cannot be made (the request then starts from
+    /// scratch).
+    pub fn take(&mut self, found: Found) -> models::Result<Option<PrefixHit>> {
         self.clock += 1;
-        let Some(entry) = self.entries.get_mut(&id) else {
+        let Some(entry) = self.entries.get_mut(&found.entry) else {
             return Ok(None);
         };
         entry.last_used = self.clock;
-        let cache = entry.cache.fork_prefix(tokens)?;
-        Ok(Some(PrefixHit { cache, tokens }))
+        let cache = entry.cache.fork_prefix(found.tokens)?;
+        Ok(Some(PrefixHit {
+            cache,
+            tokens: found.tokens,
+        }))
     }
 
     /// Keeps `cache`, which holds `tokens`, for requests with `key`. An entry whose tokens

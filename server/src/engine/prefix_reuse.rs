@@ -23,19 +23,20 @@ pub(crate) fn reuse_prefixes(
             continue;
         };
         let (key, prompt) = (key.clone(), prompt.to_vec());
-        let kept = store.matched(&key, &prompt, limit);
+        let kept = store.find(&key, &prompt, limit);
         let donor = running
             .iter()
             .enumerate()
             .filter(|&(i, _)| i != index)
             .map(|(i, seq)| (i, seq.shared_prefix(&key, &prompt, limit)))
             .max_by_key(|&(_, n)| n)
-            .filter(|&(_, n)| n > kept);
-        let copy = match donor {
-            Some((i, n)) => running[i].copy_prefix(n).map(|cache| Some((cache, n))),
-            None => store
-                .take(&key, &prompt, limit)
+            .filter(|&(_, n)| n > kept.map_or(0, |f| f.tokens));
+        let copy = match (donor, kept) {
+            (Some((i, n)), _) => running[i].copy_prefix(n).map(|cache| Some((cache, n))),
+            (None, Some(found)) => store
+                .take(found)
                 .map(|hit| hit.map(|h| (h.cache, h.tokens))),
+            (None, None) => Ok(None),
         };
         let hit = match copy {
             Ok(hit) => hit,

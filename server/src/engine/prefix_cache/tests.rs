@@ -46,6 +46,22 @@ fn seq(range: std::ops::Range<u32>) -> Vec<u32> {
     range.collect()
 }
 
+/// How many of `prompt`'s first `limit` tokens a kept prefix covers (0: none).
+fn matched(store: &PrefixCache, key: &ChainKey, prompt: &[u32], limit: usize) -> usize {
+    store.find(key, prompt, limit).map_or(0, |f| f.tokens)
+}
+
+/// A copy of the longest kept prefix, if any.
+fn take(
+    store: &mut PrefixCache,
+    key: &ChainKey,
+    prompt: &[u32],
+    limit: usize,
+) -> Option<PrefixHit> {
+    let found = store.find(key, prompt, limit)?;
+    store.take(found).expect("copy")
+}
+
 fn base_key() -> ChainKey {
     ChainKey::of(&[]).expect("the base chain is reusable")
 }
@@ -60,21 +76,18 @@ fn a_prompt_reuses_the_longest_kept_prefix_to_the_token() {
     assert_eq!(store.len(), 2);
 
     let prompt: Vec<u32> = seq(0..35).into_iter().chain([7, 7, 7]).collect();
-    let hit = store
-        .take(&base_key(), &prompt, prompt.len() - 1)
-        .expect("copy")
-        .expect("hit");
+    let hit = take(&mut store, &base_key(), &prompt, prompt.len() - 1).expect("hit");
     assert_eq!(hit.tokens, 35);
     assert_eq!(hit.cache.len(), 35);
     assert_eq!(held_tokens(&hit.cache), seq(0..35));
 
     let prompt: Vec<u32> = seq(0..20).into_iter().chain(100..110).chain([1]).collect();
-    assert_eq!(store.matched(&base_key(), &prompt, prompt.len() - 1), 30);
+    assert_eq!(matched(&store, &base_key(), &prompt, prompt.len() - 1), 30);
     // The limit keeps the last prompt token to be fed (its logits start the answer).
-    assert_eq!(store.matched(&base_key(), &a, a.len() - 1), 39);
+    assert_eq!(matched(&store, &base_key(), &a, a.len() - 1), 39);
     // Less than one block in common is no hit.
     let short: Vec<u32> = seq(0..15).into_iter().chain([99; 20]).collect();
-    assert_eq!(store.matched(&base_key(), &short, short.len() - 1), 0);
+    assert_eq!(matched(&store, &base_key(), &short, short.len() - 1), 0);
 }
 
 #[test]
@@ -82,9 +95,9 @@ fn a_hit_is_a_copy_that_leaves_the_entry_intact() {
     let mut store = PrefixCache::default();
     let a = seq(0..40);
     store.insert(base_key(), a.clone(), cache_of(&a));
-    let mut hit = store.take(&base_key(), &a, 39).expect("copy").expect("hit");
+    let mut hit = take(&mut store, &base_key(), &a, 39).expect("hit");
     hit.cache.truncate(5).expect("truncate");
-    let again = store.take(&base_key(), &a, 39).expect("copy").expect("hit");
+    let again = take(&mut store, &base_key(), &a, 39).expect("hit");
     assert_eq!(held_tokens(&again.cache), seq(0..39));
 }
 
@@ -100,7 +113,7 @@ fn kept_prefixes_that_a_longer_one_covers_are_replaced() {
     // A prefix of what is kept adds nothing.
     store.insert(base_key(), turn1.clone(), cache_of(&turn1));
     assert_eq!((store.len(), store.bytes()), (1, bytes));
-    assert_eq!(store.matched(&base_key(), &turn2, 69), 69);
+    assert_eq!(matched(&store, &base_key(), &turn2, 69), 69);
 }
 
 #[test]
@@ -111,19 +124,16 @@ fn the_least_recently_used_entries_go_first() {
         store.insert(base_key(), p.clone(), cache_of(p));
     }
     let each = store.bytes() / 3;
-    assert!(store
-        .take(&base_key(), &prompts[0], 31)
-        .expect("copy")
-        .is_some());
+    assert!(take(&mut store, &base_key(), &prompts[0], 31).is_some());
     store.evict_to(2 * each);
     assert_eq!(store.len(), 2);
     assert_eq!(
-        store.matched(&base_key(), &prompts[1], 31),
+        matched(&store, &base_key(), &prompts[1], 31),
         0,
         "oldest unused"
     );
-    assert_eq!(store.matched(&base_key(), &prompts[0], 31), 31);
-    assert_eq!(store.matched(&base_key(), &prompts[2], 31), 31);
+    assert_eq!(matched(&store, &base_key(), &prompts[0], 31), 31);
+    assert_eq!(matched(&store, &base_key(), &prompts[2], 31), 31);
     store.evict_to(0);
     assert_eq!((store.len(), store.bytes()), (0, 0));
 }
@@ -162,23 +172,27 @@ fn prefixes_are_reused_only_under_the_same_keyed_hooks() {
     let adapted = key(&[call(&adapter)]).expect("keyed");
     store.insert(adapted.clone(), a.clone(), cache_of(&a));
 
-    assert_eq!(store.matched(&adapted, &a, 39), 39);
+    assert_eq!(matched(&store, &adapted, &a, 39), 39);
     assert_eq!(
-        store.matched(&base_key(), &a, 39),
+        matched(&store, &base_key(), &a, 39),
         0,
         "not by the base model"
     );
     let other = key(&[call(&other_scale)]).expect("keyed");
-    assert_eq!(store.matched(&other, &a, 39), 0, "not by other parameters");
+    assert_eq!(
+        matched(&store, &other, &a, 39),
+        0,
+        "not by other parameters"
+    );
     let with_drafter = key(&[call(&drafter), call(&adapter)]).expect("keyed");
     assert_eq!(
-        store.matched(&with_drafter, &a, 39),
+        matched(&store, &with_drafter, &a, 39),
         39,
         "a neutral hook is left out"
     );
     let twice = key(&[call(&adapter), call(&adapter)]).expect("keyed");
     assert_eq!(
-        store.matched(&twice, &a, 39),
+        matched(&store, &twice, &a, 39),
         0,
         "the same hook twice is another chain"
     );
@@ -187,7 +201,7 @@ fn prefixes_are_reused_only_under_the_same_keyed_hooks() {
     // The same parameters on another loaded object (a plug-in replaced under its name).
     let reloaded: Arc<dyn Hook> = Arc::new(Declares(PrefixReuse::Keyed("scale=1".into())));
     let reloaded = key(&[call(&reloaded)]).expect("keyed");
-    assert_eq!(store.matched(&reloaded, &a, 39), 0);
+    assert_eq!(matched(&store, &reloaded, &a, 39), 0);
 }
 
 #[test]
@@ -208,7 +222,7 @@ fn a_kept_prefix_does_not_keep_its_plug_in_loaded() {
     let key = ChainKey::of(&[call(&adapter)]).expect("keyed");
     store.insert(key.clone(), a.clone(), cache_of(&a));
     assert_eq!(Arc::strong_count(&adapter), 1, "only the test holds it");
-    assert_eq!(store.matched(&key, &a, 39), 39);
+    assert_eq!(matched(&store, &key, &a, 39), 39);
     drop(adapter);
     store.evict_to(usize::MAX);
     assert_eq!(
