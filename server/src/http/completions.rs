@@ -124,7 +124,7 @@ pub(super) fn plan(
     let gen = generation(&req.sampling(), wanted, engine)?;
     let echo = req.echo.unwrap_or(false);
     let add_special = req.add_special_tokens.unwrap_or(true);
-    let prompts = prompt_inputs(&req.prompt, engine, echo, add_special)?;
+    let prompts = prompt_inputs(&req.prompt, engine, echo, add_special, "prompt")?;
     if prompts.len() * gen.n > MAX_CHOICES {
         return Err(ApiError::invalid(
             "prompt",
@@ -164,12 +164,13 @@ pub(super) fn plan(
 }
 
 /// Tokenizes text prompts (BOS as the model wants, with `add_special`) and checks token-id
-/// prompts.
+/// prompts; errors name `param`, the field the prompts came in (`prompt`, `input`).
 pub(super) fn prompt_inputs(
     prompt: &Prompt,
     engine: &dyn Engine,
     echo: bool,
     add_special: bool,
+    param: &str,
 ) -> Result<Vec<PromptInput>, ApiError> {
     let from_text = |text: &String| -> Result<PromptInput, ApiError> {
         Ok(PromptInput {
@@ -178,7 +179,7 @@ pub(super) fn prompt_inputs(
         })
     };
     let from_ids = |ids: &Vec<u32>| -> Result<PromptInput, ApiError> {
-        check_token_ids(ids, engine.info().vocab_size, "prompt")?;
+        check_token_ids(ids, engine.info().vocab_size, param)?;
         let text = match echo {
             true => engine.detokenize(ids)?,
             false => String::new(),
@@ -195,7 +196,10 @@ pub(super) fn prompt_inputs(
         Prompt::TokenLists(lists) => lists.iter().map(from_ids).collect::<Result<_, _>>()?,
     };
     if inputs.is_empty() || inputs.iter().any(|p| p.tokens.is_empty()) {
-        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must not be empty"),
+        ));
     }
     Ok(inputs)
 }

@@ -172,7 +172,7 @@ fn plan(
     if empty_text {
         return Err(ApiError::invalid("input", "an input text is empty"));
     }
-    let inputs = prompt_inputs(&req.input, engine, false, true).map_err(|e| rename(e, "input"))?;
+    let inputs = prompt_inputs(&req.input, engine, false, true, "input")?;
     inputs
         .into_iter()
         .enumerate()
@@ -204,15 +204,6 @@ fn plan(
             })
         })
         .collect()
-}
-
-/// Errors about `prompt` (shared with completions) are about `input` here.
-fn rename(mut e: ApiError, param: &str) -> ApiError {
-    if e.param.as_deref() == Some("prompt") {
-        e.param = Some(param.to_string());
-        e.message = e.message.replace("prompt", param);
-    }
-    e
 }
 
 /// A vector as OpenAI sends it: floats, or base64 of its little-endian f32 bytes.
