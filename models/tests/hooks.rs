@@ -346,14 +346,8 @@ fn hidden_states_are_what_the_lm_head_reads() {
         let mut cache = m.new_cache();
         let (mut at, mut out) = (0, Vec::new());
         for &c in chunks {
-            let mut b = [BatchRow {
-                seq_id: 0,
-                tokens: &prompt[at..at + c],
-                cache: &mut cache,
-                hooks: &[],
-                logits: wanted,
-            }];
-            out.push(m.forward(&mut b).unwrap().remove(0).unwrap());
+            let tokens = &prompt[at..at + c];
+            out.push(models::testing::step(&m, &mut cache, tokens, &[], wanted).unwrap());
             at += c;
         }
         out

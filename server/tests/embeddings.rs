@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use candle_core::quantized::GgmlDType;
 use common::{post, send};
-use models::{BatchRow, LogitsWanted};
+use models::LogitsWanted;
 use serde_json::{json, Value};
 use server::engine::fake::{FakeConfig, FakeEngine};
 use server::engine::testing::{plain_request, tiny_char_id, tiny_loaded_model_as};
@@ -48,18 +48,16 @@ fn an_embedding_is_the_normalised_mean_of_the_final_hidden_states() {
     let loaded = tiny_loaded_model_as(dir.path(), 29, GgmlDType::Q8_0).unwrap();
     let prompt = ids("the quick brown fox jumps");
     // The reference: one forward pass of the whole prompt, hidden states pooled here.
-    let hidden = {
-        let mut cache = loaded.model.new_cache();
-        let mut row = [BatchRow {
-            seq_id: 0,
-            tokens: &prompt,
-            cache: &mut cache,
-            hooks: &[],
-            logits: LogitsWanted::Hidden,
-        }];
-        let h = loaded.model.forward(&mut row).unwrap().remove(0).unwrap();
-        h.to_vec2::<f32>().unwrap()
-    };
+    let mut cache = loaded.model.new_cache();
+    let hidden = models::testing::step(
+        &loaded.model,
+        &mut cache,
+        &prompt,
+        &[],
+        LogitsWanted::Hidden,
+    )
+    .and_then(|h| Ok(h.to_vec2::<f32>()?))
+    .unwrap();
     let mut mean = vec![0f64; hidden[0].len()];
     for row in &hidden {
         for (m, &x) in mean.iter_mut().zip(row) {
