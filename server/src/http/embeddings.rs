@@ -9,10 +9,9 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use plugins::PluginSpec;
+use plugins::{ChainEntry, PluginSpec};
 
 use super::auth::Caller;
 use super::completions::prompt_inputs;
@@ -59,6 +58,9 @@ pub struct EmbeddingList {
     pub data: Vec<EmbeddingItem>,
     pub model: String,
     pub usage: EmbeddingUsage,
+    /// The plug-in chain that ran, when one did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<ChainEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -136,12 +138,9 @@ pub async fn embeddings(
             prompt_tokens,
             total_tokens: prompt_tokens,
         },
+        plugins: selection.chain.entries,
     };
-    let mut body = json!(list);
-    if !selection.chain.entries.is_empty() {
-        body["plugins"] = json!(selection.chain.entries);
-    }
-    Ok(Json::<Value>(body).into_response())
+    Ok(Json(list).into_response())
 }
 
 fn check_dimensions(dimensions: Option<usize>, hidden: usize) -> Result<(), ApiError> {
@@ -241,6 +240,8 @@ fn base64(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -16,7 +16,7 @@ mod store;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde_json::json;
 
 pub use reply::ResponseObject;
 pub use request::ResponsesRequest;
@@ -89,6 +89,7 @@ pub async fn create_response(
         created_at: unix_now(),
         model: selection.model.clone(),
         echo: echo(&req),
+        plugins: selection.chain.entries.clone(),
     };
     // What a later request continuing this one resends: the conversation without instructions.
     let keep = req.store.unwrap_or(true).then(|| {
@@ -125,11 +126,7 @@ pub async fn create_response(
     if let Some(keep) = keep {
         keep(&outcome.text);
     }
-    let mut body = json!(response);
-    if !selection.chain.entries.is_empty() {
-        body["plugins"] = json!(selection.chain.entries);
-    }
-    Ok(Json::<Value>(body).into_response())
+    Ok(Json(response).into_response())
 }
 
 fn echo(req: &ResponsesRequest) -> Echo {

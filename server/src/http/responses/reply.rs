@@ -3,6 +3,7 @@
 //! text part opening, `response.output_text.delta`s, their closing, then `response.completed`
 //! (or `response.incomplete` when `max_output_tokens` cut the answer) with the whole response.
 
+use plugins::ChainEntry;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
@@ -55,6 +56,9 @@ pub struct ResponseObject {
     pub text: Value,
     pub truncation: &'static str,
     pub usage: Option<ResponseUsage>,
+    /// The plug-in chain that ran, when one did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<ChainEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -103,6 +107,7 @@ pub struct Builder {
     pub created_at: u64,
     pub model: String,
     pub echo: Echo,
+    pub plugins: Vec<ChainEntry>,
 }
 
 impl Builder {
@@ -146,6 +151,7 @@ impl Builder {
             text: json!({"format": e.text_format}),
             truncation: "disabled",
             usage: finished.map(|(_, totals)| usage(totals)),
+            plugins: self.plugins.clone(),
         }
     }
 
