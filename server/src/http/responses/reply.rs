@@ -161,12 +161,16 @@ impl Builder {
             id: self.message_id.clone(),
             status,
             role: "assistant",
-            content: vec![OutputText {
-                kind: "output_text",
-                text: text.to_string(),
-                annotations: Vec::new(),
-            }],
+            content: vec![output_text(text)],
         }
+    }
+}
+
+fn output_text(text: &str) -> OutputText {
+    OutputText {
+        kind: "output_text",
+        text: text.to_string(),
+        annotations: Vec::new(),
     }
 }
 
@@ -208,7 +212,16 @@ impl EventFormat {
     }
 
     fn part(&self, text: &str) -> Value {
-        json!({"type": "output_text", "text": text, "annotations": []})
+        json!(output_text(text))
+    }
+
+    /// A piece of the answer: appended to the text so far, sent as a delta event.
+    fn delta(&mut self, text: &str) -> Value {
+        self.text.push_str(text);
+        let mut delta = self.place();
+        delta["delta"] = json!(text);
+        delta["logprobs"] = json!([]);
+        self.event("response.output_text.delta", delta)
     }
 
     fn place(&self) -> Value {
@@ -239,14 +252,7 @@ impl ChunkFormat for EventFormat {
     }
 
     fn token(&mut self, _index: usize, token: GenToken) -> Option<Value> {
-        if token.text.is_empty() {
-            return None;
-        }
-        self.text.push_str(&token.text);
-        let mut delta = self.place();
-        delta["delta"] = json!(token.text);
-        delta["logprobs"] = json!([]);
-        Some(self.event("response.output_text.delta", delta))
+        (!token.text.is_empty()).then(|| self.delta(&token.text))
     }
 
     fn finish(
@@ -258,11 +264,7 @@ impl ChunkFormat for EventFormat {
     ) -> Vec<Value> {
         let mut events = Vec::new();
         if !trailing.is_empty() {
-            self.text.push_str(&trailing);
-            let mut delta = self.place();
-            delta["delta"] = json!(trailing);
-            delta["logprobs"] = json!([]);
-            events.push(self.event("response.output_text.delta", delta));
+            events.push(self.delta(&trailing));
         }
         let text = self.text.clone();
         let response = self.builder.response(&text, Some((reason, totals)));
