@@ -9,9 +9,10 @@
 //! `trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a
 //! `tojson` that writes what Python's `json.dumps` writes, and Python string methods
 //! (`.strip()`, `.startswith()`, `.split()`, ...) via `minijinja-contrib`'s `pycompat`, as TGI
-//! and mistral.rs do. Known gaps: HF's `{% generation %}` tag (used only for training masks)
-//! is not supported, maps iterate in key order rather than insertion order, and
-//! `strftime_now` reads UTC where Python reads local time.
+//! and mistral.rs do. Maps keep the order their keys were given in, as Python's dicts do (a
+//! tool's JSON reads as the client wrote it). Known gaps: HF's `{% generation %}` tag (used
+//! only for training masks) is not supported, and `strftime_now` reads UTC where Python reads
+//! local time.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,12 +25,36 @@ use thiserror::Error;
 /// The name the compiled template is stored under inside its environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One chat message as the template sees it (`message['role']`, `message['content']`).
+/// One chat message as the template sees it (`message['role']`, `message['content']`, and for
+/// templates that render tool use, `message['tool_calls']` and `message['tool_call_id']`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls as `transformers` passes them: `{"type": "function",
+    /// "function": {"name", "arguments"}}` with `arguments` an object, not a JSON string.
+    /// Absent (undefined in the template) when the message has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message's answer to which call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
+
+impl ChatMessage {
+    /// A message with text only.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+}
+
+/// The function name [`ChatTemplate::renders_tools`] looks for in its probe rendering.
+const PROBE_TOOL: &str = "graft_probe_tool_7f3a";
 
 /// Why a chat template could not be found, compiled or rendered.
 #[derive(Debug, Error)]
@@ -87,6 +112,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    renders_tools: bool,
 }
 
 /// The most instructions one rendering may run. Real chat templates spend a few hundred per
@@ -115,11 +141,14 @@ impl ChatTemplate {
         env.set_formatter(python_formatter);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(TemplateError::Compile)?;
-        Ok(Self {
+        let mut template = Self {
             env,
             bos_token,
             eos_token,
-        })
+            renders_tools: false,
+        };
+        template.renders_tools = template.probe_tools();
+        Ok(template)
     }
 
     /// Renders `messages` into prompt text. `add_generation_prompt` appends the opening of
@@ -136,6 +165,29 @@ impl ChatTemplate {
             ..RenderOptions::default()
         };
         self.render_with(messages, &options)
+    }
+
+    /// Whether the template writes the request's `tools` into the prompt. Many templates
+    /// (SmolLM2's among them) ignore the variable; the server then describes the tools in a
+    /// prompt of its own. Found the way llama.cpp finds it: render a user message with one
+    /// probe tool and look for the tool's name (once, when the template is compiled).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    fn probe_tools(&self) -> bool {
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": PROBE_TOOL,
+            "description": "probe",
+            "parameters": {"type": "object", "properties": {}},
+        }}]);
+        let options = RenderOptions {
+            add_generation_prompt: true,
+            tools: Some(&tools),
+            ..RenderOptions::default()
+        };
+        self.render_context(&[ChatMessage::text("user", "hi")], &options)
+            .is_ok_and(|text| text.contains(PROBE_TOOL))
     }
 
     /// Renders `messages` with everything [`RenderOptions`] can ask for.
@@ -294,6 +346,19 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     Ok(Value::from_safe_string(text))
 }
 
+/// `value` as the templates' `tojson` writes it (Python's `json.dumps`: `", "` and `": "`
+/// separators, keys in the order given, no HTML escaping), for prompts written outside a
+/// template that must read as a template would have written them.
+pub fn python_json(value: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    let mut writer = serde_json::Serializer::with_formatter(&mut out, PythonJson);
+    // Writing a `Value` into memory cannot fail, and serde_json writes UTF-8.
+    match serde::Serialize::serialize(value, &mut writer) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// serde_json formatter for Python's default `json.dumps` separators: `", "` and `": "`.
 struct PythonJson;
 
@@ -414,10 +479,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::text(role, content)
     }
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
+
+use crate::tools::ToolCallParser;
 use serde::{Deserialize, Serialize};
 
 use crate::http::auth::{KeyFileError, KeyTable};
@@ -164,6 +166,15 @@ pub struct ServeConfig {
     /// Jinja chat template file overriding the model's
     #[arg(long, env = "GRAFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
+    /// The format the model writes tool calls in, parsed into `tool_calls` (and the format of
+    /// the fallback prompt for templates that ignore `tools`)
+    #[arg(
+        long,
+        env = "GRAFT_TOOL_CALL_PARSER",
+        value_enum,
+        default_value_t = ToolCallParser::Hermes
+    )]
+    pub tool_call_parser: ToolCallParser,
     /// Log format
     #[arg(long, env = "GRAFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -244,6 +255,7 @@ impl Default for ServeConfig {
             request_timeout: REQUEST_TIMEOUT,
             allowed_origins: Vec::new(),
             chat_template: None,
+            tool_call_parser: ToolCallParser::Hermes,
             log_format: LogFormat::Text,
             max_tokens_default: MAX_TOKENS_DEFAULT,
             device: DeviceKind::Cpu,

@@ -10,3 +10,4 @@ pub mod engine;
 pub mod http;
 pub mod memory;
 pub mod structured;
+pub mod tools;

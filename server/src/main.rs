@@ -177,6 +177,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         max_tokens_default: config.max_tokens_default,
         request_timeout: config.request_timeout(),
         allowed_origins: config.allowed_origins()?,
+        tool_call_parser: config.tool_call_parser,
     };
     let state = AppState::new(EngineSlot::loading(), http)?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

@@ -303,10 +303,7 @@ fn shutdown_lets_accepted_requests_finish() {
 fn text_helpers_use_the_model_tokenizer_and_template() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(dir.path(), EngineConfig::default());
-    let hi = [ChatMessage {
-        role: "user".into(),
-        content: "hi".into(),
-    }];
+    let hi = [ChatMessage::text("user", "hi")];
     let generation_prompt = RenderOptions {
         add_generation_prompt: true,
         ..RenderOptions::default()
@@ -334,10 +331,7 @@ fn real_model() -> Option<LoadedModel> {
 }
 
 fn chat_prompt(engine: &RealEngine, question: &str) -> Vec<u32> {
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: question.into(),
-    }];
+    let messages = [ChatMessage::text("user", question)];
     let options = RenderOptions {
         add_generation_prompt: true,
         ..RenderOptions::default()

@@ -245,11 +245,6 @@ async fn out_of_range_parameters_are_400_naming_the_field() {
 async fn output_changing_unsupported_fields_are_400_and_harmless_ones_accepted() {
     let (app, _) = echo_app();
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
-        ("tool_choice", json!("required")),
         ("response_format", json!({"type": "json_object"})),
         ("functions", json!([{"name": "f"}])),
         ("guided_json", json!({"type": "object"})),

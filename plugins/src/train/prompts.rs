@@ -71,10 +71,7 @@ pub fn chat_ids(loaded: &LoadedModel, instruction: &str) -> Result<Vec<u32>> {
         .chat_template
         .as_ref()
         .ok_or_else(|| TrainError::Prompt("the model has no chat template".into()))?;
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: instruction.to_string(),
-    }];
+    let messages = [ChatMessage::text("user", instruction)];
     let text = template
         .render(&messages, true, None)
         .map_err(|e| TrainError::Prompt(e.to_string()))?;

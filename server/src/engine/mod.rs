@@ -257,6 +257,12 @@ pub trait Engine: Send + Sync + 'static {
 
     fn stats(&self) -> EngineStats;
 
+    /// Whether the chat template writes the request's `tools` into the prompt itself; when it
+    /// does not, the tool-call parser's fallback prompt describes them.
+    fn template_renders_tools(&self) -> bool {
+        false
+    }
+
     /// The served vocabulary compiled for structured outputs (`response_format`); `None` when
     /// this engine cannot constrain its output.
     fn grammars(&self) -> Option<&Grammars> {

@@ -340,6 +340,12 @@ impl Engine for RealEngine {
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 
+    fn template_renders_tools(&self) -> bool {
+        self.chat_template
+            .as_ref()
+            .is_some_and(ChatTemplate::renders_tools)
+    }
+
     fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError> {
         let ids = match add_special {
             true => self.tokenizer.encode_with_bos(text, true),

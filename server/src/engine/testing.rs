@@ -41,6 +41,22 @@ pub fn tiny_tokenizer() -> Result<Tokenizer, TokenizerError> {
     Tokenizer::from_gguf(&metadata_only_gguf(&tiny_tokenizer_metadata())?)
 }
 
+/// The [`tiny_tokenizer`] with `Ċ` (a new line, in GPT-2's byte alphabet) as one more token,
+/// id [`TINY_VOCAB`]: for grammars that need new lines (tool calls).
+pub fn tiny_tokenizer_with_newline() -> Result<Tokenizer, TokenizerError> {
+    let mut entries = tiny_tokenizer_metadata();
+    for (key, value) in &mut entries {
+        match (key.as_str(), value) {
+            ("tokenizer.ggml.tokens", Value::Array(tokens)) => {
+                tokens.push(Value::String("Ċ".into()))
+            }
+            ("tokenizer.ggml.token_type", Value::Array(types)) => types.push(Value::I32(1)),
+            _ => {}
+        }
+    }
+    Tokenizer::from_gguf(&metadata_only_gguf(&entries)?)
+}
+
 /// Writes a seeded tiny Llama as an f32 GGUF into `dir` and loads it back with the
 /// [`tiny_tokenizer`] and a plain chat template. Its context is 256 positions.
 pub fn tiny_loaded_model(dir: &Path, seed: u64) -> Result<LoadedModel, LoadError> {

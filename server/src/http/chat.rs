@@ -14,15 +14,20 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{chat_entry, TokenNames};
-use super::replies::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
+use super::replies::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent, ToolCallDelta, TOOL_CALLS,
+};
 use super::selection::{prepare_generation, Selection};
 use super::state::{AppState, HttpConfig};
 use super::stream::{sse_response, ChunkFormat, Envelope};
-use super::validate::{chat_messages, fan_out, generation, max_tokens, LogprobsWanted, PromptPlan};
+use super::validate::{
+    chat_messages, fan_out, generation, max_tokens, Generation, LogprobsWanted, PromptPlan,
+};
 use super::wire::ChatRequest;
 use super::{unix_now, RequestId};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
-use models::chat_template::RenderOptions;
+use crate::tools::{ToolCall, ToolCallParser, ToolCallStream, ToolPlan};
+use models::chat_template::{ChatMessage, RenderOptions};
 
 /// Create a chat completion
 ///
@@ -50,13 +55,16 @@ pub async fn chat_completions(
     let deadline = state.deadline();
     let (engine, selection) =
         prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
+    let tools = tool_plan(&req, &state.config)?;
     let requests = plan(
         &req,
+        &tools,
         engine.as_ref(),
         &state.config,
         &request_id.0,
         &selection,
     )?;
+    let parser = tools.parser();
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
     let names = TokenNames::from_flag(req.return_tokens_as_token_ids);
@@ -87,17 +95,81 @@ pub async fn chat_completions(
             engine,
             logprobs,
             names,
+            calls: parser.map(|p| (0..n).map(|_| p.stream()).collect()),
         };
         return Ok(sse_response(subs, format, n, deadline));
     }
     let outcomes = collect_all(subs, deadline).await?;
     let logprobs = logprobs.then_some(names);
-    Ok(Json(response(&envelope, engine.as_ref(), &outcomes, n, logprobs)).into_response())
+    let reply = response(&envelope, engine.as_ref(), &outcomes, n, logprobs, parser);
+    Ok(Json(reply).into_response())
+}
+
+/// The request's tools, checked, with the server's tool-call parser.
+pub(super) fn tool_plan(req: &ChatRequest, config: &HttpConfig) -> Result<ToolPlan, ApiError> {
+    let tools = req.tools.clone().unwrap_or_default();
+    let plan = ToolPlan::new(
+        tools,
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        config.tool_call_parser,
+    )?;
+    Ok(plan)
+}
+
+/// The prompt text: the messages as the tool plan writes them (for the template, or through
+/// the parser's fallback prompt when the template ignores tools), rendered.
+pub(super) fn prompt_text(
+    engine: &dyn Engine,
+    messages: Vec<ChatMessage>,
+    tools: &ToolPlan,
+    options: RenderOptions<'_>,
+) -> Result<String, ApiError> {
+    let native = engine.template_renders_tools();
+    let messages = tools.prompt_messages(messages, native);
+    let template_tools = tools.template_tools().filter(|_| native);
+    let options = RenderOptions {
+        tools: template_tools.as_ref(),
+        ..options
+    };
+    Ok(engine.render_chat(&messages, &options)?)
+}
+
+/// The request's sampling, with the constraint a forced tool choice (or `auto` beside a
+/// JSON `response_format`) puts on the output in place of the format's own.
+fn tool_generation(
+    req: &ChatRequest,
+    tools: &ToolPlan,
+    wanted: LogprobsWanted,
+    engine: &dyn Engine,
+) -> Result<Generation, ApiError> {
+    let mut sampling = req.sampling();
+    let answer = sampling.response_format.as_ref().and_then(|f| f.schema());
+    let Some(grammar) = tools.grammar(answer.as_ref()) else {
+        return generation(&sampling, wanted, engine);
+    };
+    sampling.response_format = None;
+    let mut gen = generation(&sampling, wanted, engine)?;
+    let grammars = engine.grammars().ok_or_else(|| {
+        ApiError::unsupported(
+            "tool_choice",
+            "forced tool calls need constrained decoding, which the served model lacks",
+        )
+    })?;
+    let constraint = grammars.compile_lark(&grammar).map_err(|e| {
+        ApiError::invalid(
+            "tools",
+            format!("the tools' parameters cannot be enforced: {e}"),
+        )
+    })?;
+    gen.constraint = Some(constraint);
+    Ok(gen)
 }
 
 /// Validates the request into one generate request per choice.
 pub(super) fn plan(
     req: &ChatRequest,
+    tools: &ToolPlan,
     engine: &dyn Engine,
     config: &HttpConfig,
     id: &str,
@@ -110,8 +182,8 @@ pub(super) fn plan(
         top: req.top_logprobs.unwrap_or(0),
         top_param: "top_logprobs",
     };
-    let gen = generation(&req.sampling(), wanted, engine)?;
-    let text = engine.render_chat(&messages, &render_options(req)?)?;
+    let gen = tool_generation(req, tools, wanted, engine)?;
+    let text = prompt_text(engine, messages, tools, render_options(req)?)?;
     let tokens = engine.tokenize(&text, req.add_special_tokens.unwrap_or(true))?;
     if tokens.is_empty() {
         return Err(EngineError::EmptyPrompt.into());
@@ -181,6 +253,44 @@ fn render_options(req: &ChatRequest) -> Result<RenderOptions<'_>, ApiError> {
     })
 }
 
+/// The reply's text as a message: parsed for tool calls when tools were offered (content
+/// `null` when there is nothing but calls); whether it made any.
+fn assistant_message(text: &str, parser: Option<ToolCallParser>) -> (AssistantMessage, bool) {
+    let Some(parser) = parser else {
+        let message = AssistantMessage {
+            role: "assistant",
+            content: Some(text.to_string()),
+            tool_calls: None,
+        };
+        return (message, false);
+    };
+    let mut stream = parser.stream();
+    let mut parsed = stream.feed(text);
+    let end = stream.finish();
+    parsed.content.push_str(&end.content);
+    parsed.calls.extend(end.calls);
+    let calls: Vec<ToolCall> = parsed
+        .calls
+        .into_iter()
+        .map(|c| ToolCall::new(c.name, c.arguments))
+        .collect();
+    let made_calls = !calls.is_empty();
+    let message = AssistantMessage {
+        role: "assistant",
+        content: (!made_calls || !parsed.content.is_empty()).then_some(parsed.content),
+        tool_calls: made_calls.then_some(calls),
+    };
+    (message, made_calls)
+}
+
+/// `tool_calls` when a reply that ended by itself made calls (what clients loop on).
+fn finish_reason(reason: FinishReason, made_calls: bool) -> &'static str {
+    match (reason, made_calls) {
+        (FinishReason::Stop, true) => TOOL_CALLS,
+        _ => reason.as_str(),
+    }
+}
+
 fn logprobs_of(engine: &dyn Engine, names: TokenNames, tokens: &[GenToken]) -> ChatLogprobs {
     let content = tokens
         .iter()
@@ -198,18 +308,19 @@ fn response(
     outcomes: &[Outcome],
     n: usize,
     logprobs: Option<TokenNames>,
+    parser: Option<ToolCallParser>,
 ) -> ChatCompletion {
     let choices = outcomes
         .iter()
         .enumerate()
-        .map(|(index, o)| ChatChoice {
-            index,
-            message: AssistantMessage {
-                role: "assistant",
-                content: o.text.clone(),
-            },
-            logprobs: logprobs.map(|names| logprobs_of(engine, names, &o.tokens)),
-            finish_reason: o.finish_reason.as_str(),
+        .map(|(index, o)| {
+            let (message, made_calls) = assistant_message(&o.text, parser);
+            ChatChoice {
+                index,
+                message,
+                logprobs: logprobs.map(|names| logprobs_of(engine, names, &o.tokens)),
+                finish_reason: finish_reason(o.finish_reason, made_calls),
+            }
         })
         .collect();
     let totals: Vec<_> = outcomes
@@ -237,9 +348,46 @@ struct ChatFormat {
     engine: Arc<dyn Engine>,
     logprobs: bool,
     names: TokenNames,
+    /// Each choice's reply parsed for tool calls, when tools were offered.
+    calls: Option<Vec<ToolCallStream>>,
 }
 
 impl ChatFormat {
+    /// The delta of `text` added to choice `index`'s reply: content, and the calls it
+    /// completed; `None` when it adds nothing yet.
+    fn delta(&mut self, index: usize, text: &str, end: bool) -> Option<Value> {
+        let Some(stream) = self.calls.as_mut().and_then(|c| c.get_mut(index)) else {
+            return (!text.is_empty()).then(|| json!({ "content": text }));
+        };
+        let mut parsed = stream.feed(text);
+        if end {
+            let rest = stream.finish();
+            parsed.content.push_str(&rest.content);
+            parsed.calls.extend(rest.calls);
+        }
+        let first = stream.calls() - parsed.calls.len();
+        let mut delta = serde_json::Map::new();
+        if !parsed.content.is_empty() {
+            delta.insert("content".into(), json!(parsed.content));
+        }
+        if !parsed.calls.is_empty() {
+            let calls: Vec<ToolCallDelta> = (first..)
+                .zip(parsed.calls)
+                .map(|(index, c)| ToolCallDelta {
+                    index,
+                    call: ToolCall::new(c.name, c.arguments),
+                })
+                .collect();
+            delta.insert("tool_calls".into(), json!(calls));
+        }
+        (!delta.is_empty()).then_some(Value::Object(delta))
+    }
+
+    fn made_calls(&self, index: usize) -> bool {
+        let stream = self.calls.as_ref().and_then(|c| c.get(index));
+        stream.is_some_and(|s| s.calls() > 0)
+    }
+
     fn choice(&self, index: usize, delta: Value, lp: Option<&TokenLogprob>) -> Value {
         let logprobs = match (self.logprobs, lp) {
             (true, Some(lp)) => {
@@ -267,10 +415,12 @@ impl ChunkFormat for ChatFormat {
     }
 
     fn token(&mut self, index: usize, token: GenToken) -> Option<Value> {
-        if token.text.is_empty() && !(self.logprobs && token.logprob.is_some()) {
-            return None;
-        }
-        let delta = json!({ "content": token.text });
+        let delta = match self.delta(index, &token.text, false) {
+            Some(delta) => delta,
+            // A token whose text is held back (or empty) still reports its log-prob.
+            None if self.logprobs && token.logprob.is_some() => json!({ "content": "" }),
+            None => return None,
+        };
         Some(self.choice(index, delta, token.logprob.as_ref()))
     }
 
@@ -281,12 +431,10 @@ impl ChunkFormat for ChatFormat {
         trailing: String,
         _: &ChoiceTotals,
     ) -> Vec<Value> {
-        let delta = match trailing.is_empty() {
-            true => json!({}),
-            false => json!({ "content": trailing }),
-        };
+        let delta = self.delta(index, &trailing, true).unwrap_or(json!({}));
+        let reason = finish_reason(reason, self.made_calls(index));
         let mut chunk = self.choice(index, delta, None);
-        chunk["choices"][0]["finish_reason"] = json!(reason.as_str());
+        chunk["choices"][0]["finish_reason"] = json!(reason);
         vec![chunk]
     }
 

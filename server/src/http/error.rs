@@ -14,6 +14,7 @@ use plugins::PluginError;
 
 use super::replies::{ErrorBody, ErrorObject};
 use crate::engine::EngineError;
+use crate::tools::ToolError;
 
 /// Seconds a client is asked to wait after a 429 before retrying; the queue drains at the
 /// speed of generation, so a short fixed hint beats a computed one that would be wrong anyway.
@@ -238,6 +239,12 @@ impl From<EngineError> for ApiError {
             | EngineError::PluginState(_)
             | EngineError::Internal(_) => Self::new(ErrorKind::Internal, message),
         }
+    }
+}
+
+impl From<ToolError> for ApiError {
+    fn from(e: ToolError) -> Self {
+        ApiError::invalid(e.param, e.message)
     }
 }
 

@@ -24,7 +24,15 @@ pub fn chat_request(
     config: &HttpConfig,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
     let req: ChatRequest = extract::parse(body)?;
-    super::chat::plan(&req, engine, config, "fuzz", &base_selection(engine))
+    let tools = super::chat::tool_plan(&req, config)?;
+    super::chat::plan(
+        &req,
+        &tools,
+        engine,
+        config,
+        "fuzz",
+        &base_selection(engine),
+    )
 }
 
 /// The body of a POST /v1/completions, parsed and validated.

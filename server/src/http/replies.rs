@@ -14,36 +14,51 @@ use utoipa::ToSchema;
 
 use super::generate::{TimingsOut, Usage};
 use super::logprobs::LegacyLogprobs;
-use crate::engine::FinishReason;
+use crate::tools::ToolCall;
 
-/// `finish_reason`'s schema: one of [`FinishReason`]'s names.
-fn finish_reason_schema() -> Schema {
-    let names = [FinishReason::Stop, FinishReason::Length].map(FinishReason::as_str);
+/// The finish reason of a chat choice that ended in tool calls.
+pub const TOOL_CALLS: &str = "tool_calls";
+
+const DESCRIBED_REASONS: &str = "`stop`: a stop string or token was produced; `length`: \
+    `max_tokens` was reached; `tool_calls` (chat): the reply ends with tool calls";
+
+/// `finish_reason`'s schema: `names`, or also `null` while the choice is still generating
+/// (stream chunks).
+fn reason_schema(names: &[&'static str], nullable: bool) -> Schema {
+    let mut values: Vec<Option<&str>> = names.iter().map(|n| Some(*n)).collect();
+    let mut types = vec![Type::String];
+    if nullable {
+        values.push(None);
+        types.push(Type::Null);
+    }
     ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(names))
-        .description(Some(
-            "`stop`: a stop string or token was produced; `length`: `max_tokens` was reached",
-        ))
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter(types))
+        .enum_values(Some(values))
+        .description(Some(match nullable {
+            true => "`null` until the choice's final chunk",
+            false => DESCRIBED_REASONS,
+        }))
         .build()
         .into()
 }
 
-/// The same, or `null` while the choice is still generating (stream chunks).
+const COMPLETION_REASONS: [&str; 2] = ["stop", "length"];
+const CHAT_REASONS: [&str; 3] = ["stop", "length", TOOL_CALLS];
+
+fn finish_reason_schema() -> Schema {
+    reason_schema(&COMPLETION_REASONS, false)
+}
+
 fn finish_reason_or_null_schema() -> Schema {
-    let mut names: Vec<Option<&str>> = [FinishReason::Stop, FinishReason::Length]
-        .map(|r| Some(r.as_str()))
-        .to_vec();
-    names.push(None);
-    ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
-            Type::String,
-            Type::Null,
-        ]))
-        .enum_values(Some(names))
-        .description(Some("`null` until the choice's final chunk"))
-        .build()
-        .into()
+    reason_schema(&COMPLETION_REASONS, true)
+}
+
+fn chat_finish_reason_schema() -> Schema {
+    reason_schema(&CHAT_REASONS, false)
+}
+
+fn chat_finish_reason_or_null_schema() -> Schema {
+    reason_schema(&CHAT_REASONS, true)
 }
 
 /// A string that is always `value` (`object`, `role`, `owned_by`).
@@ -99,7 +114,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// With `logprobs: true`; `null` otherwise.
     pub logprobs: Option<ChatLogprobs>,
-    #[schema(schema_with = finish_reason_schema)]
+    #[schema(schema_with = chat_finish_reason_schema)]
     pub finish_reason: &'static str,
 }
 
@@ -107,7 +122,11 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     #[schema(schema_with = assistant)]
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is tool calls only.
+    pub content: Option<String>,
+    /// The calls the reply makes, when tools were offered and it made some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// Chat log-probs: one entry per generated token.
@@ -189,11 +208,11 @@ pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
-    #[schema(schema_with = finish_reason_or_null_schema)]
+    #[schema(schema_with = chat_finish_reason_or_null_schema)]
     pub finish_reason: Option<&'static str>,
 }
 
-/// What a chunk adds to the message: the role once, then content.
+/// What a chunk adds to the message: the role once, then content and tool calls.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +220,17 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A streamed tool call: each call comes whole, in the chunk where its closing tag was
+/// generated (`index` counts the choice's calls).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 /// One `data:` event of a streamed legacy completion (documentation of the SSE body).

@@ -18,6 +18,7 @@ use super::generate::Deadline;
 use super::metrics::{Metrics, MetricsError};
 use super::responses::ResponseStore;
 use crate::engine::Engine;
+use crate::tools::ToolCallParser;
 
 /// The largest `n` (choices per request) accepted; each choice is a full sequence in the
 /// engine, so a large `n` is a cheap way to fill the queue.
@@ -44,6 +45,8 @@ pub struct HttpConfig {
     pub request_timeout: Option<Duration>,
     /// Origins browsers may call from (CORS); none: no CORS headers.
     pub allowed_origins: AllowedOrigins,
+    /// The format the model writes tool calls in (`--tool-call-parser`).
+    pub tool_call_parser: ToolCallParser,
 }
 
 impl Default for HttpConfig {
@@ -54,6 +57,7 @@ impl Default for HttpConfig {
             max_tokens_default: 512,
             request_timeout: None,
             allowed_origins: AllowedOrigins::None,
+            tool_call_parser: ToolCallParser::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use models::HookCall;
 
 use super::error::{ApiError, ErrorKind};
 use super::state::{MAX_N, MAX_STOP};
-use super::wire::{Content, OutputWire, SamplingWire, WireMessage};
+use super::wire::{Content, OutputWire, Role, SamplingWire, WireMessage};
 use crate::engine::{Engine, GenerateRequest, OutputRules};
 use crate::structured::{Constraint, ResponseFormat};
 
@@ -272,23 +272,51 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiEr
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let no_tool_calls = match &m.tool_calls {
-                None | Some(serde_json::Value::Null) => true,
-                Some(serde_json::Value::Array(calls)) => calls.is_empty(),
-                Some(_) => false,
-            };
-            if !no_tool_calls {
-                return Err(ApiError::unsupported(
-                    format!("messages[{i}].tool_calls"),
-                    "tool calls are not supported by this server",
-                ));
+            let mut message =
+                ChatMessage::text(m.role.template_name(), message_text(m.content.as_ref(), i)?);
+            message.tool_calls = template_tool_calls(m, i)?;
+            if m.role == Role::Tool {
+                message.tool_call_id = m.tool_call_id.clone();
             }
-            Ok(ChatMessage {
-                role: m.role.template_name().to_string(),
-                content: message_text(m.content.as_ref(), i)?,
-            })
+            Ok(message)
         })
         .collect()
+}
+
+/// An assistant message's calls as chat templates take them (`transformers`' convention,
+/// which vLLM follows): `arguments` as an object, not the JSON text clients send.
+fn template_tool_calls(
+    m: &WireMessage,
+    i: usize,
+) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+    let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    if m.role != Role::Assistant {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].tool_calls"),
+            "only assistant messages carry tool calls",
+        ));
+    }
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments)
+                .map_err(|e| {
+                    ApiError::invalid(
+                        format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                        format!("arguments must be a JSON object's text: {e}"),
+                    )
+                })?;
+            Ok(serde_json::json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": arguments},
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError> {
@@ -531,6 +559,7 @@ mod tests {
             }])),
             name: None,
             tool_calls: None,
+            tool_call_id: None,
         };
         let e = chat_messages(&[m]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));

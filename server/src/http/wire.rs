@@ -8,7 +8,7 @@
 //! Everything is `deny_unknown_fields`: a field graft does not know could change the output,
 //! so it is a 400 naming it rather than silently ignored. Fields known to be harmless are
 //! dropped by the screen first; fields known to change the output that graft does not
-//! implement (tools) get a message of their own.
+//! implement (the legacy `functions`) get a message of their own.
 
 use std::collections::HashMap;
 
@@ -19,13 +19,14 @@ use utoipa::ToSchema;
 use plugins::{PluginKind, PluginSpec};
 
 use crate::structured::ResponseFormat;
+use crate::tools::{Tool, ToolCall, ToolChoice};
 
 use super::error::ApiError;
 use super::extensions;
 use super::extract::Screen;
 
 /// Accepted anywhere and without effect on the output: bookkeeping fields clients send.
-const HARMLESS: &[&str] = &["metadata", "store", "service_tier", "parallel_tool_calls"];
+const HARMLESS: &[&str] = &["metadata", "store", "service_tier"];
 
 /// The sampling fields both generation routes share, as sent.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -133,6 +134,15 @@ pub struct ChatRequest {
     /// What the output must be: `text` (the default), `json_object` or `json_schema`,
     /// enforced while sampling.
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call (in the prompt through the chat template, or the
+    /// tool-call parser's fallback prompt when the template ignores tools).
+    pub tools: Option<Vec<Tool>>,
+    /// `none`, `auto` (the default with tools), `required`, or
+    /// `{"type": "function", "function": {"name": ...}}`; the last two constrain the output
+    /// to calls whose arguments follow the functions' `parameters` schemas.
+    pub tool_choice: Option<ToolChoice>,
+    /// Several calls in one reply (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// vLLM: tokens generated before end-of-sequence, `stop_token_ids` or a stop string may
     /// end the output (at most `max_tokens`).
     pub min_tokens: Option<usize>,
@@ -205,8 +215,10 @@ pub struct WireMessage {
     pub content: Option<Content>,
     /// Present in OpenAI's schema; templates do not use it.
     pub name: Option<String>,
-    /// Replayed assistant tool calls; graft has no tools, so only null or empty is accepted.
-    pub tool_calls: Option<Value>,
+    /// An assistant message's calls, as a reply's `message.tool_calls` gave them.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
@@ -217,6 +229,8 @@ pub enum Role {
     Developer,
     User,
     Assistant,
+    /// A tool's result, answering one of the assistant's `tool_calls`.
+    Tool,
 }
 
 impl Role {
@@ -226,6 +240,7 @@ impl Role {
             Role::System | Role::Developer => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -254,15 +269,11 @@ impl Screen for ChatRequest {
     fn screen(body: &mut Map<String, Value>) -> Result<(), ApiError> {
         drop_harmless(body);
         extensions::screen_chat(body)?;
-        let no_tools = is_empty(body.get("tools")) && is_empty(body.get("functions"));
-        refuse_unless("tools", body, is_empty)?;
+        // The legacy function-calling fields, which `tools` replaced: accepted when they ask
+        // for nothing.
         refuse_unless("functions", body, is_empty)?;
-        // "auto" with no tools cannot call anything, so it changes nothing either.
-        refuse_unless("tool_choice", body, |v| {
-            is_empty(v) || v == Some(&Value::from("none")) || (no_tools && is_auto(v))
-        })?;
         refuse_unless("function_call", body, |v| {
-            is_empty(v) || v == Some(&Value::from("none")) || (no_tools && is_auto(v))
+            is_empty(v) || v == Some(&Value::from("none")) || v == Some(&Value::from("auto"))
         })
     }
 }
@@ -453,10 +464,6 @@ fn is_empty(v: Option<&Value>) -> bool {
     }
 }
 
-fn is_auto(v: Option<&Value>) -> bool {
-    v == Some(&Value::from("auto"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::error::ErrorKind;
@@ -477,15 +484,36 @@ mod tests {
     }
 
     #[test]
-    fn harmless_fields_are_dropped_and_tools_refused() {
-        chat(
-            r#"{"messages":[],"metadata":{"a":"b"},"store":false,"tools":[],"tool_choice":"auto"}"#,
-        )
-        .expect("harmless");
-        let e = chat(r#"{"messages":[],"tools":[{"type":"function"}]}"#).unwrap_err();
+    fn harmless_fields_are_dropped_and_legacy_functions_refused() {
+        chat(r#"{"messages":[],"metadata":{"a":"b"},"store":false,"functions":[]}"#)
+            .expect("harmless");
+        let e = chat(r#"{"messages":[],"functions":[{"name":"f"}]}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnsupportedParameter);
-        assert_eq!(e.param.as_deref(), Some("tools"));
+        assert_eq!(e.param.as_deref(), Some("functions"));
         chat(r#"{"messages":[],"response_format":{"type":"text"}}"#).expect("text format");
+    }
+
+    #[test]
+    fn tools_choices_and_replayed_calls_parse_as_clients_send_them() {
+        let r = chat(
+            r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"call_1",
+            "type":"function","function":{"name":"f","arguments":"{}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"42"}],
+            "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],
+            "tool_choice":{"type":"function","function":{"name":"f"}},"parallel_tool_calls":false}"#,
+        )
+        .expect("tool loop");
+        assert_eq!(r.messages[1].role, Role::Tool);
+        assert_eq!(r.tools.map(|t| t.len()), Some(1));
+        assert!(matches!(r.tool_choice, Some(ToolChoice::Named(_))));
+        for bad in [
+            r#""tool_choice":"sometimes""#,
+            r#""tools":[{"type":"retrieval","function":{"name":"f"}}]"#,
+            r#""tools":[{"type":"function","function":{"name":"f","extra":1}}]"#,
+        ] {
+            let body = format!(r#"{{"messages":[],{bad}}}"#);
+            assert!(chat(&body).is_err(), "{bad}");
+        }
     }
 
     #[test]

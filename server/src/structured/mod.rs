@@ -75,20 +75,30 @@ impl Grammars {
         let Some(schema) = format.schema() else {
             return Ok(None);
         };
-        let grammar = TopLevelGrammar::from_json_schema(with_layout(schema));
+        self.constraint(TopLevelGrammar::from_json_schema(with_layout(schema)))
+            .map(Some)
+    }
+
+    /// The constraint of an llguidance Lark grammar (tool calls: `%json` schemas inside a
+    /// grammar of tags and literals).
+    pub fn compile_lark(&self, grammar: &str) -> Result<Constraint, GrammarError> {
+        self.constraint(TopLevelGrammar::from_lark(grammar.to_string()))
+    }
+
+    fn constraint(&self, grammar: TopLevelGrammar) -> Result<Constraint, GrammarError> {
         let parser = self
             .factory
             .create_parser(grammar)
             .map_err(|e| GrammarError::Unsupported(e.to_string()))?;
         let eos = self.factory.tok_env().tok_trie().eos_token();
-        Ok(Some(Constraint::new(Matcher::new(Ok(parser)), eos)))
+        Ok(Constraint::new(Matcher::new(Ok(parser)), eos))
     }
 }
 
 /// Output JSON on one line with a space after `:` and `,`, as models usually write it:
 /// unconstrained whitespace lets a small model pad forever with newlines and spaces. A schema
 /// that sets llguidance's own options (`x-guidance`) keeps them.
-fn with_layout(mut schema: Value) -> Value {
+pub(crate) fn with_layout(mut schema: Value) -> Value {
     if let Value::Object(map) = &mut schema {
         map.entry("x-guidance").or_insert_with(
             || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),

@@ -68,8 +68,10 @@ pub async fn create_response(
     };
     let input = req.input_messages()?;
     let chat_req = req.as_chat(&history, &input)?;
+    let tools = chat::tool_plan(&chat_req, &state.config)?;
     let requests = chat::plan(
         &chat_req,
+        &tools,
         engine.as_ref(),
         &state.config,
         &request_id.0,
