@@ -132,8 +132,8 @@ async fn unsupported_and_malformed_requests_are_400s_naming_the_field() {
     let app = fake_app();
     for (body, param) in [
         (
-            json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}),
-            "tools",
+            json!({"input": "x", "tools": [{"type": "file_search"}]}),
+            "tools[0].type",
         ),
         (
             json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}),

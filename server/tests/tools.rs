@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 mod common;
 
-use common::chat;
+use common::{chat, post, send};
 
 /// An echo engine with room for the tools prompt, echoed whole (`max_tokens` defaults to the
 /// rest of the context).
@@ -188,4 +188,71 @@ async fn bad_tools_are_400s_naming_the_field() {
         .await
         .error(StatusCode::BAD_REQUEST, "unsupported_parameter");
     assert_eq!(e["param"], "tool_choice");
+}
+
+async fn respond(app: &Router, body: Value) -> common::Answer {
+    send(app, post("/v1/responses", body.to_string())).await
+}
+
+#[tokio::test]
+async fn responses_return_calls_as_items_and_take_their_outputs_back() {
+    let app = echo_app();
+    let tools = json!([{"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let input = calling_conversation()[0]["content"].clone();
+    let reply = respond(&app, json!({"input": input, "tools": tools}))
+        .await
+        .ok();
+    let output = reply["output"].as_array().expect("output");
+    assert_eq!(output.len(), 3, "the message, then two calls");
+    assert_eq!(output[0]["type"], "message");
+    for (item, city) in output[1..].iter().zip(["Oslo", "Rome"]) {
+        assert_eq!(item["type"], "function_call");
+        assert_eq!(item["name"], "get_weather");
+        assert_eq!(item["arguments"], format!("{{\"city\": \"{city}\"}}"));
+        assert!(item["call_id"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("call_")));
+    }
+    assert_eq!(reply["tools"], tools);
+
+    let streamed = respond(
+        &app,
+        json!({"input": input, "tools": tools, "stream": true}),
+    )
+    .await
+    .sse_data();
+    let events: Vec<Value> = streamed
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("event"))
+        .collect();
+    let done: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.done")
+        .collect();
+    assert_eq!(done.len(), 2);
+    let last = &events[events.len() - 1];
+    assert_eq!(last["type"], "response.completed");
+    let final_output = &last["response"]["output"];
+    assert_eq!(final_output[2]["arguments"], done[1]["arguments"]);
+    assert_eq!(
+        final_output[0]["content"][0]["text"],
+        output[0]["content"][0]["text"]
+    );
+
+    // The next turn answers the first call; the echo shows the prompt the model would see.
+    let call_id = &output[1]["call_id"];
+    let next = json!({"previous_response_id": reply["id"], "tools": tools, "tool_choice": "none",
+        "input": [{"type": "function_call_output", "call_id": call_id, "output": "3 C"}]});
+    let answer = respond(&app, next).await.ok();
+    let prompt = answer["output"][0]["content"][0]["text"]
+        .as_str()
+        .expect("text");
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
+    assert!(prompt.contains(call), "{prompt}");
+    assert!(
+        prompt.contains("<|user|><tool_response>\n3 C\n</tool_response>"),
+        "{prompt}"
+    );
 }

@@ -49,9 +49,8 @@ def test_text_format_gives_json_that_fits(client):
     assert json.loads(resp.output_text)["colour"] in ("red", "green", "blue")
 
 
-def test_tools_are_a_400_naming_them(server, client):
+def test_hosted_tools_are_a_400_naming_them(server, client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model=MODEL_ID, input="x",
-                                tools=[{"type": "function", "name": "f", "parameters": {}}])
-    assert e.value.response.json()["error"]["param"] == "tools"
+        client.responses.create(model=MODEL_ID, input="x", tools=[{"type": "web_search"}])
+    assert e.value.response.json()["error"]["param"] == "tools[0].type"
     server.assert_serving()

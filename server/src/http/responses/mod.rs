@@ -6,8 +6,9 @@
 //! Responses are stored by default (`store: true`, as OpenAI does) so a later request can
 //! continue one: in memory, per API key, the last [`STORED_RESPONSES`] only. A continued
 //! conversation resends the earlier turns to the model, and the prefix cache makes that cheap.
-//! Tools (item 4 of the issue that asked for this route) are not supported yet: a non-empty
-//! `tools` is a 400.
+//! Function tools work as on chat (the same prompt, parser and constraints): calls come back
+//! as `function_call` output items, and a later request sends `function_call_output` items
+//! with their results.
 
 mod reply;
 mod request;
@@ -32,7 +33,8 @@ use super::selection::prepare_generation;
 use super::state::AppState;
 use super::stream::{sse_response, Envelope};
 use super::{unix_now, RequestId};
-use reply::{Builder, Echo, EventFormat, OnDone};
+use crate::tools::ToolCallParser;
+use reply::{Answer, Builder, Echo, EventFormat, OnDone};
 
 /// Create a response
 ///
@@ -92,13 +94,14 @@ pub async fn create_response(
         model: selection.model.clone(),
         echo: echo(&req),
         plugins: selection.chain.entries.clone(),
+        parser: tools.parser(),
     };
     // What a later request continuing this one resends: the conversation without instructions.
     let keep = req.store.unwrap_or(true).then(|| {
         let store = state.responses.clone();
         let (id, mut conversation) = (builder.id.clone(), [history, input].concat());
-        move |answer: &str| {
-            conversation.push(json!({"role": "assistant", "content": answer}));
+        move |answer: &Answer| {
+            conversation.push(answer.chat_message());
             store.keep(id, owner, conversation);
         }
     });
@@ -116,6 +119,8 @@ pub async fn create_response(
             text: String::new(),
             sequence: 0,
             on_done: keep.map(|k| Box::new(k) as OnDone),
+            calls: tools.parser().map(ToolCallParser::stream),
+            made: Vec::new(),
         };
         return Ok(sse_response(subs, format, 1, deadline));
     }
@@ -124,9 +129,10 @@ pub async fn create_response(
         .first()
         .ok_or_else(|| ApiError::new(ErrorKind::Internal, "a response without its answer"))?;
     let totals = outcome.totals(0);
-    let response = builder.response(&outcome.text, Some((outcome.finish_reason, &totals)));
+    let answer = builder.answer(&outcome.text);
+    let response = builder.response(&answer, Some((outcome.finish_reason, &totals)));
     if let Some(keep) = keep {
-        keep(&outcome.text);
+        keep(&answer);
     }
     Ok(Json(response).into_response())
 }
@@ -145,6 +151,9 @@ fn echo(req: &ResponsesRequest) -> Echo {
             .as_ref()
             .and_then(|t| t.get("format").cloned())
             .unwrap_or_else(|| json!({"type": "text"})),
+        tools: req.tools.clone().unwrap_or_default(),
+        tool_choice: req.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+        parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
     }
 }
 

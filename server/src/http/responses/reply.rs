@@ -1,7 +1,10 @@
 //! The `response` object and the stream of events that builds it, as the Responses API defines
-//! them (text output only): `response.created`, `response.in_progress`, the output item and its
-//! text part opening, `response.output_text.delta`s, their closing, then `response.completed`
-//! (or `response.incomplete` when `max_output_tokens` cut the answer) with the whole response.
+//! them: `response.created`, `response.in_progress`, the message item and its text part
+//! opening, `response.output_text.delta`s, their closing, one `function_call` item per tool
+//! call (added, `response.function_call_arguments.delta` and `.done`, done), then
+//! `response.completed` (or `response.incomplete` when `max_output_tokens` cut the answer)
+//! with the whole response. Output is the message (its text without the calls), then the
+//! calls; streamed calls come at the end, when the answer is whole.
 
 use plugins::ChainEntry;
 use serde::Serialize;
@@ -11,6 +14,7 @@ use utoipa::ToSchema;
 use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::generate::{summarize, ChoiceTotals, GenToken};
 use crate::http::stream::{ChunkFormat, Envelope};
+use crate::tools::{ToolCall, ToolCallParser, ToolCallStream};
 
 /// What a response echoes of its request.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +27,27 @@ pub struct Echo {
     pub store: bool,
     pub metadata: Map<String, Value>,
     pub text_format: Value,
+    pub tools: Vec<Value>,
+    pub tool_choice: Value,
+    pub parallel_tool_calls: bool,
+}
+
+/// A whole answer: its text without the tool calls, and the calls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub calls: Vec<ToolCall>,
+}
+
+impl Answer {
+    /// The answer as the chat message a continuing response resends.
+    pub fn chat_message(&self) -> Value {
+        let mut message = json!({"role": "assistant", "content": self.text});
+        if !self.calls.is_empty() {
+            message["tool_calls"] = json!(self.calls);
+        }
+        message
+    }
 }
 
 /// A response (`object: "response"`).
@@ -39,7 +64,7 @@ pub struct ResponseObject {
     #[schema(value_type = Option<Object>)]
     pub error: Option<Value>,
     pub model: String,
-    pub output: Vec<OutputMessage>,
+    pub output: Vec<OutputItem>,
     pub instructions: Option<String>,
     pub max_output_tokens: Option<usize>,
     pub temperature: Option<f32>,
@@ -49,7 +74,9 @@ pub struct ResponseObject {
     #[schema(value_type = Object)]
     pub metadata: Map<String, Value>,
     pub parallel_tool_calls: bool,
-    pub tool_choice: &'static str,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "name": ...}`.
+    #[schema(value_type = serde_json::Value)]
+    pub tool_choice: Value,
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<Value>,
     #[schema(value_type = Object)]
@@ -59,6 +86,42 @@ pub struct ResponseObject {
     /// The plug-in chain that ran, when one did.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<ChainEntry>,
+}
+
+/// One entry of `output`: the message, or a tool call.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum OutputItem {
+    Message(OutputMessage),
+    FunctionCall(FunctionCallItem),
+}
+
+/// A tool call (`type: "function_call"`); a later request answers it with a
+/// `function_call_output` item of the same `call_id`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallItem {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `fc_` and the call id's characters.
+    pub id: String,
+    pub call_id: String,
+    pub name: String,
+    /// JSON text, as the model wrote it.
+    pub arguments: String,
+    pub status: &'static str,
+}
+
+impl FunctionCallItem {
+    fn new(call: &ToolCall, status: &'static str) -> Self {
+        Self {
+            kind: "function_call",
+            id: format!("fc_{}", call.id.trim_start_matches("call_")),
+            call_id: call.id.clone(),
+            name: call.function.name.clone(),
+            arguments: call.function.arguments.clone(),
+            status,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -108,14 +171,39 @@ pub struct Builder {
     pub model: String,
     pub echo: Echo,
     pub plugins: Vec<ChainEntry>,
+    /// Parses answers for tool calls, when tools were offered.
+    pub parser: Option<ToolCallParser>,
 }
 
 impl Builder {
-    /// The response with `text` as its answer so far; `finished` the reason and totals when
-    /// the answer is whole.
+    /// The generated text as an answer: tool calls parsed out when tools were offered.
+    pub fn answer(&self, generated: &str) -> Answer {
+        let Some(parser) = self.parser else {
+            return Answer {
+                text: generated.to_string(),
+                calls: Vec::new(),
+            };
+        };
+        let mut stream = parser.stream();
+        let mut parsed = stream.feed(generated);
+        let end = stream.finish();
+        parsed.content.push_str(&end.content);
+        parsed.calls.extend(end.calls);
+        Answer {
+            text: parsed.content,
+            calls: parsed
+                .calls
+                .into_iter()
+                .map(|c| ToolCall::new(c.name, c.arguments))
+                .collect(),
+        }
+    }
+
+    /// The response with `answer` so far; `finished` the reason and totals when the answer
+    /// is whole.
     pub fn response(
         &self,
-        text: &str,
+        answer: &Answer,
         finished: Option<(FinishReason, &ChoiceTotals)>,
     ) -> ResponseObject {
         let status = match finished {
@@ -125,7 +213,14 @@ impl Builder {
         };
         let output = match finished {
             None => Vec::new(),
-            Some(_) => vec![self.message(text, status)],
+            Some(_) => {
+                let message = OutputItem::Message(self.message(&answer.text, status));
+                let calls = answer
+                    .calls
+                    .iter()
+                    .map(|c| OutputItem::FunctionCall(FunctionCallItem::new(c, "completed")));
+                std::iter::once(message).chain(calls).collect()
+            }
         };
         let e = &self.echo;
         ResponseObject {
@@ -145,9 +240,9 @@ impl Builder {
             previous_response_id: e.previous_response_id.clone(),
             store: e.store,
             metadata: e.metadata.clone(),
-            parallel_tool_calls: true,
-            tool_choice: "auto",
-            tools: Vec::new(),
+            parallel_tool_calls: e.parallel_tool_calls,
+            tool_choice: e.tool_choice.clone(),
+            tools: e.tools.clone(),
             text: json!({"format": e.text_format}),
             truncation: "disabled",
             usage: finished.map(|(_, totals)| usage(totals)),
@@ -190,7 +285,7 @@ fn usage(totals: &ChoiceTotals) -> ResponseUsage {
 }
 
 /// What a streamed response does with its whole answer (stores it).
-pub type OnDone = Box<dyn FnOnce(&str) + Send>;
+pub type OnDone = Box<dyn FnOnce(&Answer) + Send>;
 
 /// The stream's events, numbered in order (`sequence_number`).
 pub struct EventFormat {
@@ -201,6 +296,10 @@ pub struct EventFormat {
     pub sequence: u64,
     /// Called with the whole answer when the response completes (to store it).
     pub on_done: Option<OnDone>,
+    /// The answer parsed for tool calls as it streams, when tools were offered, and the
+    /// calls it has made.
+    pub calls: Option<ToolCallStream>,
+    pub made: Vec<ToolCall>,
 }
 
 impl EventFormat {
@@ -224,6 +323,50 @@ impl EventFormat {
         self.event("response.output_text.delta", delta)
     }
 
+    /// The answer's text in `text` (calls kept aside in `made`); `end` flushes what the
+    /// parser held back.
+    fn parsed(&mut self, text: &str, end: bool) -> String {
+        let Some(stream) = self.calls.as_mut() else {
+            return text.to_string();
+        };
+        let mut parsed = stream.feed(text);
+        if end {
+            let rest = stream.finish();
+            parsed.content.push_str(&rest.content);
+            parsed.calls.extend(rest.calls);
+        }
+        let calls = parsed.calls.into_iter();
+        self.made
+            .extend(calls.map(|c| ToolCall::new(c.name, c.arguments)));
+        parsed.content
+    }
+
+    /// A call's item events: added, its arguments (whole, in one delta), done.
+    fn call_events(&mut self, output_index: usize, call: &ToolCall) -> Vec<Value> {
+        let added = FunctionCallItem {
+            arguments: String::new(),
+            ..FunctionCallItem::new(call, "in_progress")
+        };
+        let done = FunctionCallItem::new(call, "completed");
+        let place = json!({"item_id": done.id, "output_index": output_index});
+        let mut delta = place.clone();
+        delta["delta"] = json!(call.function.arguments);
+        let mut arguments = place;
+        arguments["arguments"] = json!(call.function.arguments);
+        vec![
+            self.event(
+                "response.output_item.added",
+                json!({"output_index": output_index, "item": added}),
+            ),
+            self.event("response.function_call_arguments.delta", delta),
+            self.event("response.function_call_arguments.done", arguments),
+            self.event(
+                "response.output_item.done",
+                json!({"output_index": output_index, "item": done}),
+            ),
+        ]
+    }
+
     fn place(&self) -> Value {
         json!({"item_id": self.builder.message_id, "output_index": 0, "content_index": 0})
     }
@@ -231,7 +374,7 @@ impl EventFormat {
 
 impl ChunkFormat for EventFormat {
     fn opening(&mut self, _index: usize) -> Vec<Value> {
-        let response = json!(self.builder.response("", None));
+        let response = json!(self.builder.response(&Answer::default(), None));
         let item = json!({"type": "message", "id": self.builder.message_id,
                           "status": "in_progress", "role": "assistant", "content": []});
         let mut part = self.place();
@@ -252,7 +395,8 @@ impl ChunkFormat for EventFormat {
     }
 
     fn token(&mut self, _index: usize, token: GenToken) -> Option<Value> {
-        (!token.text.is_empty()).then(|| self.delta(&token.text))
+        let text = self.parsed(&token.text, false);
+        (!text.is_empty()).then(|| self.delta(&text))
     }
 
     fn finish(
@@ -263,11 +407,16 @@ impl ChunkFormat for EventFormat {
         totals: &ChoiceTotals,
     ) -> Vec<Value> {
         let mut events = Vec::new();
+        let trailing = self.parsed(&trailing, true);
         if !trailing.is_empty() {
             events.push(self.delta(&trailing));
         }
         let text = self.text.clone();
-        let response = self.builder.response(&text, Some((reason, totals)));
+        let answer = Answer {
+            text: text.clone(),
+            calls: std::mem::take(&mut self.made),
+        };
+        let response = self.builder.response(&answer, Some((reason, totals)));
         let mut done = self.place();
         done["text"] = json!(text);
         done["logprobs"] = json!([]);
@@ -280,13 +429,16 @@ impl ChunkFormat for EventFormat {
             "response.output_item.done",
             json!({"output_index": 0, "item": item}),
         ));
+        for (i, call) in answer.calls.iter().enumerate() {
+            events.extend(self.call_events(i + 1, call));
+        }
         let last = match response.status {
             "incomplete" => "response.incomplete",
             _ => "response.completed",
         };
         events.push(self.event(last, json!({"response": response})));
         if let Some(done) = self.on_done.take() {
-            done(&text);
+            done(&answer);
         }
         events
     }

@@ -42,12 +42,14 @@ pub struct ResponsesRequest {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
     pub user: Option<String>,
-    /// Tools are not supported: only an empty list.
+    /// Functions the model may call: `{"type": "function", "name", "description",
+    /// "parameters", "strict"}` (other tool types are refused).
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
-    /// `"auto"` or `"none"` (there are no tools to call).
-    #[schema(value_type = Option<String>)]
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "name": ...}`, as on chat.
+    #[schema(value_type = Option<serde_json::Value>)]
     pub tool_choice: Option<Value>,
+    /// Several calls in one response (default true).
     pub parallel_tool_calls: Option<bool>,
     /// `"disabled"` only: a conversation over the context is a 400, never truncated.
     pub truncation: Option<String>,
@@ -66,14 +68,23 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InputItem {
-    /// `"message"` when given.
+    /// `"message"` (the default), `"function_call"` (a call replayed from an earlier
+    /// response's output) or `"function_call_output"` (its result).
     #[serde(rename = "type")]
     pub kind: Option<String>,
-    pub role: Role,
-    pub content: ItemContent,
+    /// A message's.
+    pub role: Option<Role>,
+    pub content: Option<ItemContent>,
     /// Present on items replayed from an earlier response's output.
     pub id: Option<String>,
     pub status: Option<String>,
+    /// A `function_call`'s or `function_call_output`'s: which call.
+    pub call_id: Option<String>,
+    /// A `function_call`'s function and its arguments (JSON text).
+    pub name: Option<String>,
+    pub arguments: Option<String>,
+    /// A `function_call_output`'s result.
+    pub output: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
@@ -97,16 +108,34 @@ pub struct ContentPart {
 impl Screen for ResponsesRequest {}
 
 impl ResponsesRequest {
-    /// The messages of this request's input, as chat messages (`{"role", "content"}`).
+    /// The messages of this request's input, as chat messages (`{"role", "content"}`, an
+    /// assistant's `tool_calls`, `tool` results); consecutive function calls join the
+    /// assistant message before them.
     pub fn input_messages(&self) -> Result<Vec<Value>, ApiError> {
-        match &self.input {
-            Input::Text(text) => Ok(vec![json!({"role": "user", "content": text})]),
-            Input::Items(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| message(i, item))
-                .collect(),
+        let items = match &self.input {
+            Input::Text(text) => return Ok(vec![json!({"role": "user", "content": text})]),
+            Input::Items(items) => items,
+        };
+        let mut messages: Vec<Value> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item.kind.as_deref().unwrap_or("message") {
+                "message" => messages.push(message(i, item)?),
+                "function_call" => add_call(&mut messages, function_call(i, item)?),
+                "function_call_output" => messages.push(json!({
+                    "role": "tool",
+                    "tool_call_id": required(&item.call_id, i, "call_id")?,
+                    "content": required(&item.output, i, "output")?,
+                })),
+                _ => {
+                    return Err(ApiError::unsupported(
+                        format!("input[{i}].type"),
+                        "only `message`, `function_call` and `function_call_output` items \
+                         are supported",
+                    ))
+                }
+            }
         }
+        Ok(messages)
     }
 
     /// The chat request this response is served as: `instructions`, the stored conversation
@@ -137,27 +166,19 @@ impl ResponsesRequest {
         if let Some(format) = self.text.as_ref().and_then(|t| t.get("format")) {
             body["response_format"] = response_format(format)?;
         }
+        if let Some(tools) = &self.tools {
+            body["tools"] = chat_tools(tools)?;
+        }
+        if let Some(choice) = &self.tool_choice {
+            body["tool_choice"] = chat_tool_choice(choice)?;
+        }
+        if let Some(parallel) = self.parallel_tool_calls {
+            body["parallel_tool_calls"] = json!(parallel);
+        }
         serde_json::from_value(body).map_err(|e| ApiError::invalid("input", e.to_string()))
     }
 
     fn check_unsupported(&self) -> Result<(), ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported(
-                "tools",
-                "tools are not supported by this server",
-            ));
-        }
-        let choice_ok = match &self.tool_choice {
-            None | Some(Value::Null) => true,
-            Some(Value::String(s)) => s == "auto" || s == "none",
-            Some(_) => false,
-        };
-        if !choice_ok {
-            return Err(ApiError::unsupported(
-                "tool_choice",
-                "there are no tools to call: `auto` or `none` only",
-            ));
-        }
         if self.truncation.as_deref().is_some_and(|t| t != "disabled") {
             return Err(ApiError::unsupported(
                 "truncation",
@@ -178,17 +199,85 @@ impl ResponsesRequest {
     }
 }
 
+/// A field an item of its type must have.
+fn required<'a>(field: &'a Option<String>, i: usize, name: &str) -> Result<&'a str, ApiError> {
+    field.as_deref().ok_or_else(|| {
+        ApiError::invalid(
+            format!("input[{i}].{name}"),
+            format!("this item needs `{name}`"),
+        )
+    })
+}
+
+/// A replayed `function_call` item as a chat tool call.
+fn function_call(i: usize, item: &InputItem) -> Result<Value, ApiError> {
+    Ok(json!({
+        "id": required(&item.call_id, i, "call_id")?,
+        "type": "function",
+        "function": {
+            "name": required(&item.name, i, "name")?,
+            "arguments": required(&item.arguments, i, "arguments")?,
+        },
+    }))
+}
+
+/// Adds `call` to the assistant message the conversation ends with, or to a new one.
+fn add_call(messages: &mut Vec<Value>, call: Value) {
+    match messages.last_mut().filter(|m| m["role"] == "assistant") {
+        Some(last) => match last["tool_calls"].as_array_mut() {
+            Some(calls) => calls.push(call),
+            None => last["tool_calls"] = json!([call]),
+        },
+        None => messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+    }
+}
+
+/// The Responses API's flat function tools (`{"type": "function", "name", ...}`) as chat's
+/// (`{"type": "function", "function": {"name", ...}}`).
+fn chat_tools(tools: &[Value]) -> Result<Value, ApiError> {
+    let converted = tools.iter().enumerate().map(|(i, tool)| {
+        let mut function = tool.as_object().cloned().unwrap_or_default();
+        match function.remove("type") {
+            Some(kind) if kind == "function" => {
+                Ok(json!({"type": "function", "function": function}))
+            }
+            _ => Err(ApiError::unsupported(
+                format!("tools[{i}].type"),
+                "only `function` tools are supported",
+            )),
+        }
+    });
+    converted.collect::<Result<Vec<_>, _>>().map(Value::Array)
+}
+
+/// `{"type": "function", "name": ...}` as chat's named choice; the modes as they are.
+fn chat_tool_choice(choice: &Value) -> Result<Value, ApiError> {
+    match (choice.get("type"), choice.get("name")) {
+        (Some(kind), Some(name)) if kind == "function" => {
+            Ok(json!({"type": "function", "function": {"name": name}}))
+        }
+        _ if choice.is_string() => Ok(choice.clone()),
+        _ => Err(ApiError::invalid(
+            "tool_choice",
+            "tool_choice is \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+        )),
+    }
+}
+
 /// One input item as a chat message.
 fn message(i: usize, item: &InputItem) -> Result<Value, ApiError> {
-    if item.kind.as_deref().is_some_and(|k| k != "message") {
-        return Err(ApiError::unsupported(
-            format!("input[{i}].type"),
-            "only `message` items are supported",
-        ));
-    }
-    let text = match &item.content {
-        ItemContent::Text(text) => text.clone(),
-        ItemContent::Parts(parts) => {
+    let role = item
+        .role
+        .ok_or_else(|| ApiError::invalid(format!("input[{i}].role"), "a message needs a `role`"))?;
+    let text = match item.content.as_ref() {
+        None => {
+            return Err(ApiError::invalid(
+                format!("input[{i}].content"),
+                "a message needs `content`",
+            ))
+        }
+        Some(ItemContent::Text(text)) => text.clone(),
+        Some(ItemContent::Parts(parts)) => {
             let mut text = String::new();
             for (j, part) in parts.iter().enumerate() {
                 match (part.kind.as_str(), &part.text) {
@@ -207,7 +296,7 @@ fn message(i: usize, item: &InputItem) -> Result<Value, ApiError> {
             text
         }
     };
-    Ok(json!({"role": item.role.template_name(), "content": text}))
+    Ok(json!({"role": role.template_name(), "content": text}))
 }
 
 /// `text.format` (`{"type": "json_schema", "name", "schema", "strict"}`, flat as the Responses

@@ -52,11 +52,11 @@ fn text_format_becomes_the_response_format() {
 fn what_is_not_supported_is_refused_by_name() {
     let cases = [
         (
-            json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}),
-            "tools",
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
         ),
         (
-            json!({"input": "x", "tool_choice": "required"}),
+            json!({"input": "x", "tool_choice": {"type": "mcp"}}),
             "tool_choice",
         ),
         (json!({"input": "x", "truncation": "auto"}), "truncation"),
@@ -83,11 +83,59 @@ fn what_is_not_supported_is_refused_by_name() {
     );
     let e = image.input_messages().unwrap_err();
     assert_eq!(e.param.as_deref(), Some("input[0].content[0]"));
-    let call =
-        req(json!({"input": [{"type": "function_call_output", "role": "user", "content": "x"}]}));
-    assert_eq!(
-        call.input_messages().unwrap_err().param.as_deref(),
-        Some("input[0].type")
-    );
+    for (item, param) in [
+        (
+            json!({"type": "function_call_output", "output": "x"}),
+            "input[0].call_id",
+        ),
+        (
+            json!({"type": "function_call", "call_id": "c", "name": "f"}),
+            "input[0].arguments",
+        ),
+        (json!({"type": "reasoning", "summary": []}), "input[0].type"),
+    ] {
+        let Ok(r) = serde_json::from_value::<ResponsesRequest>(json!({"input": [item]})) else {
+            assert_eq!(param, "input[0].type", "{item} does not parse");
+            continue;
+        };
+        assert_eq!(
+            r.input_messages().unwrap_err().param.as_deref(),
+            Some(param)
+        );
+    }
     assert!(serde_json::from_value::<ResponsesRequest>(json!({"input": "x", "seed": 1})).is_err());
+}
+
+#[test]
+fn function_tools_calls_and_results_become_chat_fields() {
+    let r = req(json!({
+        "input": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": "{\"city\": \"Oslo\"}", "id": "fc_1", "status": "completed"},
+            {"type": "function_call", "call_id": "call_2", "name": "now", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "3 C"},
+        ],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"},
+                   "strict": true}],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "parallel_tool_calls": false,
+    }));
+    let input = r.input_messages().unwrap();
+    assert_eq!(input.len(), 3, "the two calls share one assistant message");
+    assert_eq!(input[1]["tool_calls"][1]["function"]["name"], "now");
+    assert_eq!(
+        input[2],
+        json!({"role": "tool", "tool_call_id": "call_1", "content": "3 C"})
+    );
+    let chat = r.as_chat(&[], &input).unwrap();
+    let tools = chat.tools.unwrap();
+    assert_eq!(tools[0].function.name, "get_weather");
+    assert_eq!(tools[0].function.strict, Some(true));
+    assert!(matches!(
+        chat.tool_choice,
+        Some(crate::tools::ToolChoice::Named(_))
+    ));
+    assert_eq!(chat.parallel_tool_calls, Some(false));
+    assert_eq!(chat.messages[1].tool_calls.as_ref().map(Vec::len), Some(2));
 }
