@@ -88,20 +88,44 @@ async fn streamed_calls_add_up_to_the_same_reply() {
         .collect();
     let message = &whole["choices"][0]["message"];
     assert_eq!(content, message["content"].as_str().expect("content"));
-    let calls: Vec<&Value> = deltas
+    // Each call's first piece has its id, type and name; the rest add to its arguments.
+    let mut calls: Vec<Value> = Vec::new();
+    for piece in deltas
         .iter()
         .filter_map(|d| d["tool_calls"].as_array())
         .flatten()
-        .collect();
-    assert_eq!(calls.len(), 2);
-    for (i, call) in calls.iter().enumerate() {
-        assert_eq!(call["index"], i);
-        assert!(call["id"]
-            .as_str()
-            .is_some_and(|id| id.starts_with("call_")));
-        let expected = &message["tool_calls"][i]["function"];
-        assert_eq!(&call["function"], expected);
+    {
+        let index = piece["index"].as_u64().expect("index") as usize;
+        match piece.get("id") {
+            Some(id) => {
+                assert_eq!(index, calls.len(), "calls start in order");
+                assert!(id.as_str().is_some_and(|id| id.starts_with("call_")));
+                assert_eq!(piece["type"], "function");
+                calls.push(piece["function"].clone());
+            }
+            None => {
+                assert!(piece["function"].get("name").is_none());
+                let arguments = piece["function"]["arguments"].as_str().expect("text");
+                let call = &mut calls[index]["arguments"];
+                *call = json!(format!("{}{arguments}", call.as_str().expect("text")));
+            }
+        }
     }
+    let expected: Vec<&Value> = message["tool_calls"]
+        .as_array()
+        .expect("calls")
+        .iter()
+        .map(|c| &c["function"])
+        .collect();
+    assert_eq!(calls.iter().collect::<Vec<_>>(), expected);
+    let pieces = deltas
+        .iter()
+        .filter(|d| d.get("tool_calls").is_some())
+        .count();
+    assert!(
+        pieces > 2,
+        "arguments stream in pieces, not whole: {pieces} chunks"
+    );
     let last = &chunks[chunks.len() - 1]["choices"][0];
     assert_eq!(last["finish_reason"], "tool_calls");
 }

@@ -15,7 +15,8 @@ use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, SseEvent, ToolCallDelta, TOOL_CALLS,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, FunctionDelta, SseEvent,
+    ToolCallDelta, TOOL_CALLS,
 };
 use super::selection::{prepare_generation, Selection};
 use super::state::{AppState, HttpConfig};
@@ -26,7 +27,8 @@ use super::validate::{
 use super::wire::ChatRequest;
 use super::{unix_now, RequestId};
 use crate::engine::{Engine, EngineError, FinishReason, GenerateRequest, TokenLogprob};
-use crate::tools::{ToolCall, ToolCallParser, ToolCallStream, ToolPlan};
+use crate::tools::wire::{new_call_id, ToolType};
+use crate::tools::{CallDelta, ToolCall, ToolCallParser, ToolCallStream, ToolPlan};
 use models::chat_template::{ChatMessage, RenderOptions};
 
 /// Create a chat completion
@@ -264,20 +266,15 @@ fn assistant_message(text: &str, parser: Option<ToolCallParser>) -> (AssistantMe
         };
         return (message, false);
     };
-    let mut stream = parser.stream();
-    let mut parsed = stream.feed(text);
-    let end = stream.finish();
-    parsed.content.push_str(&end.content);
-    parsed.calls.extend(end.calls);
-    let calls: Vec<ToolCall> = parsed
-        .calls
+    let (content, calls) = parser.parse(text);
+    let calls: Vec<ToolCall> = calls
         .into_iter()
         .map(|c| ToolCall::new(c.name, c.arguments))
         .collect();
     let made_calls = !calls.is_empty();
     let message = AssistantMessage {
         role: "assistant",
-        content: (!made_calls || !parsed.content.is_empty()).then_some(parsed.content),
+        content: (!made_calls || !content.is_empty()).then_some(content),
         tool_calls: made_calls.then_some(calls),
     };
     (message, made_calls)
@@ -341,6 +338,33 @@ fn response(
     }
 }
 
+/// A piece of a streamed call as OpenAI sends it: the first with the call's id, type and
+/// name, the rest with more of its arguments.
+fn call_delta(piece: CallDelta) -> Value {
+    let arguments = piece.arguments;
+    let call = match piece.name {
+        Some(name) => ToolCallDelta {
+            index: piece.index,
+            id: Some(new_call_id()),
+            kind: Some(ToolType::Function),
+            function: FunctionDelta {
+                name: Some(name),
+                arguments,
+            },
+        },
+        None => ToolCallDelta {
+            index: piece.index,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments,
+            },
+        },
+    };
+    json!(call)
+}
+
 /// `chat.completion.chunk`s: a role chunk per choice first, content deltas, a final chunk
 /// with the finish reason.
 struct ChatFormat {
@@ -365,19 +389,12 @@ impl ChatFormat {
             parsed.content.push_str(&rest.content);
             parsed.calls.extend(rest.calls);
         }
-        let first = stream.calls() - parsed.calls.len();
         let mut delta = serde_json::Map::new();
         if !parsed.content.is_empty() {
             delta.insert("content".into(), json!(parsed.content));
         }
         if !parsed.calls.is_empty() {
-            let calls: Vec<ToolCallDelta> = (first..)
-                .zip(parsed.calls)
-                .map(|(index, c)| ToolCallDelta {
-                    index,
-                    call: ToolCall::new(c.name, c.arguments),
-                })
-                .collect();
+            let calls: Vec<Value> = parsed.calls.into_iter().map(call_delta).collect();
             delta.insert("tool_calls".into(), json!(calls));
         }
         (!delta.is_empty()).then_some(Value::Object(delta))

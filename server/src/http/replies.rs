@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::generate::{TimingsOut, Usage};
 use super::logprobs::LegacyLogprobs;
+use crate::tools::wire::ToolType;
 use crate::tools::ToolCall;
 
 /// The finish reason of a chat choice that ended in tool calls.
@@ -224,13 +225,24 @@ pub struct ChatDelta {
     pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
-/// A streamed tool call: each call comes whole, in the chunk where its closing tag was
-/// generated (`index` counts the choice's calls).
+/// A piece of a streamed tool call: the first piece of each call has its `id`, `type` and
+/// `function.name`; later pieces carry more of `function.arguments` (`index` counts the
+/// choice's calls).
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ToolCallDelta {
     pub index: usize,
-    #[serde(flatten)]
-    pub call: ToolCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ToolType>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// One `data:` event of a streamed legacy completion (documentation of the SSE body).

@@ -25,8 +25,43 @@ use super::wire::Tool;
 pub const SYNTAX: CallSyntax = CallSyntax {
     open: "<tool_call>",
     close: "</tool_call>",
+    head,
+    tail: '}',
     parse_body,
 };
+
+/// `{"name": "<name>", "arguments": ` and the arguments' opening brace: the name, and where
+/// the arguments start. Whitespace is free between tokens; the name is a JSON string.
+fn head(text: &str) -> Option<(String, usize)> {
+    let rest = text.trim_start().strip_prefix('{')?;
+    let rest = rest.trim_start().strip_prefix("\"name\"")?;
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let name_len = json_string_len(rest)?;
+    let name: String = serde_json::from_str(&rest[..name_len]).ok()?;
+    let rest = rest[name_len..].trim_start().strip_prefix(',')?;
+    let rest = rest.trim_start().strip_prefix("\"arguments\"")?;
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    rest.starts_with('{')
+        .then(|| (name, text.len() - rest.len()))
+}
+
+/// The length of the JSON string literal `text` starts with, if it is whole.
+fn json_string_len(text: &str) -> Option<usize> {
+    let mut chars = text.char_indices();
+    if chars.next()?.1 != '"' {
+        return None;
+    }
+    let mut escaped = false;
+    for (i, c) in chars {
+        match (escaped, c) {
+            (true, _) => escaped = false,
+            (false, '\\') => escaped = true,
+            (false, '"') => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
 
 /// The body of one `<tool_call>` block.
 #[derive(Deserialize)]

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use models::chat_template::ChatMessage;
 
-pub use parse::{Parsed, ParsedCall, ToolCallStream};
+pub use parse::{CallDelta, Parsed, ParsedCall, ToolCallStream};
 pub use wire::{FunctionCall, Tool, ToolCall, ToolChoice, ToolMode};
 
 /// `--tool-call-parser`: the format the served model writes tool calls in.
@@ -42,6 +42,17 @@ impl ToolCallParser {
         match self {
             Self::Hermes => ToolCallStream::new(hermes::SYNTAX),
         }
+    }
+
+    /// A whole reply's content and calls.
+    pub fn parse(self, text: &str) -> (String, Vec<ParsedCall>) {
+        let mut stream = self.stream();
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        for piece in [stream.feed(text), stream.finish()] {
+            content.push_str(&piece.content);
+            piece.calls.into_iter().for_each(|d| d.apply_to(&mut calls));
+        }
+        (content, calls)
     }
 
     /// `messages` rewritten for a template that ignores tools, with `offered` described.

@@ -3,22 +3,52 @@
 //!
 //! The same state machine serves streamed and whole replies (a whole reply is one `feed` and
 //! a `finish`), so both give the same content and calls. Content is the text outside calls,
-//! with the whitespace around calls dropped: text that may still become an opening tag or
-//! whitespace before one is held back until the next piece decides. A block whose body does
-//! not parse as a call stays content, exactly as generated.
+//! with the whitespace around calls dropped: text that may still become an opening tag, or
+//! whitespace before one, is held back until the next piece decides.
+//!
+//! A call streams as OpenAI streams them: its name once the call's head is written (for
+//! Hermes, `{"name": "...", "arguments": {`), then its arguments piece by piece, holding back
+//! only what may turn out to be the end of the call (the wrapper's closing brace, whitespace,
+//! part of the closing tag). A call whose head never shows (another key order, say) comes
+//! whole when it closes, if its body parses; otherwise the block stays content, exactly as
+//! generated. Arguments are the model's own text: under a forced `tool_choice` the grammar
+//! makes them valid JSON; under `auto` a model may write invalid JSON (OpenAI gives the same
+//! warning).
 
 /// What one piece of text added to the reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Parsed {
     pub content: String,
-    pub calls: Vec<ParsedCall>,
+    pub calls: Vec<CallDelta>,
 }
 
-/// A call as the model wrote it; `arguments` is the arguments object's JSON text.
+/// A piece of call `index`: its start (with `name`) or more of its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallDelta {
+    pub index: usize,
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// A whole call as the model wrote it; `arguments` is the arguments object's JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedCall {
     pub name: String,
     pub arguments: String,
+}
+
+impl CallDelta {
+    /// Adds this piece to the calls so far (a start opens the next call).
+    pub fn apply_to(self, calls: &mut Vec<ParsedCall>) {
+        match (self.name, calls.get_mut(self.index)) {
+            (Some(name), _) => calls.push(ParsedCall {
+                name,
+                arguments: self.arguments,
+            }),
+            (None, Some(call)) => call.arguments.push_str(&self.arguments),
+            (None, None) => {}
+        }
+    }
 }
 
 /// How one format marks and writes a call.
@@ -26,8 +56,21 @@ pub struct ParsedCall {
 pub struct CallSyntax {
     pub open: &'static str,
     pub close: &'static str,
-    /// The call in the text between the tags; `None` if it is not one.
+    /// The call's name and where its arguments start, once the text after the opening tag
+    /// holds the whole head of a call; `None` while it does not (yet).
+    pub head: fn(&str) -> Option<(String, usize)>,
+    /// The end of a call after its arguments (the wrapper's `}`), stripped from the text
+    /// before the closing tag.
+    pub tail: char,
+    /// A whole call in the text between the tags, for calls whose head never showed.
     pub parse_body: fn(&str) -> Option<ParsedCall>,
+}
+
+/// An open call: where its arguments start in `held`, and how much of them went out.
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
+    start: usize,
+    sent: usize,
 }
 
 /// One choice's reply so far.
@@ -40,9 +83,10 @@ pub struct ToolCallStream {
     /// The whitespace dropped before the open call: given back if the call does not parse.
     before_call: String,
     in_call: bool,
+    streaming: Option<Streaming>,
     calls: usize,
-    /// Nothing but whitespace since the last call (or the start): leading whitespace of
-    /// content after a call is dropped.
+    /// Nothing but whitespace since the last call: leading whitespace of content after a
+    /// call is dropped.
     after_call: bool,
 }
 
@@ -53,29 +97,31 @@ impl ToolCallStream {
             held: String::new(),
             before_call: String::new(),
             in_call: false,
+            streaming: None,
             calls: 0,
             after_call: false,
         }
     }
 
-    /// How many calls the reply has made so far.
+    /// How many calls the reply has started so far.
     pub fn calls(&self) -> usize {
         self.calls
     }
 
-    /// The content and calls `text`, appended to the reply, completes.
+    /// The content and call pieces `text`, appended to the reply, decides.
     pub fn feed(&mut self, text: &str) -> Parsed {
         self.held.push_str(text);
         let mut out = Parsed::default();
         loop {
             if self.in_call {
                 let Some(at) = self.held.find(self.syntax.close) else {
+                    self.stream_call(&mut out);
                     break;
                 };
                 let rest = self.held.split_off(at + self.syntax.close.len());
-                let block = std::mem::replace(&mut self.held, rest);
-                let body = &block[..at];
-                self.end_call(body, Some(self.syntax.close), &mut out);
+                let mut block = std::mem::replace(&mut self.held, rest);
+                block.truncate(at);
+                self.end_call(block, true, &mut out);
             } else if let Some(at) = self.held.find(self.syntax.open) {
                 let rest = self.held.split_off(at + self.syntax.open.len());
                 let before = std::mem::replace(&mut self.held, rest);
@@ -94,13 +140,13 @@ impl ToolCallStream {
         out
     }
 
-    /// The end of the reply: what was held back. An unterminated call still counts if its
-    /// text is a whole call (a model may stop right after it).
+    /// The end of the reply: what was held back. An unterminated call still counts (a model
+    /// may stop right after it, and one cut by `max_tokens` has started streaming).
     pub fn finish(&mut self) -> Parsed {
         let mut out = self.feed("");
         let held = std::mem::take(&mut self.held);
         if self.in_call {
-            self.end_call(&held, None, &mut out);
+            self.end_call(held, false, &mut out);
         } else if self.calls == 0 {
             out.content.push_str(&held);
         } else {
@@ -109,24 +155,86 @@ impl ToolCallStream {
         out
     }
 
-    fn end_call(&mut self, body: &str, close: Option<&str>, out: &mut Parsed) {
+    /// An open call's next pieces: its start once the head is whole, then its arguments up
+    /// to what may still be the call's end.
+    fn stream_call(&mut self, out: &mut Parsed) {
+        let streaming = match self.streaming {
+            Some(s) => s,
+            None => {
+                let Some((name, start)) = (self.syntax.head)(&self.held) else {
+                    return;
+                };
+                out.calls.push(self.start_call(name));
+                let s = Streaming { start, sent: 0 };
+                self.streaming = Some(s);
+                s
+            }
+        };
+        let arguments = &self.held[streaming.start..];
+        let safe = self.settled(arguments);
+        let index = self.calls - 1;
+        send_arguments(&mut self.streaming, index, &arguments[..safe], out);
+    }
+
+    fn end_call(&mut self, body: String, closed: bool, out: &mut Parsed) {
         self.in_call = false;
+        if self.streaming.is_none() {
+            // A call that closes in the piece that opened it: as if it had streamed.
+            if let Some((name, start)) = (self.syntax.head)(&body) {
+                out.calls.push(self.start_call(name));
+                self.streaming = Some(Streaming { start, sent: 0 });
+            }
+        }
+        if let Some(s) = self.streaming {
+            let whole = self.without_tail(&body[s.start..]);
+            send_arguments(&mut self.streaming, self.calls - 1, whole, out);
+            self.streaming = None;
+            self.after_call = true;
+            return;
+        }
         match (self.syntax.parse_body)(body.trim()) {
             Some(call) => {
-                out.calls.push(call);
-                self.calls += 1;
+                let mut start = self.start_call(call.name);
+                start.arguments = call.arguments;
+                out.calls.push(start);
                 self.after_call = true;
             }
             None => {
-                let raw = format!(
-                    "{}{}{body}{}",
-                    self.before_call,
-                    self.syntax.open,
-                    close.unwrap_or("")
-                );
+                let close = if closed { self.syntax.close } else { "" };
+                let open = self.syntax.open;
+                let raw = format!("{}{open}{body}{close}", self.before_call);
                 self.content(&raw, out);
             }
         }
+    }
+
+    fn start_call(&mut self, name: String) -> CallDelta {
+        self.calls += 1;
+        CallDelta {
+            index: self.calls - 1,
+            name: Some(name),
+            arguments: String::new(),
+        }
+    }
+
+    /// How much of `arguments` cannot be the call's end: all but a partial closing tag,
+    /// whitespace and one closing brace at the end.
+    fn settled(&self, arguments: &str) -> usize {
+        let close = self.syntax.close;
+        let partial = (1..close.len())
+            .rev()
+            .find(|&n| arguments.ends_with(&close[..n]))
+            .unwrap_or(0);
+        self.without_tail(&arguments[..arguments.len() - partial])
+            .len()
+    }
+
+    /// The arguments without the call's end (whitespace, the wrapper's brace, whitespace).
+    fn without_tail<'a>(&self, text: &'a str) -> &'a str {
+        let text = text.trim_end();
+        text.strip_suffix(self.syntax.tail)
+            .unwrap_or(text)
+            .trim_end()
     }
 
     fn content(&mut self, text: &str, out: &mut Parsed) {
@@ -138,6 +246,31 @@ impl ToolCallStream {
             self.after_call = false;
             out.content.push_str(text);
         }
+    }
+}
+
+/// Sends the part of `arguments` (call `index`'s arguments so far, a prefix of its final
+/// ones) that `streaming` has not sent yet.
+fn send_arguments(
+    streaming: &mut Option<Streaming>,
+    index: usize,
+    arguments: &str,
+    out: &mut Parsed,
+) {
+    let Some(s) = streaming.as_mut() else {
+        return;
+    };
+    let Some(new) = arguments.get(s.sent..).filter(|n| !n.is_empty()) else {
+        return;
+    };
+    s.sent = arguments.len();
+    match out.calls.last_mut().filter(|d| d.index == index) {
+        Some(delta) => delta.arguments.push_str(new),
+        None => out.calls.push(CallDelta {
+            index,
+            name: None,
+            arguments: new.to_string(),
+        }),
     }
 }
 
@@ -154,110 +287,4 @@ fn undecided_suffix(text: &str, open: &str) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn syntax() -> CallSyntax {
-        CallSyntax {
-            open: "<call>",
-            close: "</call>",
-            parse_body: |body| {
-                let (name, arguments) = body.split_once(' ')?;
-                Some(ParsedCall {
-                    name: name.to_string(),
-                    arguments: arguments.to_string(),
-                })
-            },
-        }
-    }
-
-    fn whole(text: &str) -> Parsed {
-        let mut s = ToolCallStream::new(syntax());
-        let mut out = s.feed(text);
-        let end = s.finish();
-        out.content.push_str(&end.content);
-        out.calls.extend(end.calls);
-        out
-    }
-
-    fn by_char(text: &str) -> Parsed {
-        let mut s = ToolCallStream::new(syntax());
-        let mut out = Parsed::default();
-        for c in text.chars().map(String::from).chain([String::new()]) {
-            let piece = match c.is_empty() {
-                true => s.finish(),
-                false => s.feed(&c),
-            };
-            out.content.push_str(&piece.content);
-            out.calls.extend(piece.calls);
-        }
-        out
-    }
-
-    fn call(name: &str, arguments: &str) -> ParsedCall {
-        ParsedCall {
-            name: name.into(),
-            arguments: arguments.into(),
-        }
-    }
-
-    #[test]
-    fn text_without_calls_is_returned_exactly() {
-        let texts = [
-            "Hello, world.\n\n",
-            "a <cal b",
-            "  x < y  ",
-            "<call",
-            "",
-            "a \n<call>bad</call> b <call></call>\n",
-        ];
-        for text in texts {
-            assert_eq!(whole(text).content, text);
-            assert_eq!(by_char(text).content, text);
-            assert!(whole(text).calls.is_empty());
-        }
-    }
-
-    #[test]
-    fn calls_are_parsed_and_whitespace_around_them_dropped() {
-        let text = "Let me look.\n<call>f {\"a\": 1}</call>\n<call> g {} </call>\n";
-        let expected = Parsed {
-            content: "Let me look.".into(),
-            calls: vec![call("f", "{\"a\": 1}"), call("g", "{}")],
-        };
-        assert_eq!(whole(text), expected);
-        assert_eq!(by_char(text), expected);
-    }
-
-    #[test]
-    fn streamed_pieces_give_the_whole_reply_whatever_the_split() {
-        let text = "Sure. <call>f 1</call> and then\n<call>bad</call> done <call>g 2";
-        let expected = whole(text);
-        assert_eq!(expected.calls, vec![call("f", "1"), call("g", "2")]);
-        assert_eq!(expected.content, "Sure.and then\n<call>bad</call> done");
-        for split in 0..=text.len() {
-            if !text.is_char_boundary(split) {
-                continue;
-            }
-            let mut s = ToolCallStream::new(syntax());
-            let mut got = s.feed(&text[..split]);
-            for piece in [s.feed(&text[split..]), s.finish()] {
-                got.content.push_str(&piece.content);
-                got.calls.extend(piece.calls);
-            }
-            assert_eq!(got, expected, "split at {split}");
-        }
-        assert_eq!(by_char(text), expected);
-    }
-
-    #[test]
-    fn content_is_given_out_as_soon_as_it_cannot_start_a_call() {
-        let mut s = ToolCallStream::new(syntax());
-        assert_eq!(s.feed("Hi <ca").content, "Hi");
-        assert_eq!(s.feed("t").content, " <cat");
-        assert_eq!(s.feed("<call>f").content, "");
-        let end = s.feed(" 1</call>");
-        assert_eq!(end.calls, vec![call("f", "1")]);
-        assert_eq!(s.calls(), 1);
-    }
-}
+mod tests;

@@ -135,21 +135,44 @@ fn the_fallback_prompt_reads_as_a_hermes_template_writes_it() {
 
 #[test]
 fn hermes_bodies_keep_the_arguments_as_written() {
-    let mut s = ToolCallParser::Hermes.stream();
-    let text = "<tool_call>\n{\"arguments\": {\"city\":  \"Nice\"}, \"name\": \"get_weather\"}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": \"x\"}\n</tool_call>";
-    let mut parsed = s.feed(text);
-    parsed.content.push_str(&s.finish().content);
-    assert_eq!(
-        parsed.calls,
-        vec![ParsedCall {
-            name: "get_weather".into(),
-            arguments: "{\"city\":  \"Nice\"}".into()
-        }]
+    let text = concat!(
+        "<tool_call>\n{\"arguments\": {\"city\":  \"Nice\"}, \"name\": \"get_weather\"}\n</tool_call>\n",
+        "<tool_call>\n{\"name\": \"now\", \"arguments\": \"x\"}\n</tool_call>\n",
+        "<tool_call>{\"name\":\"a\\\"b\" , \"arguments\" :{\"k\": [1, {}]} }</tool_call>",
     );
+    let (content, calls) = ToolCallParser::Hermes.parse(text);
+    let call = |name: &str, arguments: &str| ParsedCall {
+        name: name.into(),
+        arguments: arguments.into(),
+    };
+    let expected = [
+        call("get_weather", "{\"city\":  \"Nice\"}"),
+        call("a\"b", "{\"k\": [1, {}]}"),
+    ];
+    assert_eq!(calls, expected);
     assert!(
-        parsed.content.contains("\"arguments\": \"x\""),
+        content.contains("\"arguments\": \"x\""),
         "not an object: stays text"
     );
+}
+
+#[test]
+fn hermes_arguments_stream_holding_back_only_the_wrapper() {
+    let mut s = ToolCallParser::Hermes.stream();
+    let pieces = [
+        "<tool_call>\n{\"name\": \"f\", ",
+        "\"arguments\": {\"a\"",
+        ": {\"b\": 1}",
+        "}",
+        "}\n</tool",
+        "_call>",
+    ];
+    let sent: Vec<Vec<CallDelta>> = pieces.iter().map(|p| s.feed(p).calls).collect();
+    let text = |d: &[CallDelta]| d.iter().map(|d| d.arguments.clone()).collect::<String>();
+    assert!(sent[0].is_empty());
+    assert_eq!(sent[1][0].name.as_deref(), Some("f"));
+    let streamed: Vec<String> = sent.iter().map(|d| text(d)).collect();
+    assert_eq!(streamed, ["", "{\"a\"", ": {\"b\": 1", "}", "}", ""]);
 }
 
 /// Samples the best allowed token of seeded random logits until the end token.
@@ -175,13 +198,8 @@ fn generate(constraint: &mut Constraint, seed: u64) -> String {
     panic!("no end in 400 tokens: {:?}", tokenizer.decode(&ids, true));
 }
 
-fn calls_of(text: &str) -> Parsed {
-    let mut s = ToolCallParser::Hermes.stream();
-    let mut parsed = s.feed(text);
-    let end = s.finish();
-    parsed.content.push_str(&end.content);
-    parsed.calls.extend(end.calls);
-    parsed
+fn calls_of(text: &str) -> (String, Vec<ParsedCall>) {
+    ToolCallParser::Hermes.parse(text)
 }
 
 #[test]
@@ -205,11 +223,11 @@ fn forced_choices_always_give_calls_that_parse_and_validate() {
         let mut several = false;
         for seed in 0..12 {
             let text = generate(&mut grammars.compile_lark(&grammar).unwrap(), seed);
-            let parsed = calls_of(&text);
-            assert!(parsed.content.is_empty(), "{choice}: {text:?}");
-            assert!(count.contains(&parsed.calls.len()), "{choice}: {text:?}");
-            several |= parsed.calls.len() > 1;
-            for call in &parsed.calls {
+            let (content, calls) = calls_of(&text);
+            assert!(content.is_empty(), "{choice}: {text:?}");
+            assert!(count.contains(&calls.len()), "{choice}: {text:?}");
+            several |= calls.len() > 1;
+            for call in &calls {
                 let args: serde_json::Value = serde_json::from_str(&call.arguments).unwrap();
                 match call.name.as_str() {
                     "get_weather" => {
@@ -246,18 +264,21 @@ fn auto_beside_a_json_format_answers_or_calls() {
         .unwrap()
         .grammar(Some(&answer))
         .unwrap();
-    let (mut answers, mut calls) = (0, 0);
+    let (mut answers, mut called) = (0, 0);
     for seed in 0..16 {
         let text = generate(&mut grammars.compile_lark(&grammar).unwrap(), seed);
-        let parsed = calls_of(&text);
-        match parsed.calls.is_empty() {
+        let (content, calls) = calls_of(&text);
+        match calls.is_empty() {
             true => {
-                let v: serde_json::Value = serde_json::from_str(&parsed.content).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&content).unwrap();
                 assert!(v["ok"].is_boolean(), "{text}");
                 answers += 1;
             }
-            false => calls += 1,
+            false => called += 1,
         }
     }
-    assert!(answers > 0 && calls > 0, "answers {answers}, calls {calls}");
+    assert!(
+        answers > 0 && called > 0,
+        "answers {answers}, calls {called}"
+    );
 }

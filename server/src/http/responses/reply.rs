@@ -184,15 +184,10 @@ impl Builder {
                 calls: Vec::new(),
             };
         };
-        let mut stream = parser.stream();
-        let mut parsed = stream.feed(generated);
-        let end = stream.finish();
-        parsed.content.push_str(&end.content);
-        parsed.calls.extend(end.calls);
+        let (text, calls) = parser.parse(generated);
         Answer {
-            text: parsed.content,
-            calls: parsed
-                .calls
+            text,
+            calls: calls
                 .into_iter()
                 .map(|c| ToolCall::new(c.name, c.arguments))
                 .collect(),
@@ -335,9 +330,16 @@ impl EventFormat {
             parsed.content.push_str(&rest.content);
             parsed.calls.extend(rest.calls);
         }
-        let calls = parsed.calls.into_iter();
-        self.made
-            .extend(calls.map(|c| ToolCall::new(c.name, c.arguments)));
+        for piece in parsed.calls {
+            match piece.name {
+                Some(name) => self.made.push(ToolCall::new(name, piece.arguments)),
+                None => {
+                    if let Some(call) = self.made.get_mut(piece.index) {
+                        call.function.arguments.push_str(&piece.arguments);
+                    }
+                }
+            }
+        }
         parsed.content
     }
 
