@@ -8,6 +8,10 @@
 #   string   {"story": <string of at least 2000 characters>}: one long string lexeme
 #   records  an array of at least 50 {"name": <string of at most 20>, "score": <0..100>,
 #            "tier": <enum>} objects: a parser state change every few tokens
+#   tool     tool_choice "required" with one function whose arguments hold a string of at
+#            least 2000 characters: the tool-call grammar (tags, then the arguments' schema),
+#            the calls parsed and streamed as delta.tool_calls; its prompt also carries the
+#            tools prompt (about 160 tokens more than the others)
 # Configurations alternate within each repetition. Writes under target/bench/structured/:
 # rep-N/<config>/{summary.json,...}, server.log, run.txt and table.md (medians of TPOT and
 # TTFT over repetitions, ratios against plain).
@@ -35,16 +39,18 @@ start_graft "$PORT" "$OUT/server.log" --prefix-caching false --max-running 4
 
 string='{"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}'
 records='{"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "score": {"type": "integer", "minimum": 0, "maximum": 100}, "tier": {"enum": ["gold", "silver", "bronze"]}}, "required": ["name", "score", "tier"], "additionalProperties": false}, "minItems": 50}'
+notes='{"type": "object", "properties": {"notes": {"type": "string", "minLength": 2000}}, "required": ["notes"]}'
 body() {  # config
   case $1 in
     plain) echo '{"temperature": 0.7}' ;;
     string) echo "{\"temperature\": 0.7, \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"s\", \"schema\": $string}}}" ;;
     records) echo "{\"temperature\": 0.7, \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", \"schema\": $records}}}" ;;
+    tool) echo "{\"temperature\": 0.7, \"tool_choice\": \"required\", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"save_notes\", \"description\": \"Save notes\", \"parameters\": $notes}}]}" ;;
   esac
 }
 
 for rep in $(seq "$REPS"); do
-  for config in plain string records; do
+  for config in plain string records tool; do
     echo "rep $rep $config: load $(cut -d' ' -f1-3 /proc/loadavg)"
     "$LOADTEST" --url "http://127.0.0.1:$PORT" --endpoint chat --concurrency 1 \
       --requests "$REQUESTS" --warmup 1 --input-tokens 64 --output-tokens 128 --ignore-eos \
@@ -61,9 +67,10 @@ def med(config, get):
     return statistics.median(vals)
 rows = [("TPOT p50 ms", lambda l: l["tpot_ms"]["p50"]), ("TTFT p50 ms", lambda l: l["ttft_ms"]["p50"]),
         ("out tok/s", lambda l: l["output_token_rate"])]
-print("| metric | plain | string | records | string / plain | records / plain |")
-print("|---|---|---|---|---|---|")
+configs = ("plain", "string", "records", "tool")
+print("| metric | " + " | ".join(configs) + " | string / plain | records / plain | tool / plain |")
+print("|---" * (len(configs) + 4) + "|")
 for name, get in rows:
-    p, s, r = (med(c, get) for c in ("plain", "string", "records"))
-    print(f"| {name} | {p:.2f} | {s:.2f} | {r:.2f} | {s / p:.3f}x | {r / p:.3f}x |")
+    p, s, r, t = (med(c, get) for c in configs)
+    print(f"| {name} | {p:.2f} | {s:.2f} | {r:.2f} | {t:.2f} | {s / p:.3f}x | {r / p:.3f}x | {t / p:.3f}x |")
 PY

@@ -3,7 +3,8 @@
 //! mid-stream still yields what it had measured.
 //!
 //! Content means a non-empty `delta.content` (chat; `reasoning_content`/`reasoning` too, since
-//! reasoning models stream their thinking there and it costs the same decode steps) or a
+//! reasoning models stream their thinking there and it costs the same decode steps, and
+//! `tool_calls` pieces with a name or arguments, which are generated text as well) or a
 //! non-empty `text` (completions). Role-only first chunks, empty deltas and usage-only chunks
 //! are not tokens and must not start the TTFT clock.
 
@@ -149,13 +150,21 @@ fn reply_text(v: &Value) -> &str {
 }
 
 fn has_content(v: &Value) -> bool {
+    let text = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
+    let call = |c: &Value| {
+        let function = &c["function"];
+        text(function, "name") || text(function, "arguments")
+    };
     ["content", "reasoning_content", "reasoning", "text"]
         .iter()
-        .any(|k| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-        })
+        .any(|k| text(v, k))
+        || v.get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|calls| calls.iter().any(call))
 }
 
 /// The message of an OpenAI-shaped error (`{"message": ...}`) or the value itself.
@@ -206,6 +215,17 @@ mod tests {
         assert_eq!(r.gaps, vec![ms(15)]);
         assert_eq!((r.input_tokens, r.output_tokens), (Some(9), Some(2)));
         assert_eq!(r.token_source, TokenSource::Usage);
+    }
+
+    #[test]
+    fn tool_call_pieces_are_content() {
+        let mut p = Probe::default();
+        let piece = |args: &str| json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": args}}]}}]});
+        assert!(!p.chunk(&piece(""), ms(5)).unwrap());
+        let start = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1",
+            "type": "function", "function": {"name": "f", "arguments": ""}}]}}]});
+        assert!(p.chunk(&start, ms(10)).unwrap());
+        assert!(p.chunk(&piece("{\"a\""), ms(20)).unwrap());
     }
 
     #[test]
