@@ -34,10 +34,7 @@ fn render_messages(text: &str, add_generation_prompt: bool) {
     let parts: Vec<&str> = text.split('\0').collect();
     let messages: Vec<ChatMessage> = parts
         .chunks(2)
-        .map(|pair| ChatMessage {
-            role: pair[0].to_string(),
-            content: pair.get(1).unwrap_or(&"").to_string(),
-        })
+        .map(|pair| ChatMessage::text(pair[0], *pair.get(1).unwrap_or(&"")))
         .collect();
     let _ = template.render(&messages, add_generation_prompt, None);
 }
@@ -47,14 +44,8 @@ fn render_template(source: &str) {
         return;
     };
     let messages = [
-        ChatMessage {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "Hello!".into(),
-        },
+        ChatMessage::text("system", "Be brief."),
+        ChatMessage::text("user", "Hello!"),
     ];
     let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
     let _ = template.render(&messages, true, Some(&tools));
