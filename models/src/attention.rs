@@ -145,8 +145,9 @@ pub(crate) fn attend(
     if let Some(sel) = head_keys {
         sel.check(n_kv, t)?;
     }
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
+    let cpu = |t: &Tensor, dtypes: &[DType]| t.device().is_cpu() && dtypes.contains(&t.dtype());
+    let cached = [DType::F32, DType::F16];
+    if cpu(q, &[DType::F32]) && cpu(k, &cached) && cpu(v, &cached) {
         let op = RowAttention {
             key_positions,
             head_keys: head_keys.map(|s| s.ranges.as_slice()),
@@ -155,6 +156,8 @@ pub(crate) fn attend(
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }
+    // The ops compute in the query's dtype (an f16 cache on a GPU is widened here).
+    let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     attend_ops(q, k, v, key_positions, head_keys, start)
 }
 

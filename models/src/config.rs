@@ -108,7 +108,8 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Bytes of KV cache one token occupies in f32 (keys and values of every layer).
+    /// Bytes of KV cache one token occupies in f32 (keys and values of every layer); a model
+    /// whose caches hold f16 says its own (`Llama::kv_bytes_per_token`).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
     }

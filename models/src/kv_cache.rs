@@ -106,12 +106,12 @@ impl KvCache {
     }
 
     /// Copies of layer `layer`'s committed keys and values, `(n_kv_heads, slots, head_dim)`
-    /// each (`None` before the layer was written).
+    /// each, in f32 whatever the cache holds (`None` before the layer was written).
     pub fn layer_kv(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         let Some(l) = self.layer(layer) else {
             return Ok(None);
         };
-        let read = |t: &Tensor| t.narrow(1, 0, l.len)?.contiguous();
+        let read = |t: &Tensor| t.narrow(1, 0, l.len)?.to_dtype(DType::F32)?.contiguous();
         Ok(Some((read(&l.k)?, read(&l.v)?)))
     }
 

@@ -58,6 +58,8 @@ pub struct Llama {
     pub lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// How new sequences' caches store keys and values (f32 or f16).
+    kv_dtype: DType,
 }
 
 impl DecoderLayer {
@@ -141,6 +143,7 @@ impl Llama {
             lm_head,
             rope,
             device,
+            kv_dtype: DType::F32,
         })
     }
 
@@ -180,7 +183,32 @@ impl Llama {
 
     /// A fresh, empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config, DType::F32, &self.device)
+        KvCache::new(&self.config, self.kv_dtype, &self.device)
+    }
+
+    /// Stores new sequences' keys and values in `dtype`: f32 (exact) or f16 (half the
+    /// memory and the bandwidth of attention at depth; keys and values rounded once, when
+    /// written). Caches made before keep theirs.
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 | DType::F16 => {
+                self.kv_dtype = dtype;
+                Ok(())
+            }
+            other => Err(ModelError::Config(format!(
+                "the KV cache can hold f32 or f16, not {other:?}"
+            ))),
+        }
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Bytes of KV cache one token occupies in this model's caches.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.config.kv_bytes_per_token() / std::mem::size_of::<f32>()
+            * self.kv_dtype.size_in_bytes()
     }
 
     /// One forward step over a batch. Each row feeds its tokens at positions starting from

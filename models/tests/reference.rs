@@ -256,3 +256,53 @@ fn prefill_chunking_moves_logits_only_by_float_noise() {
         assert!(diff < 0.01, "{chunks:?}: max logit difference {diff}");
     }
 }
+
+/// What an f16 KV cache costs against the reference, beside the f32 cache: teacher-forced
+/// log-probs of every prompt (mean absolute difference) and the perplexity. f16 must keep the
+/// tolerances above; the figures printed are the ones in docs/BENCHMARKS.md.
+#[test]
+fn an_f16_kv_cache_keeps_the_reference_tolerances() {
+    let Some(mut m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
+    let perplexity: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
+    let tokens = ids(&perplexity["token_ids"]);
+    let window = perplexity["definition"]["window"].as_u64().expect("window") as usize;
+    let want_ppl = perplexity["perplexity"].as_f64().expect("ppl");
+    for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+        m.set_kv_dtype(dtype).expect("kv dtype");
+        let (mut sum, mut count) = (0f64, 0usize);
+        for p in fixture["prompts"].as_array().expect("prompts") {
+            let prompt = ids(&p["prompt_ids"]);
+            let lp = log_probs(&m, &prompt);
+            for (i, want) in p["prompt_logprobs"]
+                .as_array()
+                .expect("lps")
+                .iter()
+                .enumerate()
+            {
+                let got = lp[i][prompt[i + 1] as usize] as f64;
+                sum += (got - want.as_f64().expect("f")).abs();
+                count += 1;
+            }
+        }
+        let mad = sum / count as f64;
+        let (mut nll, mut n) = (0f64, 0usize);
+        for chunk in tokens.chunks(window) {
+            let lp = log_probs(&m, chunk);
+            for i in 1..chunk.len() {
+                nll -= lp[i - 1][chunk[i] as usize] as f64;
+                n += 1;
+            }
+        }
+        let ppl = (nll / n as f64).exp();
+        eprintln!(
+            "kv {dtype:?}: teacher-forced mean |Δ log p| {mad:.5} nats over {count} tokens, \
+             perplexity {ppl:.4} (reference {want_ppl:.4})"
+        );
+        assert!(mad <= 0.15, "{dtype:?}: mean absolute difference {mad}");
+        assert!(
+            (ppl - want_ppl).abs() / want_ppl <= 0.02,
+            "{dtype:?}: perplexity {ppl}"
+        );
+    }
+}

@@ -52,6 +52,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// How sequences' KV caches store keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// Exact: keys and values as computed.
+    #[default]
+    F32,
+    /// Half the memory and half the bytes attention reads; each key and value rounded to
+    /// f16 once, when written.
+    F16,
+}
+
+impl KvCacheDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// How the CPU's 8-bit kernels quantize activations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -146,6 +167,10 @@ pub struct ServeConfig {
     /// KV cache memory budget in MiB
     #[arg(long, env = "GRAFT_KV_BUDGET_MIB", default_value_t = defaults::KV_BUDGET_MIB)]
     pub kv_budget_mib: usize,
+    /// How KV caches store keys and values: f32 (exact) or f16 (half the memory and the
+    /// bandwidth of attention at depth)
+    #[arg(long, env = "GRAFT_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F32)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Longest prompt plus completion in tokens [default: the model's trained context]
     #[arg(long, env = "GRAFT_MAX_CONTEXT")]
     pub max_context: Option<usize>,
@@ -249,6 +274,7 @@ impl Default for ServeConfig {
             prefix_caching: true,
             max_waiting: MAX_WAITING,
             kv_budget_mib: KV_BUDGET_MIB,
+            kv_cache_dtype: KvCacheDtype::F32,
             max_context: None,
             max_body_bytes: MAX_BODY_BYTES,
             drain_seconds: DRAIN_SECONDS,

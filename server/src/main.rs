@@ -278,6 +278,10 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
     loaded
         .model
         .set_activation_quantization(config.activations.mode());
+    loaded
+        .model
+        .set_kv_dtype(config.kv_cache_dtype.dtype())
+        .context("kv_cache_dtype")?;
     let registry = Arc::new(build_registry(&loaded, &device, config)?);
     build_engine(loaded, registry, config)
 }

@@ -48,7 +48,12 @@
 //! against 0.8 ms per token for 30 layers read from memory; prefill chunks gain 1.5-10x
 //! (`attention::tests::attention_timing`).
 //!
-//! Numerics: f32 throughout. Dot products accumulate in 16 lanes combined by a fixed tree,
+//! Numerics: f32 throughout. The cache may hold keys and values in f16 (`--kv-cache-dtype`):
+//! each block of keys or values is then converted to f32 once (exactly: every f16 is an f32)
+//! into a scratch block that stays in L1 while the heads of the group take their turns, and
+//! the arithmetic that follows is the f32 kernel's, bit for bit on the converted values. Half
+//! the bytes cross the memory bus, which is what decode at depth waits on.
+//! Dot products accumulate in 16 lanes combined by a fixed tree,
 //! `exp` is a Cephes-style polynomial (relative error below 3e-7), and every multiply-add is
 //! an explicit `mul_add`. The portable code is compiled for AVX-512, AVX2+FMA and plain
 //! targets, and the hand-written score loops of the SIMD paths keep its lane order, so every
@@ -64,6 +69,8 @@ use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::driver::{SimdPath, SyncPtr};
 
@@ -71,6 +78,9 @@ const NAME: &str = "row attention";
 /// Below this many multiply-adds (summed over all units) a call stays on the calling
 /// thread: waking the pool costs a few microseconds.
 const PAR_MIN_MACS: usize = 64 * 1024;
+/// From this many queries in one call (a prefill chunk), an f16 cache is widened to f32 once
+/// for the call instead of block by block for each query; the bits are the same either way.
+const WIDEN_FROM_QUERIES: usize = 8;
 /// Lanes of the dot-product accumulators: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
 
@@ -101,17 +111,21 @@ impl CustomOp3 for RowAttention<'_> {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = Rows::new("q", sq, lq)?;
-        let k = Rows::new("k", sk, lk)?;
-        let v = Rows::new("v", sv, lv)?;
+        let Some(q) = Rows::<f32>::new("q", sq, lq)? else {
+            bail!("{NAME}: q must be f32, got {:?}", sq.dtype())
+        };
+        let (mut k, mut v) = (Cached::new("k", sk, lk)?, Cached::new("v", sv, lv)?);
         let (l, n_heads, d) = q.dims;
-        let (n_kv, t, _) = k.dims;
-        if k.dims.2 != d || v.dims != k.dims {
+        if l >= WIDEN_FROM_QUERIES {
+            (k, v) = (k.widened(), v.widened());
+        }
+        let (n_kv, t, _) = k.dims();
+        if k.dims().2 != d || v.dims() != k.dims() {
             bail!(
                 "{NAME}: q {:?}, k {:?}, v {:?} disagree",
                 q.dims,
-                k.dims,
-                v.dims
+                k.dims(),
+                v.dims()
             )
         }
         if n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
@@ -177,20 +191,43 @@ pub(crate) fn check_head_keys(
     Ok(())
 }
 
-/// A 3-D f32 tensor read as rows of its last dimension: `row(a, b)` is `x[a, b, ..]`.
-struct Rows<'a> {
-    data: Cow<'a, [f32]>,
+/// What the cache may store: f32, or f16 read through [`Cached::block`].
+trait Elem: Copy + 'static {
+    fn of(storage: &CpuStorage) -> Option<&[Self]>;
+}
+
+impl Elem for f32 {
+    fn of(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+impl Elem for f16 {
+    fn of(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F16(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+/// A 3-D tensor read as rows of its last dimension: `row(a, b)` is `x[a, b, ..]`.
+struct Rows<'a, E: Elem> {
+    data: Cow<'a, [E]>,
     offset: usize,
     strides: (usize, usize),
     dims: (usize, usize, usize),
 }
 
-impl<'a> Rows<'a> {
+impl<'a, E: Elem> Rows<'a, E> {
     /// Borrows the storage when rows are contiguous (the cache views are), else gathers a
-    /// contiguous copy.
-    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("{NAME}: {what} must be f32, got {:?}", storage.dtype())
+    /// contiguous copy; `None` when the storage holds another type.
+    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Option<Self>> {
+        let Some(data) = E::of(storage) else {
+            return Ok(None);
         };
         let &[a, b, c] = layout.dims() else {
             bail!("{NAME}: {what} must be 3-D, got {:?}", layout.shape())
@@ -201,12 +238,12 @@ impl<'a> Rows<'a> {
         let dims = (a, b, c);
         let offset = layout.start_offset();
         if a * b * c == 0 {
-            return Ok(Self {
+            return Ok(Some(Self {
                 data: Cow::Borrowed(&[]),
                 offset: 0,
                 strides: (0, 0),
                 dims,
-            });
+            }));
         }
         // The last element read; checked once so that row slicing cannot fail later.
         let last = offset + (a - 1) * s0 + (b - 1) * s1 + (c - 1) * s2;
@@ -217,12 +254,12 @@ impl<'a> Rows<'a> {
             )
         }
         if s2 == 1 {
-            return Ok(Self {
+            return Ok(Some(Self {
                 data: Cow::Borrowed(data),
                 offset,
                 strides: (s0, s1),
                 dims,
-            });
+            }));
         }
         let mut copy = Vec::with_capacity(a * b * c);
         for i in 0..a {
@@ -231,18 +268,128 @@ impl<'a> Rows<'a> {
                 copy.extend((0..c).map(|x| data[o + x * s2]));
             }
         }
-        Ok(Self {
+        Ok(Some(Self {
             data: Cow::Owned(copy),
             offset: 0,
             strides: (b * c, c),
             dims,
-        })
+        }))
     }
 
     #[inline(always)]
-    fn row(&self, a: usize, b: usize) -> &[f32] {
+    fn row(&self, a: usize, b: usize) -> &[E] {
         let o = self.offset + a * self.strides.0 + b * self.strides.1;
         &self.data[o..o + self.dims.2]
+    }
+}
+
+/// Keys or values as the cache holds them.
+enum Cached<'a> {
+    F32(Rows<'a, f32>),
+    F16(Rows<'a, f16>),
+}
+
+impl<'a> Cached<'a> {
+    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        if let Some(rows) = Rows::new(what, storage, layout)? {
+            return Ok(Self::F32(rows));
+        }
+        if let Some(rows) = Rows::new(what, storage, layout)? {
+            return Ok(Self::F16(rows));
+        }
+        bail!(
+            "{NAME}: {what} must be f32 or f16, got {:?}",
+            storage.dtype()
+        )
+    }
+
+    fn dims(&self) -> (usize, usize, usize) {
+        match self {
+            Self::F32(r) => r.dims,
+            Self::F16(r) => r.dims,
+        }
+    }
+
+    /// Rows `j0..j0 + len` of key/value head `kv` as f32: in place for an f32 cache, else
+    /// converted into `scratch`.
+    #[inline(always)]
+    fn block<'b>(
+        &'b self,
+        kv: usize,
+        j0: usize,
+        len: usize,
+        scratch: &'b mut Vec<f32>,
+    ) -> Block<'b> {
+        match self {
+            Self::F32(r) => {
+                let start = r.offset + kv * r.strides.0 + j0 * r.strides.1;
+                Block {
+                    data: &r.data[start..],
+                    stride: r.strides.1,
+                    d: r.dims.2,
+                }
+            }
+            Self::F16(r) => {
+                let d = r.dims.2;
+                scratch.resize(len * d, 0.0);
+                if r.strides.1 == d {
+                    // Consecutive rows are one run of memory: one conversion call.
+                    let start = r.offset + kv * r.strides.0 + j0 * d;
+                    r.data[start..start + len * d].convert_to_f32_slice(scratch);
+                } else {
+                    for (j, out) in (j0..).zip(scratch.chunks_exact_mut(d)) {
+                        r.row(kv, j).convert_to_f32_slice(out);
+                    }
+                }
+                Block {
+                    data: scratch,
+                    stride: d,
+                    d,
+                }
+            }
+        }
+    }
+
+    /// The same values as f32 rows (a copy for an f16 cache): for calls with many queries,
+    /// which would otherwise convert every block once per query.
+    fn widened(self) -> Self {
+        let Self::F16(r) = self else {
+            return self;
+        };
+        let (a, b, c) = r.dims;
+        let mut data = vec![0f32; a * b * c];
+        for (i, out) in data.chunks_exact_mut(b * c).enumerate() {
+            if r.strides.1 == c {
+                let start = r.offset + i * r.strides.0;
+                r.data[start..start + b * c].convert_to_f32_slice(out);
+            } else {
+                for (j, row) in out.chunks_exact_mut(c).enumerate() {
+                    r.row(i, j).convert_to_f32_slice(row);
+                }
+            }
+        }
+        Self::F32(Rows {
+            data: Cow::Owned(data),
+            offset: 0,
+            strides: (b * c, c),
+            dims: r.dims,
+        })
+    }
+}
+
+/// Consecutive rows (keys or values) of one key/value head as f32; `row(0)` is the first.
+#[derive(Clone, Copy)]
+struct Block<'a> {
+    data: &'a [f32],
+    stride: usize,
+    d: usize,
+}
+
+impl Block<'_> {
+    #[inline(always)]
+    fn row(&self, j: usize) -> &[f32] {
+        let o = j * self.stride;
+        &self.data[o..o + self.d]
     }
 }
 
@@ -357,9 +504,9 @@ fn blocks(segs: &[Segment], block: usize) -> impl Iterator<Item = Segment> + '_ 
 
 /// Everything a unit reads.
 struct Args<'a> {
-    q: &'a Rows<'a>,
-    k: &'a Rows<'a>,
-    v: &'a Rows<'a>,
+    q: &'a Rows<'a, f32>,
+    k: &'a Cached<'a>,
+    v: &'a Cached<'a>,
     group: usize,
     keys: Keys<'a>,
     /// Per key/value head, the ranges of keys it reads (`None`: all).
@@ -371,7 +518,7 @@ struct Args<'a> {
 impl Args<'_> {
     /// The most keys any key/value head reads (the length of a score row).
     fn most_keys(&self) -> usize {
-        self.sel.map_or(self.k.dims.1, |sel| {
+        self.sel.map_or(self.k.dims().1, |sel| {
             sel.iter().map(|r| selected(r)).max().unwrap_or(0)
         })
     }
@@ -483,6 +630,7 @@ fn units(path: SimdPath, args: &Args<'_>, range: Range<usize>, dst: &mut [f32]) 
         inv: vec![0f32; most],
         acc: vec![0f32; most * 2 * d],
         segs: Vec::new(),
+        block: Vec::new(),
     };
     let mut out = dst;
     let mut u = range.start;
@@ -507,6 +655,8 @@ struct Scratch {
     acc: Vec<f32>,
     /// The keys the current query reads ([`visible_segments`]).
     segs: Vec<Segment>,
+    /// A block of keys or values converted to f32, for an f16 cache.
+    block: Vec<f32>,
 }
 
 /// Keys per block of roughly 16 KiB of keys, a multiple of 4 (the SIMD score loops take keys
@@ -542,21 +692,23 @@ fn attend_heads(
     }
     let g = heads.len();
     let block = keys_per_block(d);
-    let segs = &scratch.segs;
-    let scores = &mut scratch.scores[..g * n];
+    let Scratch {
+        scores,
+        inv,
+        acc,
+        segs,
+        block: converted,
+    } = scratch;
+    let scores = &mut scores[..g * n];
+    let segs: &[Segment] = segs;
     for b in blocks(segs, block) {
+        let keys = args.k.block(kv, b.key, b.len, converted);
         for (s, h) in scores.chunks_exact_mut(n).zip(heads.clone()) {
-            key_scores(
-                path,
-                args,
-                args.q.row(i, h),
-                kv,
-                b.key,
-                &mut s[b.at..b.at + b.len],
-            );
+            let s = &mut s[b.at..b.at + b.len];
+            key_scores(path, args.q.row(i, h), keys, args.scale, s);
         }
     }
-    let inv = &mut scratch.inv[..g];
+    let inv = &mut inv[..g];
     for (s, inv) in scores.chunks_exact_mut(n).zip(inv.iter_mut()) {
         if let Keys::Unsorted(p) = args.keys {
             for b in segs {
@@ -569,18 +721,19 @@ fn attend_heads(
         }
         *inv = 1.0 / softmax_numerators(s);
     }
-    let acc = &mut scratch.acc[..g * 2 * d];
+    let acc = &mut acc[..g * 2 * d];
     acc.fill(0.0);
     for b in blocks(segs, block) {
         // Row places, not key indices, decide which accumulator a key feeds.
         let odd_first = b.at % 2 == 1;
+        let values = args.v.block(kv, b.key, b.len, converted);
         for (s, acc) in scores.chunks_exact(n).zip(acc.chunks_exact_mut(2 * d)) {
             let (even, odd) = acc.split_at_mut(d);
-            let (p, v) = (&s[b.at..b.at + b.len], args.v);
+            let p = &s[b.at..b.at + b.len];
             match d {
-                64 => value_sum::<64>(p, v, kv, b.key, odd_first, even, odd),
-                128 => value_sum::<128>(p, v, kv, b.key, odd_first, even, odd),
-                _ => value_sum_any(p, v, kv, b.key, odd_first, even, odd),
+                64 => value_sum::<64>(p, values, odd_first, even, odd),
+                128 => value_sum::<128>(p, values, odd_first, even, odd),
+                _ => value_sum_any(p, values, odd_first, even, odd),
             }
         }
     }
@@ -596,23 +749,23 @@ fn attend_heads(
     }
 }
 
-/// Scores of keys `j0..j0 + s.len()` of key/value head `kv` against `q`, into `s`.
+/// Scores of the keys of `k` (its first `s.len()` rows) against `q`, into `s`.
 #[inline(always)]
-fn key_scores(path: SimdPath, args: &Args<'_>, q: &[f32], kv: usize, j0: usize, s: &mut [f32]) {
+fn key_scores(path: SimdPath, q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]) {
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `run_units`: the path's CPU features were detected.
         SimdPath::Avx512Vnni if q.len().is_multiple_of(LANES) => unsafe {
-            x86::scores_avx512(q, args.k, kv, j0, args.scale, s)
+            x86::scores_avx512(q, k, scale, s)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdPath::Avx2 if q.len().is_multiple_of(LANES) => unsafe {
-            x86::scores_avx2(q, args.k, kv, j0, args.scale, s)
+            x86::scores_avx2(q, k, scale, s)
         },
         _ => {
-            for (j, s) in (j0..).zip(s.iter_mut()) {
-                *s = dot(q, args.k.row(kv, j)) * args.scale;
+            for (j, s) in s.iter_mut().enumerate() {
+                *s = dot(q, k.row(j)) * scale;
             }
         }
     }
@@ -721,7 +874,7 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// Adds `p_j v_j` for keys `j0..j0 + p.len()` of key/value head `kv`, alternately into
+/// Adds `p_j v_j` for the first `p.len()` rows of `v`, alternately into
 /// `even` and `odd`, starting with `odd` when `odd_first` (the first key sits at an odd place
 /// of the score row). Two sets of accumulators let consecutive multiply-adds run in
 /// parallel; for a head dimension known at compile time they live in registers for the whole
@@ -729,18 +882,16 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 #[inline(always)]
 fn value_sum<const D: usize>(
     p: &[f32],
-    v: &Rows<'_>,
-    kv: usize,
-    j0: usize,
+    v: Block<'_>,
     odd_first: bool,
     even: &mut [f32],
     odd: &mut [f32],
 ) {
     let mut a0: [f32; D] = std::array::from_fn(|c| even[c]);
     let mut a1: [f32; D] = std::array::from_fn(|c| odd[c]);
-    let (mut p, mut j) = (p, j0);
+    let (mut p, mut j) = (p, 0);
     if let (true, Some((w, rest))) = (odd_first, p.split_first()) {
-        let v1 = &v.row(kv, j)[..D];
+        let v1 = &v.row(j)[..D];
         for c in 0..D {
             a1[c] = w.mul_add(v1[c], a1[c]);
         }
@@ -748,7 +899,7 @@ fn value_sum<const D: usize>(
     }
     let mut pairs = p.chunks_exact(2);
     for w in &mut pairs {
-        let (v0, v1) = (&v.row(kv, j)[..D], &v.row(kv, j + 1)[..D]);
+        let (v0, v1) = (&v.row(j)[..D], &v.row(j + 1)[..D]);
         for c in 0..D {
             a0[c] = w[0].mul_add(v0[c], a0[c]);
             a1[c] = w[1].mul_add(v1[c], a1[c]);
@@ -756,7 +907,7 @@ fn value_sum<const D: usize>(
         j += 2;
     }
     if let [w] = pairs.remainder() {
-        let v0 = &v.row(kv, j)[..D];
+        let v0 = &v.row(j)[..D];
         for c in 0..D {
             a0[c] = w.mul_add(v0[c], a0[c]);
         }
@@ -767,22 +918,14 @@ fn value_sum<const D: usize>(
 
 /// [`value_sum`] for any head dimension, accumulating in memory (same arithmetic).
 #[inline(always)]
-fn value_sum_any(
-    p: &[f32],
-    v: &Rows<'_>,
-    kv: usize,
-    j0: usize,
-    odd_first: bool,
-    even: &mut [f32],
-    odd: &mut [f32],
-) {
+fn value_sum_any(p: &[f32], v: Block<'_>, odd_first: bool, even: &mut [f32], odd: &mut [f32]) {
     for (jj, &w) in p.iter().enumerate() {
         let acc = if (jj + usize::from(odd_first)) % 2 == 0 {
             &mut *even
         } else {
             &mut *odd
         };
-        for (a, &x) in acc.iter_mut().zip(v.row(kv, j0 + jj)) {
+        for (a, &x) in acc.iter_mut().zip(v.row(jj)) {
             *a = w.mul_add(x, *a);
         }
     }
@@ -794,32 +937,20 @@ fn value_sum_any(
 /// instead of paying a horizontal sum each.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{dot, Rows, LANES};
+    use super::{dot, Block, LANES};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn scores_avx512(
-        q: &[f32],
-        k: &Rows<'_>,
-        kv: usize,
-        j0: usize,
-        scale: f32,
-        s: &mut [f32],
-    ) {
+    pub(super) fn scores_avx512(q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]) {
         let d = q.len();
-        assert!(d.is_multiple_of(LANES) && k.dims.2 == d);
+        assert!(d.is_multiple_of(LANES) && k.d == d);
         let vscale = _mm512_set1_ps(scale);
         // Lane 0 of each 128-bit quarter, where the reduction leaves each key's sum.
         let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
         let mut quads = s.chunks_exact_mut(4);
-        let mut j = j0;
+        let mut j = 0;
         for out in &mut quads {
-            let rows = [
-                k.row(kv, j),
-                k.row(kv, j + 1),
-                k.row(kv, j + 2),
-                k.row(kv, j + 3),
-            ];
+            let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
             let mut acc = [_mm512_setzero_ps(); 4];
             for c in (0..d).step_by(LANES) {
                 // SAFETY: c + 16 <= d, the length of `q` and of every key row.
@@ -853,31 +984,19 @@ mod x86 {
             j += 4;
         }
         for (j, s) in (j..).zip(quads.into_remainder()) {
-            *s = dot(q, k.row(kv, j)) * scale;
+            *s = dot(q, k.row(j)) * scale;
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scores_avx2(
-        q: &[f32],
-        k: &Rows<'_>,
-        kv: usize,
-        j0: usize,
-        scale: f32,
-        s: &mut [f32],
-    ) {
+    pub(super) fn scores_avx2(q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]) {
         let d = q.len();
-        assert!(d.is_multiple_of(LANES) && k.dims.2 == d);
+        assert!(d.is_multiple_of(LANES) && k.d == d);
         let vscale = _mm_set1_ps(scale);
         let mut quads = s.chunks_exact_mut(4);
-        let mut j = j0;
+        let mut j = 0;
         for out in &mut quads {
-            let rows = [
-                k.row(kv, j),
-                k.row(kv, j + 1),
-                k.row(kv, j + 2),
-                k.row(kv, j + 3),
-            ];
+            let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
             // Lanes 0..8 and 8..16 of each key's accumulator.
             let mut lo = [_mm256_setzero_ps(); 4];
             let mut hi = [_mm256_setzero_ps(); 4];
@@ -921,7 +1040,7 @@ mod x86 {
             j += 4;
         }
         for (j, s) in (j..).zip(quads.into_remainder()) {
-            *s = dot(q, k.row(kv, j)) * scale;
+            *s = dot(q, k.row(j)) * scale;
         }
     }
 }
@@ -1019,9 +1138,9 @@ mod tests {
             panic!("cpu tensors")
         };
         let (rq, rk, rv) = (
-            Rows::new("q", sq, lq)?,
-            Rows::new("k", sk, lk)?,
-            Rows::new("v", sv, lv)?,
+            Rows::<f32>::new("q", sq, lq)?.expect("f32"),
+            Cached::new("k", sk, lk)?,
+            Cached::new("v", sv, lv)?,
         );
         let args = Args {
             q: &rq,
@@ -1047,6 +1166,47 @@ mod tests {
         }
         assert_eq!(u0, l * n_heads);
         assert_eq!(split, want, "d={d} split {sel:?}");
+        Ok(())
+    }
+
+    /// An f16 cache gives, on every path, the bits the f32 kernel gives for the same values
+    /// (each f16 widened to f32): the conversion is exact and the arithmetic is shared. With a
+    /// selection, and with heads whose keys span several blocks.
+    #[test]
+    fn an_f16_cache_is_the_f32_kernel_on_its_values() -> Result<()> {
+        let (n_heads, n_kv, t) = (6, 2, 1100);
+        let odd: Vec<Vec<Range<u32>>> = vec![vec![1..4, 9..700, 801..1100], vec![3..8]];
+        // 3 queries convert block by block; WIDEN_FROM_QUERIES or more widen the whole call.
+        for (d, l) in [(64, 3), (40, 3), (64, WIDEN_FROM_QUERIES)] {
+            let q = Tensor::from_vec(values(l * n_heads * d, 4), (l, n_heads, d), &Device::Cpu)?;
+            let half = |seed| -> Result<Tensor> {
+                let x = Tensor::from_vec(values(n_kv * t * d, seed), (n_kv, t, d), &Device::Cpu)?;
+                x.to_dtype(candle_core::DType::F16)
+            };
+            let (k16, v16) = (half(5)?, half(6)?);
+            let (k32, v32) = (
+                k16.to_dtype(candle_core::DType::F32)?,
+                v16.to_dtype(candle_core::DType::F32)?,
+            );
+            for sel in [None, Some(odd.as_slice())] {
+                let run_op = |k: &Tensor, v: &Tensor, path| {
+                    let op = RowAttention {
+                        key_positions: None,
+                        head_keys: sel,
+                        start: t - l,
+                        path,
+                    };
+                    q.apply_op3_no_bwd(k, v, &op)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                };
+                let want = run_op(&k32, &v32, SimdPath::Scalar)?;
+                for path in available_paths() {
+                    let got = run_op(&k16, &v16, path)?;
+                    assert_eq!(got, want, "d={d} l={l} {path:?} {sel:?}");
+                }
+            }
+        }
         Ok(())
     }
 }

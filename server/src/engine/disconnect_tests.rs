@@ -109,7 +109,7 @@ async fn steps_run_after_leaving(stream: bool) -> usize {
         max_positions: loaded.model.max_positions(),
         vocab_size: loaded.model.config.vocab_size,
         hidden_size: loaded.model.config.hidden_size,
-        kv_bytes_per_token: loaded.model.config.kv_bytes_per_token(),
+        kv_bytes_per_token: loaded.model.kv_bytes_per_token(),
     };
     let gate = Arc::new(StepGate::default());
     let model = Gated {

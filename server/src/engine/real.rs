@@ -145,7 +145,7 @@ impl RealEngine {
             max_positions: model.max_positions(),
             vocab_size: model.config.vocab_size,
             hidden_size: model.config.hidden_size,
-            kv_bytes_per_token: model.config.kv_bytes_per_token(),
+            kv_bytes_per_token: model.kv_bytes_per_token(),
         };
         Self::start(model, facts, tokenizer, chat_template, config)
     }
@@ -549,7 +549,7 @@ mod tests {
             max_positions: loaded.model.max_positions(),
             vocab_size: loaded.model.config.vocab_size,
             hidden_size: loaded.model.config.hidden_size,
-            kv_bytes_per_token: loaded.model.config.kv_bytes_per_token(),
+            kv_bytes_per_token: loaded.model.kv_bytes_per_token(),
         };
         let gate = Arc::new(Gate::default());
         gate.set(true);
