@@ -146,22 +146,26 @@ fn greedy_continuations_match_reference_up_to_near_ties() {
     );
 }
 
-#[test]
-fn perplexity_matches_reference() {
-    let Some(m) = default_model() else { return };
-    let fixture: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
+/// The model's perplexity on the fixture's tokens, window by window as the fixture defines it.
+fn perplexity(m: &Llama, fixture: &Value) -> f64 {
     let tokens = ids(&fixture["token_ids"]);
     let window = fixture["definition"]["window"].as_u64().expect("window") as usize;
-    let mut nll = 0.0f64;
-    let mut n = 0usize;
+    let (mut nll, mut n) = (0f64, 0usize);
     for chunk in tokens.chunks(window) {
-        let lp = log_probs(&m, chunk);
+        let lp = log_probs(m, chunk);
         for i in 1..chunk.len() {
             nll -= lp[i - 1][chunk[i] as usize] as f64;
             n += 1;
         }
     }
-    let ppl = (nll / n as f64).exp();
+    (nll / n as f64).exp()
+}
+
+#[test]
+fn perplexity_matches_reference() {
+    let Some(m) = default_model() else { return };
+    let fixture: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
+    let ppl = perplexity(&m, &fixture);
     let want = fixture["perplexity"].as_f64().expect("ppl");
     eprintln!("perplexity {ppl:.4} vs reference {want:.4}");
     assert!(
@@ -264,10 +268,8 @@ fn prefill_chunking_moves_logits_only_by_float_noise() {
 fn an_f16_kv_cache_keeps_the_reference_tolerances() {
     let Some(mut m) = default_model() else { return };
     let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture");
-    let perplexity: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
-    let tokens = ids(&perplexity["token_ids"]);
-    let window = perplexity["definition"]["window"].as_u64().expect("window") as usize;
-    let want_ppl = perplexity["perplexity"].as_f64().expect("ppl");
+    let ppl_fixture: Value = serde_json::from_str(PERPLEXITY).expect("fixture");
+    let want_ppl = ppl_fixture["perplexity"].as_f64().expect("ppl");
     for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
         m.set_kv_dtype(dtype).expect("kv dtype");
         let (mut sum, mut count) = (0f64, 0usize);
@@ -286,15 +288,7 @@ fn an_f16_kv_cache_keeps_the_reference_tolerances() {
             }
         }
         let mad = sum / count as f64;
-        let (mut nll, mut n) = (0f64, 0usize);
-        for chunk in tokens.chunks(window) {
-            let lp = log_probs(&m, chunk);
-            for i in 1..chunk.len() {
-                nll -= lp[i - 1][chunk[i] as usize] as f64;
-                n += 1;
-            }
-        }
-        let ppl = (nll / n as f64).exp();
+        let ppl = perplexity(&m, &ppl_fixture);
         eprintln!(
             "kv {dtype:?}: teacher-forced mean |Δ log p| {mad:.5} nats over {count} tokens, \
              perplexity {ppl:.4} (reference {want_ppl:.4})"
