@@ -56,11 +56,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheDtype {
-    /// Exact: keys and values as computed.
-    #[default]
+    /// Keys and values as computed.
     F32,
-    /// Half the memory and half the bytes attention reads; each key and value rounded to
-    /// f16 once, when written.
+    /// Half the memory and half the bytes attention reads (llama.cpp's and vLLM's default);
+    /// each key and value rounded to f16 once, when written: 0.0008 nats from the reference
+    /// teacher-forced on the default model, against 0.0003 for f32.
+    #[default]
     F16,
 }
 
@@ -167,9 +168,9 @@ pub struct ServeConfig {
     /// KV cache memory budget in MiB
     #[arg(long, env = "GRAFT_KV_BUDGET_MIB", default_value_t = defaults::KV_BUDGET_MIB)]
     pub kv_budget_mib: usize,
-    /// How KV caches store keys and values: f32 (exact) or f16 (half the memory and the
-    /// bandwidth of attention at depth)
-    #[arg(long, env = "GRAFT_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F32)]
+    /// How KV caches store keys and values: f16 (half the memory and the bandwidth of
+    /// attention at depth) or f32
+    #[arg(long, env = "GRAFT_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F16)]
     pub kv_cache_dtype: KvCacheDtype,
     /// Longest prompt plus completion in tokens [default: the model's trained context]
     #[arg(long, env = "GRAFT_MAX_CONTEXT")]
@@ -274,7 +275,7 @@ impl Default for ServeConfig {
             prefix_caching: true,
             max_waiting: MAX_WAITING,
             kv_budget_mib: KV_BUDGET_MIB,
-            kv_cache_dtype: KvCacheDtype::F32,
+            kv_cache_dtype: KvCacheDtype::F16,
             max_context: None,
             max_body_bytes: MAX_BODY_BYTES,
             drain_seconds: DRAIN_SECONDS,

@@ -350,6 +350,24 @@ impl<'a> Cached<'a> {
         }
     }
 
+    /// An f16 cache's rows `j0..` of key/value head `kv` in place, for the AVX-512 loops
+    /// that widen 16 values per load (heads of 64 or 128 values); `None` where rows go
+    /// through [`Cached::block`].
+    #[inline(always)]
+    fn in_place_f16(&self, path: SimdPath, kv: usize, j0: usize) -> Option<Block<'_, f16>> {
+        match (self, path) {
+            (Self::F16(r), SimdPath::Avx512Vnni) if matches!(r.dims.2, 64 | 128) => {
+                let start = r.offset + kv * r.strides.0 + j0 * r.strides.1;
+                Some(Block {
+                    data: &r.data[start..],
+                    stride: r.strides.1,
+                    d: r.dims.2,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The same values as f32 rows (a copy for an f16 cache): for calls with many queries,
     /// which would otherwise convert every block once per query.
     fn widened(self) -> Self {
@@ -377,17 +395,18 @@ impl<'a> Cached<'a> {
     }
 }
 
-/// Consecutive rows (keys or values) of one key/value head as f32; `row(0)` is the first.
+/// Consecutive rows (keys or values) of one key/value head; `row(0)` is the first. f32 for
+/// the portable arithmetic; f16 where the AVX-512 loops widen rows as they load them.
 #[derive(Clone, Copy)]
-struct Block<'a> {
-    data: &'a [f32],
+struct Block<'a, E = f32> {
+    data: &'a [E],
     stride: usize,
     d: usize,
 }
 
-impl Block<'_> {
+impl<E> Block<'_, E> {
     #[inline(always)]
-    fn row(&self, j: usize) -> &[f32] {
+    fn row(&self, j: usize) -> &[E] {
         let o = j * self.stride;
         &self.data[o..o + self.d]
     }
@@ -702,6 +721,16 @@ fn attend_heads(
     let scores = &mut scores[..g * n];
     let segs: &[Segment] = segs;
     for b in blocks(segs, block) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(keys) = args.k.in_place_f16(path, kv, b.key) {
+            for (s, h) in scores.chunks_exact_mut(n).zip(heads.clone()) {
+                let s = &mut s[b.at..b.at + b.len];
+                // SAFETY: `in_place_f16` answers only on the AVX-512 path, whose features
+                // were detected.
+                unsafe { x86::scores_avx512_f16(args.q.row(i, h), keys, args.scale, s) };
+            }
+            continue;
+        }
         let keys = args.k.block(kv, b.key, b.len, converted);
         for (s, h) in scores.chunks_exact_mut(n).zip(heads.clone()) {
             let s = &mut s[b.at..b.at + b.len];
@@ -726,6 +755,21 @@ fn attend_heads(
     for b in blocks(segs, block) {
         // Row places, not key indices, decide which accumulator a key feeds.
         let odd_first = b.at % 2 == 1;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(values) = args.v.in_place_f16(path, kv, b.key) {
+            for (s, acc) in scores.chunks_exact(n).zip(acc.chunks_exact_mut(2 * d)) {
+                let (even, odd) = acc.split_at_mut(d);
+                let p = &s[b.at..b.at + b.len];
+                // SAFETY: as for the keys.
+                unsafe {
+                    match d {
+                        64 => x86::value_sum_f16_avx512::<4>(p, values, odd_first, even, odd),
+                        _ => x86::value_sum_f16_avx512::<8>(p, values, odd_first, even, odd),
+                    }
+                };
+            }
+            continue;
+        }
         let values = args.v.block(kv, b.key, b.len, converted);
         for (s, acc) in scores.chunks_exact(n).zip(acc.chunks_exact_mut(2 * d)) {
             let (even, odd) = acc.split_at_mut(d);
@@ -938,53 +982,142 @@ fn value_sum_any(p: &[f32], v: Block<'_>, odd_first: bool, even: &mut [f32], odd
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{dot, Block, LANES};
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn scores_avx512(q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]) {
-        let d = q.len();
-        assert!(d.is_multiple_of(LANES) && k.d == d);
-        let vscale = _mm512_set1_ps(scale);
-        // Lane 0 of each 128-bit quarter, where the reduction leaves each key's sum.
-        let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut quads = s.chunks_exact_mut(4);
-        let mut j = 0;
-        for out in &mut quads {
-            let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in (0..d).step_by(LANES) {
-                // SAFETY: c + 16 <= d, the length of `q` and of every key row.
-                let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(c)) };
-                for (a, row) in acc.iter_mut().zip(&rows) {
-                    // SAFETY: as above.
-                    let kv = unsafe { _mm512_loadu_ps(row.as_ptr().add(c)) };
-                    *a = _mm512_fmadd_ps(qv, kv, *a);
+    /// The AVX-512 scores for rows of `$elem`, loaded 16 values at a time by `$load` (the
+    /// row pointer in `$p`): f32 rows as they are, f16 rows widened by the load.
+    macro_rules! scores_avx512 {
+        ($name:ident, $elem:ty, |$p:ident| $load:expr, $tail:path) => {
+            #[target_feature(enable = "avx512f")]
+            pub(super) fn $name(q: &[f32], k: Block<'_, $elem>, scale: f32, s: &mut [f32]) {
+                let d = q.len();
+                assert!(d.is_multiple_of(LANES) && k.d == d);
+                let vscale = _mm512_set1_ps(scale);
+                // Lane 0 of each 128-bit quarter, where the reduction leaves each key's sum.
+                let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+                let mut quads = s.chunks_exact_mut(4);
+                let mut j = 0;
+                for out in &mut quads {
+                    let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for c in (0..d).step_by(LANES) {
+                        // SAFETY: c + 16 <= d, the length of `q` and of every key row.
+                        let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(c)) };
+                        for (a, row) in acc.iter_mut().zip(&rows) {
+                            // SAFETY: as above.
+                            let kv = unsafe {
+                                let $p = row.as_ptr().add(c);
+                                $load
+                            };
+                            *a = _mm512_fmadd_ps(qv, kv, *a);
+                        }
+                    }
+                    let r = reduce_quad(acc, firsts, vscale);
+                    // SAFETY: `out` holds 4 values.
+                    unsafe { _mm_storeu_ps(out.as_mut_ptr(), r) };
+                    j += 4;
+                }
+                for (j, s) in (j..).zip(quads.into_remainder()) {
+                    *s = $tail(q, k.row(j)) * scale;
                 }
             }
-            // Lanes l + l+8 of two keys at once: [a0..8 b0..8] + [a8..16 b8..16].
-            let ab = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0x44>(acc[0], acc[1]),
-                _mm512_shuffle_f32x4::<0xEE>(acc[0], acc[1]),
-            );
-            let cd = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0x44>(acc[2], acc[3]),
-                _mm512_shuffle_f32x4::<0xEE>(acc[2], acc[3]),
-            );
-            // Then l + l+4, leaving one 128-bit quarter per key: [qa qb qc qd].
-            let quarters = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0x88>(ab, cd),
-                _mm512_shuffle_f32x4::<0xDD>(ab, cd),
-            );
-            // (q0 + q2) + (q1 + q3) in every lane of each quarter.
-            let r = _mm512_add_ps(quarters, _mm512_permute_ps::<0x4E>(quarters));
-            let r = _mm512_add_ps(r, _mm512_permute_ps::<0xB1>(r));
-            let r = _mm512_mul_ps(_mm512_permutexvar_ps(firsts, r), vscale);
-            // SAFETY: `out` holds 4 values.
-            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(r)) };
-            j += 4;
+        };
+    }
+
+    scores_avx512!(scores_avx512, f32, |p| _mm512_loadu_ps(p), dot);
+    scores_avx512!(
+        scores_avx512_f16,
+        f16,
+        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>())),
+        dot_f16
+    );
+
+    /// Four keys' 16-lane sums reduced to one score each, times `vscale`, in the portable
+    /// [`hsum`](super::hsum)'s order.
+    #[target_feature(enable = "avx512f")]
+    fn reduce_quad(acc: [__m512; 4], firsts: __m512i, vscale: __m512) -> __m128 {
+        // Lanes l + l+8 of two keys at once: [a0..8 b0..8] + [a8..16 b8..16].
+        let ab = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(acc[0], acc[1]),
+            _mm512_shuffle_f32x4::<0xEE>(acc[0], acc[1]),
+        );
+        let cd = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(acc[2], acc[3]),
+            _mm512_shuffle_f32x4::<0xEE>(acc[2], acc[3]),
+        );
+        // Then l + l+4, leaving one 128-bit quarter per key: [qa qb qc qd].
+        let quarters = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(ab, cd),
+            _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+        );
+        // (q0 + q2) + (q1 + q3) in every lane of each quarter.
+        let r = _mm512_add_ps(quarters, _mm512_permute_ps::<0x4E>(quarters));
+        let r = _mm512_add_ps(r, _mm512_permute_ps::<0xB1>(r));
+        let r = _mm512_mul_ps(_mm512_permutexvar_ps(firsts, r), vscale);
+        _mm512_castps512_ps128(r)
+    }
+
+    /// [`dot`] of `q` with an f16 row, widened first (at most 512 values).
+    fn dot_f16(q: &[f32], row: &[f16]) -> f32 {
+        let mut wide = [0f32; 512];
+        let wide = &mut wide[..row.len()];
+        row.convert_to_f32_slice(wide);
+        dot(q, wide)
+    }
+
+    /// [`value_sum`](super::value_sum) for an f16 block of `N * 16`-value rows, widened 16
+    /// values per load: the same multiply-adds per lane into the same even/odd accumulators
+    /// (held in `2 * N` registers), so the same bits.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn value_sum_f16_avx512<const N: usize>(
+        p: &[f32],
+        v: Block<'_, f16>,
+        odd_first: bool,
+        even: &mut [f32],
+        odd: &mut [f32],
+    ) {
+        assert!(v.d == N * LANES && even.len() >= v.d && odd.len() >= v.d);
+        // SAFETY: r < N, so r * 16 + 16 <= d, the length of `even` and `odd`.
+        let mut a0: [__m512; N] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(even.as_ptr().add(r * LANES)) });
+        let mut a1: [__m512; N] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(odd.as_ptr().add(r * LANES)) });
+        let (mut p, mut j) = (p, 0);
+        if let (true, Some((w, rest))) = (odd_first, p.split_first()) {
+            add_row(&mut a1, *w, v.row(j));
+            (p, j) = (rest, j + 1);
         }
-        for (j, s) in (j..).zip(quads.into_remainder()) {
-            *s = dot(q, k.row(j)) * scale;
+        let mut pairs = p.chunks_exact(2);
+        for w in &mut pairs {
+            add_row(&mut a0, w[0], v.row(j));
+            add_row(&mut a1, w[1], v.row(j + 1));
+            j += 2;
+        }
+        if let [w] = pairs.remainder() {
+            add_row(&mut a0, *w, v.row(j));
+        }
+        for r in 0..N {
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm512_storeu_ps(even.as_mut_ptr().add(r * LANES), a0[r]);
+                _mm512_storeu_ps(odd.as_mut_ptr().add(r * LANES), a1[r]);
+            }
+        }
+    }
+
+    /// `acc += w * row`, the row widened from f16 (`row` holds `N * 16` values).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn add_row<const N: usize>(acc: &mut [__m512; N], w: f32, row: &[f16]) {
+        assert!(row.len() >= N * LANES);
+        let w = _mm512_set1_ps(w);
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: r * 16 + 16 <= N * 16 <= the row's length.
+            let x =
+                unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(r * LANES).cast())) };
+            *a = _mm512_fmadd_ps(w, x, *a);
         }
     }
 
@@ -1176,8 +1309,9 @@ mod tests {
     fn an_f16_cache_is_the_f32_kernel_on_its_values() -> Result<()> {
         let (n_heads, n_kv, t) = (6, 2, 1100);
         let odd: Vec<Vec<Range<u32>>> = vec![vec![1..4, 9..700, 801..1100], vec![3..8]];
-        // 3 queries convert block by block; WIDEN_FROM_QUERIES or more widen the whole call.
-        for (d, l) in [(64, 3), (40, 3), (64, WIDEN_FROM_QUERIES)] {
+        // 3 queries read f16 blocks (in place on the AVX-512 path for heads of 64 and 128,
+        // converted block by block otherwise); WIDEN_FROM_QUERIES or more widen the call.
+        for (d, l) in [(64, 3), (128, 3), (40, 3), (64, WIDEN_FROM_QUERIES)] {
             let q = Tensor::from_vec(values(l * n_heads * d, 4), (l, n_heads, d), &Device::Cpu)?;
             let half = |seed| -> Result<Tensor> {
                 let x = Tensor::from_vec(values(n_kv * t * d, seed), (n_kv, t, d), &Device::Cpu)?;
