@@ -78,8 +78,9 @@ const NAME: &str = "row attention";
 /// Below this many multiply-adds (summed over all units) a call stays on the calling
 /// thread: waking the pool costs a few microseconds.
 const PAR_MIN_MACS: usize = 64 * 1024;
-/// From this many queries in one call (a prefill chunk), an f16 cache is widened to f32 once
-/// for the call instead of block by block for each query; the bits are the same either way.
+/// From this many queries in one call (a prefill chunk), an f16 cache that the kernel cannot
+/// read in place is widened to f32 once for the call instead of block by block for each
+/// query; the bits are the same either way.
 const WIDEN_FROM_QUERIES: usize = 8;
 /// Lanes of the dot-product accumulators: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
@@ -116,7 +117,7 @@ impl CustomOp3 for RowAttention<'_> {
         };
         let (mut k, mut v) = (Cached::new("k", sk, lk)?, Cached::new("v", sv, lv)?);
         let (l, n_heads, d) = q.dims;
-        if l >= WIDEN_FROM_QUERIES {
+        if l >= WIDEN_FROM_QUERIES && !reads_f16_in_place(self.path, d) {
             (k, v) = (k.widened(), v.widened());
         }
         let (n_kv, t, _) = k.dims();
@@ -350,13 +351,13 @@ impl<'a> Cached<'a> {
         }
     }
 
-    /// An f16 cache's rows `j0..` of key/value head `kv` in place, for the AVX-512 loops
+    /// An f16 cache's rows `j0..` of key/value head `kv` in place (see [`reads_f16_in_place`]), for the AVX-512 loops
     /// that widen 16 values per load (heads of 64 or 128 values); `None` where rows go
     /// through [`Cached::block`].
     #[inline(always)]
     fn in_place_f16(&self, path: SimdPath, kv: usize, j0: usize) -> Option<Block<'_, f16>> {
         match (self, path) {
-            (Self::F16(r), SimdPath::Avx512Vnni) if matches!(r.dims.2, 64 | 128) => {
+            (Self::F16(r), path) if reads_f16_in_place(path, r.dims.2) => {
                 let start = r.offset + kv * r.strides.0 + j0 * r.strides.1;
                 Some(Block {
                     data: &r.data[start..],
@@ -393,6 +394,13 @@ impl<'a> Cached<'a> {
             dims: r.dims,
         })
     }
+}
+
+/// Whether `path` reads f16 rows of `d` values in place: the AVX-512 loops, which widen 16
+/// values per load, for heads of 64 or 128 values.
+#[inline(always)]
+fn reads_f16_in_place(path: SimdPath, d: usize) -> bool {
+    cfg!(target_arch = "x86_64") && path == SimdPath::Avx512Vnni && matches!(d, 64 | 128)
 }
 
 /// Consecutive rows (keys or values) of one key/value head; `row(0)` is the first. f32 for
