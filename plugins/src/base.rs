@@ -14,6 +14,9 @@ pub struct BaseModel {
     /// The base tokenizer's identity ([`models::Tokenizer::identity`]), when the caller has
     /// the tokenizer: plug-ins that carry their own vocabulary (a memory decoder) must match it.
     pub tokenizer_hash: Option<String>,
+    /// How the base model's KV caches hold keys and values; plug-ins with caches of their own
+    /// (a memory decoder's) hold theirs the same way.
+    pub kv_dtype: candle_core::DType,
 }
 
 impl BaseModel {

@@ -41,6 +41,7 @@ fn fixture() -> Fixture {
         config: tiny.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
+        kv_dtype: candle_core::DType::F32,
     };
     Fixture {
         dir,
@@ -155,6 +156,30 @@ fn mixing_the_base_with_itself_leaves_its_distribution_unchanged_at_any_lambda()
         &decode,
     );
     assert!(max_diff(&log_softmax(&base[0]), &hot[0]) > 1e-2);
+}
+
+#[test]
+fn the_memory_holds_its_keys_and_values_as_the_base_does() {
+    let mut f = fixture();
+    f.info.kv_dtype = candle_core::DType::F16;
+    f.base.set_kv_dtype(candle_core::DType::F16).unwrap();
+    let itself = f.memory("itself-f16", &f.tiny, Q8);
+    assert_eq!(itself.model().kv_dtype(), candle_core::DType::F16);
+    let half = f.tiny.config.kv_bytes_per_token() / 2;
+    assert_eq!(itself.model().kv_bytes_per_token(), half);
+    // With both caches in f16, a memory that is the base still mixes to the base exactly.
+    let (prompt, decode) = (tokens(9, 3), tokens(4, 4));
+    let base = run(&f.base, &[], &prompt, &decode);
+    let mixed = run(
+        &f.base,
+        &[call(&itself, json!({"lambda": 0.5}))],
+        &prompt,
+        &decode,
+    );
+    for (i, (b, m)) in base.iter().zip(&mixed).enumerate() {
+        let d = max_diff(&log_softmax(b), m);
+        assert!(d < 1e-5, "step {i}: {d}");
+    }
 }
 
 /// `logaddexp(log(1 - λ) + log_softmax(base), log λ + log_softmax(memory / T))`, row by row
@@ -332,7 +357,7 @@ fn the_memory_cache_is_counted_forked_and_truncated_with_the_base_cache() {
     assert!(own.allocated_bytes() > 0);
     assert_eq!(
         memory.state_bytes_per_token(&chain[0].params),
-        memory.model().config.kv_bytes_per_token()
+        memory.model().kv_bytes_per_token()
     );
 
     // Two forks decode different tokens: each equals a sequence that never forked.

@@ -299,6 +299,7 @@ fn build_registry(
         config: loaded.model.config.clone(),
         device: device.clone(),
         tokenizer_hash: Some(loaded.tokenizer.identity()),
+        kv_dtype: loaded.model.kv_dtype(),
     };
     if let Some(identity) = &base.tokenizer_hash {
         tracing::info!(tokenizer_identity = %identity, "tokenizer identity (a memory decoder's graft.tokenizer_hash)");

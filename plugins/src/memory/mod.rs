@@ -124,7 +124,12 @@ impl MemoryDecoder {
                     (Box::new(src), gguf, resident)
                 }
             };
-        let model = Llama::load(source.as_mut(), base.config.max_position_embeddings)
+        let mut model = Llama::load(source.as_mut(), base.config.max_position_embeddings)
+            .map_err(|e| PluginError::bad_file(&weights, e))?;
+        // Its cache holds keys and values as the base's does (a memory that is the base model
+        // itself then mixes exactly the base's distribution).
+        model
+            .set_kv_dtype(base.kv_dtype)
             .map_err(|e| PluginError::bad_file(&weights, e))?;
         Ok(Self {
             name: name.to_string(),
@@ -313,7 +318,7 @@ impl Hook for MemoryDecoder {
     }
 
     fn state_bytes_per_token(&self, _params: &HookParams) -> usize {
-        self.model.config.kv_bytes_per_token()
+        self.model.kv_bytes_per_token()
     }
 
     /// Without shared layers: runs the memory over every row's tokens (see [`Self::run`]).

@@ -201,6 +201,7 @@ mod tests {
             config,
             device: Device::Cpu,
             tokenizer_hash: None,
+            kv_dtype: candle_core::DType::F32,
         };
         let rc = RegistryConfig {
             dir: Some(dir.to_path_buf()),
