@@ -1,7 +1,8 @@
 //! The KV cache's dtype at depth: for each depth, a prompt of that many tokens is prefilled
-//! once into an f32 cache and once into an f16 cache (timed), then greedy decode steps run
-//! from each in turn (the cache cut back to the prompt before every run, which is exact), so
-//! the two dtypes alternate on the same machine state. Prints one JSON line per depth with
+//! into an f32 cache and into an f16 cache, the dtypes alternating, once per run (timed; the
+//! last run's caches are kept), then greedy decode steps run from each in turn (the cache cut
+//! back to the prompt before every run, which is exact), so the two dtypes alternate on the
+//! same machine state. Prints one JSON line per depth with
 //! medians and every run, and the bytes per token of each cache.
 //!
 //! Run: `cargo bench -p models --bench kv_dtype` (scripts/bench/kv_dtype.sh). Env:
@@ -99,15 +100,26 @@ fn main() {
     for depth in depths {
         let tokens = prompt(depth);
         let mut caches = Vec::new();
-        let mut bytes = Vec::new();
-        for dtype in dtypes {
-            m.set_kv_dtype(dtype).expect("dtype");
-            caches.push(prefill(&m, &tokens));
-            bytes.push(m.kv_bytes_per_token());
+        let mut prefills = vec![Vec::new(); dtypes.len()];
+        for _ in 0..runs {
+            caches.clear();
+            for (dtype, rates) in dtypes.iter().zip(&mut prefills) {
+                m.set_kv_dtype(*dtype).expect("dtype");
+                let (cache, first, seconds) = prefill(&m, &tokens);
+                rates.push(depth as f64 / seconds);
+                caches.push((cache, first));
+            }
         }
+        let bytes: Vec<usize> = dtypes
+            .iter()
+            .map(|&dtype| {
+                m.set_kv_dtype(dtype).expect("dtype");
+                m.kv_bytes_per_token()
+            })
+            .collect();
         let mut rates = vec![Vec::new(); dtypes.len()];
         for _ in 0..runs {
-            for ((cache, first, _), rates) in caches.iter_mut().zip(&mut rates) {
+            for ((cache, first), rates) in caches.iter_mut().zip(&mut rates) {
                 rates.push(decode(&m, cache, *first, n));
             }
         }
@@ -116,10 +128,12 @@ fn main() {
             "decode_tokens": n,
             "runs": runs,
             "threads": candle_core::utils::get_num_threads(),
-            "f32": {"kv_bytes_per_token": bytes[0], "prefill_tok_s": depth as f64 / caches[0].2,
-                    "decode_tok_s": median(rates[0].clone()), "decode_runs": rates[0]},
-            "f16": {"kv_bytes_per_token": bytes[1], "prefill_tok_s": depth as f64 / caches[1].2,
-                    "decode_tok_s": median(rates[1].clone()), "decode_runs": rates[1]},
+            "f32": {"kv_bytes_per_token": bytes[0], "prefill_tok_s": median(prefills[0].clone()),
+                    "prefill_runs": prefills[0], "decode_tok_s": median(rates[0].clone()),
+                    "decode_runs": rates[0]},
+            "f16": {"kv_bytes_per_token": bytes[1], "prefill_tok_s": median(prefills[1].clone()),
+                    "prefill_runs": prefills[1], "decode_tok_s": median(rates[1].clone()),
+                    "decode_runs": rates[1]},
             "same_first_token": caches[0].1 == caches[1].1,
         });
         println!("{json}");

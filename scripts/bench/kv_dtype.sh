@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Long context on one stream: graft's KV cache in f32 and in f16 against llama.cpp (its default
 # f16 cache, flash attention off and on), same GGUF, same thread count, one run.
-#   graft      cargo bench -p models --bench kv_dtype: prefill of a DEPTH-token prompt (chunks of
-#              512) into each cache, then decode runs of DECODE tokens from it, dtypes alternating
+#   graft      cargo bench -p models --bench kv_dtype: prefills of a DEPTH-token prompt (chunks of
+#              512) into each cache, then decode runs of DECODE tokens from it, dtypes alternating,
+#              RUNS of each
 #   llama.cpp  llama-bench -p 8000 -n 0 and -p 0 -n DECODE -d DEPTHS, each with -fa 0,1
 # Writes target/bench/kv_dtype/{graft.jsonl,llamacpp_prefill.json,llamacpp_decode.json,table.md}.
 # usage: scripts/bench/kv_dtype.sh [RUNS]   (default 3; env DEPTHS "2048,8000", DECODE 32, THREADS 2)
@@ -56,7 +57,7 @@ for g in graft:
     rows = [("decode tok/s", g["f32"]["decode_tok_s"], g["f16"]["decode_tok_s"],
              lcpp(dec, d, False, False), lcpp(dec, d, True, False))]
     if d == max(x["depth"] for x in graft):
-        rows.insert(0, ("prefill tok/s (one run each)", g["f32"]["prefill_tok_s"], g["f16"]["prefill_tok_s"],
+        rows.insert(0, ("prefill tok/s", g["f32"]["prefill_tok_s"], g["f16"]["prefill_tok_s"],
                         lcpp(pre, d, False, True), lcpp(pre, d, True, True)))
     for name, a, b, l0, l1 in rows:
         print(f"| {d} | {name} | {a:.1f} | {b:.1f} | {l0:.1f} | {l1:.1f} | {b / a:.2f}x | {b / max(l0, l1):.2f}x |")
