@@ -235,8 +235,10 @@ async fn load_in_background(
                 *stop = Some(built.shutdown);
             }
             life.slot.fill_plugins(built.registry);
+            let warm = built.engine.clone();
             life.slot.fill(built.engine);
             tracing::info!("model ready; serving");
+            tokio::task::spawn_blocking(move || prepare_grammars(warm.as_ref()));
         }
         Ok(Err(e)) => {
             let _ = fatal.send(e);
@@ -245,6 +247,16 @@ async fn load_in_background(
             let _ = fatal.send(anyhow!("the model loader panicked: {join}"));
         }
     }
+}
+
+/// Builds the vocabulary's token trie for constrained decoding (structured outputs, forced tool
+/// calls) right after start-up, off the async threads, so the first such request does not
+/// build it on the worker that serves it.
+fn prepare_grammars(engine: &dyn Engine) {
+    let started = Instant::now();
+    let ready = engine.grammars().is_some();
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(ready, seconds, "constrained decoding prepared");
 }
 
 /// Finds (fetching if needed) and loads the model, then starts the engine on it.

@@ -123,8 +123,9 @@ pub struct RealEngine {
     config: EngineConfig,
     tokenizer: Arc<Tokenizer>,
     chat_template: Option<ChatTemplate>,
-    /// Compiled on the first structured request (building the vocabulary's trie takes a
-    /// moment no plain request should wait for); `None` inside if it could not be built.
+    /// Built on first use: by the server right after start-up, off the async threads (building
+    /// the vocabulary's trie takes a moment no request should wait for), or by the first
+    /// constrained request, whichever comes first; `None` inside if it could not be built.
     grammars: OnceLock<Option<Grammars>>,
     shared: Arc<Shared>,
     /// `None` once shut down; taken under the lock so no request can follow `Shutdown`.
