@@ -24,7 +24,7 @@ pub fn chat_request(
     config: &HttpConfig,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
     let req: ChatRequest = extract::parse(body)?;
-    let tools = super::chat::tool_plan(&req, config)?;
+    let tools = super::tool_calls::tool_plan(&req, config)?;
     super::chat::plan(
         &req,
         &tools,

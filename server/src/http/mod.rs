@@ -36,6 +36,7 @@ mod selection;
 pub mod state;
 mod stream;
 mod tokenize;
+mod tool_calls;
 mod validate;
 mod vllm_lora;
 pub mod wire;

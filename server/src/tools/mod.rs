@@ -55,6 +55,16 @@ impl ToolCallParser {
         (content, calls)
     }
 
+    /// A whole reply's content and its calls, each with a fresh id.
+    pub fn reply(self, text: &str) -> (String, Vec<ToolCall>) {
+        let (content, calls) = self.parse(text);
+        let calls = calls
+            .into_iter()
+            .map(|c| ToolCall::new(c.name, c.arguments))
+            .collect();
+        (content, calls)
+    }
+
     /// `messages` rewritten for a template that ignores tools, with `offered` described.
     pub fn fallback_messages(
         self,

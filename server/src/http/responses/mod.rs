@@ -32,6 +32,7 @@ use super::replies::SseEvent;
 use super::selection::prepare_generation;
 use super::state::AppState;
 use super::stream::{sse_response, Envelope};
+use super::tool_calls;
 use super::{unix_now, RequestId};
 use crate::tools::ToolCallParser;
 use reply::{Answer, Builder, Echo, EventFormat, OnDone};
@@ -70,7 +71,7 @@ pub async fn create_response(
     };
     let input = req.input_messages()?;
     let chat_req = req.as_chat(&history, &input)?;
-    let tools = chat::tool_plan(&chat_req, &state.config)?;
+    let tools = tool_calls::tool_plan(&chat_req, &state.config)?;
     let requests = chat::plan(
         &chat_req,
         &tools,

@@ -184,14 +184,8 @@ impl Builder {
                 calls: Vec::new(),
             };
         };
-        let (text, calls) = parser.parse(generated);
-        Answer {
-            text,
-            calls: calls
-                .into_iter()
-                .map(|c| ToolCall::new(c.name, c.arguments))
-                .collect(),
-        }
+        let (text, calls) = parser.reply(generated);
+        Answer { text, calls }
     }
 
     /// The response with `answer` so far; `finished` the reason and totals when the answer
