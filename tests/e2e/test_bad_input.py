@@ -35,7 +35,7 @@ CASES = [
     ("negative max_tokens", "/v1/chat/completions", {**CHAT, "max_tokens": -1}, 400, ["max_tokens"], None),
     ("unknown model", "/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404, ["no-such-model"], None),
     ("tool_choice names no tool", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, ["g"], "tool_choice"),
-    ("tool arguments not JSON", "/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, 400, ["arguments"], "messages[0].tool_calls[0].function.arguments"),
+    ("tool calls on a user message", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, ["assistant"], "messages[0].tool_calls"),
     ("schema keyword not enforceable", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "not": {"const": "a"}}}}}, 400, ["response_format", "not"], "response_format"),
     ("unknown response_format type", "/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, ["yaml"], None),
     ("bad role", "/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, [], None),

@@ -284,7 +284,9 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiEr
 }
 
 /// An assistant message's calls as chat templates take them (`transformers`' convention,
-/// which vLLM follows): `arguments` as an object, not the JSON text clients send.
+/// which vLLM follows): `arguments` as an object, not the JSON text clients send. Arguments
+/// that are not JSON (a model may write such a call under `tool_choice: auto`, and clients
+/// send replies back as they got them) stay their text, replayed as written.
 fn template_tool_calls(
     m: &WireMessage,
     i: usize,
@@ -298,25 +300,17 @@ fn template_tool_calls(
             "only assistant messages carry tool calls",
         ));
     }
-    calls
-        .iter()
-        .enumerate()
-        .map(|(j, call)| {
-            let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments)
-                .map_err(|e| {
-                    ApiError::invalid(
-                        format!("messages[{i}].tool_calls[{j}].function.arguments"),
-                        format!("arguments must be a JSON object's text: {e}"),
-                    )
-                })?;
-            Ok(serde_json::json!({
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.function.name, "arguments": arguments},
-            }))
+    let calls = calls.iter().map(|call| {
+        let text = &call.function.arguments;
+        let arguments =
+            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.clone()));
+        serde_json::json!({
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.function.name, "arguments": arguments},
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    });
+    Ok(Some(calls.collect()))
 }
 
 fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError> {

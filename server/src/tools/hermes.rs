@@ -102,11 +102,16 @@ pub fn tools_prompt(tools: &[Tool]) -> String {
     text
 }
 
-/// One call as the model writes it; `arguments` is the arguments object.
+/// One call as the model writes it; `arguments` is the arguments object, or the text a model
+/// wrote that was not JSON (replayed as it was written).
 pub fn call_text(name: &str, arguments: &Value) -> String {
+    let arguments = match arguments {
+        Value::String(raw) => raw.clone(),
+        other => python_json(other),
+    };
     format!(
-        "<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {}}}\n</tool_call>",
-        python_json(arguments)
+        "<tool_call>\n{{\"name\": {}, \"arguments\": {arguments}}}\n</tool_call>",
+        python_json(&Value::from(name))
     )
 }
 

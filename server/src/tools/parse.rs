@@ -186,13 +186,22 @@ impl ToolCallStream {
             }
         }
         if let Some(s) = self.streaming {
-            let whole = self.without_tail(&body[s.start..]);
+            // Without its closing tag (the reply was cut), part of the tag may end the text.
+            let arguments = &body[s.start..];
+            let whole = match closed {
+                true => self.without_tail(arguments),
+                false => &arguments[..self.settled(arguments)],
+            };
             send_arguments(&mut self.streaming, self.calls - 1, whole, out);
             self.streaming = None;
             self.after_call = true;
             return;
         }
-        match (self.syntax.parse_body)(body.trim()) {
+        let complete = match closed {
+            true => body.as_str(),
+            false => &body[..body.len() - partial_suffix(&body, self.syntax.close)],
+        };
+        match (self.syntax.parse_body)(complete.trim()) {
             Some(call) => {
                 let mut start = self.start_call(call.name);
                 start.arguments = call.arguments;
@@ -220,11 +229,7 @@ impl ToolCallStream {
     /// How much of `arguments` cannot be the call's end: all but a partial closing tag,
     /// whitespace and one closing brace at the end.
     fn settled(&self, arguments: &str) -> usize {
-        let close = self.syntax.close;
-        let partial = (1..close.len())
-            .rev()
-            .find(|&n| arguments.ends_with(&close[..n]))
-            .unwrap_or(0);
+        let partial = partial_suffix(arguments, self.syntax.close);
         self.without_tail(&arguments[..arguments.len() - partial])
             .len()
     }
@@ -274,13 +279,18 @@ fn send_arguments(
     }
 }
 
+/// The length of the longest proper prefix of `tag` (ASCII) that `text` ends with.
+fn partial_suffix(text: &str, tag: &str) -> usize {
+    (1..tag.len())
+        .rev()
+        .find(|&n| text.ends_with(&tag[..n]))
+        .unwrap_or(0)
+}
+
 /// The length of `text`'s end that cannot be given out yet: trailing whitespace, or
 /// whitespace and a proper prefix of `open` (both may turn out to precede a call).
 fn undecided_suffix(text: &str, open: &str) -> usize {
-    let partial = (1..open.len())
-        .rev()
-        .find(|&n| text.ends_with(&open[..n]))
-        .unwrap_or(0);
+    let partial = partial_suffix(text, open);
     let before = &text[..text.len() - partial];
     let spaces = before.len() - before.trim_end().len();
     partial + spaces

@@ -132,3 +132,12 @@ fn arguments_stream_as_they_are_written() {
     assert!(more(&mut s, "ll>").is_empty());
     assert_eq!(s.calls(), 1);
 }
+
+#[test]
+fn a_call_cut_inside_its_closing_tag_keeps_its_arguments() {
+    for text in ["<call>(f {\"a\": 1})</ca", "<call>({\"a\": 1} as f)</c"] {
+        let expected = (String::new(), vec![call("f", "{\"a\": 1}")]);
+        assert_eq!(whole(text), expected, "{text}");
+        assert_eq!(by_char(text), expected, "{text}");
+    }
+}
