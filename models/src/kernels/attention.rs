@@ -333,15 +333,7 @@ impl<'a> Cached<'a> {
             Self::F16(r) => {
                 let d = r.dims.2;
                 scratch.resize(len * d, 0.0);
-                if r.strides.1 == d {
-                    // Consecutive rows are one run of memory: one conversion call.
-                    let start = r.offset + kv * r.strides.0 + j0 * d;
-                    r.data[start..start + len * d].convert_to_f32_slice(scratch);
-                } else {
-                    for (j, out) in (j0..).zip(scratch.chunks_exact_mut(d)) {
-                        r.row(kv, j).convert_to_f32_slice(out);
-                    }
-                }
+                widen_rows(r, kv, j0, scratch);
                 Block {
                     data: scratch,
                     stride: d,
@@ -377,15 +369,8 @@ impl<'a> Cached<'a> {
         };
         let (a, b, c) = r.dims;
         let mut data = vec![0f32; a * b * c];
-        for (i, out) in data.chunks_exact_mut(b * c).enumerate() {
-            if r.strides.1 == c {
-                let start = r.offset + i * r.strides.0;
-                r.data[start..start + b * c].convert_to_f32_slice(out);
-            } else {
-                for (j, row) in out.chunks_exact_mut(c).enumerate() {
-                    r.row(i, j).convert_to_f32_slice(row);
-                }
-            }
+        for (kv, out) in data.chunks_exact_mut(b * c).enumerate() {
+            widen_rows(&r, kv, 0, out);
         }
         Self::F32(Rows {
             data: Cow::Owned(data),
@@ -401,6 +386,22 @@ impl<'a> Cached<'a> {
 #[inline(always)]
 fn reads_f16_in_place(path: SimdPath, d: usize) -> bool {
     cfg!(target_arch = "x86_64") && path == SimdPath::Avx512Vnni && matches!(d, 64 | 128)
+}
+
+/// Rows `j0..` of key/value head `kv` of an f16 tensor widened into `out` (as many rows as
+/// it holds).
+#[inline(always)]
+fn widen_rows(r: &Rows<'_, f16>, kv: usize, j0: usize, out: &mut [f32]) {
+    let d = r.dims.2;
+    if r.strides.1 == d {
+        // Consecutive rows are one run of memory: one conversion call.
+        let start = r.offset + kv * r.strides.0 + j0 * d;
+        r.data[start..start + out.len()].convert_to_f32_slice(out);
+    } else {
+        for (j, row) in (j0..).zip(out.chunks_exact_mut(d)) {
+            r.row(kv, j).convert_to_f32_slice(row);
+        }
+    }
 }
 
 /// Consecutive rows (keys or values) of one key/value head; `row(0)` is the first. f32 for

@@ -259,12 +259,7 @@ impl ChatFormat {
         let Some(stream) = self.calls.as_mut().and_then(|c| c.get_mut(index)) else {
             return (!text.is_empty()).then(|| json!({ "content": text }));
         };
-        let mut parsed = stream.feed(text);
-        if end {
-            let rest = stream.finish();
-            parsed.content.push_str(&rest.content);
-            parsed.calls.extend(rest.calls);
-        }
+        let parsed = stream.next(text, end);
         let mut delta = serde_json::Map::new();
         if !parsed.content.is_empty() {
             delta.insert("content".into(), json!(parsed.content));

@@ -46,22 +46,19 @@ impl ToolCallParser {
 
     /// A whole reply's content and calls.
     pub fn parse(self, text: &str) -> (String, Vec<ParsedCall>) {
-        let mut stream = self.stream();
-        let (mut content, mut calls) = (String::new(), Vec::new());
-        for piece in [stream.feed(text), stream.finish()] {
-            content.push_str(&piece.content);
-            piece.calls.into_iter().for_each(|d| d.apply_to(&mut calls));
-        }
-        (content, calls)
+        let parsed = self.stream().next(text, true);
+        let mut calls = Vec::new();
+        parsed
+            .calls
+            .into_iter()
+            .for_each(|d| d.apply_to(&mut calls));
+        (parsed.content, calls)
     }
 
     /// A whole reply's content and its calls, each with a fresh id.
     pub fn reply(self, text: &str) -> (String, Vec<ToolCall>) {
         let (content, calls) = self.parse(text);
-        let calls = calls
-            .into_iter()
-            .map(|c| ToolCall::new(c.name, c.arguments))
-            .collect();
+        let calls = calls.into_iter().map(ToolCall::from).collect();
         (content, calls)
     }
 
@@ -74,6 +71,13 @@ impl ToolCallParser {
         match self {
             Self::Hermes => hermes::fallback_messages(messages, offered),
         }
+    }
+}
+
+/// A parsed call as the reply gives it, with a fresh id.
+impl From<ParsedCall> for ToolCall {
+    fn from(call: ParsedCall) -> Self {
+        ToolCall::new(call.name, call.arguments)
     }
 }
 

@@ -140,6 +140,18 @@ impl ToolCallStream {
         out
     }
 
+    /// [`ToolCallStream::feed`], and at the reply's end (`end`) [`ToolCallStream::finish`]'s
+    /// pieces after it: what a piece of a stream, or a whole reply, adds.
+    pub fn next(&mut self, text: &str, end: bool) -> Parsed {
+        let mut parsed = self.feed(text);
+        if end {
+            let rest = self.finish();
+            parsed.content.push_str(&rest.content);
+            parsed.calls.extend(rest.calls);
+        }
+        parsed
+    }
+
     /// The end of the reply: what was held back. An unterminated call still counts (a model
     /// may stop right after it, and one cut by `max_tokens` has started streaming).
     pub fn finish(&mut self) -> Parsed {

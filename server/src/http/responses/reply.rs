@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::engine::{FinishReason, TokenLogprob};
 use crate::http::generate::{summarize, ChoiceTotals, GenToken};
 use crate::http::stream::{ChunkFormat, Envelope};
-use crate::tools::{ToolCall, ToolCallParser, ToolCallStream};
+use crate::tools::{ParsedCall, ToolCall, ToolCallParser, ToolCallStream};
 
 /// What a response echoes of its request.
 #[derive(Debug, Clone, Default)]
@@ -286,9 +286,9 @@ pub struct EventFormat {
     /// Called with the whole answer when the response completes (to store it).
     pub on_done: Option<OnDone>,
     /// The answer parsed for tool calls as it streams, when tools were offered, and the
-    /// calls it has made.
+    /// calls it has made (given ids when the answer is whole).
     pub calls: Option<ToolCallStream>,
-    pub made: Vec<ToolCall>,
+    pub made: Vec<ParsedCall>,
 }
 
 impl EventFormat {
@@ -318,21 +318,9 @@ impl EventFormat {
         let Some(stream) = self.calls.as_mut() else {
             return text.to_string();
         };
-        let mut parsed = stream.feed(text);
-        if end {
-            let rest = stream.finish();
-            parsed.content.push_str(&rest.content);
-            parsed.calls.extend(rest.calls);
-        }
+        let parsed = stream.next(text, end);
         for piece in parsed.calls {
-            match piece.name {
-                Some(name) => self.made.push(ToolCall::new(name, piece.arguments)),
-                None => {
-                    if let Some(call) = self.made.get_mut(piece.index) {
-                        call.function.arguments.push_str(&piece.arguments);
-                    }
-                }
-            }
+            piece.apply_to(&mut self.made);
         }
         parsed.content
     }
@@ -408,9 +396,10 @@ impl ChunkFormat for EventFormat {
             events.push(self.delta(&trailing));
         }
         let text = self.text.clone();
+        let made = std::mem::take(&mut self.made).into_iter();
         let answer = Answer {
             text: text.clone(),
-            calls: std::mem::take(&mut self.made),
+            calls: made.map(ToolCall::from).collect(),
         };
         let response = self.builder.response(&answer, Some((reason, totals)));
         let mut done = self.place();
