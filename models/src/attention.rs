@@ -528,6 +528,39 @@ mod tests {
         Ok(())
     }
 
+    /// The kernel touches no key or value outside a selection: with every unselected one
+    /// poisoned with NaN the output keeps every bit (a dense computation that masked them
+    /// afterwards would turn NaN), decode rows and prefill chunks alike, f32 and f16 caches.
+    #[test]
+    fn unselected_keys_and_values_are_never_read() -> Result<()> {
+        let (n_heads, n_kv, d, t) = (9, 3, 64, 300);
+        for dtype in [DType::F32, DType::F16] {
+            let k = cache_view(n_kv, t, d, 2)?.to_dtype(dtype)?;
+            let v = cache_view(n_kv, t, d, 3)?.to_dtype(dtype)?;
+            for (l, start) in [(1usize, t - 1), (5, t - 5)] {
+                let q = (randn(&[l, n_heads, d], 1) * 8.0)?;
+                for sel in selections(n_kv, t)? {
+                    let poison = |x: &Tensor| -> Result<Tensor> {
+                        let mut rows = x.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+                        for (h, head) in rows.iter_mut().enumerate() {
+                            for (j, key) in head.iter_mut().enumerate() {
+                                if !sel.ranges[h].iter().any(|r| r.contains(&(j as u32))) {
+                                    key.fill(f32::NAN);
+                                }
+                            }
+                        }
+                        let flat: Vec<f32> = rows.into_iter().flatten().flatten().collect();
+                        Ok(Tensor::from_vec(flat, (n_kv, t, d), &Device::Cpu)?.to_dtype(dtype)?)
+                    };
+                    let clean = attend(&q, &k, &v, None, Some(&sel), start)?;
+                    let dirty = attend(&q, &poison(&k)?, &poison(&v)?, None, Some(&sel), start)?;
+                    assert_eq!(bits(&dirty)?, bits(&clean)?, "{dtype:?} L={l}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A selection gives the bits of the kernel without one run on the gathered keys, values
     /// and positions, one kv head at a time with its query heads.
     #[test]

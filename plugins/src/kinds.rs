@@ -18,6 +18,7 @@ use crate::files::PluginFiles;
 use crate::lora::LoraAdapter;
 use crate::memory::MemoryDecoder;
 use crate::plugin::Plugin;
+use crate::sparse_attention::SparseAttention;
 use crate::speculative::Speculative;
 use crate::steer::SteeringVector;
 
@@ -36,6 +37,7 @@ pub enum PluginKind {
     Memory,
     Speculative,
     EarlyExit,
+    SparseAttention,
 }
 
 /// Reads a plug-in of one kind from `path` (already resolved and confined) through `files`
@@ -57,7 +59,7 @@ pub struct KindInfo {
 
 /// Every kind, in [`PluginKind`] declaration order (`KINDS[k as usize].kind == k`, which a
 /// test keeps true).
-pub const KINDS: [KindInfo; 6] = [
+pub const KINDS: [KindInfo; 7] = [
     KindInfo {
         kind: PluginKind::Lora,
         name: "lora",
@@ -110,6 +112,17 @@ pub const KINDS: [KindInfo; 6] = [
         description: "speculative early exit (SpecEE): per-layer predictors let a decode token \
                       leave the model early (config.json + predictors.safetensors); lossy",
         load: |name, path, base, files| Ok(Arc::new(EarlyExit::load(name, path, base, files)?)),
+        built_in: None,
+    },
+    KindInfo {
+        kind: PluginKind::SparseAttention,
+        name: "sparse_attention",
+        description: "learned block-sparse decode attention (SeerAttention-R): per-layer gates \
+                      pick the KV-cache blocks a decoding token reads (config.json + \
+                      gates.safetensors); lossy",
+        load: |name, path, base, files| {
+            Ok(Arc::new(SparseAttention::load(name, path, base, files)?))
+        },
         built_in: None,
     },
 ];
@@ -213,7 +226,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative, early_exit)"
+            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative, early_exit, sparse_attention)"
         );
         assert!(serde_json::from_value::<PluginKind>(serde_json::json!(3)).is_err());
     }

@@ -30,6 +30,7 @@ mod params;
 mod paths;
 pub mod plugin;
 pub mod registry;
+pub mod sparse_attention;
 pub mod spec;
 pub mod speculative;
 pub mod steer;

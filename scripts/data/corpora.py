@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Fetches the two domain corpora of the memory decoder and splits each into train and test.
+"""Fetches the memory decoder's two domain corpora and a long-context corpus, split train/test.
 
-    python3 scripts/data/corpora.py [--out corpora]
+    python3 scripts/data/corpora.py [--out corpora] [--only DOMAIN ...]
 
-writes `OUT/<domain>/{train,test}/<name>.txt` and `OUT/manifest.json`:
+writes `OUT/<domain>/{train,test}/<name>.txt` and `OUT/manifest.json`. Without `--only` it
+builds `python-docs`, `licenses` and `english`; `--only` (repeatable) builds just the domains
+named, and `long-text` is built only when named (`--only long-text`): it is the sparse-attention
+plug-in's corpus, not the memory decoder's, and the default output stays what the README
+describes. The manifest keeps the entries of domains not rebuilt:
 
 - `python-docs`: the Python 3.11 documentation from the Debian package python3.11-doc, its
   HTML pages (library, c-api, reference, tutorial, howto, whatsnew, ...) turned into text with
@@ -18,14 +22,25 @@ And one out-of-domain test set that no memory is trained on:
   split (`../shared/data/refusal/harmless_val.json`, Alpaca), 200 instructions per document,
   one per line.
 
+And one long-context corpus, for training and evaluating the sparse-attention plug-in:
+
+- `long-text`: documents long enough to need long context. `kjv__<Book>.txt`: the 66 books of the
+  King James Bible from the Debian package bible-kjv-text (public domain), each its title line and
+  then one paragraph per chapter, the verses joined as running text without chapter:verse
+  markers. `pydoc__<page>.txt`: the pages of `python-docs` (same conversion) whose text is at
+  least 60,000 characters (above ~8k tokens). The pydoc pages are named with their own prefix,
+  so the split rule may put a page in long-text/test that python-docs has in train (and the
+  reverse): never evaluate one corpus' test split on a plug-in trained on the other's train split.
+
 The split rule, used by every script of the project (and by `server train memory`'s
 subsample, `plugins::memory::corpus`): a document's name is its path inside the package with
 `/` written `__` and `.txt` appended (`library/os.html` -> `library__os.html.txt`); it is a
 test document when the first 8 hex digits of the SHA-256 of that name, read as a number, are
 divisible by 10 (about 10%), else a training document. Nothing from a test split is trained on.
 
-Needs `apt-get download` (Debian's archive) and `pip download` (the Python package index);
-the downloads are cached in OUT/downloads.
+Needs `apt-get download` (Debian's archive), `pip download` (the Python package index) and, for
+the Bible, `gzip` (it reads the `compress` blocks of bible.data); the downloads are cached in
+OUT/downloads.
 """
 
 import argparse
@@ -33,6 +48,8 @@ import hashlib
 import html.parser
 import io
 import json
+import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -44,6 +61,25 @@ PYPI_PACKAGE = "licensedcode-data==32.1.0"
 HTML_ROOT = "./usr/share/doc/python3.11/html/"
 # Generated index pages and Sphinx's own files: no prose.
 SKIPPED_HTML = ("_static/", "_sources/", "genindex", "search.html", "py-modindex.html")
+KJV_PACKAGE = "bible-kjv-text"
+KJV_DATA = "./usr/lib/bible.data"
+# The books in the order of bible.data, which names them only by abbreviation (Ge, Exo, ...).
+KJV_BOOKS = (
+    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth",
+    "1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra",
+    "Nehemiah", "Esther", "Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon",
+    "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos",
+    "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah",
+    "Malachi", "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians",
+    "2 Corinthians", "Galatians", "Ephesians", "Philippians", "Colossians", "1 Thessalonians",
+    "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews", "James",
+    "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
+# A verse line of bible.data: `Ge1:1 In the beginning ...`, `1Sm3:4 ...`.
+KJV_VERSE = re.compile(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)")
+# Shorter pages fit a short context; 60,000 characters are more than ~8k tokens.
+LONG_PAGE_CHARS = 60_000
+# The documentation's table of contents passes the length rule but is a list of headings.
+NOT_PROSE = ("contents.html",)
 
 
 def is_test(name: str) -> bool:
@@ -191,6 +227,66 @@ def licenses(downloads: Path):
                     yield rel, text
 
 
+def decompress_brs(data: bytes) -> str:
+    """The text of a Bible Retrieval System data file (bible.data).
+
+    Layout: the magic `EC02`, a description, then big-endian u32s: at 0x54 the block size
+    (64 KiB of text), at 0x58 the block count n, from 0x5c n + 1 file offsets of the blocks.
+    Each block is a Unix `compress` (LZW) stream whose 3-byte magic the file stores once, just
+    before the first block; gzip reads that format, the standard library does not.
+    """
+    if not data.startswith(b"EC02"):
+        sys.exit(f"{KJV_DATA} is not a BRS data file")
+    n = struct.unpack(">I", data[0x58:0x5c])[0]
+    offsets = struct.unpack(f">{n + 1}I", data[0x5c:0x5c + 4 * (n + 1)])
+    magic = data[offsets[0] - 3:offsets[0]]
+    if not magic.startswith(b"\x1f\x9d"):
+        sys.exit(f"{KJV_DATA}: no compress magic before the first block")
+    blocks = []
+    for start, end in zip(offsets, offsets[1:]):
+        run = subprocess.run(["gzip", "-dc"], input=magic + data[start:end],
+                             capture_output=True, check=True)
+        blocks.append(run.stdout)
+    return b"".join(blocks).decode("ascii")
+
+
+def kjv_chapters(text: str):
+    """{book abbreviation: {chapter: [verse text]}} in the file's order."""
+    books = {}
+    for line in text.splitlines()[1:]:  # the first line is the edition's title
+        if not line.strip():
+            continue
+        m = KJV_VERSE.fullmatch(line)
+        if not m:
+            sys.exit(f"{KJV_DATA}: not a verse line: {line[:80]!r}")
+        book, chapter, _, verse = m.groups()
+        books.setdefault(book, {}).setdefault(int(chapter), []).append(" ".join(verse.split()))
+    if len(books) != len(KJV_BOOKS):
+        sys.exit(f"{KJV_DATA}: {len(books)} books, expected {len(KJV_BOOKS)}")
+    return books
+
+
+def kjv(downloads: Path):
+    """One document per book: its title, then each chapter as one paragraph of running text."""
+    deb = fetch(downloads, ["apt-get", "download", KJV_PACKAGE], f"{KJV_PACKAGE}_*.deb")
+    data = dict(deb_members(deb)).get(KJV_DATA)
+    if data is None:
+        sys.exit(f"{deb} has no {KJV_DATA}")
+    books = kjv_chapters(decompress_brs(data))
+    for title, chapters in zip(KJV_BOOKS, books.values()):
+        paragraphs = [" ".join(verses) for _, verses in sorted(chapters.items())]
+        yield title.replace(" ", "_"), title + "\n\n" + "\n\n".join(paragraphs) + "\n"
+
+
+def long_text(downloads: Path):
+    """The Bible's books and the long Python pages; the path's first part names the source."""
+    for book, text in kjv(downloads):
+        yield f"kjv/{book}", text
+    for rel, text in python_docs(downloads):
+        if len(text) >= LONG_PAGE_CHARS and rel not in NOT_PROSE:
+            yield f"pydoc/{rel}", text
+
+
 ENGLISH_PER_DOCUMENT = 200
 
 
@@ -203,39 +299,111 @@ def english(refusal: Path):
         yield f"harmless_val__{i // ENGLISH_PER_DOCUMENT:03d}.txt", "\n".join(chunk) + "\n"
 
 
+def split_counts(records) -> dict:
+    """{"train"|"test": {"documents", "characters"}} of (name, split, characters) records."""
+    counts = {split: {"documents": 0, "characters": 0} for split in ("train", "test")}
+    for _, split, chars in records:
+        counts[split]["documents"] += 1
+        counts[split]["characters"] += chars
+    return counts
+
+
+def write_split(out: Path, domain: str, documents) -> list:
+    """Writes each (path, text) to its split; the (name, split, characters) of each."""
+    for split in ("train", "test"):
+        (out / domain / split).mkdir(parents=True, exist_ok=True)
+    records = []
+    for rel, text in documents:
+        name = document_name(rel)
+        split = "test" if is_test(name) else "train"
+        (out / domain / split / name).write_text(text)
+        records.append((name, split, len(text)))
+    return records
+
+
+def report(label: str, counts: dict):
+    print(f"{label}: {counts['train']['documents']} train documents "
+          f"({counts['train']['characters']:,} chars), {counts['test']['documents']} test "
+          f"({counts['test']['characters']:,} chars)", file=sys.stderr)
+
+
+def build_domain(out: Path, domain: str, downloads: Path) -> dict:
+    """Writes one of python-docs and licenses; its manifest entry."""
+    documents = {"python-docs": python_docs, "licenses": licenses}[domain]
+    counts = split_counts(write_split(out, domain, documents(downloads)))
+    report(domain, counts)
+    return counts
+
+
+def build_long_text(out: Path, downloads: Path) -> dict:
+    """Writes long-text; its manifest entry, with the counts of each source.
+
+    With 66 books a split can come out empty by chance: that is reported, not fixed by
+    changing the rule, which every script shares.
+    """
+    records = write_split(out, "long-text", long_text(downloads))
+    entry = {
+        "description": "long-context text for the sparse-attention plug-in: the King James "
+                       "Bible, one document per book (kjv__*), and the python-docs pages of "
+                       f"at least {LONG_PAGE_CHARS:,} characters (pydoc__*)",
+        "licence": {"kjv": "public domain (in most of the world; Crown rights in the UK)",
+                    "pydoc": "PSF License (Python 3.11 documentation)"},
+        **split_counts(records),
+        "sources": {},
+    }
+    for source in ("kjv", "pydoc"):
+        counts = split_counts(r for r in records if r[0].startswith(source + "__"))
+        entry["sources"][source] = counts
+        report(f"long-text {source}", counts)
+        for split, c in counts.items():
+            if c["documents"] == 0:
+                print(f"WARNING: long-text has no {source} document in {split}: the split "
+                      "rule left none", file=sys.stderr)
+    report("long-text", split_counts(records))
+    return entry
+
+
+def build_english(out: Path, refusal: Path) -> dict:
+    out = out / "english" / "test"
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for name, text in english(refusal):
+        (out / name).write_text(text)
+        count += 1
+    print(f"english: {count} test documents", file=sys.stderr)
+    return {"test": {"documents": count}}
+
+
+DOMAINS = ("python-docs", "licenses", "english", "long-text")
+DEFAULT_DOMAINS = ("python-docs", "licenses", "english")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("corpora"))
+    ap.add_argument("--only", action="append", choices=DOMAINS, metavar="DOMAIN",
+                    help=f"build only this domain (repeatable; one of {', '.join(DOMAINS)}); "
+                         f"without it: {', '.join(DEFAULT_DOMAINS)}")
     ap.add_argument("--refusal-data", type=Path,
                     default=Path(__file__).resolve().parents[3] / "shared/data/refusal",
                     help="the refusal data folder whose harmless_val.json gives english/test")
     args = ap.parse_args()
+    domains = [d for d in DOMAINS if d in (args.only or DEFAULT_DOMAINS)]
     downloads = args.out / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    manifest = {"rule": "test iff int(sha256(name)[:8], 16) % 10 == 0", "domains": {}}
-    for domain, documents in [("python-docs", python_docs), ("licenses", licenses)]:
-        counts = {"train": [0, 0], "test": [0, 0]}
-        for split in counts:
-            (args.out / domain / split).mkdir(parents=True, exist_ok=True)
-        for rel, text in documents(downloads):
-            name = document_name(rel)
-            split = "test" if is_test(name) else "train"
-            (args.out / domain / split / name).write_text(text)
-            counts[split][0] += 1
-            counts[split][1] += len(text)
-        manifest["domains"][domain] = {
-            s: {"documents": n, "characters": c} for s, (n, c) in counts.items()}
-        print(f"{domain}: {counts['train'][0]} train documents ({counts['train'][1]:,} chars), "
-              f"{counts['test'][0]} test ({counts['test'][1]:,} chars)", file=sys.stderr)
-    out = args.out / "english" / "test"
-    out.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for name, text in english(args.refusal_data):
-        (out / name).write_text(text)
-        count += 1
-    manifest["domains"]["english"] = {"test": {"documents": count}}
-    print(f"english: {count} test documents", file=sys.stderr)
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # Entries of domains not rebuilt now stay, so that --only does not forget them.
+    path = args.out / "manifest.json"
+    old = json.loads(path.read_text()).get("domains", {}) if path.exists() else {}
+    manifest = {"rule": "test iff int(sha256(name)[:8], 16) % 10 == 0", "domains": old}
+    for domain in domains:
+        if domain == "english":
+            entry = build_english(args.out, args.refusal_data)
+        elif domain == "long-text":
+            entry = build_long_text(args.out, downloads)
+        else:
+            entry = build_domain(args.out, domain, downloads)
+        manifest["domains"][domain] = entry
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! each kind's evaluation in the plugins crate (`plugins::controller::eval`).
 
 mod early_exit;
+mod long_context;
 mod perplexity;
 mod refusal;
 pub(crate) mod svg;
@@ -19,6 +20,10 @@ pub enum EvalCommand {
     /// Decode speed against agreement with the full model of an early-exit plug-in over a
     /// sweep of predictor thresholds, on held-out prompts
     EarlyExit(Box<early_exit::EarlyExitArgs>),
+    /// A sparse-attention plug-in on long held-out text: attention-mass recall against the
+    /// oracle, Quest and recency at each budget, and decoding against dense (perplexity,
+    /// agreement, keys read, tokens/s)
+    LongContext(Box<long_context::LongContextArgs>),
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
@@ -26,5 +31,6 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Refusal(args) => refusal::run(*args),
         EvalCommand::Perplexity(args) => perplexity::run(*args),
         EvalCommand::EarlyExit(args) => early_exit::run(*args),
+        EvalCommand::LongContext(args) => long_context::run(*args),
     }
 }

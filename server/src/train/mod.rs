@@ -9,6 +9,7 @@ mod early_exit;
 mod lora;
 mod loss_chart;
 mod memory;
+mod sparse_attention;
 mod steer;
 
 use clap::Subcommand;
@@ -33,6 +34,10 @@ pub enum TrainCommand {
     /// writes config.json + predictors.safetensors the server loads as an `early_exit`
     /// plug-in, and report.json / report.svg
     EarlyExit(Box<early_exit::EarlyExitArgs>),
+    /// Train learned sparse-attention gates (SeerAttention-R) by self-distillation from the
+    /// model's own attention on long text; writes config.json + gates.safetensors the server
+    /// loads as a `sparse_attention` plug-in, and report.json / report.svg
+    SparseAttention(Box<sparse_attention::SparseAttentionArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
@@ -42,5 +47,6 @@ pub fn run(command: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Controller(args) => controller::run(*args),
         TrainCommand::Memory(args) => memory::run(*args),
         TrainCommand::EarlyExit(args) => early_exit::run(*args),
+        TrainCommand::SparseAttention(args) => sparse_attention::run(*args),
     }
 }
