@@ -12,7 +12,8 @@
 //! - **Decode**: the last `tail` tokens of each window fed as single-token decode steps after
 //!   a dense prefill of the rest, teacher-forced, densely and with the plug-in at each budget:
 //!   perplexity of those tokens, agreement of the top token with the dense run's, the share
-//!   of keys read, and decode tokens per second of the same loop.
+//!   of keys read, and decode tokens per second of the same loop (`repetitions` timed runs,
+//!   configurations alternating, medians).
 
 use std::time::Instant;
 
@@ -26,6 +27,7 @@ use serde::Serialize;
 
 use super::capture::{self, LayerCapture};
 use super::gate::{self, pool};
+use super::oracle::Oracle;
 use super::select::{select, Budget};
 use super::SparseAttention;
 use crate::train::{Progress, Result};
@@ -43,6 +45,10 @@ pub struct EvalOptions {
     pub tail: usize,
     /// Query positions per window for recall.
     pub queries: usize,
+    /// Timed decode runs of every configuration (medians reported).
+    pub repetitions: usize,
+    /// Also decode with the oracle's selection at every budget (slow; not timed).
+    pub oracle: bool,
     pub seed: u64,
 }
 
@@ -61,6 +67,8 @@ pub struct RecallRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeRow {
     pub context: usize,
+    /// `dense`, `gate` (the plug-in) or `oracle` (the true heaviest blocks; not timed).
+    pub selection: &'static str,
     /// `None`: dense.
     pub budget: Option<usize>,
     pub tokens: usize,
@@ -69,7 +77,10 @@ pub struct DecodeRow {
     pub agreement: f64,
     /// Keys read over keys in context, gated layers (1 for dense).
     pub read_fraction: f64,
+    /// Median over repetitions of decode tokens/s over every window.
     pub tokens_per_s: f64,
+    /// Median over repetitions of the dense run's time over this one's.
+    pub speedup: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +102,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let mut recall = Vec::new();
     let mut decode = Vec::new();
+    let oracle = std::sync::Arc::new(Oracle::new(&model.config, plugin.config.block_size));
     for (&context, windows) in opts.contexts.iter().zip(windows_by_context) {
         progress.phase(&format!("{context} tokens"), windows.len());
         let mut sums = RecallSums::new(plugin, opts);
@@ -104,24 +116,44 @@ pub fn evaluate(
             let layers = capture::capture(model, window, &positions)?;
             sums.add(model, &layers, &positions)?;
             let budgets = std::iter::once(None).chain(opts.budgets.iter().map(|&b| Some(b)));
-            let prefilled = prefill(model, plugin, window, opts.tail)?;
+            let mut configs: Vec<Selection> = budgets
+                .map(|b| b.map_or(Selection::Dense, Selection::Gate))
+                .collect();
+            if opts.oracle {
+                configs.extend(opts.budgets.iter().map(|&b| Selection::Oracle(b)));
+            }
+            let prefilled = prefill(model, plugin, &oracle, window, opts.tail)?;
             let mut dense_top = Vec::new();
-            for (i, budget) in budgets.enumerate() {
-                let cache = prefilled.fork()?;
-                let run = decode_tail(model, plugin, cache, window, opts.tail, budget, &dense_top)?;
-                if i == 0 {
-                    dense_top = run.top.clone();
-                }
-                match runs.get_mut(i) {
-                    Some(r) => r.add(&run),
-                    None => runs.push(run),
+            // Configurations alternate within each repetition, so drifts in the machine's
+            // speed fall on all of them alike; the oracle (never timed) runs once.
+            for rep in 0..opts.repetitions.max(1) {
+                for (i, &config) in configs.iter().enumerate() {
+                    if rep > 0 && matches!(config, Selection::Oracle(_)) {
+                        continue;
+                    }
+                    let cache = prefilled.fork()?;
+                    let hooks = config.hooks(plugin, &oracle);
+                    let run =
+                        decode_tail(model, plugin, cache, window, opts.tail, &hooks, &dense_top)?;
+                    let run = DecodeSums {
+                        selection: config,
+                        ..run
+                    };
+                    if i == 0 && rep == 0 {
+                        dense_top = run.top.clone();
+                    }
+                    match runs.get_mut(i) {
+                        Some(r) => r.add(&run, rep),
+                        None => runs.push(run),
+                    }
                 }
             }
             progress.advance(1);
         }
         recall.extend(sums.rows(context));
+        let dense_seconds = runs.first().map(|r| r.seconds.clone()).unwrap_or_default();
         for run in runs {
-            decode.push(run.row(context));
+            decode.push(run.row(context, &dense_seconds));
         }
     }
     Ok(EvalReport {
@@ -304,34 +336,79 @@ impl Scorer {
     }
 }
 
-/// One decode run over a window's tail.
+/// Which blocks a decode run reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Selection {
+    Dense,
+    Gate(usize),
+    Oracle(usize),
+}
+
+impl Selection {
+    fn hooks(
+        self,
+        plugin: &std::sync::Arc<SparseAttention>,
+        oracle: &std::sync::Arc<Oracle>,
+    ) -> Vec<HookCall> {
+        match self {
+            Selection::Dense => Vec::new(),
+            Selection::Gate(b) => vec![call(plugin.clone(), b)],
+            Selection::Oracle(b) => vec![call(oracle.clone(), b)],
+        }
+    }
+}
+
+/// One decode configuration's runs over windows' tails.
 struct DecodeSums {
-    budget: Option<usize>,
+    selection: Selection,
     nll: f64,
     tokens: usize,
     agree: usize,
-    seconds: f64,
+    /// Per repetition: seconds over every window.
+    seconds: Vec<f64>,
     context_keys: u64,
     read_keys: u64,
-    /// This run's top tokens (the dense run's are what later runs agree with).
+    /// The first run's top tokens (the dense run's are what later runs agree with).
     top: Vec<u32>,
 }
 
 impl DecodeSums {
-    fn add(&mut self, other: &DecodeSums) {
+    /// Adds a run of repetition `rep`: its time, and on the first repetition what it computed
+    /// (the same in every repetition).
+    fn add(&mut self, other: &DecodeSums, rep: usize) {
+        if self.seconds.len() <= rep {
+            self.seconds.resize(rep + 1, 0.0);
+        }
+        self.seconds[rep] += other.seconds[0];
+        if rep > 0 {
+            return;
+        }
         self.nll += other.nll;
         self.tokens += other.tokens;
         self.agree += other.agree;
-        self.seconds += other.seconds;
         self.context_keys += other.context_keys;
         self.read_keys += other.read_keys;
     }
 
-    fn row(&self, context: usize) -> DecodeRow {
+    /// The row, timed against the dense configuration's seconds per repetition.
+    fn row(&self, context: usize, dense_seconds: &[f64]) -> DecodeRow {
         let n = self.tokens.max(1) as f64;
+        let rates: Vec<f64> = self.seconds.iter().map(|s| n / s.max(1e-9)).collect();
+        let ratios: Vec<f64> = dense_seconds
+            .iter()
+            .zip(&self.seconds)
+            .map(|(d, s)| d / s.max(1e-9))
+            .collect();
+        let (selection, budget) = match self.selection {
+            Selection::Dense => ("dense", None),
+            Selection::Gate(b) => ("gate", Some(b)),
+            Selection::Oracle(b) => ("oracle", Some(b)),
+        };
+        let timed = selection != "oracle";
         DecodeRow {
             context,
-            budget: self.budget,
+            selection,
+            budget,
             tokens: self.tokens,
             perplexity: (self.nll / n).exp(),
             agreement: self.agree as f64 / n,
@@ -339,20 +416,34 @@ impl DecodeSums {
                 0 => 1.0,
                 c => self.read_keys as f64 / c as f64,
             },
-            tokens_per_s: self.tokens as f64 / self.seconds.max(1e-9),
+            tokens_per_s: if timed { median(rates) } else { 0.0 },
+            speedup: if timed { median(ratios) } else { 0.0 },
         }
     }
 }
 
-/// A cache holding `window[..len - tail - 1]`, prefilled densely with the plug-in in the
-/// chain (so its state holds the compressed keys; the dense runs ignore it).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A cache holding `window[..len - tail - 1]`, prefilled densely with the plug-in and the
+/// oracle in the chain (so their states hold what they need; the dense runs ignore them).
 fn prefill(
     model: &Llama,
     plugin: &std::sync::Arc<SparseAttention>,
+    oracle: &std::sync::Arc<Oracle>,
     window: &[u32],
     tail: usize,
 ) -> Result<models::KvCache> {
-    let hooks = [call(plugin, plugin.config.budget)];
+    let hooks = [
+        call(plugin.clone(), plugin.config.budget),
+        call(oracle.clone(), plugin.config.budget),
+    ];
     let mut cache = model.new_cache();
     for chunk in window[..window.len() - tail - 1].chunks(1024) {
         let mut rows = [BatchRow {
@@ -367,33 +458,32 @@ fn prefill(
     Ok(cache)
 }
 
-fn call(plugin: &std::sync::Arc<SparseAttention>, budget: usize) -> HookCall {
+fn call(hook: std::sync::Arc<dyn models::Hook>, budget: usize) -> HookCall {
     HookCall::new(
-        plugin.clone(),
+        hook,
         std::sync::Arc::new(Budget::Tokens(budget)) as HookParams,
     )
 }
 
-/// Feeds the rest of `window` after the prefilled `cache` one token per decode step (with the
-/// plug-in at `budget`, or none), scoring `window[len - tail..]`.
+/// Feeds the rest of `window` after the prefilled `cache` one token per decode step with
+/// `hooks`, scoring `window[len - tail..]`.
 fn decode_tail(
     model: &Llama,
     plugin: &std::sync::Arc<SparseAttention>,
     mut cache: models::KvCache,
     window: &[u32],
     tail: usize,
-    budget: Option<usize>,
+    hooks: &[HookCall],
     dense_top: &[u32],
 ) -> Result<DecodeSums> {
-    let hooks: Vec<HookCall> = budget.map(|b| call(plugin, b)).into_iter().collect();
     let split = window.len() - tail - 1;
     let before = plugin.reads();
     let mut sums = DecodeSums {
-        budget,
+        selection: Selection::Dense,
         nll: 0.0,
         tokens: 0,
         agree: 0,
-        seconds: 0.0,
+        seconds: Vec::new(),
         context_keys: 0,
         read_keys: 0,
         top: Vec::with_capacity(tail),
@@ -401,7 +491,7 @@ fn decode_tail(
     let started = Instant::now();
     for t in split..window.len() - 1 {
         let token = &window[t..t + 1];
-        let logits = models::testing::step(model, &mut cache, token, &hooks, LogitsWanted::Last)?;
+        let logits = models::testing::step(model, &mut cache, token, hooks, LogitsWanted::Last)?;
         let lp =
             candle_nn::ops::log_softmax(&logits.flatten_all()?, D::Minus1)?.to_vec1::<f32>()?;
         sums.nll -= lp[window[t + 1] as usize] as f64;
@@ -412,9 +502,14 @@ fn decode_tail(
         sums.top.push(top);
         sums.tokens += 1;
     }
-    sums.seconds = started.elapsed().as_secs_f64();
+    sums.seconds = vec![started.elapsed().as_secs_f64()];
     let after = plugin.reads();
-    if budget.is_some() {
+    if hooks.iter().any(|h| {
+        std::ptr::addr_eq(
+            std::sync::Arc::as_ptr(&h.hook),
+            std::sync::Arc::as_ptr(plugin),
+        )
+    }) {
         sums.context_keys = after.1 - before.1;
         sums.read_keys = after.2 - before.2;
     }

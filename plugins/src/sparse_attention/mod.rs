@@ -23,6 +23,7 @@ pub mod capture;
 pub mod config;
 pub mod eval;
 pub mod gate;
+pub mod oracle;
 pub mod select;
 pub mod state;
 pub mod train;

@@ -46,6 +46,13 @@ pub struct LongContextArgs {
     /// Query positions per window for recall, from the scored tail
     #[arg(long, default_value_t = 64)]
     queries: usize,
+    /// Timed decode runs of every configuration, alternating (medians reported)
+    #[arg(long, default_value_t = 3)]
+    repetitions: usize,
+    /// Also decode with the oracle's selection (the true heaviest blocks) at every budget:
+    /// the best perplexity any gate could reach at that budget (slow; not timed)
+    #[arg(long)]
+    oracle: bool,
     /// How the KV cache holds keys and values (as `serve --kv-cache-dtype`)
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: String,
@@ -111,6 +118,8 @@ pub fn run(args: LongContextArgs) -> anyhow::Result<()> {
         windows: args.windows,
         tail: args.tail,
         queries: args.queries,
+        repetitions: args.repetitions,
+        oracle: args.oracle,
         seed: args.seed,
     };
     let mut progress = BarProgress::new(None)?;
@@ -150,22 +159,27 @@ fn tables(r: &EvalReport) -> String {
             );
         }
     }
-    s += "\n| context | budget | perplexity | vs dense | top-1 agreement | keys read | decode tok/s | vs dense |\n|---|---|---|---|---|---|---|---|\n";
+    s += "\n| context | selection | budget | perplexity | vs dense | top-1 agreement | keys read | decode tok/s | vs dense |\n|---|---|---|---|---|---|---|---|---|\n";
     for &c in &r.options.contexts {
         let rows: Vec<_> = r.decode.iter().filter(|d| d.context == c).collect();
         let Some(dense) = rows.iter().find(|d| d.budget.is_none()) else {
             continue;
         };
         for d in &rows {
+            let (read, speed) = match d.selection {
+                "oracle" => ("-".to_string(), "- | -".to_string()),
+                _ => (
+                    format!("{:.3}", d.read_fraction),
+                    format!("{:.1} | {:.2}x", d.tokens_per_s, d.speedup),
+                ),
+            };
             s += &format!(
-                "| {c} | {} | {:.3} | {:+.2}% | {:.3} | {:.3} | {:.1} | {:.2}x |\n",
-                d.budget.map_or("dense".into(), |b| b.to_string()),
+                "| {c} | {} | {} | {:.3} | {:+.2}% | {:.3} | {read} | {speed} |\n",
+                d.selection,
+                d.budget.map_or("-".into(), |b| b.to_string()),
                 d.perplexity,
                 100.0 * (d.perplexity / dense.perplexity - 1.0),
                 d.agreement,
-                d.read_fraction,
-                d.tokens_per_s,
-                d.tokens_per_s / dense.tokens_per_s
             );
         }
     }
