@@ -1,7 +1,8 @@
 //! `server train sparse-attention`: trains SeerAttention-R's per-layer gates
 //! (plugins::sparse_attention::train) by self-distillation on long text and writes the
 //! plug-in the server loads (`config.json` + `gates.safetensors`), `report.json` (per-layer
-//! held-out KL and recall), `report.svg` and `train_log.jsonl` (each layer's KL by step).
+//! held-out KL and recall), `report.svg`, `train_log.jsonl` (each layer's KL by step) and
+//! `loss.svg` (its chart, the layers one after another).
 
 use std::path::PathBuf;
 
@@ -12,6 +13,9 @@ use plugins::train::prompts::tokens;
 
 use super::args::{check_out_dir, load_model, model_path, offline_base, BarProgress};
 use crate::eval::svg::{line_chart, Series};
+
+/// Each layer's KL by step (`{"step": l * steps + s, "kl": ...}`), and its chart.
+const LOG_FILE: &str = "train_log.jsonl";
 
 #[derive(Debug, Args)]
 pub struct SparseAttentionArgs {
@@ -100,7 +104,7 @@ pub fn run(args: SparseAttentionArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     std::fs::create_dir_all(&args.out)?;
-    let log = args.out.join("train_log.jsonl");
+    let log = args.out.join(LOG_FILE);
     let mut progress = BarProgress::new(Some(log))?;
     let name = args
         .out
@@ -114,6 +118,8 @@ pub fn run(args: SparseAttentionArgs) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::write(args.out.join("report.svg"), chart(&report))?;
+    // Layers train one after another: step `l * steps + s` is layer l's step s.
+    super::loss_chart::write(&args.out.join(LOG_FILE), &args.out.join("loss.svg"))?;
     println!(
         "{} windows of {} tokens from {} files ({} held out)",
         cut.len().min(args.sequences),
