@@ -56,6 +56,7 @@ pub struct LongContextArgs {
     /// How the KV cache holds keys and values (as `serve --kv-cache-dtype`)
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: String,
+    /// Seed of each window's sampled query positions
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
