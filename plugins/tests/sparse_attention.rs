@@ -15,7 +15,7 @@ use models::tiny::{tiny_config, TinyModel};
 use models::{Architecture, BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
 use plugins::files::PluginFiles;
 use plugins::sparse_attention::gate::LayerGate;
-use plugins::sparse_attention::train::{config_of, train, windows, TrainOptions};
+use plugins::sparse_attention::train::{config_of, train, windows, Target, TrainOptions};
 use plugins::sparse_attention::{SparseAttention, SparseState, WEIGHTS_FILE};
 use plugins::train::Quiet;
 use plugins::{BaseModel, Plugin, PluginError};
@@ -62,6 +62,7 @@ fn options() -> TrainOptions {
         steps: 0,
         batch: 4,
         lr: 1e-2,
+        target: Default::default(),
         seed: 3,
     }
 }
@@ -373,24 +374,34 @@ fn trained_gates_fit_the_models_attention_better_than_untrained_ones() {
     let docs: Vec<Vec<u32>> = (0..8).map(|i| prompt(200, 100 + i)).collect();
     let wins = windows(&docs, &[1], 128);
     assert_eq!(wins.len(), (8 * 200 + 7) / 128);
-    let untrained = train(&m, &b, "gates", &wins, &options(), &mut Quiet)
-        .unwrap()
-        .1;
-    let opts = TrainOptions {
-        steps: 120,
-        ..options()
-    };
-    let (plugin, trained) = train(&m, &b, "gates", &wins, &opts, &mut Quiet).unwrap();
-    assert_eq!(trained.layers.len(), 3);
-    for (u, t) in untrained.layers.iter().zip(&trained.layers) {
-        assert!(
-            t.heldout_kl < u.heldout_kl,
-            "layer {}: {} vs {}",
-            t.layer,
-            t.heldout_kl,
-            u.heldout_kl
-        );
+    let mut plugin = None;
+    for target in [Target::Peak, Target::Mass] {
+        let untrained = TrainOptions {
+            target,
+            ..options()
+        };
+        let untrained = train(&m, &b, "gates", &wins, &untrained, &mut Quiet)
+            .unwrap()
+            .1;
+        let opts = TrainOptions {
+            steps: 120,
+            target,
+            ..options()
+        };
+        let (made, trained) = train(&m, &b, "gates", &wins, &opts, &mut Quiet).unwrap();
+        assert_eq!(trained.layers.len(), 3);
+        for (u, t) in untrained.layers.iter().zip(&trained.layers) {
+            assert!(
+                t.heldout_kl < u.heldout_kl,
+                "{target:?} layer {}: {} vs {}",
+                t.layer,
+                t.heldout_kl,
+                u.heldout_kl
+            );
+        }
+        plugin = Some(made);
     }
+    let plugin = plugin.unwrap();
     // What the trainer made loads back as it was.
     let dir = write(&plugin);
     let back = load(dir.path(), &c).unwrap();

@@ -29,6 +29,7 @@ fn plugin(base: &BaseModel) -> Arc<SparseAttention> {
         steps: 0,
         batch: 1,
         lr: 0.0,
+        target: Default::default(),
         seed: 0,
     };
     let c = &base.config;

@@ -90,6 +90,9 @@ pub struct BlockTruth {
     /// probability over its keys and the group's query heads, kept for the blocks strictly
     /// before the query's own and renormalised to sum 1.
     pub target: Tensor,
+    /// The same for the attention mass (summed over a block's keys, averaged over the
+    /// group) instead of the peak: `server train sparse-attention --target mass`.
+    pub mass_target: Tensor,
     /// Attention mass per block, `(h, N, B)`: probabilities summed over the block's keys and
     /// averaged over the group's query heads (every visible block, the query's own included:
     /// each row sums to 1). What a selection of blocks recalls.
@@ -135,9 +138,15 @@ pub fn block_truth(
         earlier[i * blocks..i * blocks + p / block].fill(1.0);
     }
     let earlier = Tensor::from_vec(earlier, (1, n, blocks), dev)?;
-    let kept = peak.broadcast_mul(&earlier)?;
-    let target = kept.broadcast_div(&kept.sum_keepdim(D::Minus1)?.clamp(1e-30, f64::MAX)?)?;
-    Ok(BlockTruth { target, mass })
+    let renormalised = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let kept = x.broadcast_mul(&earlier)?;
+        kept.broadcast_div(&kept.sum_keepdim(D::Minus1)?.clamp(1e-30, f64::MAX)?)
+    };
+    Ok(BlockTruth {
+        target: renormalised(&peak)?,
+        mass_target: renormalised(&mass)?,
+        mass,
+    })
 }
 
 /// Each block's keys pooled per key/value head, `(B, h, 3d)`: `[max, min, mean]` per channel

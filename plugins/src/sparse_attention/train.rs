@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::capture::{self, BlockTruth};
+use super::capture;
 use super::config::{SparseAttentionConfig, TYPE};
 use super::gate::{GateShape, LayerGate};
 use super::SparseAttention;
@@ -53,7 +53,22 @@ pub struct TrainOptions {
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
+    /// What the gate learns to predict over the earlier blocks.
+    pub target: Target,
     pub seed: u64,
+}
+
+/// The distribution over earlier blocks each gate is fitted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// SeerAttention-R's: each block's largest attention probability (over its keys and the
+    /// group's heads), renormalised.
+    #[default]
+    Peak,
+    /// Each block's attention mass (summed over its keys, averaged over the group's heads),
+    /// renormalised: what a selection's recall counts.
+    Mass,
 }
 
 /// One layer's training material: per window, the gate's inputs and the ground truth.
@@ -164,11 +179,11 @@ pub fn train(
 }
 
 /// One window's material for one layer: its sampled queries `(N, n_heads, d)`, pooled key
-/// blocks `(B, h, 3d)`, the truth and the sampled positions.
+/// blocks `(B, h, 3d)`, the target `(h, N, B)` and the sampled positions.
 struct WindowLayer {
     queries: Tensor,
     blocks: Tensor,
-    truth: BlockTruth,
+    target: Tensor,
     positions: Vec<usize>,
 }
 
@@ -190,8 +205,12 @@ fn capture_all(
         let positions = sample_positions(rng, opts.length, opts.queries);
         let captured = capture::capture(model, window, &positions)?;
         for (l, c) in captured.into_iter().enumerate().skip(opts.dense_layers) {
+            let truth = capture::block_truth(&rope, &c, &positions, opts.block_size)?;
             per_layer[l].push(WindowLayer {
-                truth: capture::block_truth(&rope, &c, &positions, opts.block_size)?,
+                target: match opts.target {
+                    Target::Peak => truth.target,
+                    Target::Mass => truth.mass_target,
+                },
                 blocks: capture::pooled_blocks(&c.keys, opts.block_size)?,
                 queries: c.queries,
                 positions: positions.clone(),
@@ -241,7 +260,7 @@ fn stack(shape: &GateShape, part: &[WindowLayer]) -> Result<LayerExamples> {
         })
         .collect::<candle_core::Result<_>>()?;
     let blocks: Vec<Tensor> = part.iter().map(|w| w.blocks.clone()).collect();
-    let target: Vec<Tensor> = part.iter().map(|w| w.truth.target.clone()).collect();
+    let target: Vec<Tensor> = part.iter().map(|w| w.target.clone()).collect();
     Ok(LayerExamples {
         queries: Tensor::stack(&queries, 0)?,
         blocks: Tensor::stack(&blocks, 0)?,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use plugins::sparse_attention::train::{train, windows, Report, TrainOptions};
+use plugins::sparse_attention::train::{train, windows, Report, Target, TrainOptions};
 use plugins::train::prompts::tokens;
 
 use super::args::{check_out_dir, load_model, model_path, offline_base, BarProgress};
@@ -65,9 +65,19 @@ pub struct SparseAttentionArgs {
     /// Peak learning rate (20 warm-up steps, cosine decay to a hundredth)
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// What each gate learns over the earlier blocks: `peak` (SeerAttention-R's: each
+    /// block's largest attention probability) or `mass` (its summed probability)
+    #[arg(long, value_enum, default_value = "peak")]
+    target: TargetArg,
     /// Seed of the window shuffle, the sampled positions and the gates' initialisation
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TargetArg {
+    Peak,
+    Mass,
 }
 
 pub fn run(args: SparseAttentionArgs) -> anyhow::Result<()> {
@@ -101,6 +111,10 @@ pub fn run(args: SparseAttentionArgs) -> anyhow::Result<()> {
         steps: args.steps,
         batch: args.batch,
         lr: args.lr,
+        target: match args.target {
+            TargetArg::Peak => Target::Peak,
+            TargetArg::Mass => Target::Mass,
+        },
         seed: args.seed,
     };
     std::fs::create_dir_all(&args.out)?;
