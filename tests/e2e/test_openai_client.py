@@ -116,6 +116,8 @@ def test_n_choices_share_one_prefill_and_each_equals_its_own_request(client, ser
     """`n` choices fork off one prefill of their prompt (the engine copies the cache); each
     samples with seed + its index, so each equals the n = 1 request with that seed."""
     import re
+    import time
+
     import requests
 
     def step_tokens():
@@ -125,12 +127,16 @@ def test_n_choices_share_one_prefill_and_each_equals_its_own_request(client, ser
     kwargs = dict(model=MODEL_ID, messages=CAPITAL, max_tokens=12, temperature=1.0)
     before = step_tokens()
     r = client.chat.completions.create(n=3, seed=40, **kwargs)
-    fed = step_tokens() - before
     texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
     # The prompt went in once (less what an earlier request left in the prefix cache); each
     # choice feeds every sampled token but its last.
     prompt = r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
     fed_tokens = r.usage.completion_tokens - 3
+    # The engine records a step's tokens after it has sent the step's tokens out, so the
+    # response can arrive before its last step is counted: wait for the count to settle.
+    deadline = time.monotonic() + 10
+    while (fed := step_tokens() - before) < prompt + fed_tokens and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert fed == prompt + fed_tokens, (fed, prompt, r.usage)
     for i, text in enumerate(texts):
         alone = client.chat.completions.create(n=1, seed=40 + i, **kwargs).choices[0].message.content
