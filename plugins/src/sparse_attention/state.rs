@@ -73,11 +73,6 @@ impl LayerKeys {
         self.raw_start = self.raw_start.max(first);
     }
 
-    /// Closed blocks.
-    pub fn blocks(&self, shape: &GateShape) -> usize {
-        self.compressed.len() / (shape.kv_heads * shape.gate_dim)
-    }
-
     /// Forgets positions `len..`; see the module documentation.
     fn truncate(&mut self, len: usize, compressed_width: usize, width: usize, block: usize) {
         if len >= self.fed || self.dense {

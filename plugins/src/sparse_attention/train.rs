@@ -32,6 +32,7 @@ use super::config::{SparseAttentionConfig, TYPE};
 use super::gate::{GateShape, LayerGate};
 use super::SparseAttention;
 use crate::base::{BaseIdentity, BaseModel};
+use crate::train::prompts::tokens;
 use crate::train::{Progress, Result, TrainError};
 
 /// `server train sparse-attention`'s settings.
@@ -115,6 +116,39 @@ pub fn windows(documents: &[Vec<u32>], separator: &[u32], length: usize) -> Vec<
     all.chunks_exact(length.max(1))
         .map(<[u32]>::to_vec)
         .collect()
+}
+
+/// Plain-text files as token ids (no special tokens parsed), joined with a blank line
+/// between them when cut into windows: what training and evaluation read.
+pub struct Text {
+    documents: Vec<Vec<u32>>,
+    separator: Vec<u32>,
+}
+
+impl Text {
+    pub fn read(
+        loaded: &models::bundle::LoadedModel,
+        paths: &[std::path::PathBuf],
+    ) -> Result<Self> {
+        let mut documents = Vec::with_capacity(paths.len());
+        for path in paths {
+            let text = std::fs::read_to_string(path).map_err(|source| TrainError::Unreadable {
+                path: path.clone(),
+                source,
+            })?;
+            documents.push(tokens(loaded, &text, false)?);
+        }
+        let separator = tokens(loaded, "\n\n", false)?;
+        Ok(Self {
+            documents,
+            separator,
+        })
+    }
+
+    /// The text cut into windows of `length` tokens ([`windows`]).
+    pub fn windows(&self, length: usize) -> Vec<Vec<u32>> {
+        windows(&self.documents, &self.separator, length)
+    }
 }
 
 /// Trains a plug-in named `name` on `windows` (token ids, `opts.length` each).

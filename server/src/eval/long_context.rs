@@ -10,9 +10,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use plugins::files::PluginFiles;
 use plugins::sparse_attention::eval::{evaluate, EvalOptions, EvalReport, METHODS};
-use plugins::sparse_attention::train::windows;
+use plugins::sparse_attention::train::Text;
 use plugins::sparse_attention::SparseAttention;
-use plugins::train::prompts::tokens;
 
 use super::svg::{line_chart, Series};
 use crate::train::args::{load_model, model_path, offline_base, BarProgress};
@@ -91,16 +90,10 @@ pub fn run(args: LongContextArgs) -> anyhow::Result<()> {
     {
         bail!("each context must be a multiple of {block}, longer than --tail, within the model's context");
     }
-    let mut documents = Vec::new();
-    for path in &args.text {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        documents.push(tokens(&loaded, &text, false)?);
-    }
-    let separator = tokens(&loaded, "\n\n", false)?;
+    let text = Text::read(&loaded, &args.text)?;
     let mut by_context = Vec::new();
     for &c in &contexts {
-        let all = windows(&documents, &separator, c);
+        let all = text.windows(c);
         if all.is_empty() {
             bail!("the text holds fewer than {c} tokens");
         }

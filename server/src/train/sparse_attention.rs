@@ -8,8 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use plugins::sparse_attention::train::{train, windows, Report, Target, TrainOptions};
-use plugins::train::prompts::tokens;
+use plugins::sparse_attention::train::{train, Report, Target, Text, TrainOptions};
 
 use super::args::{check_out_dir, load_model, model_path, offline_base, BarProgress};
 use crate::eval::svg::{line_chart, Series};
@@ -91,14 +90,7 @@ pub fn run(args: SparseAttentionArgs) -> anyhow::Result<()> {
             base.config.max_position_embeddings
         );
     }
-    let mut documents = Vec::with_capacity(args.text.len());
-    for path in &args.text {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        documents.push(tokens(&loaded, &text, false)?);
-    }
-    let separator = tokens(&loaded, "\n\n", false)?;
-    let cut = windows(&documents, &separator, args.length);
+    let cut = Text::read(&loaded, &args.text)?.windows(args.length);
     let opts = TrainOptions {
         length: args.length,
         sequences: args.sequences,
