@@ -19,7 +19,7 @@ pub fn tiny_base() -> BaseModel {
         config: tiny_config(Architecture::Llama),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

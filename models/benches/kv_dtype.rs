@@ -1,7 +1,7 @@
 //! The KV cache's dtype at depth: for each depth, a prompt of that many tokens is prefilled
-//! into an f32 cache and into an f16 cache, the dtypes alternating, once per run (timed; the
+//! into a cache of each dtype (f32, f16, bf16, q8_0), the dtypes alternating, once per run (timed; the
 //! last run's caches are kept), then greedy decode steps run from each in turn (the cache cut
-//! back to the prompt before every run, which is exact), so the two dtypes alternate on the
+//! back to the prompt before every run, which is exact), so the dtypes alternate on the
 //! same machine state. Prints one JSON line per depth with
 //! medians and every run, and the bytes per token of each cache.
 //!
@@ -11,9 +11,9 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use models::kv_cache::KvCache;
-use models::{BatchRow, Llama, LogitsWanted};
+use models::{BatchRow, KvDtype, Llama, LogitsWanted};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -96,7 +96,7 @@ fn main() {
     let most = depths.iter().max().copied().unwrap_or(0) + n + 1;
     let mut m = models::loader::load_model(&path, &Device::Cpu, most).expect("load");
     step(&m, &mut m.new_cache(), &prompt(32)); // warm-up: page in weights, size pools
-    let dtypes = [DType::F32, DType::F16];
+    let dtypes = KvDtype::ALL;
     for depth in depths {
         let tokens = prompt(depth);
         let mut caches = Vec::new();
@@ -123,19 +123,22 @@ fn main() {
                 rates.push(decode(&m, cache, *first, n));
             }
         }
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "depth": depth,
             "decode_tokens": n,
             "runs": runs,
             "threads": candle_core::utils::get_num_threads(),
-            "f32": {"kv_bytes_per_token": bytes[0], "prefill_tok_s": median(prefills[0].clone()),
-                    "prefill_runs": prefills[0], "decode_tok_s": median(rates[0].clone()),
-                    "decode_runs": rates[0]},
-            "f16": {"kv_bytes_per_token": bytes[1], "prefill_tok_s": median(prefills[1].clone()),
-                    "prefill_runs": prefills[1], "decode_tok_s": median(rates[1].clone()),
-                    "decode_runs": rates[1]},
-            "same_first_token": caches[0].1 == caches[1].1,
+            "first_tokens": caches.iter().map(|c| c.1).collect::<Vec<_>>(),
         });
+        for (i, dtype) in dtypes.iter().enumerate() {
+            json[dtype.name()] = serde_json::json!({
+                "kv_bytes_per_token": bytes[i],
+                "prefill_tok_s": median(prefills[i].clone()),
+                "prefill_runs": prefills[i],
+                "decode_tok_s": median(rates[i].clone()),
+                "decode_runs": rates[i],
+            });
+        }
         println!("{json}");
     }
 }

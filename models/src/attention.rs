@@ -146,7 +146,8 @@ pub(crate) fn attend(
         sel.check(n_kv, t)?;
     }
     let cpu = |t: &Tensor, dtypes: &[DType]| t.device().is_cpu() && dtypes.contains(&t.dtype());
-    let cached = [DType::F32, DType::F16];
+    // U8: q8_0 blocks (`KvDtype::Q8_0`), which only the CPU kernel reads.
+    let cached = [DType::F32, DType::F16, DType::BF16, DType::U8];
     if cpu(q, &[DType::F32]) && cpu(k, &cached) && cpu(v, &cached) {
         let op = RowAttention {
             key_positions,
@@ -156,7 +157,12 @@ pub(crate) fn attend(
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }
-    // The ops compute in the query's dtype (an f16 cache on a GPU is widened here).
+    if k.dtype() == DType::U8 || v.dtype() == DType::U8 {
+        return Err(ModelError::Batch(
+            "a q8_0 KV cache is read by the CPU attention kernel only".into(),
+        ));
+    }
+    // The ops compute in the query's dtype (an f16 or bf16 cache on a GPU is widened here).
     let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     attend_ops(q, k, v, key_positions, head_keys, start)
 }

@@ -19,11 +19,16 @@
 //! drafts. [`KvCache::fork`] copies it for the `n > 1` choices of one request, and
 //! [`KvCache::fork_prefix`] copies its first positions for a request that shares them.
 
-use candle_core::{DType, Device, Tensor};
+mod dtype;
+
+use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hook_state::ChainState;
+
+pub use dtype::KvDtype;
+pub(crate) use dtype::{dequantize_q8_block, q8_scale, Q8_BLOCK, Q8_BLOCK_BYTES};
 
 /// Smallest allocation, in positions; keeps one-token decode steps from reallocating.
 const MIN_CAPACITY: usize = 64;
@@ -50,7 +55,7 @@ pub struct KvCache {
     len: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    dtype: DType,
+    dtype: KvDtype,
     device: Device,
     /// The plug-in states of this sequence's chain (see [`crate::hook_state`]).
     plugins: ChainState,
@@ -59,7 +64,8 @@ pub struct KvCache {
 /// What [`KvCache::append`] hands to attention: every slot of the layer so far.
 #[derive(Debug)]
 pub struct LayerView<'a> {
-    /// `(n_kv_heads, slots, head_dim)`.
+    /// `(n_kv_heads, slots, row)`, a row being one head's `head_dim` values as the cache's
+    /// [`KvDtype`] stores them.
     pub k: Tensor,
     pub v: Tensor,
     /// The position of each slot, or `None` when slot `j` is position `j`.
@@ -68,7 +74,7 @@ pub struct LayerView<'a> {
 
 impl KvCache {
     /// An empty cache; nothing is allocated until the first append.
-    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Self {
+    pub fn new(cfg: &ModelConfig, dtype: KvDtype, device: &Device) -> Self {
         Self {
             layers: (0..cfg.num_layers).map(|_| None).collect(),
             len: 0,
@@ -111,7 +117,10 @@ impl KvCache {
         let Some(l) = self.layer(layer) else {
             return Ok(None);
         };
-        let read = |t: &Tensor| t.narrow(1, 0, l.len)?.to_dtype(DType::F32)?.contiguous();
+        let read = |t: &Tensor| -> Result<Tensor> {
+            let stored = t.narrow(1, 0, l.len)?;
+            Ok(self.dtype.load(&stored, self.head_dim)?.contiguous()?)
+        };
         Ok(Some((read(&l.k)?, read(&l.v)?)))
     }
 
@@ -130,7 +139,7 @@ impl KvCache {
 
     /// Bytes currently allocated for keys and values of all layers, plus plug-in state.
     pub fn allocated_bytes(&self) -> usize {
-        let per_slot = 2 * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes();
+        let per_slot = 2 * self.num_kv_heads * self.dtype.row_bytes(self.head_dim);
         let kv: usize = self.layers.iter().flatten().map(|l| l.capacity).sum();
         kv * per_slot + self.plugins.allocated_bytes()
     }
@@ -144,7 +153,13 @@ impl KvCache {
     }
 
     fn reserve_layer(&mut self, layer: usize, additional: usize) -> Result<()> {
-        let shape = |capacity| (self.num_kv_heads, capacity, self.head_dim);
+        let shape = |capacity| {
+            (
+                self.num_kv_heads,
+                capacity,
+                self.dtype.row_len(self.head_dim),
+            )
+        };
         let slot = self
             .layers
             .get_mut(layer)
@@ -155,8 +170,9 @@ impl KvCache {
             return Ok(());
         }
         let new_capacity = needed.max(2 * capacity).max(MIN_CAPACITY);
-        let k = Tensor::zeros(shape(new_capacity), self.dtype, &self.device)?;
-        let v = Tensor::zeros(shape(new_capacity), self.dtype, &self.device)?;
+        let storage = self.dtype.storage();
+        let k = Tensor::zeros(shape(new_capacity), storage, &self.device)?;
+        let v = Tensor::zeros(shape(new_capacity), storage, &self.device)?;
         match slot {
             Some(old) => {
                 if old.len > 0 {
@@ -189,8 +205,8 @@ impl KvCache {
         self.reserve_layer(layer, n_new)?;
         let start = self.len;
         let (dtype, l) = (self.dtype, self.layer_mut(layer)?);
-        l.k.slice_set(&k.to_dtype(dtype)?.contiguous()?, 1, l.len)?;
-        l.v.slice_set(&v.to_dtype(dtype)?.contiguous()?, 1, l.len)?;
+        l.k.slice_set(&dtype.store(k)?.contiguous()?, 1, l.len)?;
+        l.v.slice_set(&dtype.store(v)?.contiguous()?, 1, l.len)?;
         l.pending = n_new;
         if l.positions.is_none() && l.len != start {
             // Tokens skipped this layer since it was last written: slots stop being positions.

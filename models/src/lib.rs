@@ -36,7 +36,7 @@ pub use hook_state::{ChainState, HookState};
 pub use hooks::{
     Exit, Hook, HookCall, HookGroup, HookPoints, HookRow, KeyBlocks, PrefixReuse, Projection,
 };
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use llama::Llama;
 pub use output_head::OutputHead;
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -17,7 +17,7 @@ use crate::error::{ModelError, Result};
 use crate::hook_plan::{plan, PlannedGroup};
 use crate::hook_state::ChainState;
 use crate::hooks::{Exit, HookPoints, Projection};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::linear::{ActivationQuantization, Linear};
 use crate::loader::{LayerWeight, WeightName, WeightSource};
 use crate::output_head::OutputHead;
@@ -59,7 +59,7 @@ pub struct Llama {
     rope: Rope,
     device: Device,
     /// How new sequences' caches store keys and values (f32 or f16).
-    kv_dtype: DType,
+    kv_dtype: KvDtype,
 }
 
 impl DecoderLayer {
@@ -143,7 +143,7 @@ impl Llama {
             lm_head,
             rope,
             device,
-            kv_dtype: DType::F32,
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -186,29 +186,22 @@ impl Llama {
         KvCache::new(&self.config, self.kv_dtype, &self.device)
     }
 
-    /// Stores new sequences' keys and values in `dtype`: f32 (exact) or f16 (half the
-    /// memory and the bandwidth of attention at depth; keys and values rounded once, when
-    /// written). Caches made before keep theirs.
-    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
-        match dtype {
-            DType::F32 | DType::F16 => {
-                self.kv_dtype = dtype;
-                Ok(())
-            }
-            other => Err(ModelError::Config(format!(
-                "the KV cache can hold f32 or f16, not {other:?}"
-            ))),
-        }
+    /// Stores new sequences' keys and values in `dtype` (see [`KvDtype`]; each key and value
+    /// rounded once, when written). Caches made before keep theirs.
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        dtype.check(self.config.head_dim, &self.device)?;
+        self.kv_dtype = dtype;
+        Ok(())
     }
 
-    pub fn kv_dtype(&self) -> DType {
+    pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
     }
 
     /// Bytes of KV cache one token occupies in this model's caches.
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.config.kv_bytes_per_token() / std::mem::size_of::<f32>()
-            * self.kv_dtype.size_in_bytes()
+        let c = &self.config;
+        2 * c.num_layers * c.num_kv_heads * self.kv_dtype.row_bytes(c.head_dim)
     }
 
     /// One forward step over a batch. Each row feeds its tokens at positions starting from

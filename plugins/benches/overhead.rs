@@ -74,7 +74,7 @@ fn adapter(
         config: m.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     Arc::new(LoraAdapter::load("bench", dir, &base, &mut PluginFiles::unconfined()).expect("load"))
 }
@@ -99,7 +99,7 @@ fn base(m: &Llama) -> BaseModel {
         config: m.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

@@ -16,7 +16,7 @@ pub struct BaseModel {
     pub tokenizer_hash: Option<String>,
     /// How the base model's KV caches hold keys and values; plug-ins with caches of their own
     /// (a memory decoder's) hold theirs the same way.
-    pub kv_dtype: candle_core::DType,
+    pub kv_dtype: models::KvDtype,
 }
 
 impl BaseModel {

@@ -39,7 +39,7 @@ fn base(c: &ModelConfig) -> BaseModel {
         config: c.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

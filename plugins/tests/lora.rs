@@ -26,7 +26,7 @@ fn base_of(model: &TinyModel) -> BaseModel {
         config: model.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

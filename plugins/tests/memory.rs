@@ -41,7 +41,7 @@ fn fixture() -> Fixture {
         config: tiny.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     Fixture {
         dir,
@@ -161,10 +161,10 @@ fn mixing_the_base_with_itself_leaves_its_distribution_unchanged_at_any_lambda()
 #[test]
 fn the_memory_holds_its_keys_and_values_as_the_base_does() {
     let mut f = fixture();
-    f.info.kv_dtype = candle_core::DType::F16;
-    f.base.set_kv_dtype(candle_core::DType::F16).unwrap();
+    f.info.kv_dtype = models::KvDtype::F16;
+    f.base.set_kv_dtype(models::KvDtype::F16).unwrap();
     let itself = f.memory("itself-f16", &f.tiny, Q8);
-    assert_eq!(itself.model().kv_dtype(), candle_core::DType::F16);
+    assert_eq!(itself.model().kv_dtype(), models::KvDtype::F16);
     let half = f.tiny.config.kv_bytes_per_token() / 2;
     assert_eq!(itself.model().kv_bytes_per_token(), half);
     // With both caches in f16, a memory that is the base still mixes to the base exactly.

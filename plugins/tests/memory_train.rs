@@ -104,7 +104,7 @@ fn info(m: &Llama) -> BaseModel {
         config: m.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

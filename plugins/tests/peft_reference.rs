@@ -42,7 +42,7 @@ fn adapter(m: &Llama, dir: &Path) -> Arc<LoraAdapter> {
         config: m.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     Arc::new(LoraAdapter::load("reference", dir, &base, &mut PluginFiles::unconfined()).unwrap())
 }

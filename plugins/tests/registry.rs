@@ -53,7 +53,7 @@ impl Fixture {
             config: self.config.clone(),
             device: Device::Cpu,
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         };
         let config = RegistryConfig {
             dir: Some(self.dir.path().to_path_buf()),
@@ -272,7 +272,7 @@ fn names_paths_and_duplicates_are_checked() {
             config: f.config.clone(),
             device: Device::Cpu,
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         },
         RegistryConfig {
             dir: None,

@@ -31,7 +31,7 @@ fn base(m: &TinyModel) -> BaseModel {
         config: m.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

@@ -106,7 +106,7 @@ fn load_adapter(dir: &Path, config: &models::ModelConfig) -> Arc<LoraAdapter> {
         config: config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     Arc::new(LoraAdapter::load("a", dir, &base, &mut PluginFiles::unconfined()).unwrap())
 }

@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         config: tiny_config(Architecture::Llama),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     let registry = Registry::new(
         base,

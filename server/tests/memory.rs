@@ -44,7 +44,7 @@ fn setup() -> Setup {
         config,
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     let registry = RegistryConfig {
         dir: Some(plugins),

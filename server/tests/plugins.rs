@@ -60,7 +60,7 @@ impl Setup {
             config: tiny.config.clone(),
             device: Device::Cpu,
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         };
         let config = RegistryConfig {
             dir: Some(plugins),

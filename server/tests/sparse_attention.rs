@@ -77,7 +77,7 @@ fn setup() -> (tempfile::TempDir, RealEngine, Arc<SparseAttention>) {
         config: loaded.model.config.clone(),
         device: candle_core::Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     let p = plugin(&base);
     (

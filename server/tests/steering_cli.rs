@@ -31,7 +31,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, BaseModel) {
         config: tiny.config,
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     (path, base)
 }

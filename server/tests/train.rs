@@ -94,7 +94,7 @@ fn train_lora_writes_the_peft_files_a_log_line_per_step_and_the_eval_line() {
         config: tiny.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     let adapter =
         LoraAdapter::load("trained", &out, &base, &mut PluginFiles::unconfined()).unwrap();

@@ -16,9 +16,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import MODEL_ID, ROOT
+from conftest import MODEL_ID, ROOT, Server
 
 PROMPTS = Path(__file__).parent / "fixtures" / "agreement_prompts.json"
 MAX_TOKENS = 32
@@ -186,10 +187,28 @@ def test_decode_logprobs_equal_one_prefill_pass_bit_for_bit(client, server):
     check(report)
 
 
-def main() -> int:
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_every_kv_cache_dtype_keeps_decode_and_prefill_in_agreement(dtype):
+    """A packed cache rounds each key and value once, when written, and attention reads the
+    rounded values in a prefill and in a decode step alike: the agreement holds bit for bit
+    whatever `--kv-cache-dtype` stores (two prompts, each alone)."""
     from openai import OpenAI
 
-    from conftest import Server
+    server = Server("--kv-cache-dtype", dtype)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        instructions = json.loads(PROMPTS.read_text())[:2]
+        runs = sequential(client, server.url, instructions)
+    finally:
+        assert server.stop() == 0, "server did not exit 0 on SIGTERM"
+    positions = sum(r["positions"] for r in runs)
+    assert positions >= MAX_TOKENS, "too little was generated to compare"
+    assert sum(r["agree"] for r in runs) == positions, [r["first_difference"] for r in runs]
+    assert sum(r["top_agree"] for r in runs) == positions
+
+
+def main() -> int:
+    from openai import OpenAI
 
     server = Server()
     try:

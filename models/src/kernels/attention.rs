@@ -48,11 +48,12 @@
 //! against 0.8 ms per token for 30 layers read from memory; prefill chunks gain 1.5-10x
 //! (`attention::tests::attention_timing`).
 //!
-//! Numerics: f32 throughout. The cache may hold keys and values in f16 (`--kv-cache-dtype`):
-//! each block of keys or values is then converted to f32 once (exactly: every f16 is an f32)
-//! into a scratch block that stays in L1 while the heads of the group take their turns, and
-//! the arithmetic that follows is the f32 kernel's, bit for bit on the converted values. Half
-//! the bytes cross the memory bus, which is what decode at depth waits on.
+//! Numerics: f32 throughout. The cache may hold keys and values in f16, bf16 or q8_0 blocks
+//! (`--kv-cache-dtype`, [`cached`]): each stored value widens to one f32, by the AVX-512 loads
+//! as they read it (heads of 64 or 128 values) or into a scratch block that stays in L1 while
+//! the heads of the group take their turns, and the arithmetic that follows is the f32
+//! kernel's, bit for bit on the widened values. Half the bytes (f16, bf16) or 53% (q8_0)
+//! cross the memory bus, which is what decode at depth waits on.
 //! Dot products accumulate in 16 lanes combined by a fixed tree,
 //! `exp` is a Cephes-style polynomial (relative error below 3e-7), and every multiply-add is
 //! an explicit `mul_add`. The portable code is compiled for AVX-512, AVX2+FMA and plain
@@ -64,21 +65,23 @@
 //! 512 on the default model, more than the L2 caches) is read from memory once per key/value
 //! head rather than once per query head; that sharing only saves loads and changes no bits.
 
-use std::borrow::Cow;
+mod cached;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use super::driver::{SimdPath, SyncPtr};
+use cached::{reads_in_place, Block, Cached, Rows};
 
 const NAME: &str = "row attention";
 /// Below this many multiply-adds (summed over all units) a call stays on the calling
 /// thread: waking the pool costs a few microseconds.
 const PAR_MIN_MACS: usize = 64 * 1024;
-/// From this many queries in one call (a prefill chunk), an f16 cache that the kernel cannot
+/// From this many queries in one call (a prefill chunk), a packed cache that the kernel cannot
 /// read in place is widened to f32 once for the call instead of block by block for each
 /// query; the bits are the same either way.
 const WIDEN_FROM_QUERIES: usize = 8;
@@ -117,7 +120,7 @@ impl CustomOp3 for RowAttention<'_> {
         };
         let (mut k, mut v) = (Cached::new("k", sk, lk)?, Cached::new("v", sv, lv)?);
         let (l, n_heads, d) = q.dims;
-        if l >= WIDEN_FROM_QUERIES && !reads_f16_in_place(self.path, d) {
+        if l >= WIDEN_FROM_QUERIES && !reads_in_place(self.path, d) {
             (k, v) = (k.widened(), v.widened());
         }
         let (n_kv, t, _) = k.dims();
@@ -190,235 +193,6 @@ pub(crate) fn check_head_keys(
         }
     }
     Ok(())
-}
-
-/// What the cache may store: f32, or f16 read through [`Cached::block`].
-trait Elem: Copy + 'static {
-    fn of(storage: &CpuStorage) -> Option<&[Self]>;
-}
-
-impl Elem for f32 {
-    fn of(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F32(data) => Some(data),
-            _ => None,
-        }
-    }
-}
-
-impl Elem for f16 {
-    fn of(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F16(data) => Some(data),
-            _ => None,
-        }
-    }
-}
-
-/// A 3-D tensor read as rows of its last dimension: `row(a, b)` is `x[a, b, ..]`.
-struct Rows<'a, E: Elem> {
-    data: Cow<'a, [E]>,
-    offset: usize,
-    strides: (usize, usize),
-    dims: (usize, usize, usize),
-}
-
-impl<'a, E: Elem> Rows<'a, E> {
-    /// Borrows the storage when rows are contiguous (the cache views are), else gathers a
-    /// contiguous copy; `None` when the storage holds another type.
-    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Option<Self>> {
-        let Some(data) = E::of(storage) else {
-            return Ok(None);
-        };
-        let &[a, b, c] = layout.dims() else {
-            bail!("{NAME}: {what} must be 3-D, got {:?}", layout.shape())
-        };
-        let &[s0, s1, s2] = layout.stride() else {
-            bail!("{NAME}: {what} has a bad layout {layout:?}")
-        };
-        let dims = (a, b, c);
-        let offset = layout.start_offset();
-        if a * b * c == 0 {
-            return Ok(Some(Self {
-                data: Cow::Borrowed(&[]),
-                offset: 0,
-                strides: (0, 0),
-                dims,
-            }));
-        }
-        // The last element read; checked once so that row slicing cannot fail later.
-        let last = offset + (a - 1) * s0 + (b - 1) * s1 + (c - 1) * s2;
-        if last >= data.len() {
-            bail!(
-                "{NAME}: {what} layout {layout:?} overruns its {} values",
-                data.len()
-            )
-        }
-        if s2 == 1 {
-            return Ok(Some(Self {
-                data: Cow::Borrowed(data),
-                offset,
-                strides: (s0, s1),
-                dims,
-            }));
-        }
-        let mut copy = Vec::with_capacity(a * b * c);
-        for i in 0..a {
-            for j in 0..b {
-                let o = offset + i * s0 + j * s1;
-                copy.extend((0..c).map(|x| data[o + x * s2]));
-            }
-        }
-        Ok(Some(Self {
-            data: Cow::Owned(copy),
-            offset: 0,
-            strides: (b * c, c),
-            dims,
-        }))
-    }
-
-    #[inline(always)]
-    fn row(&self, a: usize, b: usize) -> &[E] {
-        let o = self.offset + a * self.strides.0 + b * self.strides.1;
-        &self.data[o..o + self.dims.2]
-    }
-}
-
-/// Keys or values as the cache holds them.
-enum Cached<'a> {
-    F32(Rows<'a, f32>),
-    F16(Rows<'a, f16>),
-}
-
-impl<'a> Cached<'a> {
-    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
-        if let Some(rows) = Rows::new(what, storage, layout)? {
-            return Ok(Self::F32(rows));
-        }
-        if let Some(rows) = Rows::new(what, storage, layout)? {
-            return Ok(Self::F16(rows));
-        }
-        bail!(
-            "{NAME}: {what} must be f32 or f16, got {:?}",
-            storage.dtype()
-        )
-    }
-
-    fn dims(&self) -> (usize, usize, usize) {
-        match self {
-            Self::F32(r) => r.dims,
-            Self::F16(r) => r.dims,
-        }
-    }
-
-    /// Rows `j0..j0 + len` of key/value head `kv` as f32: in place for an f32 cache, else
-    /// converted into `scratch`.
-    #[inline(always)]
-    fn block<'b>(
-        &'b self,
-        kv: usize,
-        j0: usize,
-        len: usize,
-        scratch: &'b mut Vec<f32>,
-    ) -> Block<'b> {
-        match self {
-            Self::F32(r) => {
-                let start = r.offset + kv * r.strides.0 + j0 * r.strides.1;
-                Block {
-                    data: &r.data[start..],
-                    stride: r.strides.1,
-                    d: r.dims.2,
-                }
-            }
-            Self::F16(r) => {
-                let d = r.dims.2;
-                scratch.resize(len * d, 0.0);
-                widen_rows(r, kv, j0, scratch);
-                Block {
-                    data: scratch,
-                    stride: d,
-                    d,
-                }
-            }
-        }
-    }
-
-    /// An f16 cache's rows `j0..` of key/value head `kv` in place (see [`reads_f16_in_place`]), for the AVX-512 loops
-    /// that widen 16 values per load (heads of 64 or 128 values); `None` where rows go
-    /// through [`Cached::block`].
-    #[inline(always)]
-    fn in_place_f16(&self, path: SimdPath, kv: usize, j0: usize) -> Option<Block<'_, f16>> {
-        match (self, path) {
-            (Self::F16(r), path) if reads_f16_in_place(path, r.dims.2) => {
-                let start = r.offset + kv * r.strides.0 + j0 * r.strides.1;
-                Some(Block {
-                    data: &r.data[start..],
-                    stride: r.strides.1,
-                    d: r.dims.2,
-                })
-            }
-            _ => None,
-        }
-    }
-
-    /// The same values as f32 rows (a copy for an f16 cache): for calls with many queries,
-    /// which would otherwise convert every block once per query.
-    fn widened(self) -> Self {
-        let Self::F16(r) = self else {
-            return self;
-        };
-        let (a, b, c) = r.dims;
-        let mut data = vec![0f32; a * b * c];
-        for (kv, out) in data.chunks_exact_mut(b * c).enumerate() {
-            widen_rows(&r, kv, 0, out);
-        }
-        Self::F32(Rows {
-            data: Cow::Owned(data),
-            offset: 0,
-            strides: (b * c, c),
-            dims: r.dims,
-        })
-    }
-}
-
-/// Whether `path` reads f16 rows of `d` values in place: the AVX-512 loops, which widen 16
-/// values per load, for heads of 64 or 128 values.
-#[inline(always)]
-fn reads_f16_in_place(path: SimdPath, d: usize) -> bool {
-    cfg!(target_arch = "x86_64") && path == SimdPath::Avx512Vnni && matches!(d, 64 | 128)
-}
-
-/// Rows `j0..` of key/value head `kv` of an f16 tensor widened into `out` (as many rows as
-/// it holds).
-#[inline(always)]
-fn widen_rows(r: &Rows<'_, f16>, kv: usize, j0: usize, out: &mut [f32]) {
-    let d = r.dims.2;
-    if r.strides.1 == d {
-        // Consecutive rows are one run of memory: one conversion call.
-        let start = r.offset + kv * r.strides.0 + j0 * d;
-        r.data[start..start + out.len()].convert_to_f32_slice(out);
-    } else {
-        for (j, row) in (j0..).zip(out.chunks_exact_mut(d)) {
-            r.row(kv, j).convert_to_f32_slice(row);
-        }
-    }
-}
-
-/// Consecutive rows (keys or values) of one key/value head; `row(0)` is the first. f32 for
-/// the portable arithmetic; f16 where the AVX-512 loops widen rows as they load them.
-#[derive(Clone, Copy)]
-struct Block<'a, E = f32> {
-    data: &'a [E],
-    stride: usize,
-    d: usize,
-}
-
-impl<E> Block<'_, E> {
-    #[inline(always)]
-    fn row(&self, j: usize) -> &[E] {
-        let o = j * self.stride;
-        &self.data[o..o + self.d]
-    }
 }
 
 /// Which keys a query may see.
@@ -683,7 +457,7 @@ struct Scratch {
     acc: Vec<f32>,
     /// The keys the current query reads ([`visible_segments`]).
     segs: Vec<Segment>,
-    /// A block of keys or values converted to f32, for an f16 cache.
+    /// A block of keys or values widened to f32, for a packed cache.
     block: Vec<f32>,
 }
 
@@ -731,12 +505,10 @@ fn attend_heads(
     let segs: &[Segment] = segs;
     for b in blocks(segs, block) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(keys) = args.k.in_place_f16(path, kv, b.key) {
+        if let Some(keys) = args.k.in_place(path, kv, b.key) {
             for (s, h) in scores.chunks_exact_mut(n).zip(heads.clone()) {
                 let s = &mut s[b.at..b.at + b.len];
-                // SAFETY: `in_place_f16` answers only on the AVX-512 path, whose features
-                // were detected.
-                unsafe { x86::scores_avx512_f16(args.q.row(i, h), keys, args.scale, s) };
+                keys.scores(args.q.row(i, h), args.scale, s);
             }
             continue;
         }
@@ -765,17 +537,10 @@ fn attend_heads(
         // Row places, not key indices, decide which accumulator a key feeds.
         let odd_first = b.at % 2 == 1;
         #[cfg(target_arch = "x86_64")]
-        if let Some(values) = args.v.in_place_f16(path, kv, b.key) {
+        if let Some(values) = args.v.in_place(path, kv, b.key) {
             for (s, acc) in scores.chunks_exact(n).zip(acc.chunks_exact_mut(2 * d)) {
                 let (even, odd) = acc.split_at_mut(d);
-                let p = &s[b.at..b.at + b.len];
-                // SAFETY: as for the keys.
-                unsafe {
-                    match d {
-                        64 => x86::value_sum_f16_avx512::<4>(p, values, odd_first, even, odd),
-                        _ => x86::value_sum_f16_avx512::<8>(p, values, odd_first, even, odd),
-                    }
-                };
+                values.value_sum(&s[b.at..b.at + b.len], odd_first, even, odd);
             }
             continue;
         }
@@ -809,7 +574,7 @@ fn key_scores(path: SimdPath, q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `run_units`: the path's CPU features were detected.
         SimdPath::Avx512Vnni if q.len().is_multiple_of(LANES) => unsafe {
-            x86::scores_avx512(q, k, scale, s)
+            x86::scores_avx512::<f32>(q, k, scale, s)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -984,209 +749,6 @@ fn value_sum_any(p: &[f32], v: Block<'_>, odd_first: bool, even: &mut [f32], odd
     }
 }
 
-/// Hand-vectorised scores `s_j = (q · k_j) * scale` for `d` a multiple of 16, bit for bit
-/// the portable [`dot`]: the same 16 lanes of `mul_add`s and the same reduction tree. Four
-/// keys go at a time so that their reductions share shuffles (a 4x4 transpose-and-add)
-/// instead of paying a horizontal sum each.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{dot, Block, LANES};
-    use half::f16;
-    use half::slice::HalfFloatSliceExt;
-    use std::arch::x86_64::*;
-
-    /// The AVX-512 scores for rows of `$elem`, loaded 16 values at a time by `$load` (the
-    /// row pointer in `$p`): f32 rows as they are, f16 rows widened by the load.
-    macro_rules! scores_avx512 {
-        ($name:ident, $elem:ty, |$p:ident| $load:expr, $tail:path) => {
-            #[target_feature(enable = "avx512f")]
-            pub(super) fn $name(q: &[f32], k: Block<'_, $elem>, scale: f32, s: &mut [f32]) {
-                let d = q.len();
-                assert!(d.is_multiple_of(LANES) && k.d == d);
-                let vscale = _mm512_set1_ps(scale);
-                // Lane 0 of each 128-bit quarter, where the reduction leaves each key's sum.
-                let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-                let mut quads = s.chunks_exact_mut(4);
-                let mut j = 0;
-                for out in &mut quads {
-                    let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
-                    let mut acc = [_mm512_setzero_ps(); 4];
-                    for c in (0..d).step_by(LANES) {
-                        // SAFETY: c + 16 <= d, the length of `q` and of every key row.
-                        let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(c)) };
-                        for (a, row) in acc.iter_mut().zip(&rows) {
-                            // SAFETY: as above.
-                            let kv = unsafe {
-                                let $p = row.as_ptr().add(c);
-                                $load
-                            };
-                            *a = _mm512_fmadd_ps(qv, kv, *a);
-                        }
-                    }
-                    let r = reduce_quad(acc, firsts, vscale);
-                    // SAFETY: `out` holds 4 values.
-                    unsafe { _mm_storeu_ps(out.as_mut_ptr(), r) };
-                    j += 4;
-                }
-                for (j, s) in (j..).zip(quads.into_remainder()) {
-                    *s = $tail(q, k.row(j)) * scale;
-                }
-            }
-        };
-    }
-
-    scores_avx512!(scores_avx512, f32, |p| _mm512_loadu_ps(p), dot);
-    scores_avx512!(
-        scores_avx512_f16,
-        f16,
-        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>())),
-        dot_f16
-    );
-
-    /// Four keys' 16-lane sums reduced to one score each, times `vscale`, in the portable
-    /// [`hsum`](super::hsum)'s order.
-    #[target_feature(enable = "avx512f")]
-    fn reduce_quad(acc: [__m512; 4], firsts: __m512i, vscale: __m512) -> __m128 {
-        // Lanes l + l+8 of two keys at once: [a0..8 b0..8] + [a8..16 b8..16].
-        let ab = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(acc[0], acc[1]),
-            _mm512_shuffle_f32x4::<0xEE>(acc[0], acc[1]),
-        );
-        let cd = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(acc[2], acc[3]),
-            _mm512_shuffle_f32x4::<0xEE>(acc[2], acc[3]),
-        );
-        // Then l + l+4, leaving one 128-bit quarter per key: [qa qb qc qd].
-        let quarters = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x88>(ab, cd),
-            _mm512_shuffle_f32x4::<0xDD>(ab, cd),
-        );
-        // (q0 + q2) + (q1 + q3) in every lane of each quarter.
-        let r = _mm512_add_ps(quarters, _mm512_permute_ps::<0x4E>(quarters));
-        let r = _mm512_add_ps(r, _mm512_permute_ps::<0xB1>(r));
-        let r = _mm512_mul_ps(_mm512_permutexvar_ps(firsts, r), vscale);
-        _mm512_castps512_ps128(r)
-    }
-
-    /// [`dot`] of `q` with an f16 row, widened first (at most 512 values).
-    fn dot_f16(q: &[f32], row: &[f16]) -> f32 {
-        let mut wide = [0f32; 512];
-        let wide = &mut wide[..row.len()];
-        row.convert_to_f32_slice(wide);
-        dot(q, wide)
-    }
-
-    /// [`value_sum`](super::value_sum) for an f16 block of `N * 16`-value rows, widened 16
-    /// values per load: the same multiply-adds per lane into the same even/odd accumulators
-    /// (held in `2 * N` registers), so the same bits.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn value_sum_f16_avx512<const N: usize>(
-        p: &[f32],
-        v: Block<'_, f16>,
-        odd_first: bool,
-        even: &mut [f32],
-        odd: &mut [f32],
-    ) {
-        assert!(v.d == N * LANES && even.len() >= v.d && odd.len() >= v.d);
-        // SAFETY: r < N, so r * 16 + 16 <= d, the length of `even` and `odd`.
-        let mut a0: [__m512; N] =
-            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(even.as_ptr().add(r * LANES)) });
-        let mut a1: [__m512; N] =
-            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(odd.as_ptr().add(r * LANES)) });
-        let (mut p, mut j) = (p, 0);
-        if let (true, Some((w, rest))) = (odd_first, p.split_first()) {
-            add_row(&mut a1, *w, v.row(j));
-            (p, j) = (rest, j + 1);
-        }
-        let mut pairs = p.chunks_exact(2);
-        for w in &mut pairs {
-            add_row(&mut a0, w[0], v.row(j));
-            add_row(&mut a1, w[1], v.row(j + 1));
-            j += 2;
-        }
-        if let [w] = pairs.remainder() {
-            add_row(&mut a0, *w, v.row(j));
-        }
-        for r in 0..N {
-            // SAFETY: as for the loads.
-            unsafe {
-                _mm512_storeu_ps(even.as_mut_ptr().add(r * LANES), a0[r]);
-                _mm512_storeu_ps(odd.as_mut_ptr().add(r * LANES), a1[r]);
-            }
-        }
-    }
-
-    /// `acc += w * row`, the row widened from f16 (`row` holds `N * 16` values).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn add_row<const N: usize>(acc: &mut [__m512; N], w: f32, row: &[f16]) {
-        assert!(row.len() >= N * LANES);
-        let w = _mm512_set1_ps(w);
-        for (r, a) in acc.iter_mut().enumerate() {
-            // SAFETY: r * 16 + 16 <= N * 16 <= the row's length.
-            let x =
-                unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(r * LANES).cast())) };
-            *a = _mm512_fmadd_ps(w, x, *a);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scores_avx2(q: &[f32], k: Block<'_>, scale: f32, s: &mut [f32]) {
-        let d = q.len();
-        assert!(d.is_multiple_of(LANES) && k.d == d);
-        let vscale = _mm_set1_ps(scale);
-        let mut quads = s.chunks_exact_mut(4);
-        let mut j = 0;
-        for out in &mut quads {
-            let rows = [k.row(j), k.row(j + 1), k.row(j + 2), k.row(j + 3)];
-            // Lanes 0..8 and 8..16 of each key's accumulator.
-            let mut lo = [_mm256_setzero_ps(); 4];
-            let mut hi = [_mm256_setzero_ps(); 4];
-            for c in (0..d).step_by(LANES) {
-                // SAFETY: c + 16 <= d, the length of `q` and of every key row.
-                let (q0, q1) = unsafe {
-                    let p = q.as_ptr().add(c);
-                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-                };
-                for r in 0..4 {
-                    // SAFETY: as above.
-                    let (k0, k1) = unsafe {
-                        let p = rows[r].as_ptr().add(c);
-                        (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-                    };
-                    lo[r] = _mm256_fmadd_ps(q0, k0, lo[r]);
-                    hi[r] = _mm256_fmadd_ps(q1, k1, hi[r]);
-                }
-            }
-            // Lanes l + l+8, then l + l+4 with two keys per register: [qa qb], [qc qd].
-            let h: [__m256; 4] = std::array::from_fn(|r| _mm256_add_ps(lo[r], hi[r]));
-            let ab = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(h[0], h[1]),
-                _mm256_permute2f128_ps::<0x31>(h[0], h[1]),
-            );
-            let cd = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(h[2], h[3]),
-                _mm256_permute2f128_ps::<0x31>(h[2], h[3]),
-            );
-            // (q0 + q2) + (q1 + q3) in every lane of each 128-bit half.
-            let fold = |x: __m256| {
-                let r = _mm256_add_ps(x, _mm256_permute_ps::<0x4E>(x));
-                _mm256_add_ps(r, _mm256_permute_ps::<0xB1>(r))
-            };
-            // [a a a a b b b b], [c c c c d d d d] -> [a c a c b d b d] -> [a b c d].
-            let m = _mm256_blend_ps::<0xAA>(fold(ab), fold(cd));
-            let r = _mm_unpacklo_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-            let r = _mm_mul_ps(r, vscale);
-            // SAFETY: `out` holds 4 values.
-            unsafe { _mm_storeu_ps(out.as_mut_ptr(), r) };
-            j += 4;
-        }
-        for (j, s) in (j..).zip(quads.into_remainder()) {
-            *s = dot(q, k.row(j)) * scale;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1311,42 +873,56 @@ mod tests {
         Ok(())
     }
 
-    /// An f16 cache gives, on every path, the bits the f32 kernel gives for the same values
-    /// (each f16 widened to f32): the conversion is exact and the arithmetic is shared. With a
-    /// selection, and with heads whose keys span several blocks.
+    /// A packed cache (f16, bf16, q8_0) gives, on every path, the bits the f32 kernel gives
+    /// for its values widened to f32: the widening is the same wherever it is done and the
+    /// arithmetic is shared. With a selection, and with heads whose keys span several blocks.
     #[test]
-    fn an_f16_cache_is_the_f32_kernel_on_its_values() -> Result<()> {
+    fn a_packed_cache_is_the_f32_kernel_on_its_values() -> Result<()> {
+        use crate::kv_cache::KvDtype;
         let (n_heads, n_kv, t) = (6, 2, 1100);
         let odd: Vec<Vec<Range<u32>>> = vec![vec![1..4, 9..700, 801..1100], vec![3..8]];
-        // 3 queries read f16 blocks (in place on the AVX-512 path for heads of 64 and 128,
-        // converted block by block otherwise); WIDEN_FROM_QUERIES or more widen the call.
-        for (d, l) in [(64, 3), (128, 3), (40, 3), (64, WIDEN_FROM_QUERIES)] {
-            let q = Tensor::from_vec(values(l * n_heads * d, 4), (l, n_heads, d), &Device::Cpu)?;
-            let half = |seed| -> Result<Tensor> {
-                let x = Tensor::from_vec(values(n_kv * t * d, seed), (n_kv, t, d), &Device::Cpu)?;
-                x.to_dtype(candle_core::DType::F16)
-            };
-            let (k16, v16) = (half(5)?, half(6)?);
-            let (k32, v32) = (
-                k16.to_dtype(candle_core::DType::F32)?,
-                v16.to_dtype(candle_core::DType::F32)?,
-            );
-            for sel in [None, Some(odd.as_slice())] {
-                let run_op = |k: &Tensor, v: &Tensor, path| {
-                    let op = RowAttention {
-                        key_positions: None,
-                        head_keys: sel,
-                        start: t - l,
-                        path,
-                    };
-                    q.apply_op3_no_bwd(k, v, &op)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()
+        // 3 queries read packed blocks (in place on the AVX-512 path for heads of 64 and 128,
+        // widened block by block otherwise); WIDEN_FROM_QUERIES or more widen the call.
+        let shapes = [
+            (64, 3),
+            (128, 3),
+            (96, 3),
+            (40, 3),
+            (64, WIDEN_FROM_QUERIES),
+        ];
+        for dtype in [KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0] {
+            for (d, l) in shapes {
+                if dtype == KvDtype::Q8_0 && d % 32 != 0 {
+                    continue;
+                }
+                let q =
+                    Tensor::from_vec(values(l * n_heads * d, 4), (l, n_heads, d), &Device::Cpu)?;
+                let packed = |seed| -> Result<(Tensor, Tensor)> {
+                    let x =
+                        Tensor::from_vec(values(n_kv * t * d, seed), (n_kv, t, d), &Device::Cpu)?;
+                    let stored = dtype.store(&x).map_err(candle_core::Error::wrap)?;
+                    let wide = dtype.load(&stored, d).map_err(candle_core::Error::wrap)?;
+                    Ok((stored, wide))
                 };
-                let want = run_op(&k32, &v32, SimdPath::Scalar)?;
-                for path in available_paths() {
-                    let got = run_op(&k16, &v16, path)?;
-                    assert_eq!(got, want, "d={d} l={l} {path:?} {sel:?}");
+                let ((k8, k32), (v8, v32)) = (packed(5)?, packed(6)?);
+                assert_ne!(k8.dtype(), candle_core::DType::F32);
+                for sel in [None, Some(odd.as_slice())] {
+                    let run_op = |k: &Tensor, v: &Tensor, path| {
+                        let op = RowAttention {
+                            key_positions: None,
+                            head_keys: sel,
+                            start: t - l,
+                            path,
+                        };
+                        q.apply_op3_no_bwd(k, v, &op)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()
+                    };
+                    let want = run_op(&k32, &v32, SimdPath::Scalar)?;
+                    for path in available_paths() {
+                        let got = run_op(&k8, &v8, path)?;
+                        assert_eq!(got, want, "{dtype:?} d={d} l={l} {path:?} {sel:?}");
+                    }
                 }
             }
         }

@@ -49,7 +49,7 @@ fn keys(cache: &mut KvCache, layer: usize) -> Result<(Vec<f32>, Option<Vec<u32>>
 
 #[test]
 fn appends_accumulate_across_growth() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     let first: Vec<f32> = (0..2 * 60).map(|i| i as f32).collect();
     for layer in 0..2 {
         cache.append(layer, &kv(&first), &kv(&first))?;
@@ -69,7 +69,7 @@ fn appends_accumulate_across_growth() -> Result<()> {
 
 #[test]
 fn uncommitted_positions_are_overwritten() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     cache.append(0, &kv(&[1., 2.]), &kv(&[1., 2.]))?;
     let view = cache.append(0, &kv(&[3., 4.]), &kv(&[3., 4.]))?;
     assert_eq!(flat(&view.k), vec![3., 4.]);
@@ -79,7 +79,7 @@ fn uncommitted_positions_are_overwritten() -> Result<()> {
 
 #[test]
 fn a_failed_step_leaves_nothing_for_a_layer_the_next_step_skips() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut cache, &[0, 1], 2, 0.0)?;
     // A step writes layer 1 and fails before committing.
     cache.append(1, &kv(&[9., 9.]), &kv(&[9., 9.]))?;
@@ -93,7 +93,7 @@ fn a_failed_step_leaves_nothing_for_a_layer_the_next_step_skips() -> Result<()> 
 
 #[test]
 fn a_layer_that_tokens_skipped_records_its_positions() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut cache, &[0, 1], 3, 0.0)?;
     feed(&mut cache, &[0], 2, 0.0)?; // positions 3 and 4 leave layer 1 out
     feed(&mut cache, &[0, 1], 1, 0.0)?; // position 5 is everywhere again
@@ -110,7 +110,7 @@ fn a_layer_that_tokens_skipped_records_its_positions() -> Result<()> {
 
 #[test]
 fn truncation_cuts_every_layer_back_and_refeeding_gives_the_same_cache() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut cache, &[0, 1], 3, 0.0)?;
     feed(&mut cache, &[0], 2, 100.0)?; // drafts: 3 and 4 only in layer 0
     feed(&mut cache, &[0, 1], 1, 100.0)?;
@@ -119,7 +119,7 @@ fn truncation_cuts_every_layer_back_and_refeeding_gives_the_same_cache() -> Resu
     assert_eq!((cache.layer_len(0), cache.layer_len(1)), (3, 3));
     assert_eq!(keys(&mut cache, 1)?.1, None, "back to the plain layout");
     feed(&mut cache, &[0, 1], 3, 0.0)?;
-    let mut never = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut never = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut never, &[0, 1], 6, 0.0)?;
     for l in 0..2 {
         assert_eq!(keys(&mut cache, l)?, keys(&mut never, l)?, "layer {l}");
@@ -132,7 +132,7 @@ fn truncation_cuts_every_layer_back_and_refeeding_gives_the_same_cache() -> Resu
 
 #[test]
 fn a_fork_is_an_independent_copy() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut cache, &[0, 1], 3, 0.0)?;
     feed(&mut cache, &[0], 1, 0.0)?;
     let mut fork = cache.fork()?;
@@ -150,7 +150,7 @@ fn a_fork_is_an_independent_copy() -> Result<()> {
 
 #[test]
 fn a_prefix_fork_holds_the_first_positions_and_grows_like_a_fresh_cache() -> Result<()> {
-    let mut cache = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut cache, &[0, 1], 3, 0.0)?;
     feed(&mut cache, &[0], 2, 0.0)?; // positions 3 and 4 leave layer 1 out
     feed(&mut cache, &[0, 1], 2, 0.0)?;
@@ -164,7 +164,7 @@ fn a_prefix_fork_holds_the_first_positions_and_grows_like_a_fresh_cache() -> Res
     // The rest of the tokens fed to the prefix give what they give to one fed from scratch
     // the same way.
     feed(&mut prefix, &[0, 1], 3, 0.0)?;
-    let mut scratch = KvCache::new(&cfg(), DType::F32, &Device::Cpu);
+    let mut scratch = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
     feed(&mut scratch, &[0, 1], 3, 0.0)?;
     feed(&mut scratch, &[0], 1, 0.0)?;
     feed(&mut scratch, &[0, 1], 3, 0.0)?;

@@ -41,7 +41,7 @@ impl TinyAdapter {
             config: config.clone(),
             device: Device::Cpu,
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         };
         let mut tensors = HashMap::new();
         for layer in 0..config.num_layers {

@@ -176,7 +176,7 @@ impl<'m> LoraTrainer<'m> {
             config: model.config.clone(),
             device: model.device().clone(),
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         };
         let device = model.device();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);

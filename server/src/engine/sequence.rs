@@ -755,10 +755,11 @@ mod tests {
     use super::*;
     use crate::engine::testing::{tiny_char_id, tiny_tokenizer, TINY_EOS, TINY_VOCAB};
     use crate::engine::OutputRules;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use models::sampling::SamplingParams;
     use models::tiny::tiny_config;
     use models::Architecture;
+    use models::KvDtype;
 
     fn ids(text: &str) -> Vec<u32> {
         text.chars().map(|c| tiny_char_id(c).unwrap()).collect()
@@ -787,7 +788,11 @@ mod tests {
 
     fn start(request: GenerateRequest, max_positions: usize) -> (Sequence, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(request.max_tokens + EVENT_SLACK);
-        let cache = KvCache::new(&tiny_config(Architecture::Llama), DType::F32, &Device::Cpu);
+        let cache = KvCache::new(
+            &tiny_config(Architecture::Llama),
+            KvDtype::F32,
+            &Device::Cpu,
+        );
         let seq = Sequence::new(1, request, tx, Instant::now(), cache, max_positions);
         (seq, rx)
     }

@@ -14,6 +14,7 @@ use plugins::sparse_attention::train::Text;
 use plugins::sparse_attention::SparseAttention;
 
 use super::svg::{line_chart, Series};
+use crate::config::KvCacheDtype;
 use crate::train::args::{load_model, model_path, offline_base, BarProgress};
 
 #[derive(Debug, Args)]
@@ -53,8 +54,8 @@ pub struct LongContextArgs {
     #[arg(long)]
     oracle: bool,
     /// How the KV cache holds keys and values (as `serve --kv-cache-dtype`)
-    #[arg(long, default_value = "f16")]
-    kv_cache_dtype: String,
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::F16)]
+    kv_cache_dtype: KvCacheDtype,
     /// Seed of each window's sampled query positions
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -71,11 +72,7 @@ pub fn run(args: LongContextArgs) -> anyhow::Result<()> {
     let contexts = list(&args.contexts, "contexts")?;
     let longest = contexts.iter().copied().max().unwrap_or(0);
     let mut loaded = load_model(&model_path(&args.model)?, longest.max(64))?;
-    let dtype = match args.kv_cache_dtype.as_str() {
-        "f16" => candle_core::DType::F16,
-        "f32" => candle_core::DType::F32,
-        other => bail!("--kv-cache-dtype {other}: choose f16 or f32"),
-    };
+    let dtype = args.kv_cache_dtype.dtype();
     loaded.model.set_kv_dtype(dtype)?;
     let mut base = offline_base(&loaded);
     base.kv_dtype = dtype;

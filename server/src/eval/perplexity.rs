@@ -206,7 +206,7 @@ fn registry(
         config: loaded.model.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: Some(loaded.tokenizer.identity()),
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     };
     let config = RegistryConfig {
         dir: Some(args.plugin_dir.clone()),

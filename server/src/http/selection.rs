@@ -201,7 +201,7 @@ mod tests {
             config,
             device: Device::Cpu,
             tokenizer_hash: None,
-            kv_dtype: candle_core::DType::F32,
+            kv_dtype: models::KvDtype::F32,
         };
         let rc = RegistryConfig {
             dir: Some(dir.to_path_buf()),

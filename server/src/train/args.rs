@@ -209,7 +209,7 @@ pub fn offline_base(loaded: &LoadedModel) -> plugins::BaseModel {
         config: loaded.model.config.clone(),
         device: Device::Cpu,
         tokenizer_hash: None,
-        kv_dtype: candle_core::DType::F32,
+        kv_dtype: models::KvDtype::F32,
     }
 }
 

@@ -1,16 +1,16 @@
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use models::hooks::HookPoints;
 use models::tiny::tiny_config;
-use models::{Architecture, Hook, HookCall, KvCache, PrefixReuse};
+use models::{Architecture, Hook, HookCall, KvCache, KvDtype, PrefixReuse};
 
 use super::*;
 
 /// A cache whose keys and values at each position are that position's token.
 fn cache_of(tokens: &[u32]) -> KvCache {
     let cfg = tiny_config(Architecture::Llama);
-    let mut cache = KvCache::new(&cfg, DType::F32, &Device::Cpu);
+    let mut cache = KvCache::new(&cfg, KvDtype::F32, &Device::Cpu);
     let width = cfg.num_kv_heads * cfg.head_dim;
     let values: Vec<f32> = tokens
         .iter()
