@@ -75,7 +75,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
 
 use super::driver::{SimdPath, SyncPtr};
-use cached::{reads_in_place, Block, Cached, Rows};
+use cached::{Block, Cached, Rows};
 
 const NAME: &str = "row attention";
 /// Below this many multiply-adds (summed over all units) a call stays on the calling
@@ -120,7 +120,7 @@ impl CustomOp3 for RowAttention<'_> {
         };
         let (mut k, mut v) = (Cached::new("k", sk, lk)?, Cached::new("v", sv, lv)?);
         let (l, n_heads, d) = q.dims;
-        if l >= WIDEN_FROM_QUERIES && !reads_in_place(self.path, d) {
+        if l >= WIDEN_FROM_QUERIES && k.widen_for_many_queries(self.path) {
             (k, v) = (k.widened(), v.widened());
         }
         let (n_kv, t, _) = k.dims();

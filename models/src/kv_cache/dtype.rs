@@ -146,7 +146,7 @@ pub(crate) fn quantize_q8_block(x: &[f32], out: &mut [u8]) {
 
 /// The f32 scale of a q8_0 block.
 #[inline(always)]
-pub(crate) fn q8_scale(block: &[u8]) -> f32 {
+fn q8_scale(block: &[u8]) -> f32 {
     f16::from_le_bytes([block[0], block[1]]).to_f32()
 }
 
