@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::auth::{KeyFileError, KeyTable};
 use crate::http::cors::AllowedOrigins;
+use crate::http::images;
 
 /// The served name of the default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
@@ -183,9 +184,18 @@ pub struct ServeConfig {
     /// Longest prompt plus completion in tokens [default: the model's trained context]
     #[arg(long, env = "GRAFT_MAX_CONTEXT")]
     pub max_context: Option<usize>,
-    /// Largest request body in bytes (413 beyond)
+    /// Largest request body in bytes (413 beyond); a data: URL image counts 4/3 of its bytes
     #[arg(long, env = "GRAFT_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Images one chat request may carry (400 beyond)
+    #[arg(long, env = "GRAFT_MAX_IMAGES_PER_REQUEST", default_value_t = images::defaults::MAX_IMAGES)]
+    pub max_images_per_request: usize,
+    /// Largest image in a request, in bytes once its base64 is decoded (400 beyond)
+    #[arg(long, env = "GRAFT_MAX_IMAGE_BYTES", default_value_t = images::defaults::MAX_IMAGE_BYTES)]
+    pub max_image_bytes: usize,
+    /// Largest image in a request, in pixels as its header declares them (400 beyond)
+    #[arg(long, env = "GRAFT_MAX_IMAGE_PIXELS", default_value_t = images::defaults::MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM
     #[arg(long, env = "GRAFT_DRAIN_SECONDS", default_value_t = defaults::DRAIN_SECONDS)]
     pub drain_seconds: u64,
@@ -286,6 +296,9 @@ impl Default for ServeConfig {
             kv_cache_dtype: KvCacheDtype::F16,
             max_context: None,
             max_body_bytes: MAX_BODY_BYTES,
+            max_images_per_request: images::defaults::MAX_IMAGES,
+            max_image_bytes: images::defaults::MAX_IMAGE_BYTES,
+            max_image_pixels: images::defaults::MAX_IMAGE_PIXELS,
             drain_seconds: DRAIN_SECONDS,
             request_timeout: REQUEST_TIMEOUT,
             allowed_origins: Vec::new(),

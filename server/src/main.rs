@@ -24,6 +24,7 @@ use models::bundle::{LoadOptions, LoadedModel};
 use plugins::{BaseModel, Registry, RegistryConfig, Source};
 use server::config::{self, DeviceKind, LogFormat, ServeConfig};
 use server::engine::Engine;
+use server::http::images::ImageLimits;
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tokio::sync::{oneshot, watch};
 
@@ -178,6 +179,11 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         request_timeout: config.request_timeout(),
         allowed_origins: config.allowed_origins()?,
         tool_call_parser: config.tool_call_parser,
+        images: ImageLimits {
+            max_images: config.max_images_per_request,
+            max_bytes: config.max_image_bytes,
+            max_pixels: config.max_image_pixels,
+        },
     };
     let state = AppState::new(EngineSlot::loading(), http)?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

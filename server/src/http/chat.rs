@@ -13,6 +13,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
+use super::images::decode_all;
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
 use super::selection::{prepare_generation, Selection};
@@ -54,6 +55,9 @@ pub async fn chat_completions(
     let deadline = state.deadline();
     let (engine, selection) =
         prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
+    // Every image is decoded and checked first, so a bad one gets its own error; a text-only
+    // model then refuses good ones by part (`validate::message_text`).
+    decode_all(&req.messages, state.config.images).await?;
     let tools = tool_plan(&req, &state.config)?;
     let requests = plan(
         &req,

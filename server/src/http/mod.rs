@@ -25,6 +25,7 @@ mod extensions;
 pub mod extract;
 pub mod fuzzing;
 mod generate;
+pub mod images;
 mod logprobs;
 pub mod metrics;
 pub mod openapi;

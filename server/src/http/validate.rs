@@ -322,6 +322,14 @@ fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError>
             for (j, part) in parts.iter().enumerate() {
                 match (part.kind.as_str(), &part.text) {
                     ("text", Some(t)) => text.push_str(t),
+                    // Decoded and checked by `images::decode_all` before the prompt is built;
+                    // the default model family has no vision tower yet.
+                    ("image_url", _) => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}]"),
+                            "this model reads text only: it cannot take images",
+                        ))
+                    }
                     ("text", None) => {
                         return Err(ApiError::invalid(
                             format!("messages[{i}].content[{j}].text"),
@@ -548,8 +556,9 @@ mod tests {
         let m = WireMessage {
             role: Role::User,
             content: Some(Content::Parts(vec![ContentPart {
-                kind: "image_url".into(),
+                kind: "input_audio".into(),
                 text: None,
+                image_url: None,
             }])),
             name: None,
             tool_calls: None,

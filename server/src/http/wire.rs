@@ -256,13 +256,25 @@ pub enum Content {
     Parts(Vec<ContentPart>),
 }
 
-/// One content part; only `text` parts are supported, others are rejected by validation.
+/// One content part: `text`, or `image_url` (see `http::images`); other types (audio, files)
+/// are refused with 400 `unsupported_parameter`.
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 pub struct ContentPart {
-    /// `text`; other part types (images, audio) are refused with 400 `unsupported_parameter`.
+    /// `text` or `image_url`.
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    /// The image of an `image_url` part.
+    pub image_url: Option<ImageUrl>,
+}
+
+/// An image as OpenAI's chat API sends it.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+pub struct ImageUrl {
+    /// A `data:` URL, e.g. `data:image/png;base64,...` (PNG, JPEG or WebP).
+    pub url: String,
+    /// `auto` (default), `low` or `high`.
+    pub detail: Option<String>,
 }
 
 impl Screen for ChatRequest {

@@ -1,0 +1,84 @@
+"""Images in chat requests through the official openai client: the server decodes every
+`image_url` part (data: URLs, PNG, JPEG, WebP) and answers each bad one with a 400 naming the
+part; the default model reads text only, so a good image is refused by part too. The server
+keeps serving after each.
+"""
+import base64
+import struct
+import zlib
+
+import openai
+import pytest
+
+from conftest import MODEL_ID
+
+
+def png(width: int, height: int) -> bytes:
+    """A real RGB PNG, written by hand (no imaging library in the test environment)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    # Each row: filter type 0, then RGB triples.
+    raw = b"".join(
+        b"\x00" + b"".join(bytes((x * 30 % 256, y * 30 % 256, 90)) for x in range(width))
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def ask(client, *urls: str):
+    parts = [{"type": "text", "text": "What colour is this?"}]
+    parts += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": parts}], max_tokens=4
+    )
+
+
+def refused(client, *urls: str) -> dict:
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, *urls)
+    assert e.value.status_code == 400
+    return e.value.body
+
+
+GOOD = data_url("image/png", png(8, 6))
+
+
+def test_a_good_image_reaches_the_model_which_reads_text_only(client, server):
+    err = refused(client, GOOD)
+    assert err["param"] == "messages[0].content[1]", err
+    assert "reads text only" in err["message"], err
+    server.assert_serving()
+
+
+@pytest.mark.parametrize(
+    "url,says",
+    [
+        (data_url("image/png", png(8, 6)[:40]), "cannot decode"),
+        (data_url("image/png", b"plain text"), "not a image/png"),
+        (data_url("image/webp", png(8, 6)), "the data is image/png but the URL says image/webp"),
+        (data_url("image/gif", b"GIF89a"), "unsupported image type"),
+        ("data:image/png;base64,%%%", "base64 is malformed"),
+        ("https://169.254.169.254/latest/meta-data", "does not fetch image URLs"),
+    ],
+    ids=["truncated", "not-an-image", "wrong-type", "gif", "bad-base64", "http-url"],
+)
+def test_a_bad_image_is_a_400_naming_its_part(client, server, url, says):
+    err = refused(client, GOOD, url)
+    assert err["param"] == "messages[0].content[2]", err
+    assert says in err["message"], err
+    server.assert_serving()
+
+
+def test_too_many_images_is_a_400_at_the_first_one_too_many(client, server):
+    err = refused(client, *[GOOD] * 9)
+    assert err["param"] == "messages[0].content[9]", err
+    assert "at most 8 images" in err["message"], err
+    server.assert_serving()
