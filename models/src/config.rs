@@ -138,9 +138,10 @@ pub struct HfConfig {
     pub vocab_size: usize,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f32,
+    /// Absent from configs that transformers 5 writes, which keep it in `rope_parameters`.
+    rope_theta: Option<f32>,
     rope_scaling: Option<HfRopeScaling>,
+    rope_parameters: Option<HfRopeParameters>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -154,6 +155,14 @@ fn default_rms_eps() -> f64 {
 fn default_rope_theta() -> f32 {
     10_000.0
 }
+
+/// transformers 5's `rope_parameters` (it replaced `rope_theta` and `rope_scaling`).
+#[derive(Debug, Deserialize)]
+struct HfRopeParameters {
+    rope_theta: Option<f32>,
+    #[serde(flatten)]
+    scaling: HfRopeScaling,
+}
 fn default_max_positions() -> usize {
     4096
 }
@@ -161,7 +170,15 @@ fn default_max_positions() -> usize {
 impl HfConfig {
     pub fn into_config(self) -> Result<ModelConfig> {
         let architecture = Architecture::parse(&self.model_type)?;
-        let rope_scaling = match self.rope_scaling {
+        let (rope_theta, parameters) = match self.rope_parameters {
+            Some(p) => (p.rope_theta, Some(p.scaling)),
+            None => (None, None),
+        };
+        let rope_theta = self
+            .rope_theta
+            .or(rope_theta)
+            .unwrap_or_else(default_rope_theta);
+        let rope_scaling = match self.rope_scaling.or(parameters) {
             None => RopeScaling::None,
             Some(s) if s.rope_type == "llama3" => RopeScaling::Llama3(Llama3RopeScaling {
                 factor: s.factor.unwrap_or(8.0),
@@ -191,7 +208,7 @@ impl HfConfig {
                 .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps as f32,
-            rope_theta: self.rope_theta,
+            rope_theta,
             rope_scaling,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
@@ -221,6 +238,22 @@ mod tests {
         assert_eq!(cfg.group_size(), 2);
         assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3(s) if s.factor == 8.0));
         assert!(!cfg.attention_bias);
+    }
+
+    /// transformers 5 writes `rope_parameters` instead of `rope_theta` and `rope_scaling`.
+    #[test]
+    fn rope_parameters_give_theta_and_scaling() {
+        let json = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100,
+            "rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#;
+        let cfg: HfConfig = serde_json::from_str(json).expect("parse");
+        let cfg = cfg.into_config().expect("valid");
+        assert_eq!(cfg.rope_theta, 100_000.0);
+        assert!(matches!(cfg.rope_scaling, RopeScaling::None));
+        let json = json.replace(r#""rope_type":"default""#, r#""rope_type":"llama3","factor":4.0"#);
+        let cfg: HfConfig = serde_json::from_str(&json).expect("parse");
+        let cfg = cfg.into_config().expect("valid");
+        assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3(s) if s.factor == 4.0));
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod testing;
 pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
+pub mod vision;
 
 pub use attention::HeadKeys;
 pub use batch::{BatchRow, LogitsWanted};

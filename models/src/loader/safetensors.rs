@@ -1,6 +1,10 @@
 //! Hugging Face checkpoints: a folder with `config.json` and `model.safetensors` (or shards
 //! listed in `model.safetensors.index.json`), in f32, f16 or bf16.
 //!
+//! A vision-language checkpoint of the Idefics3 family (SmolVLM) holds its language model
+//! under `model.text_model.` with its config in `text_config`: this source then serves that
+//! language model (the vision tower loads from the same folder, see [`crate::vision`]).
+//!
 //! Weights are converted to f32 on load: activations are f32 and candle's CPU matmul wants
 //! both operands in one dtype. Shards are read whole into memory (no mmap: the crate
 //! forbids `unsafe`), one at a time as the decoder asks for their tensors.
@@ -19,6 +23,9 @@ use crate::linear::Linear;
 pub struct SafetensorsSource {
     config: ModelConfig,
     device: Device,
+    /// What the checkpoint puts before the language model's `layers.`, `embed_tokens`, `norm`:
+    /// `model.`, or `model.text_model.` in an Idefics3 checkpoint.
+    prefix: &'static str,
     /// Tensor name -> shard file.
     index: HashMap<String, PathBuf>,
     /// The shard currently in memory.
@@ -30,13 +37,21 @@ impl SafetensorsSource {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Parse {
+        let parse = |e: serde_json::Error| ModelError::Parse {
             path: config_path.clone(),
             message: e.to_string(),
-        })?;
+        };
+        let mut json: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
+        let idefics3 = json_str(&json, "model_type") == Some("idefics3");
+        let (json, prefix) = match json.get_mut("text_config") {
+            Some(text) if idefics3 => (text.take(), "model.text_model."),
+            _ => (json, "model."),
+        };
+        let hf: HfConfig = serde_json::from_value(json).map_err(parse)?;
         Ok(Self {
             config: hf.into_config()?,
             device: device.clone(),
+            prefix,
             index: shard_index(dir)?,
             loaded: None,
         })
@@ -59,13 +74,23 @@ impl SafetensorsSource {
         Ok(Self {
             config,
             device: device.clone(),
+            prefix: "model.",
             index,
             loaded: Some((path.to_path_buf(), st)),
         })
     }
 
+    /// The checkpoint's name of a language-model weight.
+    fn name(&self, name: WeightName) -> String {
+        let hf = name.hf();
+        match hf.strip_prefix("model.") {
+            Some(rest) => format!("{}{rest}", self.prefix),
+            None => hf,
+        }
+    }
+
     /// Loads `name` as f32 on the device and checks its shape.
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    pub(crate) fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let shard = self
             .index
             .get(name)
@@ -93,6 +118,10 @@ impl SafetensorsSource {
         }
         Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
+}
+
+fn json_str<'a>(json: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    json.get(key).and_then(|v| v.as_str())
 }
 
 fn parse_error(path: &Path, e: candle_core::Error) -> ModelError {
@@ -143,7 +172,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn linear(&mut self, name: WeightName, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let base = name.hf();
+        let base = self.name(name);
         let weight = self.tensor(&format!("{base}.weight"), &[out, inp])?;
         let bias = match bias {
             true => Some(self.tensor(&format!("{base}.bias"), &[out])?),
@@ -153,14 +182,13 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn vector(&mut self, name: WeightName, len: usize) -> Result<Tensor> {
-        self.tensor(&format!("{}.weight", name.hf()), &[len])
+        let name = self.name(name);
+        self.tensor(&format!("{name}.weight"), &[len])
     }
 
     fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Linear> {
-        let w = self.tensor(
-            &format!("{}.weight", WeightName::Embed.hf()),
-            &[vocab, hidden],
-        )?;
+        let name = self.name(WeightName::Embed);
+        let w = self.tensor(&format!("{name}.weight"), &[vocab, hidden])?;
         Linear::from_dense(w, None)
     }
 }

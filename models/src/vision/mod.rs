@@ -1,0 +1,66 @@
+//! The vision side of a SmolVLM (Idefics3) checkpoint: a SigLIP vision transformer, pixel
+//! shuffle and a linear connector, whose output replaces the embeddings of the prompt's image
+//! tokens in the language model (Laurençon et al., "Building and better understanding
+//! vision-language models", arXiv 2408.12637; SmolVLM, arXiv 2504.05299).
+//!
+//! - [`config`]: the checkpoint's `vision_config`, `scale_factor` and `image_token_id`.
+//! - [`siglip`]: the encoder, patches to hidden states (Zhai et al., "Sigmoid loss for language
+//!   image pre-training", arXiv 2303.15343; the vision tower only).
+//! - [`connector`]: pixel shuffle (`scale_factor`^2 neighbouring patches into one token) and the
+//!   projection to the language model's width.
+//! - [`splice`]: the embeddings hook that puts image features at the image tokens' positions,
+//!   in every prefill chunking.
+//!
+//! Exactness against the `transformers` implementation on generated weights:
+//! `models/tests/vision.rs` (fixture from `scripts/reference/idefics3_reference.py`).
+
+pub mod config;
+pub mod connector;
+pub mod siglip;
+pub mod splice;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::loader::SafetensorsSource;
+pub use config::VisionConfig;
+use connector::Connector;
+use siglip::SiglipEncoder;
+pub use splice::{ImagePlacement, ImageSplice};
+
+/// An image encoder: pixels in, one row of language-model embedding per image token out.
+pub struct VisionTower {
+    config: VisionConfig,
+    encoder: SiglipEncoder,
+    connector: Connector,
+}
+
+impl VisionTower {
+    /// The vision tower of the Idefics3 checkpoint in `dir` (its `config.json` and weights);
+    /// `text_hidden` is the language model's width, which the connector projects to.
+    pub fn load(dir: &Path, text_hidden: usize, device: &Device) -> Result<Self> {
+        let config = VisionConfig::read(dir)?;
+        let mut source = SafetensorsSource::open(dir, device)?;
+        let encoder = SiglipEncoder::load(&mut source, &config)?;
+        let connector = Connector::load(&mut source, &config, text_hidden)?;
+        Ok(Self {
+            config,
+            encoder,
+            connector,
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+
+    /// `pixels`: `(images, channels, image_size, image_size)`, already rescaled and
+    /// normalised as the model's processor does. Returns `(images, tokens_per_image,
+    /// text_hidden)`.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        let hidden = self.encoder.forward(pixels)?;
+        self.connector.forward(&hidden)
+    }
+}
