@@ -250,7 +250,10 @@ mod tests {
         let cfg = cfg.into_config().expect("valid");
         assert_eq!(cfg.rope_theta, 100_000.0);
         assert!(matches!(cfg.rope_scaling, RopeScaling::None));
-        let json = json.replace(r#""rope_type":"default""#, r#""rope_type":"llama3","factor":4.0"#);
+        let json = json.replace(
+            r#""rope_type":"default""#,
+            r#""rope_type":"llama3","factor":4.0"#,
+        );
         let cfg: HfConfig = serde_json::from_str(&json).expect("parse");
         let cfg = cfg.into_config().expect("valid");
         assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3(s) if s.factor == 4.0));

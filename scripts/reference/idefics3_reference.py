@@ -10,6 +10,8 @@ Writes
   models/tests/fixtures/idefics3_tiny/model.safetensors   the weights, float32, as save_pretrained writes them
   models/tests/fixtures/idefics3_tiny_reference.json      pixel values, input ids, the connector's image
                                                           features and the logits of every position
+  models/tests/fixtures/idefics3_preprocess_reference.json  the image processor (Idefics3ImageProcessorPil,
+                                                          no image splitting) on two generated RGB images
 
 The model is SmolVLM-256M's layout at a small size: a SigLIP vision transformer (32x32 images,
 8x8 patches, so 16 patches; 2 layers of width 32), pixel shuffle with scale factor 2 (16 patches
@@ -29,8 +31,10 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 IMAGE_TOKEN = 122
@@ -74,16 +78,58 @@ def config() -> Idefics3Config:
     )
 
 
+def preprocess_fixture(path: str) -> None:
+    """Idefics3's image processor without splitting: the longest edge resized to
+    `size.longest_edge` (aspect kept, Lanczos), then the image squared to `max_image_size`
+    (Lanczos), rescaled by 1/255 and normalised with SmolVLM's mean and std (0.5). One image is
+    enlarged on the way, one reduced."""
+    processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": 64},
+        max_image_size={"longest_edge": 32},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    cases = []
+    for width, height in [(20, 12), (96, 60)]:
+        y, x = np.mgrid[0:height, 0:width]
+        rgb = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x * 7 + y * 13) % 256)], -1)
+        rgb = rgb.astype(np.uint8)
+        out = processor(images=[[rgb]], return_tensors="np")["pixel_values"][0, 0]
+        cases.append({
+            "width": width,
+            "height": height,
+            "rgb": rgb.flatten().tolist(),
+            "pixel_values_shape": list(out.shape),
+            "pixel_values": out.flatten().tolist(),
+        })
+    fixture = {
+        "made_with": {"transformers": importlib.metadata.version("transformers"),
+                      "pillow": importlib.metadata.version("pillow")},
+        "processor": {"size_longest_edge": 64, "max_image_size": 32, "rescale_factor": 1 / 255,
+                      "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": "lanczos"},
+        "cases": cases,
+    }
+    with open(path, "w") as f:
+        json.dump(fixture, f)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "models/tests/fixtures/idefics3_tiny"))
     ap.add_argument("--fixture", default=os.path.join(ROOT, "models/tests/fixtures/idefics3_tiny_reference.json"))
+    ap.add_argument("--preprocess-fixture",
+                    default=os.path.join(ROOT, "models/tests/fixtures/idefics3_preprocess_reference.json"))
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
+    preprocess_fixture(args.preprocess_fixture)
 
     torch.manual_seed(args.seed)
     model = Idefics3ForConditionalGeneration(config()).eval()
     model.save_pretrained(args.out_dir, safe_serialization=True)
+    generation = os.path.join(args.out_dir, "generation_config.json")
+    if os.path.exists(generation):
+        os.remove(generation)  # not read by anything here
 
     pixel_values = torch.rand(1, 1, 3, 32, 32) * 2 - 1  # already rescaled and normalised
     image = [FAKE_AROUND, GLOBAL_IMG] + [IMAGE_TOKEN] * 4 + [FAKE_AROUND]

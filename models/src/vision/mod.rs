@@ -8,6 +8,8 @@
 //!   image pre-training", arXiv 2303.15343; the vision tower only).
 //! - [`connector`]: pixel shuffle (`scale_factor`^2 neighbouring patches into one token) and the
 //!   projection to the language model's width.
+//! - [`preprocess`]: RGB images to pixel values as Idefics3's processor makes them (no image
+//!   splitting).
 //! - [`splice`]: the embeddings hook that puts image features at the image tokens' positions,
 //!   in every prefill chunking.
 //!
@@ -16,6 +18,7 @@
 
 pub mod config;
 pub mod connector;
+pub mod preprocess;
 pub mod siglip;
 pub mod splice;
 
@@ -27,6 +30,7 @@ use crate::error::Result;
 use crate::loader::SafetensorsSource;
 pub use config::VisionConfig;
 use connector::Connector;
+pub use preprocess::ImageProcessor;
 use siglip::SiglipEncoder;
 pub use splice::{ImagePlacement, ImageSplice};
 
