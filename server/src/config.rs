@@ -196,6 +196,13 @@ pub struct ServeConfig {
     /// Largest image in a request, in pixels as its header declares them (400 beyond)
     #[arg(long, env = "GRAFT_MAX_IMAGE_PIXELS", default_value_t = images::defaults::MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
+    /// Hosts whose http(s) image URLs the server fetches (exact names; repeatable or
+    /// comma-separated); none = image URLs are refused and images must be sent as data: URLs
+    #[arg(long, env = "GRAFT_ALLOWED_MEDIA_DOMAINS", value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+    /// Seconds one image URL may take to fetch, body included
+    #[arg(long, env = "GRAFT_MEDIA_FETCH_TIMEOUT", default_value_t = images::defaults::FETCH_TIMEOUT)]
+    pub media_fetch_timeout: u64,
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM
     #[arg(long, env = "GRAFT_DRAIN_SECONDS", default_value_t = defaults::DRAIN_SECONDS)]
     pub drain_seconds: u64,
@@ -299,6 +306,8 @@ impl Default for ServeConfig {
             max_images_per_request: images::defaults::MAX_IMAGES,
             max_image_bytes: images::defaults::MAX_IMAGE_BYTES,
             max_image_pixels: images::defaults::MAX_IMAGE_PIXELS,
+            allowed_media_domains: Vec::new(),
+            media_fetch_timeout: images::defaults::FETCH_TIMEOUT,
             drain_seconds: DRAIN_SECONDS,
             request_timeout: REQUEST_TIMEOUT,
             allowed_origins: Vec::new(),

@@ -24,7 +24,7 @@ use models::bundle::{LoadOptions, LoadedModel};
 use plugins::{BaseModel, Registry, RegistryConfig, Source};
 use server::config::{self, DeviceKind, LogFormat, ServeConfig};
 use server::engine::Engine;
-use server::http::images::ImageLimits;
+use server::http::images::{ImageConfig, ImageFetcher, ImageLimits};
 use server::http::{app, AppState, EngineSlot, HttpConfig};
 use tokio::sync::{oneshot, watch};
 
@@ -179,10 +179,17 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         request_timeout: config.request_timeout(),
         allowed_origins: config.allowed_origins()?,
         tool_call_parser: config.tool_call_parser,
-        images: ImageLimits {
-            max_images: config.max_images_per_request,
-            max_bytes: config.max_image_bytes,
-            max_pixels: config.max_image_pixels,
+        images: ImageConfig {
+            limits: ImageLimits {
+                max_images: config.max_images_per_request,
+                max_bytes: config.max_image_bytes,
+                max_pixels: config.max_image_pixels,
+            },
+            fetcher: ImageFetcher::new(
+                &config.allowed_media_domains,
+                Duration::from_secs(config.media_fetch_timeout),
+            )
+            .context("the image URL client")?,
         },
     };
     let state = AppState::new(EngineSlot::loading(), http)?;

@@ -82,3 +82,35 @@ def test_too_many_images_is_a_400_at_the_first_one_too_many(client, server):
     assert err["param"] == "messages[0].content[9]", err
     assert "at most 8 images" in err["message"], err
     server.assert_serving()
+
+
+def test_an_allowed_host_is_fetched_and_others_are_not(tmp_path):
+    """With --allowed-media-domains, an http URL of that host is fetched (from a loopback
+    server here) and decoded: the text-only model then refuses the image as it does an inline
+    one. A host not on the list is refused without a fetch."""
+    import http.server
+    import threading
+
+    from openai import OpenAI
+
+    from conftest import Server
+
+    (tmp_path / "red.png").write_bytes(png(8, 6))
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = Server("--allowed-media-domains", "127.0.0.1", "--media-fetch-timeout", "5")
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        port = httpd.server_address[1]
+        err = refused(client, f"http://127.0.0.1:{port}/red.png")
+        assert "reads text only" in err["message"], err
+        err = refused(client, f"http://127.0.0.1:{port}/missing.png")
+        assert "answered 404" in err["message"], err
+        err = refused(client, f"http://localhost:{port}/red.png")
+        assert "not in --allowed-media-domains" in err["message"], err
+        assert err["param"] == "messages[0].content[1]", err
+        server.assert_serving()
+    finally:
+        httpd.shutdown()
+        assert server.stop() == 0

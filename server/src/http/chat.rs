@@ -57,7 +57,7 @@ pub async fn chat_completions(
         prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
     // Every image is decoded and checked first, so a bad one gets its own error; a text-only
     // model then refuses good ones by part (`validate::message_text`).
-    decode_all(&req.messages, state.config.images).await?;
+    decode_all(&req.messages, &state.config.images).await?;
     let tools = tool_plan(&req, &state.config)?;
     let requests = plan(
         &req,

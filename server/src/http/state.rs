@@ -15,7 +15,7 @@ use super::auth::{Auth, KeyTable};
 use super::cors::AllowedOrigins;
 use super::error::{ApiError, ErrorKind};
 use super::generate::Deadline;
-use super::images::ImageLimits;
+use super::images::ImageConfig;
 use super::metrics::{Metrics, MetricsError};
 use super::responses::ResponseStore;
 use crate::engine::Engine;
@@ -48,8 +48,8 @@ pub struct HttpConfig {
     pub allowed_origins: AllowedOrigins,
     /// The format the model writes tool calls in (`--tool-call-parser`).
     pub tool_call_parser: ToolCallParser,
-    /// What an image in a chat request may be.
-    pub images: ImageLimits,
+    /// Where an image in a chat request may come from and what it may be.
+    pub images: ImageConfig,
 }
 
 impl Default for HttpConfig {
@@ -61,7 +61,7 @@ impl Default for HttpConfig {
             request_timeout: None,
             allowed_origins: AllowedOrigins::None,
             tool_call_parser: ToolCallParser::default(),
-            images: ImageLimits::default(),
+            images: ImageConfig::default(),
         }
     }
 }

@@ -8,9 +8,11 @@
 //! can declare a huge image), and the decoder's own allocation cap. Decoding runs on a blocking
 //! thread, so a large image does not hold up the HTTP workers.
 //!
-//! http(s) URLs are not fetched: a server that fetches what requests name can be made to reach
-//! its own network (request forgery), so such a part is refused with a 400 that says to send the
-//! image inline. Every error names the part, `messages[i].content[j]`.
+//! http(s) URLs are fetched only from the hosts `--allowed-media-domains` names (`fetch.rs`):
+//! with none (the default) such a part is refused with a 400 that says to send the image
+//! inline. Every error names the part, `messages[i].content[j]`.
+
+mod fetch;
 
 use std::io::Cursor;
 
@@ -19,6 +21,8 @@ use image::{ImageFormat, ImageReader, Limits};
 
 use super::error::{ApiError, ErrorKind};
 use super::wire::{Content, ContentPart, WireMessage};
+pub use fetch::ImageFetcher;
+use fetch::Remote;
 
 /// Defaults of the `serve` flags.
 pub mod defaults {
@@ -29,6 +33,8 @@ pub mod defaults {
     pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
     /// Largest decoded image, in pixels (about a 6,000 x 6,000 photo).
     pub const MAX_IMAGE_PIXELS: u64 = 36_000_000;
+    /// Seconds an image URL may take to fetch (vLLM's `VLLM_IMAGE_FETCH_TIMEOUT`).
+    pub const FETCH_TIMEOUT: u64 = 5;
 }
 
 /// What an image may be.
@@ -47,6 +53,14 @@ impl Default for ImageLimits {
             max_pixels: defaults::MAX_IMAGE_PIXELS,
         }
     }
+}
+
+/// Where images may come from and what they may be.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageConfig {
+    pub limits: ImageLimits,
+    /// Fetches http(s) image URLs of allowed hosts; `None`: none are fetched.
+    pub fetcher: Option<ImageFetcher>,
 }
 
 /// A decoded image: 8-bit RGB, row-major.
@@ -78,22 +92,40 @@ struct Encoded {
     detail: Detail,
 }
 
-/// Every image of `messages`, in order, decoded; the first bad part is the error.
+/// An image part before its bytes are at hand.
+enum Source {
+    Inline(Encoded),
+    Remote(Remote),
+}
+
+/// Every image of `messages`, in order, fetched where it is a URL and decoded; the first bad
+/// part is the error.
 pub async fn decode_all(
     messages: &[WireMessage],
-    limits: ImageLimits,
+    config: &ImageConfig,
 ) -> Result<Vec<Image>, ApiError> {
-    let encoded = encoded_parts(messages, limits)?;
-    if encoded.is_empty() {
+    let limits = config.limits;
+    let sources = sources(messages, config)?;
+    if sources.is_empty() {
         return Ok(Vec::new());
+    }
+    let mut encoded = Vec::with_capacity(sources.len());
+    for source in sources {
+        encoded.push(match (source, &config.fetcher) {
+            (Source::Inline(e), _) => e,
+            (Source::Remote(r), Some(fetcher)) => fetcher.fetch(r, limits).await?,
+            (Source::Remote(r), None) => return Err(not_fetched(r.part)),
+        });
     }
     tokio::task::spawn_blocking(move || encoded.into_iter().map(|e| decode(e, limits)).collect())
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("image decoding stopped: {e}")))?
 }
 
-/// The `image_url` parts of `messages` with their bytes, checked for count and size.
-fn encoded_parts(messages: &[WireMessage], limits: ImageLimits) -> Result<Vec<Encoded>, ApiError> {
+/// The `image_url` parts of `messages`: inline ones with their bytes, checked for count and
+/// size; URLs checked against the allowed hosts.
+fn sources(messages: &[WireMessage], config: &ImageConfig) -> Result<Vec<Source>, ApiError> {
+    let limits = config.limits;
     let mut out = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let Some(Content::Parts(parts)) = &m.content else {
@@ -113,13 +145,14 @@ fn encoded_parts(messages: &[WireMessage], limits: ImageLimits) -> Result<Vec<En
                     ),
                 ));
             }
-            out.push(encoded(part, at, limits)?);
+            out.push(source(part, at, config)?);
         }
     }
     Ok(out)
 }
 
-fn encoded(part: &ContentPart, at: String, limits: ImageLimits) -> Result<Encoded, ApiError> {
+fn source(part: &ContentPart, at: String, config: &ImageConfig) -> Result<Source, ApiError> {
+    let limits = config.limits;
     let Some(image) = &part.image_url else {
         return Err(ApiError::invalid(
             at,
@@ -144,14 +177,17 @@ fn encoded(part: &ContentPart, at: String, limits: ImageLimits) -> Result<Encode
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let why = if matches!(scheme.as_str(), "http" | "https") {
-            "this server does not fetch image URLs (a server that fetches what requests name \
-             can be turned against its own network); send the image inline as a data: URL, \
-             e.g. data:image/png;base64,..."
-        } else {
-            "an image URL must be a data: URL, e.g. data:image/png;base64,..."
+        return match (scheme.as_str(), &config.fetcher) {
+            ("http" | "https", Some(fetcher)) => {
+                Ok(Source::Remote(fetcher.check(at, url, detail)?))
+            }
+            ("http" | "https", None) => Err(not_fetched(at)),
+            _ => Err(ApiError::invalid(
+                at,
+                "an image URL must be a data: URL (data:image/png;base64,...) or, where the \
+                 server allows its host, an http(s) URL",
+            )),
         };
-        return Err(ApiError::invalid(at, why));
     };
     let Some((header, payload)) = rest.split_once(',') else {
         return Err(ApiError::invalid(
@@ -186,19 +222,31 @@ fn encoded(part: &ContentPart, at: String, limits: ImageLimits) -> Result<Encode
     if bytes.len() > limits.max_bytes {
         return Err(too_large(at, bytes.len(), limits));
     }
-    Ok(Encoded {
+    Ok(Source::Inline(Encoded {
         part: at,
         media_type,
         bytes,
         detail,
-    })
+    }))
 }
 
+fn not_fetched(at: String) -> ApiError {
+    ApiError::invalid(
+        at,
+        "this server does not fetch image URLs (a server that fetches what requests name can be \
+         turned against its own network; an operator may allow hosts with \
+         --allowed-media-domains); send the image inline as a data: URL, e.g. \
+         data:image/png;base64,...",
+    )
+}
+
+/// `bytes`: the image's size, or as much of it as was read before it went over.
 fn too_large(at: String, bytes: usize, limits: ImageLimits) -> ApiError {
     ApiError::invalid(
         at,
         format!(
-            "the image is {bytes} bytes, more than the {} this server accepts (--max-image-bytes)",
+            "the image is over the {} bytes this server accepts (--max-image-bytes): {bytes} \
+             bytes or more",
             limits.max_bytes
         ),
     )
@@ -263,175 +311,4 @@ fn decode(e: Encoded, limits: ImageLimits) -> Result<Image, ApiError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::http::wire::{ImageUrl, Role};
-    use image::{Rgb, RgbImage};
-
-    fn picture(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 40) as u8, (y * 40) as u8, 200]))
-    }
-
-    fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
-        let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, format).expect("encode");
-        out.into_inner()
-    }
-
-    fn data_url(media_type: &str, bytes: &[u8]) -> String {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-        format!("data:{media_type};base64,{b64}")
-    }
-
-    /// One user message: a text part, then an image part per URL.
-    fn message(urls: &[String]) -> Vec<WireMessage> {
-        let text = ContentPart {
-            kind: "text".into(),
-            text: Some("What is this?".into()),
-            image_url: None,
-        };
-        let images = urls.iter().map(|url| ContentPart {
-            kind: "image_url".into(),
-            text: None,
-            image_url: Some(ImageUrl {
-                url: url.clone(),
-                detail: None,
-            }),
-        });
-        vec![WireMessage {
-            role: Role::User,
-            content: Some(Content::Parts(
-                std::iter::once(text).chain(images).collect(),
-            )),
-            name: None,
-            tool_calls: None,
-            tool_call_id: None,
-        }]
-    }
-
-    async fn refused(urls: &[String], limits: ImageLimits) -> ApiError {
-        decode_all(&message(urls), limits)
-            .await
-            .expect_err("refused")
-    }
-
-    #[tokio::test]
-    async fn png_jpeg_and_webp_decode_to_their_pixels() {
-        let img = picture(5, 3);
-        let urls = [
-            data_url("image/png", &encode(&img, ImageFormat::Png)),
-            data_url("image/jpeg", &encode(&img, ImageFormat::Jpeg)),
-            data_url("image/webp", &encode(&img, ImageFormat::WebP)),
-        ];
-        let got = decode_all(&message(&urls), ImageLimits::default())
-            .await
-            .expect("decoded");
-        assert_eq!(got.len(), 3);
-        for (j, image) in got.iter().enumerate() {
-            assert_eq!(image.part, format!("messages[0].content[{}]", j + 1));
-            assert_eq!((image.width, image.height), (5, 3));
-            assert_eq!(image.rgb.len(), 5 * 3 * 3);
-        }
-        // PNG and lossless WebP keep every pixel; JPEG is lossy.
-        assert_eq!(got[0].rgb, img.as_raw().clone());
-        assert_eq!(got[2].rgb, img.as_raw().clone());
-    }
-
-    #[tokio::test]
-    async fn each_bad_image_is_a_400_naming_its_part() {
-        let png = encode(&picture(4, 4), ImageFormat::Png);
-        let ok = data_url("image/png", &png);
-        let cases: Vec<(String, &str)> = vec![
-            (
-                data_url("image/png", b"not a png at all"),
-                "not a image/png",
-            ),
-            (
-                data_url("image/png", &png[..png.len() / 2]),
-                "cannot decode",
-            ),
-            (
-                data_url("image/jpeg", &png),
-                "the data is image/png but the URL says image/jpeg",
-            ),
-            (data_url("image/gif", b"GIF89a"), "unsupported image type"),
-            ("data:image/png;base64,@@@@".into(), "base64 is malformed"),
-            ("data:image/png,rawbytes".into(), "must be base64"),
-            (
-                "https://example.com/cat.png".into(),
-                "does not fetch image URLs",
-            ),
-            ("file:///etc/passwd".into(), "must be a data: URL"),
-        ];
-        for (url, says) in cases {
-            let e = refused(&[ok.clone(), url.clone()], ImageLimits::default()).await;
-            assert_eq!(e.status(), 400, "{url:.40}");
-            assert_eq!(
-                e.param.as_deref(),
-                Some("messages[0].content[2]"),
-                "{url:.40}"
-            );
-            assert!(e.message.contains(says), "{url:.40}: {}", e.message);
-        }
-    }
-
-    #[tokio::test]
-    async fn limits_on_count_bytes_and_pixels_are_400s() {
-        let png = encode(&picture(20, 20), ImageFormat::Png);
-        let url = data_url("image/png", &png);
-        let few = ImageLimits {
-            max_images: 2,
-            ..ImageLimits::default()
-        };
-        let e = refused(&[url.clone(), url.clone(), url.clone()], few).await;
-        assert_eq!(e.param.as_deref(), Some("messages[0].content[3]"));
-        assert!(e.message.contains("at most 2 images"), "{}", e.message);
-        let small = ImageLimits {
-            max_bytes: png.len() - 1,
-            ..ImageLimits::default()
-        };
-        let e = refused(std::slice::from_ref(&url), small).await;
-        assert!(e.message.contains("--max-image-bytes"), "{}", e.message);
-        let tiny = ImageLimits {
-            max_pixels: 399,
-            ..ImageLimits::default()
-        };
-        let e = refused(std::slice::from_ref(&url), tiny).await;
-        assert!(e.message.contains("20x20"), "{}", e.message);
-        let exact = ImageLimits {
-            max_images: 1,
-            max_bytes: png.len(),
-            max_pixels: 400,
-        };
-        assert_eq!(
-            decode_all(&message(&[url]), exact)
-                .await
-                .expect("fits")
-                .len(),
-            1
-        );
-    }
-
-    #[tokio::test]
-    async fn detail_is_checked_and_kept() {
-        let url = data_url("image/png", &encode(&picture(2, 2), ImageFormat::Png));
-        let mut messages = message(&[url]);
-        let Some(Content::Parts(parts)) = &mut messages[0].content else {
-            panic!("parts")
-        };
-        let image = parts[1].image_url.as_mut().expect("image");
-        image.detail = Some("low".into());
-        let got = decode_all(&messages, ImageLimits::default())
-            .await
-            .expect("ok");
-        assert_eq!(got[0].detail, Detail::Low);
-        let Some(Content::Parts(parts)) = &mut messages[0].content else {
-            panic!("parts")
-        };
-        parts[1].image_url.as_mut().expect("image").detail = Some("ultra".into());
-        let e = decode_all(&messages, ImageLimits::default())
-            .await
-            .expect_err("bad");
-        assert!(e.message.contains("auto, low or high"), "{}", e.message);
-    }
-}
+mod tests;
