@@ -15,6 +15,7 @@ use crate::error::ModelError;
 use crate::llama::Llama;
 use crate::loader::{GgufSource, SafetensorsSource};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::vision::VisionModel;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub struct LoadedModel {
     /// `None` when neither the checkpoint nor the configuration provides one; chat requests
     /// then fail with [`TemplateError::Missing`] while raw completions still work.
     pub chat_template: Option<ChatTemplate>,
+    /// The vision tower of a vision-language checkpoint (SmolVLM); `None` for a text model.
+    pub vision: Option<std::sync::Arc<VisionModel>>,
 }
 
 /// Options that change how a model is loaded.
@@ -56,8 +59,11 @@ pub fn load(path: &Path, device: &Device, options: &LoadOptions) -> Result<Loade
     };
     let tokenizer_json = dir.join("tokenizer.json");
     let tokenizer_config = dir.join("tokenizer_config.json");
+    let mut vision = None;
     let (model, tokenizer, gguf_template) = if path.is_dir() {
         let model = Llama::load(&mut SafetensorsSource::open(path, device)?, max)?;
+        vision =
+            VisionModel::load(path, model.config.hidden_size, device)?.map(std::sync::Arc::new);
         (model, Tokenizer::from_file(&tokenizer_json)?, None)
     } else {
         let mut source = GgufSource::open(path, device)?;
@@ -89,5 +95,6 @@ pub fn load(path: &Path, device: &Device, options: &LoadOptions) -> Result<Loade
         model,
         tokenizer,
         chat_template,
+        vision,
     })
 }

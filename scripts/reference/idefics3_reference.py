@@ -8,6 +8,9 @@ usage: idefics3_reference.py [--out-dir DIR] [--fixture PATH] [--seed 1234]
 Writes
   models/tests/fixtures/idefics3_tiny/config.json         Idefics3Config (vision + text + connector)
   models/tests/fixtures/idefics3_tiny/model.safetensors   the weights, float32, as save_pretrained writes them
+  models/tests/fixtures/idefics3_tiny/tokenizer.json      a word-level tokenizer over the 128 ids, with the
+  models/tests/fixtures/idefics3_tiny/tokenizer_config.json  image tokens as special tokens and a ChatML
+                                                          template (for serving the model in tests)
   models/tests/fixtures/idefics3_tiny_reference.json      pixel values, input ids, the connector's image
                                                           features and the logits of every position
   models/tests/fixtures/idefics3_preprocess_reference.json  the image processor (Idefics3ImageProcessorPil,
@@ -114,6 +117,32 @@ def preprocess_fixture(path: str) -> None:
         json.dump(fixture, f)
 
 
+SPECIALS = ["<fake_token_around_image>", "<global-img>", "<image>", "<|im_start|>", "<|im_end|>",
+            "<end_of_utterance>"]
+
+
+def write_tokenizer(out_dir: str) -> None:
+    """Words w1..w119 and `user`/`assistant` as ids, the image and chat markers as special
+    tokens at the ids the model's config uses (120-125), anything else [UNK] (0)."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 120)}}
+    vocab.update({name: 120 + i for i, name in enumerate(SPECIALS)})
+    vocab.update({"user": 126, "assistant": 127})
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIALS])
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    config = {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None,
+              "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "models/tests/fixtures/idefics3_tiny"))
@@ -130,6 +159,7 @@ def main() -> int:
     generation = os.path.join(args.out_dir, "generation_config.json")
     if os.path.exists(generation):
         os.remove(generation)  # not read by anything here
+    write_tokenizer(args.out_dir)
 
     pixel_values = torch.rand(1, 1, 3, 32, 32) * 2 - 1  # already rescaled and normalised
     image = [FAKE_AROUND, GLOBAL_IMG] + [IMAGE_TOKEN] * 4 + [FAKE_AROUND]

@@ -114,3 +114,48 @@ def test_an_allowed_host_is_fetched_and_others_are_not(tmp_path):
     finally:
         httpd.shutdown()
         assert server.stop() == 0
+
+
+def test_a_vision_model_reads_each_image_of_a_batch(tmp_path):
+    """A SmolVLM-layout model (models/tests/fixtures/idefics3_tiny: generated weights, a
+    word-level tokenizer; its logits are checked against transformers in models/tests/vision.rs)
+    served from its folder: an image adds its prompt tokens to `usage` (7 here: 4 image tokens
+    and the processor's 3 markers), two images with the same tokens give different answers even
+    with prefix caching on (a cached prefix holding one image's features never serves another),
+    the same image gives the same answer, and requests with different images or none, all in
+    flight at once, each get what they get alone (to 1e-4: the fixture's f32 weights run
+    candle's dense matmul, whose blocking depends on the batch's rows; docs/ARCHITECTURE.md,
+    "Numerics")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from conftest import ROOT, Server
+
+    server = Server("--model", str(ROOT / "models/tests/fixtures/idefics3_tiny"), "--model-id", "tiny-vlm")
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def answer(image: bytes | None):
+            parts = [{"type": "text", "text": "w5 w6 w7"}]
+            if image is not None:
+                parts.append({"type": "image_url", "image_url": {"url": data_url("image/png", image)}})
+            r = client.chat.completions.create(
+                model="tiny-vlm", messages=[{"role": "user", "content": parts}],
+                max_tokens=4, temperature=0, logprobs=True,
+            )
+            return r.usage.prompt_tokens, [t.logprob for t in r.choices[0].logprobs.content]
+
+        small, large = png(8, 6), png(40, 30)
+        text_only, a, b, a_again = answer(None), answer(small), answer(large), answer(small)
+        assert a[0] == b[0] == text_only[0] + 7, (text_only, a, b)
+        assert a == a_again, "the same image must give the same answer"
+        assert max(abs(x - y) for x, y in zip(a[1], b[1])) > 1e-2, "different images must change the answer"
+        assert max(abs(x - y) for x, y in zip(a[1], text_only[1])) > 1e-2
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            together = list(pool.map(answer, [small, large, None, large, small, None]))
+        for got, want in zip(together, [a, b, text_only, b, a, text_only]):
+            assert got[0] == want[0]
+            assert max(abs(x - y) for x, y in zip(got[1], want[1])) < 1e-4, (got, want)
+    finally:
+        assert server.stop() == 0

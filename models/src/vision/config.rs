@@ -59,6 +59,19 @@ fn gelu_tanh() -> String {
     "gelu_pytorch_tanh".into()
 }
 
+/// Whether `dir/config.json` names an Idefics3 (SmolVLM) model.
+pub fn is_idefics3(dir: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct ModelType {
+        model_type: Option<String>,
+    }
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<ModelType>(&text).ok())
+        .and_then(|c| c.model_type)
+        .is_some_and(|t| t == "idefics3")
+}
+
 impl VisionConfig {
     /// Reads `dir/config.json`, which must be an Idefics3 (SmolVLM) config.
     pub fn read(dir: &Path) -> Result<Self> {

@@ -34,11 +34,54 @@ pub use preprocess::ImageProcessor;
 use siglip::SiglipEncoder;
 pub use splice::{ImagePlacement, ImageSplice};
 
+/// What serving a vision-language checkpoint needs beside its language model: the tower, the
+/// image processor, and how one image is written into the prompt.
+pub struct VisionModel {
+    pub tower: VisionTower,
+    pub processor: ImageProcessor,
+}
+
+impl VisionModel {
+    /// The vision side of the checkpoint in `dir`, or `None` when it has none (its
+    /// `config.json` is not an Idefics3 one).
+    pub fn load(dir: &Path, text_hidden: usize, device: &Device) -> Result<Option<Self>> {
+        if !config::is_idefics3(dir) {
+            return Ok(None);
+        }
+        let tower = VisionTower::load(dir, text_hidden, device)?;
+        let processor = ImageProcessor::read(dir, tower.config().image_size as u32)?;
+        Ok(Some(Self { tower, processor }))
+    }
+
+    /// One image's prompt text as Idefics3's processor writes it without splitting:
+    /// `<fake_token_around_image><global-img>`, then `<image>` once per image token, then
+    /// `<fake_token_around_image>`.
+    pub fn image_prompt(&self) -> String {
+        let around = "<fake_token_around_image>";
+        let n = self.tower.config().tokens_per_image();
+        format!("{around}<global-img>{}{around}", "<image>".repeat(n))
+    }
+
+    /// The features of `images` (8-bit RGB, `(rgb, width, height)`), in order, one row per
+    /// image token: `(images * tokens_per_image, text_hidden)`.
+    pub fn features(&self, images: &[(&[u8], u32, u32)]) -> Result<Tensor> {
+        let device = self.tower.device();
+        let pixels = images
+            .iter()
+            .map(|&(rgb, w, h)| self.processor.pixel_values(rgb, w, h, device))
+            .collect::<Result<Vec<_>>>()?;
+        let features = self.tower.encode(&Tensor::stack(&pixels, 0)?)?;
+        let (n, t, hidden) = features.dims3()?;
+        Ok(features.reshape((n * t, hidden))?)
+    }
+}
+
 /// An image encoder: pixels in, one row of language-model embedding per image token out.
 pub struct VisionTower {
     config: VisionConfig,
     encoder: SiglipEncoder,
     connector: Connector,
+    device: Device,
 }
 
 impl VisionTower {
@@ -53,11 +96,16 @@ impl VisionTower {
             config,
             encoder,
             connector,
+            device: device.clone(),
         })
     }
 
     pub fn config(&self) -> &VisionConfig {
         &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// `pixels`: `(images, channels, image_size, image_size)`, already rescaled and

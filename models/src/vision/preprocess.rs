@@ -43,6 +43,44 @@ impl ImageProcessor {
         }
     }
 
+    /// The settings of `dir/preprocessor_config.json` (`size.longest_edge`,
+    /// `max_image_size.longest_edge`, `rescale_factor`, `image_mean`, `image_std`), each
+    /// defaulting to SmolVLM's for an encoder of `image_size`; [`ImageProcessor::smolvlm`]
+    /// when there is no such file. The encoder's size wins over a different `max_image_size`.
+    pub fn read(dir: &std::path::Path, image_size: u32) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let mut p = Self::smolvlm(image_size);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(p);
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        if let Some(edge) = json["size"]["longest_edge"].as_u64() {
+            p.longest_edge = edge as u32;
+        }
+        if let Some(f) = json["rescale_factor"].as_f64() {
+            p.rescale_factor = f as f32;
+        }
+        let triple = |v: &serde_json::Value| -> Option<[f32; 3]> {
+            let a = v.as_array()?;
+            Some([
+                a.first()?.as_f64()? as f32,
+                a.get(1)?.as_f64()? as f32,
+                a.get(2)?.as_f64()? as f32,
+            ])
+        };
+        if let Some(m) = triple(&json["image_mean"]) {
+            p.mean = m;
+        }
+        if let Some(s) = triple(&json["image_std"]) {
+            p.std = s;
+        }
+        Ok(p)
+    }
+
     /// `(3, image_size, image_size)` pixel values of an RGB image (`rgb`: `width * height * 3`
     /// bytes, row-major).
     pub fn pixel_values(

@@ -219,6 +219,11 @@ pub enum EngineError {
 pub trait Engine: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
+    /// The image side of a vision-language model (`None`: the model reads text only).
+    fn vision(&self) -> Option<std::sync::Arc<models::vision::VisionModel>> {
+        None
+    }
+
     /// Renders chat messages with the model's template (the generation prompt appended, or
     /// the last message left open, as `options` say).
     fn render_chat(

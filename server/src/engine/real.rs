@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use models::bundle::LoadedModel;
 use models::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
+use models::vision::VisionModel;
 use models::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -131,6 +132,8 @@ pub struct RealEngine {
     /// `None` once shut down; taken under the lock so no request can follow `Shutdown`.
     inbox: Mutex<Option<SyncSender<Message>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// A vision-language model's image side; the HTTP layer encodes images with it.
+    vision: Option<Arc<VisionModel>>,
 }
 
 impl RealEngine {
@@ -140,6 +143,7 @@ impl RealEngine {
             model,
             tokenizer,
             chat_template,
+            vision,
             ..
         } = loaded;
         let facts = ModelFacts {
@@ -148,7 +152,9 @@ impl RealEngine {
             hidden_size: model.config.hidden_size,
             kv_bytes_per_token: model.kv_bytes_per_token(),
         };
-        Self::start(model, facts, tokenizer, chat_template, config)
+        let mut engine = Self::start(model, facts, tokenizer, chat_template, config)?;
+        engine.vision = vision;
+        Ok(engine)
     }
 
     pub(crate) fn start<M: StepModel>(
@@ -198,6 +204,7 @@ impl RealEngine {
             grammars: OnceLock::new(),
             shared,
             inbox: Mutex::new(Some(sender)),
+            vision: None,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -323,6 +330,10 @@ impl RealEngine {
 }
 
 impl Engine for RealEngine {
+    fn vision(&self) -> Option<Arc<VisionModel>> {
+        self.vision.clone()
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

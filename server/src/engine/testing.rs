@@ -80,6 +80,7 @@ pub fn tiny_loaded_model_as(
         model,
         tokenizer,
         chat_template: Some(chat_template),
+        vision: None,
     })
 }
 

@@ -13,7 +13,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
-use super::images::decode_all;
+use super::images::{decode_all, VisionPrompt, IMAGE_MARKER};
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
 use super::selection::{prepare_generation, Selection};
@@ -56,8 +56,9 @@ pub async fn chat_completions(
     let (engine, selection) =
         prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
     // Every image is decoded and checked first, so a bad one gets its own error; a text-only
-    // model then refuses good ones by part (`validate::message_text`).
-    decode_all(&req.messages, &state.config.images).await?;
+    // model then refuses good ones by part.
+    let images = decode_all(&req.messages, &state.config.images).await?;
+    let vision = VisionPrompt::encode(engine.as_ref(), images).await?;
     let tools = tool_plan(&req, &state.config)?;
     let requests = plan(
         &req,
@@ -66,6 +67,7 @@ pub async fn chat_completions(
         &state.config,
         &request_id.0,
         &selection,
+        vision.as_ref(),
     )?;
     let parser = tools.parser();
     let n = req.n.unwrap_or(1);
@@ -116,16 +118,21 @@ pub(super) fn plan(
     config: &HttpConfig,
     id: &str,
     selection: &Selection,
+    vision: Option<&VisionPrompt>,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
     let info = engine.info();
-    let messages = chat_messages(&req.messages)?;
+    let marker = engine.vision().map(|_| IMAGE_MARKER);
+    let messages = chat_messages(&req.messages, marker)?;
     let wanted = LogprobsWanted {
         logprobs: req.logprobs.unwrap_or(false),
         top: req.top_logprobs.unwrap_or(0),
         top_param: "top_logprobs",
     };
     let gen = tool_generation(req, tools, wanted, engine)?;
-    let text = prompt_text(engine, messages, tools, render_options(req)?)?;
+    let mut text = prompt_text(engine, messages, tools, render_options(req)?)?;
+    if let Some(v) = vision {
+        text = v.expand(&text)?;
+    }
     let tokens = engine.tokenize(&text, req.add_special_tokens.unwrap_or(true))?;
     if tokens.is_empty() {
         return Err(EngineError::EmptyPrompt.into());
@@ -151,7 +158,14 @@ pub(super) fn plan(
         tokens,
         max_tokens: max,
     };
-    fan_out(id, &[prompt], &gen, None, &selection.chain.calls)
+    let hooks = match vision {
+        // The image features enter first, before any plug-in sees the embeddings.
+        Some(v) => std::iter::once(v.hook(&prompt.tokens)?)
+            .chain(selection.chain.calls.iter().cloned())
+            .collect(),
+        None => selection.chain.calls.clone(),
+    };
+    fan_out(id, &[prompt], &gen, None, &hooks)
 }
 
 /// The template variables a request may not set through `chat_template_kwargs`: the

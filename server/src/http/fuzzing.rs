@@ -32,6 +32,7 @@ pub fn chat_request(
         config,
         "fuzz",
         &base_selection(engine),
+        None,
     )
 }
 

@@ -42,7 +42,9 @@ pub async fn tokenize(
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
                 ..RenderOptions::default()
             };
-            engine.render_chat(&chat_messages(messages)?, &options)?
+            // Image parts need the images themselves (their tokens come with their
+            // features): /tokenize counts text only, and refuses image parts by part.
+            engine.render_chat(&chat_messages(messages, None)?, &options)?
         }
         _ => {
             return Err(ApiError::invalid(

@@ -264,7 +264,13 @@ fn context_error(param: &str, message: String) -> ApiError {
 }
 
 /// Wire messages to template messages: text parts joined, other part types refused.
-pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+/// The request's messages for the chat template. `image_marker`: what an image part becomes in
+/// its message's text, for a model that reads images (`None`: the model reads text only, and
+/// an image part is a 400 naming it).
+pub fn chat_messages(
+    messages: &[WireMessage],
+    image_marker: Option<&str>,
+) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -273,7 +279,7 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiEr
         .enumerate()
         .map(|(i, m)| {
             let mut message =
-                ChatMessage::text(m.role.template_name(), message_text(m.content.as_ref(), i)?);
+                ChatMessage::text(m.role.template_name(), message_text(m, i, image_marker)?);
             message.tool_calls = template_tool_calls(m, i)?;
             if m.role == Role::Tool {
                 message.tool_call_id = m.tool_call_id.clone();
@@ -313,8 +319,8 @@ fn template_tool_calls(
     Ok(Some(calls.collect()))
 }
 
-fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError> {
-    match content {
+fn message_text(m: &WireMessage, i: usize, image_marker: Option<&str>) -> Result<String, ApiError> {
+    match m.content.as_ref() {
         None => Ok(String::new()),
         Some(Content::Text(text)) => Ok(text.clone()),
         Some(Content::Parts(parts)) => {
@@ -322,14 +328,16 @@ fn message_text(content: Option<&Content>, i: usize) -> Result<String, ApiError>
             for (j, part) in parts.iter().enumerate() {
                 match (part.kind.as_str(), &part.text) {
                     ("text", Some(t)) => text.push_str(t),
-                    // Decoded and checked by `images::decode_all` before the prompt is built;
-                    // the default model family has no vision tower yet.
-                    ("image_url", _) => {
-                        return Err(ApiError::invalid(
-                            format!("messages[{i}].content[{j}]"),
-                            "this model reads text only: it cannot take images",
-                        ))
-                    }
+                    // Decoded and checked by `images::decode_all` before the prompt is built.
+                    ("image_url", _) => match image_marker {
+                        Some(marker) => text.push_str(marker),
+                        None => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content[{j}]"),
+                                "this model reads text only: it cannot take images",
+                            ))
+                        }
+                    },
                     ("text", None) => {
                         return Err(ApiError::invalid(
                             format!("messages[{i}].content[{j}].text"),
@@ -564,7 +572,7 @@ mod tests {
             tool_calls: None,
             tool_call_id: None,
         };
-        let e = chat_messages(&[m]).unwrap_err();
+        let e = chat_messages(&[m], None).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
     }
 }

@@ -13,6 +13,7 @@
 //! inline. Every error names the part, `messages[i].content[j]`.
 
 mod fetch;
+mod prompt;
 
 use std::io::Cursor;
 
@@ -23,6 +24,7 @@ use super::error::{ApiError, ErrorKind};
 use super::wire::{Content, ContentPart, WireMessage};
 pub use fetch::ImageFetcher;
 use fetch::Remote;
+pub use prompt::{VisionPrompt, IMAGE_MARKER};
 
 /// Defaults of the `serve` flags.
 pub mod defaults {

@@ -79,6 +79,8 @@ pub async fn create_response(
         &state.config,
         &request_id.0,
         &selection,
+        // The Responses API takes text input only (an `input_image` part is a 400).
+        None,
     )?;
     let subs = submit_all(
         engine.as_ref(),
