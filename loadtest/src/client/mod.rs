@@ -54,6 +54,10 @@ impl Client {
         // does between streamed responses), and a request that goes out on it fails before the
         // server sees it, an error that is the client's, not the server's. A fresh connection
         // per request costs ~0.1 ms on loopback, the same for every server measured.
+        // https targets: rustls with ring (see the workspace Cargo.toml); the server may have
+        // installed the same provider in this process already.
+        #[allow(deprecated)] // ring lacks post-quantum key exchange; a load test does not need it
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(0)
