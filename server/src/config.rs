@@ -196,8 +196,9 @@ pub struct ServeConfig {
     /// Largest image in a request, in pixels as its header declares them (400 beyond)
     #[arg(long, env = "GRAFT_MAX_IMAGE_PIXELS", default_value_t = images::defaults::MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
-    /// Hosts whose http(s) image URLs the server fetches (exact names; repeatable or
-    /// comma-separated); none = image URLs are refused and images must be sent as data: URLs
+    /// Hosts whose http(s) image URLs the server fetches (exact names, host:port for a port other
+    /// than the scheme's default; repeatable or comma-separated); none = image URLs are refused
+    /// and images must be sent as data: URLs
     #[arg(long, env = "GRAFT_ALLOWED_MEDIA_DOMAINS", value_delimiter = ',')]
     pub allowed_media_domains: Vec<String>,
     /// Seconds one image URL may take to fetch, body included

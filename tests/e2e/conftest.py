@@ -65,11 +65,11 @@ class Server:
     def wait_ready(self, timeout: float = 180.0) -> None:
         wait_healthy(self.url, self.proc, self.log.name, "server", timeout)
 
-    def assert_serving(self) -> None:
+    def assert_serving(self, model: str = MODEL_ID) -> None:
         """The server still answers a real generation after whatever the test did."""
         r = requests.post(
             self.url + "/v1/completions",
-            json={"model": MODEL_ID, "prompt": "The sky is", "max_tokens": 2, "temperature": 0},
+            json={"model": model, "prompt": "The sky is", "max_tokens": 2, "temperature": 0},
             timeout=60,
         )
         assert r.status_code == 200, r.text

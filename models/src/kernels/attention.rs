@@ -52,8 +52,8 @@
 //! (`--kv-cache-dtype`, [`cached`]): each stored value widens to one f32, by the AVX-512 loads
 //! as they read it (heads of 64 or 128 values) or into a scratch block that stays in L1 while
 //! the heads of the group take their turns, and the arithmetic that follows is the f32
-//! kernel's, bit for bit on the widened values. Half the bytes (f16, bf16) or 53% (q8_0)
-//! cross the memory bus, which is what decode at depth waits on.
+//! kernel's, bit for bit on the widened values. Half f32's bytes (f16, bf16) or 27% (q8_0, 53%
+//! of f16's) cross the memory bus, which is what decode at depth waits on.
 //! Dot products accumulate in 16 lanes combined by a fixed tree,
 //! `exp` is a Cephes-style polynomial (relative error below 3e-7), and every multiply-add is
 //! an explicit `mul_add`. The portable code is compiled for AVX-512, AVX2+FMA and plain

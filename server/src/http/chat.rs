@@ -13,7 +13,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{collect_all, submit_all, summarize, ChoiceTotals, GenToken, Outcome};
-use super::images::{decode_all, VisionPrompt, IMAGE_MARKER};
+use super::images::{decode_all, first_image_part, text_only, VisionPrompt, IMAGE_MARKER};
 use super::logprobs::{chat_entry, TokenNames};
 use super::replies::{ChatChoice, ChatCompletion, ChatLogprobs, SseEvent};
 use super::selection::{prepare_generation, Selection};
@@ -55,8 +55,11 @@ pub async fn chat_completions(
     let deadline = state.deadline();
     let (engine, selection) =
         prepare_generation(&state, &caller, req.model.as_deref(), &req.plugins).await?;
-    // Every image is decoded and checked first, so a bad one gets its own error; a text-only
-    // model then refuses good ones by part.
+    // A text-only model refuses images before any is fetched or decoded; for a vision model
+    // every image is decoded and checked first, so a bad one gets its own error.
+    if let (None, Some(part)) = (engine.vision(), first_image_part(&req.messages)) {
+        return Err(text_only(engine.as_ref(), part));
+    }
     let images = decode_all(&req.messages, &state.config.images).await?;
     let vision = VisionPrompt::encode(engine.as_ref(), images).await?;
     let tools = tool_plan(&req, &state.config)?;

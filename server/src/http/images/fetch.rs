@@ -18,10 +18,24 @@ use crate::http::error::ApiError;
 /// The hosts image URLs may name, and the client that fetches from them.
 #[derive(Debug, Clone)]
 pub struct ImageFetcher {
-    /// Lower-case host names, compared exactly (no subdomains).
-    allowed: Vec<String>,
+    /// Lower-case host names, compared exactly (no subdomains), each with the one port it may
+    /// be reached on (`None`: the scheme's default, 80 or 443), so that naming a host does not
+    /// open its other services.
+    allowed: Vec<(String, Option<u16>)>,
     timeout: Duration,
     client: Client,
+}
+
+/// `host` or `host:port` of an allowed entry (an IPv6 literal in brackets, as URLs write it).
+/// `url` drops a scheme's default port, so `example.com:443` is written `example.com`.
+pub(super) fn host_and_port(entry: &str) -> (String, Option<u16>) {
+    match entry.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => match port.parse() {
+            Ok(port) => (host.to_string(), Some(port)),
+            Err(_) => (entry.to_string(), None),
+        },
+        _ => (entry.to_string(), None),
+    }
 }
 
 /// Fetchers are equal when they fetch from the same hosts with the same time limit.
@@ -41,10 +55,11 @@ pub(super) struct Remote {
 impl ImageFetcher {
     /// `None` when no host is allowed (nothing is fetched).
     pub fn new(allowed: &[String], timeout: Duration) -> Result<Option<Self>, reqwest::Error> {
-        let allowed: Vec<String> = allowed
+        let allowed: Vec<(String, Option<u16>)> = allowed
             .iter()
             .map(|h| h.trim().to_ascii_lowercase())
             .filter(|h| !h.is_empty())
+            .map(|h| host_and_port(&h))
             .collect();
         if allowed.is_empty() {
             return Ok(None);
@@ -77,10 +92,15 @@ impl ImageFetcher {
             ApiError::invalid(part.clone(), format!("the image URL is not valid: {e}"))
         })?;
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        if !self.allowed.contains(&host) {
+        let port = url.port();
+        if !self.allowed.iter().any(|(h, p)| *h == host && *p == port) {
+            let at = port.map(|p| format!("{host}:{p}")).unwrap_or(host);
             return Err(ApiError::invalid(
                 part,
-                format!("image URLs from {host:?} are not fetched: the host is not in --allowed-media-domains"),
+                format!(
+                    "image URLs from {at:?} are not fetched: not in --allowed-media-domains \
+                     (a host on another port than its scheme's default is listed as host:port)"
+                ),
             ));
         }
         Ok(Remote { part, url, detail })

@@ -16,6 +16,9 @@ mod fetch;
 mod prompt;
 
 use std::io::Cursor;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Semaphore;
 
 use base64::Engine as _;
 use image::{ImageFormat, ImageReader, Limits};
@@ -24,7 +27,7 @@ use super::error::{ApiError, ErrorKind};
 use super::wire::{Content, ContentPart, WireMessage};
 pub use fetch::ImageFetcher;
 use fetch::Remote;
-pub use prompt::{VisionPrompt, IMAGE_MARKER};
+pub use prompt::{text_only, VisionPrompt, IMAGE_MARKER};
 
 /// Defaults of the `serve` flags.
 pub mod defaults {
@@ -37,6 +40,40 @@ pub mod defaults {
     pub const MAX_IMAGE_PIXELS: u64 = 36_000_000;
     /// Seconds an image URL may take to fetch (vLLM's `VLLM_IMAGE_FETCH_TIMEOUT`).
     pub const FETCH_TIMEOUT: u64 = 5;
+}
+
+/// What reading an image's header may allocate (its metadata, before the pixels).
+const HEADER_ALLOC: u64 = 16 * 1024 * 1024;
+
+/// At most this many images are decoded or encoded at once, server-wide: the work runs on
+/// blocking threads outside the engine's scheduler, and each holds up to an image's pixels.
+fn image_work() -> &'static Arc<Semaphore> {
+    static WORK: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    WORK.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(Semaphore::new(cores))
+    })
+}
+
+/// Runs `work` on a blocking thread once a slot of [`image_work`] is free; the slot is held by
+/// the work itself, so a client that leaves does not free it before the work ends.
+pub(crate) async fn on_image_thread<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let stopped = |e: String| ApiError::new(ErrorKind::Internal, format!("{what} stopped: {e}"));
+    let permit = image_work()
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| stopped(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let out = work();
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(|e| stopped(e.to_string()))
 }
 
 /// What an image may be.
@@ -94,6 +131,20 @@ struct Encoded {
     detail: Detail,
 }
 
+/// Where the first image part of `messages` sits (`messages[i].content[j]`), if any.
+pub fn first_image_part(messages: &[WireMessage]) -> Option<String> {
+    messages
+        .iter()
+        .enumerate()
+        .find_map(|(i, m)| match &m.content {
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .position(|p| p.kind == "image_url")
+                .map(|j| format!("messages[{i}].content[{j}]")),
+            _ => None,
+        })
+}
+
 /// An image part before its bytes are at hand.
 enum Source {
     Inline(Encoded),
@@ -119,9 +170,10 @@ pub async fn decode_all(
             (Source::Remote(r), None) => return Err(not_fetched(r.part)),
         });
     }
-    tokio::task::spawn_blocking(move || encoded.into_iter().map(|e| decode(e, limits)).collect())
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("image decoding stopped: {e}")))?
+    on_image_thread("image decoding", move || {
+        encoded.into_iter().map(|e| decode(e, limits)).collect()
+    })
+    .await?
 }
 
 /// The `image_url` parts of `messages`: inline ones with their bytes, checked for count and
@@ -268,9 +320,14 @@ fn format_of(media_type: &str) -> Option<ImageFormat> {
 fn decode(e: Encoded, limits: ImageLimits) -> Result<Image, ApiError> {
     let at = e.part;
     let bad = |what: String| ApiError::invalid(at.clone(), what);
-    let reader = ImageReader::new(Cursor::new(&e.bytes))
+    let mut reader = ImageReader::new(Cursor::new(&e.bytes))
         .with_guessed_format()
         .map_err(|err| bad(format!("cannot read the image: {err}")))?;
+    // Reading the header may inflate metadata (a PNG's compressed colour profile): cap it,
+    // or a tiny file could make the decoder allocate its default 512 MiB.
+    let mut header_caps = Limits::default();
+    header_caps.max_alloc = Some(HEADER_ALLOC);
+    reader.limits(header_caps);
     let declared = format_of(&e.media_type);
     match reader.format() {
         Some(found) if Some(found) == declared => {}
@@ -307,9 +364,27 @@ fn decode(e: Encoded, limits: ImageLimits) -> Result<Image, ApiError> {
         part: at,
         width,
         height,
-        rgb: decoded.into_rgb8().into_raw(),
+        rgb: over_white(decoded),
         detail: e.detail,
     })
+}
+
+/// RGB bytes of the image, a transparent one blended over white as the Python processors'
+/// `convert_to_rgb` does (dropping alpha would turn transparent pixels black).
+fn over_white(image: image::DynamicImage) -> Vec<u8> {
+    if !image.color().has_alpha() {
+        return image.into_rgb8().into_raw();
+    }
+    let rgba = image.into_rgba8();
+    let mut out = Vec::with_capacity(rgba.len() / 4 * 3);
+    for p in rgba.pixels() {
+        let a = u32::from(p.0[3]);
+        for c in &p.0[..3] {
+            // Rounded: (c a + 255 (255 - a)) / 255.
+            out.push(((u32::from(*c) * a + 255 * (255 - a) + 127) / 255) as u8);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use models::vision::{ImagePlacement, ImageSplice, VisionModel};
 use models::HookCall;
 
-use super::Image;
+use super::{on_image_thread, Image};
 use crate::engine::Engine;
 use crate::http::error::{ApiError, ErrorKind};
 
@@ -18,6 +18,17 @@ use crate::http::error::{ApiError, ErrorKind};
 /// Unicode's private use area that no tokenizer gives meaning to, so user text cannot forge it
 /// by accident and the count check below catches it if it does.
 pub const IMAGE_MARKER: &str = "\u{E000}";
+
+/// The 400 of an image sent to a model without a vision tower, naming the part.
+pub fn text_only(engine: &dyn Engine, part: String) -> ApiError {
+    ApiError::invalid(
+        part,
+        format!(
+            "model `{}` reads text only: it cannot take images",
+            engine.info().id
+        ),
+    )
+}
 
 /// A request's images, encoded by the model's vision tower.
 pub struct VisionPrompt {
@@ -34,25 +45,18 @@ impl VisionPrompt {
             return Ok(None);
         };
         let Some(model) = engine.vision() else {
-            return Err(ApiError::invalid(
-                first.part.clone(),
-                format!(
-                    "model `{}` reads text only: it cannot take images",
-                    engine.info().id
-                ),
-            ));
+            return Err(text_only(engine, first.part.clone()));
         };
         let tower = model.clone();
         let count = images.len();
-        let features = tokio::task::spawn_blocking(move || {
+        let features = on_image_thread("image encoding", move || {
             let inputs: Vec<(&[u8], u32, u32)> = images
                 .iter()
                 .map(|i| (i.rgb.as_slice(), i.width, i.height))
                 .collect();
             tower.features(&inputs)
         })
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("image encoding stopped: {e}")))?
+        .await?
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("image encoding failed: {e}")))?;
         Ok(Some(Self {
             model,

@@ -210,8 +210,14 @@ fn http_response(status: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn fetching(limits: ImageLimits, timeout_ms: u64) -> ImageConfig {
-    let hosts = ["127.0.0.1".to_string()];
+/// Fetching allowed from the host and port of `url`.
+fn fetching(limits: ImageLimits, timeout_ms: u64, url: &str) -> ImageConfig {
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .unwrap_or_default();
+    let hosts = [format!("127.0.0.1:{port}")];
     let timeout = std::time::Duration::from_millis(timeout_ms);
     ImageConfig {
         limits,
@@ -225,7 +231,7 @@ async fn an_allowed_host_is_fetched_and_decoded() {
     let length = format!("content-length: {}", png.len());
     let ok = http_response("200 OK", &["content-type: image/png", &length], &png);
     let url = serve_once(ok, std::time::Duration::ZERO).await;
-    let config = fetching(ImageLimits::default(), 5_000);
+    let config = fetching(ImageLimits::default(), 5_000, &url);
     let got = decode_all(&message(&[url]), &config)
         .await
         .expect("fetched");
@@ -289,21 +295,31 @@ async fn fetching_refuses_other_hosts_redirects_errors_and_oversized_or_slow_bod
     ];
     for (response, limits, delay, says) in cases {
         let url = serve_once(response, delay).await;
-        let e = decode_all(&message(&[url]), &fetching(limits, 300))
-            .await
-            .expect_err("refused");
+        let e = decode_all(
+            &message(std::slice::from_ref(&url)),
+            &fetching(limits, 300, &url),
+        )
+        .await
+        .expect_err("refused");
         assert_eq!(e.param.as_deref(), Some("messages[0].content[1]"), "{says}");
         assert!(e.message.contains(says), "{says}: {}", e.message);
     }
-    // A host that is not allowed is never contacted; nor is any URL when none is allowed.
-    let e = decode_all(
-        &message(&["http://localhost:1/x.png".into()]),
-        &fetching(limits, 300),
-    )
-    .await
-    .expect_err("refused");
+    // A host that is not allowed is never contacted, nor an allowed host on another port; nor
+    // is any URL when none is allowed.
+    let allowed = fetching(limits, 300, "http://127.0.0.1:9/");
+    let e = decode_all(&message(&["http://localhost:9/x.png".into()]), &allowed)
+        .await
+        .expect_err("refused");
     assert!(
-        e.message.contains("\"localhost\" are not fetched"),
+        e.message.contains("\"localhost:9\" are not fetched"),
+        "{}",
+        e.message
+    );
+    let e = decode_all(&message(&["http://127.0.0.1:10/x.png".into()]), &allowed)
+        .await
+        .expect_err("refused");
+    assert!(
+        e.message.contains("\"127.0.0.1:10\" are not fetched"),
         "{}",
         e.message
     );
@@ -316,4 +332,33 @@ async fn fetching_refuses_other_hosts_redirects_errors_and_oversized_or_slow_bod
         "{}",
         e.message
     );
+}
+
+#[test]
+fn allowed_entries_take_an_optional_port() {
+    use super::fetch::host_and_port;
+    assert_eq!(host_and_port("example.com"), ("example.com".into(), None));
+    assert_eq!(
+        host_and_port("example.com:8080"),
+        ("example.com".into(), Some(8080))
+    );
+    assert_eq!(host_and_port("[::1]:8080"), ("[::1]".into(), Some(8080)));
+    assert_eq!(host_and_port("[::1]"), ("[::1]".into(), None));
+}
+
+#[tokio::test]
+async fn transparent_pixels_are_blended_over_white() {
+    use image::{Rgba, RgbaImage};
+    let img = RgbaImage::from_fn(3, 1, |x, _| match x {
+        0 => Rgba([0, 0, 0, 0]),     // transparent black: white
+        1 => Rgba([0, 0, 0, 255]),   // opaque black: black
+        _ => Rgba([255, 0, 0, 128]), // half-transparent red: pink
+    });
+    let mut bytes = Cursor::new(Vec::new());
+    img.write_to(&mut bytes, ImageFormat::Png).expect("encode");
+    let url = data_url("image/png", &bytes.into_inner());
+    let got = decode_all(&message(&[url]), &config(ImageLimits::default()))
+        .await
+        .expect("decoded");
+    assert_eq!(got[0].rgb, vec![255, 255, 255, 0, 0, 0, 255, 127, 127]);
 }
