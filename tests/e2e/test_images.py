@@ -166,6 +166,17 @@ def test_a_vision_model_reads_each_image_of_a_batch(vlm):
     assert a == a_again, "the same image must give the same answer"
     assert max(abs(x - y) for x, y in zip(a[1], b[1])) > 1e-2, "different images must change the answer"
     assert max(abs(x - y) for x, y in zip(a[1], text_only[1])) > 1e-2
+    # The n choices of one image request each read the image.
+    parts = [{"type": "text", "text": "w5 w6 w7"},
+             {"type": "image_url", "image_url": {"url": data_url("image/png", small)}}]
+    two = client.chat.completions.create(
+        model=VLM_ID, messages=[{"role": "user", "content": parts}],
+        max_tokens=4, temperature=0, logprobs=True, n=2,
+    )
+    assert two.usage.prompt_tokens == a[0]
+    for choice in two.choices:
+        got = [t.logprob for t in choice.logprobs.content]
+        assert max(abs(x - y) for x, y in zip(got, a[1])) < 1e-4, (got, a)
     with ThreadPoolExecutor(max_workers=6) as pool:
         together = list(pool.map(answer, [small, large, None, large, small, None]))
     for got, want in zip(together, [a, b, text_only, b, a, text_only]):

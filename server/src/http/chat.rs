@@ -61,9 +61,9 @@ pub async fn chat_completions(
         return Err(text_only(engine.as_ref(), part));
     }
     let images = decode_all(&req.messages, &state.config.images).await?;
-    let vision = VisionPrompt::encode(engine.as_ref(), images).await?;
+    let vision = VisionPrompt::new(engine.as_ref(), images)?;
     let tools = tool_plan(&req, &state.config)?;
-    let requests = plan(
+    let mut requests = plan(
         &req,
         &tools,
         engine.as_ref(),
@@ -72,6 +72,10 @@ pub async fn chat_completions(
         &selection,
         vision.as_ref(),
     )?;
+    // The vision tower runs only for a request that passed every cheap check.
+    if let Some(v) = vision {
+        v.encode(&mut requests).await?;
+    }
     let parser = tools.parser();
     let n = req.n.unwrap_or(1);
     let logprobs = req.logprobs.unwrap_or(false);
@@ -161,14 +165,7 @@ pub(super) fn plan(
         tokens,
         max_tokens: max,
     };
-    let hooks = match vision {
-        // The image features enter first, before any plug-in sees the embeddings.
-        Some(v) => std::iter::once(v.hook(&prompt.tokens)?)
-            .chain(selection.chain.calls.iter().cloned())
-            .collect(),
-        None => selection.chain.calls.clone(),
-    };
-    fan_out(id, &[prompt], &gen, None, &hooks)
+    fan_out(id, &[prompt], &gen, None, &selection.chain.calls)
 }
 
 /// The template variables a request may not set through `chat_template_kwargs`: the

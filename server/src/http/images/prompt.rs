@@ -6,12 +6,11 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use models::vision::{ImagePlacement, ImageSplice, VisionModel};
-use models::HookCall;
+use models::{Hook, HookCall};
 
 use super::{on_image_thread, Image};
-use crate::engine::Engine;
+use crate::engine::{Engine, GenerateRequest};
 use crate::http::error::{ApiError, ErrorKind};
 
 /// What an image part becomes in a message's text before the template runs: a character of
@@ -30,25 +29,48 @@ pub fn text_only(engine: &dyn Engine, part: String) -> ApiError {
     )
 }
 
-/// A request's images, encoded by the model's vision tower.
+/// A request's images for a vision-language model: first how they are laid out in the prompt
+/// (checked by [`VisionPrompt::expand`] while the request is planned), then, once every cheap
+/// check has passed, their features ([`VisionPrompt::encode`]) and the hook that places them.
 pub struct VisionPrompt {
     model: Arc<VisionModel>,
-    /// `(images * tokens_per_image, hidden)`.
-    features: Tensor,
-    images: usize,
+    images: Vec<Image>,
 }
 
 impl VisionPrompt {
-    /// Encodes `images` (none: `None`); a model without a vision tower refuses them by part.
-    pub async fn encode(engine: &dyn Engine, images: Vec<Image>) -> Result<Option<Self>, ApiError> {
+    /// `None` without images; a model without a vision tower refuses them by part.
+    pub fn new(engine: &dyn Engine, images: Vec<Image>) -> Result<Option<Self>, ApiError> {
         let Some(first) = images.first() else {
             return Ok(None);
         };
         let Some(model) = engine.vision() else {
             return Err(text_only(engine, first.part.clone()));
         };
+        Ok(Some(Self { model, images }))
+    }
+
+    /// `text` with each marker replaced by one image's prompt tokens.
+    pub fn expand(&self, text: &str) -> Result<String, ApiError> {
+        let markers = text.matches(IMAGE_MARKER).count();
+        if markers != self.images.len() {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "the rendered prompt holds {markers} image places for {} images: the chat \
+                     template must keep each message's text as it is",
+                    self.images.len()
+                ),
+            ));
+        }
+        Ok(text.replace(IMAGE_MARKER, &self.model.image_prompt()))
+    }
+
+    /// The images' features by the vision tower (`(images * tokens_per_image, hidden)`), on a
+    /// blocking thread, then a hook call that puts them at each request's image tokens, first
+    /// in its chain.
+    pub async fn encode(self, requests: &mut [GenerateRequest]) -> Result<(), ApiError> {
+        let Self { model, images } = self;
         let tower = model.clone();
-        let count = images.len();
         let features = on_image_thread("image encoding", move || {
             let inputs: Vec<(&[u8], u32, u32)> = images
                 .iter()
@@ -58,42 +80,32 @@ impl VisionPrompt {
         })
         .await?
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("image encoding failed: {e}")))?;
-        Ok(Some(Self {
-            model,
-            features,
-            images: count,
-        }))
-    }
-
-    /// `text` with each marker replaced by one image's prompt tokens.
-    pub fn expand(&self, text: &str) -> Result<String, ApiError> {
-        let markers = text.matches(IMAGE_MARKER).count();
-        if markers != self.images {
-            return Err(ApiError::invalid(
-                "messages",
-                format!(
-                    "the rendered prompt holds {markers} image places for {} images: the chat \
-                     template must keep each message's text as it is",
-                    self.images
-                ),
-            ));
+        let image_token = model.tower.config().image_token_id;
+        let splice: Arc<dyn Hook> = Arc::new(ImageSplice::new(image_token));
+        // The `n` choices of one prompt share one call, as they share the rest of their chain.
+        let mut last: Option<(Vec<u32>, HookCall)> = None;
+        for request in requests {
+            let call = match &last {
+                Some((prompt, call)) if *prompt == request.prompt => call.clone(),
+                _ => {
+                    let placement =
+                        ImagePlacement::for_prompt(&request.prompt, image_token, features.clone())
+                            .map_err(|e| {
+                                ApiError::invalid(
+                                    "messages",
+                                    format!(
+                                        "{e}: text that spells the model's image tokens cannot \
+                                         be sent"
+                                    ),
+                                )
+                            })?;
+                    let call = HookCall::new(splice.clone(), Arc::new(placement));
+                    last = Some((request.prompt.clone(), call.clone()));
+                    call
+                }
+            };
+            request.hooks.insert(0, call);
         }
-        Ok(text.replace(IMAGE_MARKER, &self.model.image_prompt()))
-    }
-
-    /// The hook call that puts the features at `prompt`'s image tokens, first in the chain.
-    pub fn hook(&self, prompt: &[u32]) -> Result<HookCall, ApiError> {
-        let image_token = self.model.tower.config().image_token_id;
-        let placement = ImagePlacement::for_prompt(prompt, image_token, self.features.clone())
-            .map_err(|e| {
-                ApiError::invalid(
-                    "messages",
-                    format!("{e}: text that spells the model's image tokens cannot be sent"),
-                )
-            })?;
-        Ok(HookCall::new(
-            Arc::new(ImageSplice::new(image_token)),
-            Arc::new(placement),
-        ))
+        Ok(())
     }
 }
