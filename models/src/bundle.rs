@@ -61,9 +61,10 @@ pub fn load(path: &Path, device: &Device, options: &LoadOptions) -> Result<Loade
     let tokenizer_config = dir.join("tokenizer_config.json");
     let mut vision = None;
     let (model, tokenizer, gguf_template) = if path.is_dir() {
-        let model = Llama::load(&mut SafetensorsSource::open(path, device)?, max)?;
-        vision =
-            VisionModel::load(path, model.config.hidden_size, device)?.map(std::sync::Arc::new);
+        let mut source = SafetensorsSource::open(path, device)?;
+        let model = Llama::load(&mut source, max)?;
+        let hidden = model.config.hidden_size;
+        vision = VisionModel::load(path, &mut source, hidden)?.map(std::sync::Arc::new);
         (model, Tokenizer::from_file(&tokenizer_json)?, None)
     } else {
         let mut source = GgufSource::open(path, device)?;

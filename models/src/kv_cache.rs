@@ -28,7 +28,7 @@ use crate::error::{ModelError, Result};
 use crate::hook_state::ChainState;
 
 pub use dtype::KvDtype;
-pub(crate) use dtype::{dequantize_q8_block, Q8_BLOCK, Q8_BLOCK_BYTES};
+pub(crate) use dtype::{dequantize_q8, Q8_BLOCK, Q8_BLOCK_BYTES};
 
 /// Smallest allocation, in positions; keeps one-token decode steps from reallocating.
 const MIN_CAPACITY: usize = 64;

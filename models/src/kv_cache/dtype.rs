@@ -123,12 +123,7 @@ impl KvDtype {
         let (n_kv, n, _) = x.dims3()?;
         let bytes = x.contiguous()?.flatten_all()?.to_vec1::<u8>()?;
         let mut values = vec![0f32; n_kv * n * head_dim];
-        for (block, out) in bytes
-            .chunks_exact(Q8_BLOCK_BYTES)
-            .zip(values.chunks_exact_mut(Q8_BLOCK))
-        {
-            dequantize_q8_block(block, out);
-        }
+        dequantize_q8(&bytes, &mut values);
         Ok(Tensor::from_vec(values, (n_kv, n, head_dim), x.device())?)
     }
 }
@@ -150,9 +145,20 @@ fn q8_scale(block: &[u8]) -> f32 {
     f16::from_le_bytes([block[0], block[1]]).to_f32()
 }
 
+/// Whole q8_0 blocks as their values (`out`: 32 per 34 bytes), as [`dequantize_q8_block`].
+#[inline(always)]
+pub(crate) fn dequantize_q8(bytes: &[u8], out: &mut [f32]) {
+    for (block, out) in bytes
+        .chunks_exact(Q8_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(Q8_BLOCK))
+    {
+        dequantize_q8_block(block, out);
+    }
+}
+
 /// One q8_0 block (34 bytes) as its 32 values: `q * scale`, one rounding each.
 #[inline(always)]
-pub(crate) fn dequantize_q8_block(block: &[u8], out: &mut [f32]) {
+fn dequantize_q8_block(block: &[u8], out: &mut [f32]) {
     let scale = q8_scale(block);
     for (o, &q) in out.iter_mut().zip(&block[2..Q8_BLOCK_BYTES]) {
         *o = f32::from(q as i8) * scale;

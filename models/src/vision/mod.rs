@@ -27,7 +27,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
-use crate::loader::SafetensorsSource;
+use crate::loader::{SafetensorsSource, WeightSource};
 pub use config::VisionConfig;
 use connector::Connector;
 pub use preprocess::ImageProcessor;
@@ -42,13 +42,18 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    /// The vision side of the checkpoint in `dir`, or `None` when it has none (its
-    /// `config.json` is not an Idefics3 one).
-    pub fn load(dir: &Path, text_hidden: usize, device: &Device) -> Result<Option<Self>> {
+    /// The vision side of the checkpoint in `dir`, read through `source` (the one its language
+    /// model was read through, so that shards already in memory are not read again), or `None`
+    /// when it has none (its `config.json` is not an Idefics3 one).
+    pub fn load(
+        dir: &Path,
+        source: &mut SafetensorsSource,
+        text_hidden: usize,
+    ) -> Result<Option<Self>> {
         if !config::is_idefics3(dir) {
             return Ok(None);
         }
-        let tower = VisionTower::load(dir, text_hidden, device)?;
+        let tower = VisionTower::from_source(VisionConfig::read(dir)?, source, text_hidden)?;
         let processor = ImageProcessor::read(dir, tower.config().image_size as u32)?;
         Ok(Some(Self { tower, processor }))
     }
@@ -88,15 +93,23 @@ impl VisionTower {
     /// The vision tower of the Idefics3 checkpoint in `dir` (its `config.json` and weights);
     /// `text_hidden` is the language model's width, which the connector projects to.
     pub fn load(dir: &Path, text_hidden: usize, device: &Device) -> Result<Self> {
-        let config = VisionConfig::read(dir)?;
         let mut source = SafetensorsSource::open(dir, device)?;
-        let encoder = SiglipEncoder::load(&mut source, &config)?;
-        let connector = Connector::load(&mut source, &config, text_hidden)?;
+        Self::from_source(VisionConfig::read(dir)?, &mut source, text_hidden)
+    }
+
+    /// The tower `config` describes, its weights read through `source`.
+    pub fn from_source(
+        config: VisionConfig,
+        source: &mut SafetensorsSource,
+        text_hidden: usize,
+    ) -> Result<Self> {
+        let encoder = SiglipEncoder::load(source, &config)?;
+        let connector = Connector::load(source, &config, text_hidden)?;
         Ok(Self {
             config,
             encoder,
             connector,
-            device: device.clone(),
+            device: source.device().clone(),
         })
     }
 

@@ -18,7 +18,7 @@ use half::{bf16, f16};
 
 use super::NAME;
 use crate::kernels::SimdPath;
-use crate::kv_cache::{dequantize_q8_block, Q8_BLOCK, Q8_BLOCK_BYTES};
+use crate::kv_cache::{dequantize_q8, KvDtype, Q8_BLOCK, Q8_BLOCK_BYTES};
 
 /// An element type of the cache's rows.
 pub(super) trait Stored: Copy + 'static {
@@ -87,16 +87,11 @@ impl Stored for u8 {
         }
     }
     fn row_len(d: usize) -> usize {
-        d / Q8_BLOCK * Q8_BLOCK_BYTES
+        KvDtype::Q8_0.row_len(d)
     }
     #[inline(always)]
     fn widen(row: &[Self], out: &mut [f32]) {
-        for (block, out) in row
-            .chunks_exact(Q8_BLOCK_BYTES)
-            .zip(out.chunks_exact_mut(Q8_BLOCK))
-        {
-            dequantize_q8_block(block, out);
-        }
+        dequantize_q8(row, out)
     }
 }
 

@@ -133,16 +133,22 @@ struct Encoded {
 
 /// Where the first image part of `messages` sits (`messages[i].content[j]`), if any.
 pub fn first_image_part(messages: &[WireMessage]) -> Option<String> {
-    messages
-        .iter()
-        .enumerate()
-        .find_map(|(i, m)| match &m.content {
-            Some(Content::Parts(parts)) => parts
-                .iter()
-                .position(|p| p.kind == "image_url")
-                .map(|j| format!("messages[{i}].content[{j}]")),
-            _ => None,
-        })
+    image_parts(messages).next().map(|(at, _)| at)
+}
+
+/// The `image_url` parts of `messages`, in order, each with where it sits.
+fn image_parts(messages: &[WireMessage]) -> impl Iterator<Item = (String, &ContentPart)> {
+    messages.iter().enumerate().flat_map(|(i, m)| {
+        let parts = match &m.content {
+            Some(Content::Parts(parts)) => parts.as_slice(),
+            _ => &[],
+        };
+        let images = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.kind == "image_url");
+        images.map(move |(j, p)| (format!("messages[{i}].content[{j}]"), p))
+    })
 }
 
 /// An image part before its bytes are at hand.
@@ -181,26 +187,17 @@ pub async fn decode_all(
 fn sources(messages: &[WireMessage], config: &ImageConfig) -> Result<Vec<Source>, ApiError> {
     let limits = config.limits;
     let mut out = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        let Some(Content::Parts(parts)) = &m.content else {
-            continue;
-        };
-        for (j, part) in parts.iter().enumerate() {
-            if part.kind != "image_url" {
-                continue;
-            }
-            let at = format!("messages[{i}].content[{j}]");
-            if out.len() == limits.max_images {
-                return Err(ApiError::invalid(
-                    at,
-                    format!(
-                        "a request may carry at most {} images (--max-images-per-request)",
-                        limits.max_images
-                    ),
-                ));
-            }
-            out.push(source(part, at, config)?);
+    for (at, part) in image_parts(messages) {
+        if out.len() == limits.max_images {
+            return Err(ApiError::invalid(
+                at,
+                format!(
+                    "a request may carry at most {} images (--max-images-per-request)",
+                    limits.max_images
+                ),
+            ));
         }
+        out.push(source(part, at, config)?);
     }
     Ok(out)
 }
