@@ -47,6 +47,8 @@ pub struct LoadOptions {
     pub max_positions: Option<usize>,
     /// A Jinja chat template that overrides the checkpoint's.
     pub chat_template: Option<String>,
+    /// The folder of a vision tower trained for this (text-only) model to attach.
+    pub vision: Option<PathBuf>,
 }
 
 /// Loads the model at `path` (a `.gguf` file or a Hugging Face folder) onto `device`.
@@ -78,6 +80,19 @@ pub fn load(path: &Path, device: &Device, options: &LoadOptions) -> Result<Loade
         };
         (Llama::load(&mut source, max)?, tokenizer, template)
     };
+    if let Some(tower) = &options.vision {
+        if vision.is_some() {
+            return Err(ModelError::Config(format!(
+                "{} has a vision tower of its own; --vision attaches one to a text-only model",
+                path.display()
+            ))
+            .into());
+        }
+        let hidden = model.config.hidden_size;
+        let attached = VisionModel::attach(tower, device, hidden, &tokenizer)
+            .map_err(|e| ModelError::Config(format!("vision tower {}: {e}", tower.display())))?;
+        vision = Some(std::sync::Arc::new(attached));
+    }
     let chat_template = match find_template(
         gguf_template,
         Some(&tokenizer_config),

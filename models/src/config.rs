@@ -76,6 +76,24 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The `config.json` of a Hugging Face checkpoint of this architecture and shape (what
+    /// [`crate::loader::SafetensorsSource`] reads back).
+    pub fn hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": self.architecture.name(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        })
+    }
+
     /// Query heads that share one key/value head.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads

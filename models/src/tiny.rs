@@ -98,20 +98,7 @@ impl TinyModel {
     /// Writes `config.json` and `model.safetensors` into `dir`.
     pub fn write_safetensors(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let c = &self.config;
-        let config = serde_json::json!({
-            "model_type": c.architecture.name(),
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_layers,
-            "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads,
-            "vocab_size": c.vocab_size,
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "max_position_embeddings": c.max_position_embeddings,
-            "tie_word_embeddings": c.tie_word_embeddings,
-        });
+        let config = self.config.hf_json();
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).map_err(|e| ModelError::io(&path, e))?;
         let path = dir.join("model.safetensors");

@@ -185,6 +185,7 @@ fn bundle_renders_and_tokenizes_prompts_like_the_reference() {
         &models::bundle::LoadOptions {
             max_positions: Some(256),
             chat_template: None,
+            vision: None,
         },
     )
     .expect("load bundle");

@@ -234,3 +234,30 @@ fn preprocessing_matches_the_python_processor_within_resampling_rounding() {
         );
     }
 }
+
+#[test]
+fn a_vision_language_checkpoint_takes_no_second_tower() {
+    let dir = fixtures().join("idefics3_tiny");
+    let options = models::bundle::LoadOptions {
+        vision: Some(dir.clone()),
+        ..Default::default()
+    };
+    let err = models::bundle::load(&dir, &Device::Cpu, &options)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("has a vision tower of its own"), "{err}");
+}
+
+#[test]
+fn a_checkpoints_own_tower_is_not_one_to_attach() {
+    // SmolVLM's config names no tokenizer: only towers `server train vision` wrote attach.
+    let dir = fixtures().join("idefics3_tiny");
+    let loaded = models::bundle::load(&dir, &Device::Cpu, &Default::default()).expect("model");
+    let hidden = loaded.model.config.hidden_size;
+    let err = models::vision::VisionModel::attach(&dir, &Device::Cpu, hidden, &loaded.tokenizer)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("names no tokenizer"), "{err}");
+}

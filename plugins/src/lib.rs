@@ -35,6 +35,7 @@ pub mod spec;
 pub mod speculative;
 pub mod steer;
 pub mod train;
+pub mod vision;
 pub mod weights;
 
 pub use base::BaseModel;

@@ -37,6 +37,7 @@ fn base(dir: &Path) -> LoadedModel {
     let options = LoadOptions {
         max_positions: Some(256),
         chat_template: None,
+        vision: None,
     };
     load(&path, &Device::Cpu, &options).unwrap()
 }

@@ -122,6 +122,10 @@ pub struct ServeConfig {
     /// fetched on first use]
     #[arg(long, env = "GRAFT_MODEL")]
     pub model: Option<PathBuf>,
+    /// A vision tower for a text-only model: a folder `server train vision` wrote for this
+    /// model's tokenizer; chat requests may then carry images
+    #[arg(long, env = "GRAFT_VISION")]
+    pub vision: Option<PathBuf>,
     /// Name clients put in `model` [default: smollm2-135m-instruct for the default model, else
     /// the file name without extension]
     #[arg(long, env = "GRAFT_MODEL_ID")]
@@ -289,6 +293,7 @@ impl Default for ServeConfig {
         use defaults::*;
         Self {
             model: None,
+            vision: None,
             model_id: None,
             host: HOST.to_string(),
             port: PORT,

@@ -289,6 +289,7 @@ fn load(config: &ServeConfig) -> anyhow::Result<BuiltEngine> {
             .context("device = cuda needs a GPU and a binary built with `--features cuda`")?,
     };
     let options = LoadOptions {
+        vision: config.vision.clone(),
         max_positions: config.max_context,
         chat_template: config.chat_template_text()?,
     };

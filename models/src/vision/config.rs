@@ -23,6 +23,43 @@ pub struct VisionConfig {
     pub scale_factor: usize,
     /// The prompt token whose embedding an image feature replaces.
     pub image_token_id: u32,
+    /// How one image is written into the prompt.
+    pub image_tokens: ImageTokens,
+    /// A tower trained for another model's language model (`server train vision`) names that
+    /// model's tokenizer identity (`Tokenizer::identity`), checked when it is attached.
+    pub tokenizer: Option<String>,
+}
+
+/// The three special tokens an image is written with: `around` it, a `global` view marker,
+/// then `image` once per image token (Idefics3's processor without splitting). SmolVLM's
+/// tokenizer has its own; a tower trained for a text-only model borrows rare special tokens
+/// of that model's tokenizer and names them in its `config.json` (`graft.info.image_tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ImageTokens {
+    pub around: String,
+    pub global: String,
+    pub image: String,
+}
+
+impl ImageTokens {
+    /// SmolVLM's: `<fake_token_around_image>`, `<global-img>`, `<image>`.
+    pub fn smolvlm() -> Self {
+        Self {
+            around: "<fake_token_around_image>".into(),
+            global: "<global-img>".into(),
+            image: "<image>".into(),
+        }
+    }
+
+    /// One image of `tokens` image tokens, as prompt text.
+    pub fn text(&self, tokens: usize) -> String {
+        format!(
+            "{a}{g}{}{a}",
+            self.image.repeat(tokens),
+            a = self.around,
+            g = self.global
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -31,6 +68,20 @@ struct HfIdefics3 {
     vision_config: HfVision,
     scale_factor: usize,
     image_token_id: u32,
+    #[serde(default)]
+    graft: Option<GraftBlock>,
+}
+
+/// What `server train vision` adds to the config of a tower it trained.
+#[derive(Deserialize)]
+struct GraftBlock {
+    info: GraftInfo,
+}
+
+#[derive(Deserialize)]
+struct GraftInfo {
+    image_tokens: ImageTokens,
+    tokenizer: String,
 }
 
 #[derive(Deserialize)]
@@ -106,9 +157,50 @@ impl VisionConfig {
             layer_norm_eps: v.layer_norm_eps,
             scale_factor: hf.scale_factor,
             image_token_id: hf.image_token_id,
+            image_tokens: hf
+                .graft
+                .as_ref()
+                .map_or_else(ImageTokens::smolvlm, |g| g.info.image_tokens.clone()),
+            tokenizer: hf.graft.map(|g| g.info.tokenizer),
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// A tower trained for a text-only model fits `tokenizer` only if it names that
+    /// tokenizer's identity and its image tokens are single tokens of it.
+    pub fn check_tokenizer(&self, tokenizer: &crate::Tokenizer) -> Result<()> {
+        let identity = tokenizer.identity();
+        match &self.tokenizer {
+            Some(trained) if *trained == identity => {}
+            Some(trained) => {
+                return Err(ModelError::Config(format!(
+                "the vision tower was trained for tokenizer {trained}, the model's is {identity}"
+            )))
+            }
+            None => {
+                return Err(ModelError::Config(
+                    "the vision tower names no tokenizer (config.json `graft.info.tokenizer`): \
+                     it is not one `server train vision` wrote"
+                        .into(),
+                ))
+            }
+        }
+        let t = &self.image_tokens;
+        for piece in [&t.around, &t.global, &t.image] {
+            let ids = tokenizer.encode(piece, true).unwrap_or_default();
+            let expected = (piece == &t.image).then_some(self.image_token_id);
+            if ids.len() != 1 || expected.is_some_and(|id| ids[0] != id) {
+                return Err(ModelError::Config(format!(
+                    "image token `{piece}` is not {} of the model's tokenizer",
+                    match expected {
+                        Some(id) => format!("token {id}"),
+                        None => "one token".into(),
+                    }
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Patches along one side of the image.

@@ -26,9 +26,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::loader::{SafetensorsSource, WeightSource};
-pub use config::VisionConfig;
+use crate::Tokenizer;
+pub use config::{ImageTokens, VisionConfig};
 use connector::Connector;
 pub use preprocess::ImageProcessor;
 use siglip::SiglipEncoder;
@@ -58,13 +59,35 @@ impl VisionModel {
         Ok(Some(Self { tower, processor }))
     }
 
+    /// A tower trained for a text-only language model (`server train vision`), read from its
+    /// own folder `dir` and attached to that model: its `config.json` must name `tokenizer`'s
+    /// identity, and each of its image tokens must be one token of `tokenizer`, the image token
+    /// the config's `image_token_id`.
+    pub fn attach(
+        dir: &Path,
+        device: &Device,
+        text_hidden: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        if !config::is_idefics3(dir) {
+            return Err(ModelError::Config(format!(
+                "{}: no Idefics3 config.json, so no vision tower to attach",
+                dir.display()
+            )));
+        }
+        let config = VisionConfig::read(dir)?;
+        config.check_tokenizer(tokenizer)?;
+        let tower = VisionTower::load(dir, text_hidden, device)?;
+        let processor = ImageProcessor::read(dir, tower.config().image_size as u32)?;
+        Ok(Self { tower, processor })
+    }
+
     /// One image's prompt text as Idefics3's processor writes it without splitting:
     /// `<fake_token_around_image><global-img>`, then `<image>` once per image token, then
-    /// `<fake_token_around_image>`.
+    /// `<fake_token_around_image>` (or the tokens the config names instead).
     pub fn image_prompt(&self) -> String {
-        let around = "<fake_token_around_image>";
-        let n = self.tower.config().tokens_per_image();
-        format!("{around}<global-img>{}{around}", "<image>".repeat(n))
+        let config = self.tower.config();
+        config.image_tokens.text(config.tokens_per_image())
     }
 
     /// The features of `images` (8-bit RGB, `(rgb, width, height)`), in order, one row per

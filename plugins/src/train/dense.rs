@@ -308,6 +308,11 @@ impl DenseLlama {
         Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?)
     }
 
+    /// Input embeddings of `ids` `(n,)` u32 -> `(n, hidden)`: what an image feature replaces.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.index_select(ids, 0)?)
+    }
+
     /// Hidden states after the final norm: `ids` `(b, t)` -> `(b, t, hidden)`.
     pub fn hidden(&self, ids: &Tensor, lora: Option<&LoraFactors>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;

@@ -6,6 +6,7 @@ mod long_context;
 mod perplexity;
 mod refusal;
 pub(crate) mod svg;
+mod vision;
 
 use clap::Subcommand;
 
@@ -24,6 +25,9 @@ pub enum EvalCommand {
     /// oracle, Quest and recency at each budget, and decoding against dense (perplexity,
     /// agreement, keys read, tokens/s)
     LongContext(Box<long_context::LongContextArgs>),
+    /// A vision tower (`server train vision`) on the held-out questions of its synthetic set,
+    /// answered by the serving forward pass: accuracy by question kind, and sample images
+    Vision(Box<vision::VisionArgs>),
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Perplexity(args) => perplexity::run(*args),
         EvalCommand::EarlyExit(args) => early_exit::run(*args),
         EvalCommand::LongContext(args) => long_context::run(*args),
+        EvalCommand::Vision(args) => vision::run(*args),
     }
 }

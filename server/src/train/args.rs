@@ -194,6 +194,7 @@ pub fn model_path(path: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 pub fn load_model(path: &Path, max_positions: usize) -> anyhow::Result<LoadedModel> {
     let options = LoadOptions {
+        vision: None,
         max_positions: Some(max_positions),
         chat_template: None,
     };

@@ -158,6 +158,7 @@ fn check_inputs(args: &LoraArgs) -> anyhow::Result<()> {
 fn load_model(path: &Path, max_len: usize) -> anyhow::Result<LoadedModel> {
     let started = Instant::now();
     let options = LoadOptions {
+        vision: None,
         max_positions: Some(max_len),
         chat_template: None,
     };

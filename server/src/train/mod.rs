@@ -11,6 +11,7 @@ mod loss_chart;
 mod memory;
 mod sparse_attention;
 mod steer;
+mod vision;
 
 use clap::Subcommand;
 
@@ -38,6 +39,10 @@ pub enum TrainCommand {
     /// model's own attention on long text; writes config.json + gates.safetensors the server
     /// loads as a `sparse_attention` plug-in, and report.json / report.svg
     SparseAttention(Box<sparse_attention::SparseAttentionArgs>),
+    /// Train a vision tower (SigLIP encoder + connector) for the frozen language model on a
+    /// seeded synthetic visual question set; writes the folder `server serve --vision` loads
+    /// and report.json (held-out accuracy)
+    Vision(Box<vision::VisionArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
@@ -48,5 +53,6 @@ pub fn run(command: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Memory(args) => memory::run(*args),
         TrainCommand::EarlyExit(args) => early_exit::run(*args),
         TrainCommand::SparseAttention(args) => sparse_attention::run(*args),
+        TrainCommand::Vision(args) => vision::run(*args),
     }
 }

@@ -1,0 +1,112 @@
+//! Questions about images answered by the serving forward pass (`models::Llama` with the
+//! image-splice hook, as the server runs a chat request): greedy decoding, the prefill timed
+//! apart from the vision tower. `server eval vision` reports accuracy this way, so what it
+//! measures is what the server answers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::D;
+use models::vision::{ImagePlacement, ImageSplice, VisionModel};
+use models::{BatchRow, HookCall, Llama, LogitsWanted};
+
+use super::eval::{kind_index, Accuracy};
+use super::prompt::Renderer;
+use crate::train::{Progress, Result, TrainError};
+
+/// Answers are one word: a few tokens and the end of the turn.
+const MAX_ANSWER_TOKENS: usize = 4;
+
+/// The served model with an attached vision tower.
+pub struct Served<'a> {
+    pub model: &'a Llama,
+    pub vision: &'a VisionModel,
+    pub renderer: Renderer<'a>,
+}
+
+/// One answer and where its time went.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub encode: Duration,
+    pub prefill: Duration,
+}
+
+impl Served<'_> {
+    /// The greedy answer to `question` about the `width x height` RGB image `rgb`.
+    pub fn answer(&self, rgb: &[u8], width: u32, height: u32, question: &str) -> Result<Answer> {
+        let started = Instant::now();
+        let features = self.vision.features(&[(rgb, width, height)])?;
+        let encode = started.elapsed();
+        let prompt = self.renderer.question(question)?;
+        let image = self.vision.tower.config().image_token_id;
+        let placement = ImagePlacement::for_prompt(&prompt, image, features)?;
+        let hooks = [HookCall::new(
+            Arc::new(ImageSplice::new(image)),
+            Arc::new(placement),
+        )];
+        let mut cache = self.model.new_cache();
+        let started = Instant::now();
+        let mut next = self.step(&prompt, &mut cache, &hooks)?;
+        let prefill = started.elapsed();
+        let end = self.renderer.tokenizer.eos_ids();
+        let mut out = Vec::new();
+        while !end.contains(&next) && out.len() < MAX_ANSWER_TOKENS {
+            out.push(next);
+            next = self.step(&[next], &mut cache, &hooks)?;
+        }
+        let text = self
+            .renderer
+            .tokenizer
+            .decode(&out, true)
+            .map_err(|e| TrainError::Prompt(e.to_string()))?;
+        Ok(Answer {
+            text: text.trim().to_string(),
+            prompt_tokens: prompt.len(),
+            encode,
+            prefill,
+        })
+    }
+
+    /// Feeds `tokens` and returns the greedy next token.
+    fn step(&self, tokens: &[u32], cache: &mut models::KvCache, hooks: &[HookCall]) -> Result<u32> {
+        let mut rows = [BatchRow {
+            seq_id: 0,
+            tokens,
+            cache,
+            hooks,
+            logits: LogitsWanted::Last,
+        }];
+        let logits = self.model.forward(&mut rows)?.into_iter().next().flatten();
+        let logits = logits.ok_or_else(|| TrainError::Prompt("no logits".into()))?;
+        Ok(logits
+            .flatten_all()?
+            .argmax(D::Minus1)?
+            .to_scalar::<u32>()?)
+    }
+}
+
+/// Accuracy of the served model on the first `questions` test questions (the same ones as
+/// [`super::eval::accuracy`]), with each question's verdict in order.
+pub fn served_accuracy(
+    served: &Served<'_>,
+    seed: u64,
+    questions: usize,
+    progress: &mut dyn Progress,
+) -> Result<(Accuracy, Vec<bool>)> {
+    progress.phase("test questions", questions);
+    let mut accuracy = Accuracy::empty();
+    let mut verdicts = Vec::with_capacity(questions);
+    let size = super::data::IMAGE_SIZE as u32;
+    for i in 0..questions {
+        let (sample, q) = super::eval::test_question(seed, i);
+        let question = &sample.questions[q];
+        let answer = served.answer(&sample.rgb, size, size, &question.text)?;
+        let right = answer.text.to_lowercase() == question.answer;
+        accuracy.count(kind_index(question.kind), right);
+        verdicts.push(right);
+        progress.advance(1);
+    }
+    Ok((accuracy, verdicts))
+}

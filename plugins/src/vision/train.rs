@@ -1,0 +1,387 @@
+//! `server train vision`: LLaVA's first stage at this project's scale. The language model stays
+//! frozen; a small SigLIP encoder and the connector learn, from the seeded synthetic question
+//! set of [`super::data`], to write images into the model's input so that it answers
+//! questions about them.
+//!
+//! Two phases. **Alignment** (cheap: the language model does not run) teaches the tower to
+//! write each image as words the frozen model already reads: at each image token, the input
+//! embedding of one word about its patch. An object's patches cycle through its colour, shape
+//! and side along each row (shifted by one on the next row), so the prompt holds phrases like
+//! "red circle left"; the written word's patches say the word; the background says how many
+//! objects there are. **Answering** then trains tower and connector end to end through the
+//! frozen model on multi-turn conversations about each image (one image's tokens serve several
+//! answers), cross-entropy on the answers' tokens. AdamW, linear warm-up then cosine decay
+//! to a tenth in each phase; checkpoints every `checkpoint_every` steps resume where a run
+//! stopped, with the same samples (sample `i` of a phase is a function of the seed and `i`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use models::vision::ImageProcessor;
+
+use super::data::{self, Owner, Sample, Split};
+use super::prompt::{Conversation, Renderer};
+use super::tower::{TowerShape, TrainableTower};
+use crate::train::adamw::AdamW;
+use crate::train::{DenseLlama, Progress, Result, TrainError};
+
+/// Where phase 2's samples start, so the two phases never show the same image.
+const ANSWER_SAMPLES: u64 = 1 << 32;
+const WARMUP: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainOptions {
+    pub shape: TowerShape,
+    pub seed: u64,
+    pub align_steps: usize,
+    /// Images per alignment step.
+    pub align_batch: usize,
+    pub align_lr: f64,
+    pub steps: usize,
+    /// Images per answering step.
+    pub batch: usize,
+    /// Questions asked about each image in one answering conversation.
+    pub turns: usize,
+    pub lr: f64,
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            shape: TowerShape {
+                hidden_size: 192,
+                intermediate_size: 768,
+                num_hidden_layers: 4,
+                num_attention_heads: 3,
+                image_size: data::IMAGE_SIZE,
+                patch_size: 16,
+                scale_factor: 1,
+            },
+            seed: 0,
+            align_steps: 400,
+            align_batch: 16,
+            align_lr: 1e-3,
+            steps: 900,
+            batch: 2,
+            turns: 8,
+            lr: 1e-3,
+            checkpoint_every: 50,
+        }
+    }
+}
+
+/// What training needs from the frozen model and how images are written into its prompt.
+pub struct Trainer<'a> {
+    pub dense: &'a DenseLlama,
+    pub renderer: Renderer<'a>,
+    pub image_id: u32,
+    pub processor: ImageProcessor,
+}
+
+/// Trains a tower per `opts`, resuming from `work_dir`'s checkpoint when there is one.
+pub fn train(
+    trainer: &Trainer<'_>,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<TrainableTower> {
+    let checkpoint = Checkpoint::new(work_dir);
+    let text_hidden = trainer.dense.config.hidden_size;
+    let (tower, phase, done) = match checkpoint.read(opts.shape, text_hidden)? {
+        Some(resumed) => resumed,
+        None => (
+            TrainableTower::new(opts.shape, text_hidden, opts.seed)?,
+            0,
+            0,
+        ),
+    };
+    let phases: [(&str, usize, f64); 2] = [
+        ("alignment steps", opts.align_steps, opts.align_lr),
+        ("answering steps", opts.steps, opts.lr),
+    ];
+    for (p, &(name, steps, lr)) in phases.iter().enumerate().skip(phase) {
+        let start = if p == phase { done } else { 0 };
+        let mut optimizer = AdamW::new(tower.vars(), 0.0)?;
+        if start > 0 {
+            checkpoint.restore(&mut optimizer)?;
+        }
+        progress.phase(name, steps);
+        progress.advance(start);
+        for step in start..steps {
+            let loss = match p {
+                0 => trainer.align_loss(&tower, &align_samples(opts, step))?,
+                _ => trainer.answer_loss(&tower, &answer_samples(opts, step), opts.turns)?,
+            };
+            let value = loss.to_scalar::<f32>()?;
+            optimizer.step(&loss.backward()?, schedule(lr, step, steps))?;
+            let name = if p == 0 { "align_loss" } else { "answer_loss" };
+            progress.losses(step, &[(name, value)]);
+            progress.advance(1);
+            let finished = step + 1;
+            if opts.checkpoint_every > 0 && finished % opts.checkpoint_every == 0 {
+                checkpoint.write(&tower, &optimizer, p, finished)?;
+            }
+        }
+        checkpoint.write(&tower, &optimizer, p + 1, 0)?;
+    }
+    Ok(tower)
+}
+
+fn align_samples(opts: &TrainOptions, step: usize) -> Vec<Sample> {
+    let first = (step * opts.align_batch) as u64;
+    (first..first + opts.align_batch as u64)
+        .map(|i| data::sample(opts.seed, Split::Train, i))
+        .collect()
+}
+
+fn answer_samples(opts: &TrainOptions, step: usize) -> Vec<Sample> {
+    let first = ANSWER_SAMPLES + (step * opts.batch) as u64;
+    (first..first + opts.batch as u64)
+        .map(|i| data::sample(opts.seed, Split::Train, i))
+        .collect()
+}
+
+/// Linear warm-up over [`WARMUP`] steps, then cosine decay from `peak` to `peak / 10`.
+fn schedule(peak: f64, step: usize, steps: usize) -> f64 {
+    if step < WARMUP {
+        return peak * (step + 1) as f64 / WARMUP as f64;
+    }
+    let t = (step - WARMUP) as f64 / (steps.saturating_sub(WARMUP).max(1)) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+impl Trainer<'_> {
+    /// `(n, 3, size, size)` pixel values of `samples`, as the server's processor makes them.
+    pub fn pixels(&self, samples: &[Sample]) -> Result<Tensor> {
+        let size = data::IMAGE_SIZE as u32;
+        let images = samples
+            .iter()
+            .map(|s| {
+                self.processor
+                    .pixel_values(&s.rgb, size, size, &Device::Cpu)
+            })
+            .collect::<models::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&images, 0)?)
+    }
+
+    /// Phase 1: mean squared distance of each image token to the embedding of its patch's
+    /// word, relative to the targets' mean square.
+    fn align_loss(&self, tower: &TrainableTower, samples: &[Sample]) -> Result<Tensor> {
+        let out = tower.forward(&self.pixels(samples)?)?; // (n, tokens, hidden)
+        let target = self.patch_targets(tower.shape, samples)?;
+        let error = (out - &target)?.sqr()?.mean_all()?;
+        Ok((error / target.sqr()?.mean_all()?)?)
+    }
+
+    /// `(n, tokens, hidden)`: per image token, the embedding of its patch's word (a mean when a
+    /// patch says several).
+    fn patch_targets(&self, shape: TowerShape, samples: &[Sample]) -> Result<Tensor> {
+        if shape.scale_factor != 1 {
+            return Err(TrainError::BadOption(
+                "alignment needs one image token per patch (scale factor 1)".into(),
+            ));
+        }
+        let words = data::answer_words();
+        let ids = words
+            .iter()
+            .map(|w| self.word_id(w))
+            .collect::<Result<Vec<u32>>>()?;
+        let table = self.dense.embed(&Tensor::new(ids, &Device::Cpu)?)?;
+        let position = |w: &str| words.iter().position(|x| *x == w).unwrap_or(0);
+        // Patches in the rendered image's pixels, which the processor resizes to the tower's.
+        let patch = data::IMAGE_SIZE / (shape.image_size / shape.patch_size);
+        let mut rows = Vec::new();
+        let side_patches = shape.image_size / shape.patch_size;
+        for s in samples {
+            let owners = data::patch_owners(&s.scene, patch, 0.2);
+            for (k, owner) in owners.into_iter().enumerate() {
+                let said: Vec<&str> = match owner {
+                    Owner::Background => vec![count_word(s.scene.objects.len())],
+                    Owner::Word => s.scene.word.iter().map(|w| w.text).collect(),
+                    // An object's patches read, along each row, its colour, shape and side in
+                    // turn ("red circle left red ..."), shifted by a word on each row, so
+                    // that the prompt holds the phrase "red circle" wherever the object is.
+                    Owner::Object(i) => s.scene.objects.get(i).map_or(vec![], |o| {
+                        let words = [o.colour.name(), o.shape.name(), side(o.cx)];
+                        let (row, col) = (k / side_patches, k % side_patches);
+                        vec![words[(row + col) % 3]]
+                    }),
+                };
+                let mut weights = vec![0f32; words.len()];
+                for w in &said {
+                    weights[position(w)] += 1.0 / said.len() as f32;
+                }
+                rows.push(weights);
+            }
+        }
+        let n = rows.len();
+        let weights = Tensor::from_vec(rows.concat(), (n, words.len()), &Device::Cpu)?;
+        let hidden = table.dim(1)?;
+        Ok(weights
+            .matmul(&table)?
+            .reshape((samples.len(), shape.tokens(), hidden))?)
+    }
+
+    /// The first token of `word` as an answer starts with it.
+    fn word_id(&self, word: &str) -> Result<u32> {
+        let ids = self
+            .renderer
+            .tokenizer
+            .encode(word, false)
+            .map_err(|e| TrainError::Prompt(e.to_string()))?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| TrainError::Prompt(format!("`{word}` encodes to no token")))
+    }
+
+    /// Phase 2: mean cross-entropy of the answers of a conversation of `turns` questions about
+    /// each sample's image.
+    fn answer_loss(
+        &self,
+        tower: &TrainableTower,
+        samples: &[Sample],
+        turns: usize,
+    ) -> Result<Tensor> {
+        let conversations = samples
+            .iter()
+            .map(|s| {
+                let qa: Vec<(&str, &str)> = s
+                    .questions
+                    .iter()
+                    .take(turns)
+                    .map(|q| (q.text.as_str(), q.answer))
+                    .collect();
+                self.renderer.conversation(&qa)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let features = tower.forward(&self.pixels(samples)?)?;
+        let logits = self.answer_logits(&conversations, &features)?;
+        let targets: Vec<u32> = conversations
+            .iter()
+            .flat_map(|c| c.targets.iter().map(|&(_, t)| t))
+            .collect();
+        let targets = Tensor::new(targets, &Device::Cpu)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    }
+
+    /// The frozen model's logits at every target position of `conversations` (in order), with
+    /// `features` `(n, tokens, hidden)` at their image tokens: `(targets, vocab)`.
+    pub fn answer_logits(
+        &self,
+        conversations: &[Conversation],
+        features: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, v, hidden) = features.dims3()?;
+        let t = conversations
+            .iter()
+            .map(|c| c.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![0u32; n * t];
+        let mut index = Vec::with_capacity(n * t);
+        let mut wanted = Vec::new();
+        for (r, c) in conversations.iter().enumerate() {
+            ids[r * t..r * t + c.tokens.len()].copy_from_slice(&c.tokens);
+            let mut k = 0;
+            for p in 0..t {
+                if c.tokens.get(p) == Some(&self.image_id) && k < v {
+                    index.push((n * t + r * v + k) as u32);
+                    k += 1;
+                } else {
+                    index.push((r * t + p) as u32);
+                }
+            }
+            if k != v {
+                return Err(TrainError::Prompt(format!(
+                    "conversation {r} holds {k} image tokens, the tower writes {v}"
+                )));
+            }
+            wanted.extend(c.targets.iter().map(|&(p, _)| (r * t + p) as u32));
+        }
+        let embeds = self.dense.embed(&Tensor::new(ids, &Device::Cpu)?)?;
+        let all = Tensor::cat(&[embeds, features.reshape((n * v, hidden))?], 0)?;
+        let x = all
+            .index_select(&Tensor::new(index, &Device::Cpu)?, 0)?
+            .reshape((n, t, hidden))?;
+        let h = self.dense.hidden_from(&x, None)?.reshape((n * t, hidden))?;
+        let h = h.index_select(&Tensor::new(wanted, &Device::Cpu)?, 0)?;
+        self.dense.head(&h)
+    }
+}
+
+fn count_word(n: usize) -> &'static str {
+    data::COUNTS[n.clamp(1, 4) - 1]
+}
+
+fn side(cx: f32) -> &'static str {
+    if cx < data::IMAGE_SIZE as f32 / 2.0 {
+        "left"
+    } else {
+        "right"
+    }
+}
+
+/// `work_dir/checkpoint/`: the tower, the optimizer's moments and where training stood.
+struct Checkpoint {
+    dir: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Position {
+    phase: usize,
+    done: usize,
+}
+
+impl Checkpoint {
+    fn new(work_dir: &Path) -> Self {
+        Self {
+            dir: work_dir.join("checkpoint"),
+        }
+    }
+
+    fn read(
+        &self,
+        shape: TowerShape,
+        hidden: usize,
+    ) -> Result<Option<(TrainableTower, usize, usize)>> {
+        let state = self.dir.join("state.json");
+        let Ok(text) = std::fs::read_to_string(&state) else {
+            return Ok(None);
+        };
+        let at: Position = serde_json::from_str(&text)
+            .map_err(|e| TrainError::BadOption(format!("{}: {e}", state.display())))?;
+        let tower = TrainableTower::load(shape, hidden, &self.dir.join("tower.safetensors"))?;
+        Ok(Some((tower, at.phase, at.done)))
+    }
+
+    fn restore(&self, optimizer: &mut AdamW) -> Result<()> {
+        let state =
+            candle_core::safetensors::load(self.dir.join("optimizer.safetensors"), &Device::Cpu)?;
+        optimizer.restore(&state)
+    }
+
+    /// Written beside, then renamed: a run killed mid-write keeps the previous checkpoint.
+    fn write(
+        &self,
+        tower: &TrainableTower,
+        optimizer: &AdamW,
+        phase: usize,
+        done: usize,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+        let tmp = self.dir.join("tower.safetensors.tmp");
+        tower.save(&tmp)?;
+        rename(&tmp, &self.dir.join("tower.safetensors"))?;
+        let tmp = self.dir.join("optimizer.safetensors.tmp");
+        candle_core::safetensors::save(&optimizer.state()?, &tmp)?;
+        rename(&tmp, &self.dir.join("optimizer.safetensors"))?;
+        let state = serde_json::to_string(&Position { phase, done }).unwrap_or_default();
+        let path = self.dir.join("state.json");
+        std::fs::write(&path, state).map_err(|e| TrainError::io(&path, e))
+    }
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|e| TrainError::io(to, e))
+}

@@ -1,0 +1,130 @@
+//! `server eval vision`: a vision tower (`server train vision`) attached to its language model,
+//! asked the held-out questions of its synthetic set through the serving forward pass
+//! (`plugins::vision::served`); writes `report.json` (accuracy by question kind, median
+//! vision-tower and prefill times) and `samples/` (the first test images as PNG, with each
+//! question, its answer and whether the model answered it right, `questions.jsonl`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Args;
+use models::bundle::LoadOptions;
+use plugins::vision::data;
+use plugins::vision::eval::test_question;
+use plugins::vision::prompt::Renderer;
+use plugins::vision::served::{served_accuracy, Served};
+
+use crate::train::args::{model_path, BarProgress};
+
+#[derive(Debug, Args)]
+pub struct VisionArgs {
+    /// Language model the tower was trained for [default: the default model]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The tower's folder (what `server train vision --out` wrote)
+    #[arg(long)]
+    vision: PathBuf,
+    /// Held-out questions asked (the first N of the test split)
+    #[arg(long, default_value_t = 500)]
+    questions: usize,
+    /// Seed of the synthetic set [default: the one the tower was trained with]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Test images written to samples/ with their questions
+    #[arg(long, default_value_t = 16)]
+    samples: usize,
+    /// Folder for report.json and samples/
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: VisionArgs) -> anyhow::Result<()> {
+    let path = model_path(&args.model)?;
+    let options = LoadOptions {
+        vision: Some(args.vision.clone()),
+        ..Default::default()
+    };
+    let loaded = models::bundle::load(&path, &Device::Cpu, &options).with_context(|| {
+        format!(
+            "cannot load {} with {}",
+            path.display(),
+            args.vision.display()
+        )
+    })?;
+    let (Some(vision), Some(template)) = (&loaded.vision, &loaded.chat_template) else {
+        bail!("the model needs a chat template and the tower to ask questions");
+    };
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => trained_seed(&args.vision)?,
+    };
+    let served = Served {
+        model: &loaded.model,
+        vision,
+        renderer: Renderer {
+            tokenizer: &loaded.tokenizer,
+            template,
+            image_text: vision.image_prompt(),
+        },
+    };
+    let mut progress = BarProgress::new(None)?;
+    let (accuracy, verdicts) = served_accuracy(&served, seed, args.questions, &mut progress)?;
+    progress.finish()?;
+    std::fs::create_dir_all(&args.out)?;
+    let report = serde_json::json!({
+        "tower": args.vision,
+        "seed": seed,
+        "accuracy": accuracy.fraction(),
+        "by_kind": accuracy.by_kind,
+        "questions": accuracy.questions,
+    });
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    write_samples(
+        &args.out.join("samples"),
+        seed,
+        &verdicts[..args.samples.min(verdicts.len())],
+    )?;
+    println!("{accuracy}");
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The seed in the tower's `config.json` (`graft.training.options.seed`).
+fn trained_seed(dir: &Path) -> anyhow::Result<u64> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    json["graft"]["training"]["options"]["seed"]
+        .as_u64()
+        .with_context(|| format!("{} names no training seed: pass --seed", path.display()))
+}
+
+/// Test question `i` for each verdict: `samples/NNN.png` and one JSON line
+/// (`{"image": "000.png", "question", "answer", "right"}`).
+fn write_samples(dir: &Path, seed: u64, verdicts: &[bool]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("questions.jsonl");
+    let mut lines =
+        std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    let size = data::IMAGE_SIZE as u32;
+    for (i, right) in verdicts.iter().enumerate() {
+        let (sample, q) = test_question(seed, i);
+        let name = format!("{i:03}.png");
+        let Some(image) = image::RgbImage::from_raw(size, size, sample.rgb) else {
+            bail!("sample {i} is not a {size}x{size} RGB image");
+        };
+        image.save(dir.join(&name))?;
+        let q = &sample.questions[q];
+        let line = serde_json::json!({
+            "image": name, "question": q.text, "answer": q.answer, "right": right,
+        });
+        writeln!(lines, "{line}")?;
+    }
+    Ok(())
+}

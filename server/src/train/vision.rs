@@ -1,0 +1,163 @@
+//! `server train vision`: trains a vision tower for the frozen language model on the seeded
+//! synthetic question set (`plugins::vision`) and writes the folder `server serve --vision`
+//! loads (`config.json`, `model.safetensors`, `preprocessor_config.json`), with
+//! `report.json` (held-out accuracy by question kind, teacher-forced), `train_log.jsonl` and
+//! `loss.svg`. `server eval vision` asks the same questions through the serving path.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use plugins::train::DenseLlama;
+use plugins::vision::eval::accuracy;
+use plugins::vision::files::{self, TowerInfo};
+use plugins::vision::prompt::{image_id, smollm2_image_tokens, Renderer};
+use plugins::vision::tower::TowerShape;
+use plugins::vision::train::{train, TrainOptions, Trainer};
+
+use super::args::{check_out_dir, load_model, model_path, BarProgress};
+
+const LOG_FILE: &str = "train_log.jsonl";
+
+#[derive(Debug, Args)]
+pub struct VisionArgs {
+    /// Language model (kept frozen): a .gguf file or a Hugging Face folder [default: the
+    /// default model]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Folder to write the tower into; must be empty or new (see --resume)
+    #[arg(long)]
+    out: PathBuf,
+    /// Go on from the checkpoint a stopped run left in --out
+    #[arg(long)]
+    resume: bool,
+    /// Write into --out even if it holds files (starts afresh)
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Seed of the synthetic images and questions and of the tower's initialisation
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Alignment steps (image tokens to word embeddings; the language model does not run)
+    #[arg(long, default_value_t = TrainOptions::default().align_steps)]
+    align_steps: usize,
+    /// Images per alignment step
+    #[arg(long, default_value_t = TrainOptions::default().align_batch)]
+    align_batch: usize,
+    /// Peak learning rate of alignment
+    #[arg(long, default_value_t = TrainOptions::default().align_lr)]
+    align_lr: f64,
+    /// Answering steps (through the frozen language model)
+    #[arg(long, default_value_t = TrainOptions::default().steps)]
+    steps: usize,
+    /// Images per answering step
+    #[arg(long, default_value_t = TrainOptions::default().batch)]
+    batch: usize,
+    /// Questions asked about each image in one training conversation
+    #[arg(long, default_value_t = TrainOptions::default().turns)]
+    turns: usize,
+    /// Peak learning rate of answering (20 warm-up steps, cosine decay to a tenth)
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
+    lr: f64,
+    /// Width of the encoder
+    #[arg(long, default_value_t = TrainOptions::default().shape.hidden_size)]
+    hidden_size: usize,
+    /// Encoder layers
+    #[arg(long, default_value_t = TrainOptions::default().shape.num_hidden_layers)]
+    layers: usize,
+    /// Attention heads per encoder layer
+    #[arg(long, default_value_t = TrainOptions::default().shape.num_attention_heads)]
+    heads: usize,
+    /// Held-out questions for the report
+    #[arg(long, default_value_t = 500)]
+    test_questions: usize,
+}
+
+pub fn run(args: VisionArgs) -> anyhow::Result<()> {
+    if !(args.resume && args.out.join("checkpoint").exists()) {
+        check_out_dir(&args.out, args.overwrite)?;
+    }
+    let loaded = load_model(&model_path(&args.model)?, 1024)?;
+    let template = loaded
+        .chat_template
+        .as_ref()
+        .context("the model has no chat template to render questions with")?;
+    let opts = options(&args);
+    let dense = DenseLlama::from_llama(&loaded.model, 1024, &candle_core::Device::Cpu)?;
+    let tokens = smollm2_image_tokens();
+    let trainer = Trainer {
+        dense: &dense,
+        renderer: Renderer {
+            tokenizer: &loaded.tokenizer,
+            template,
+            image_text: tokens.text(opts.shape.tokens()),
+        },
+        image_id: image_id(&tokens, &loaded.tokenizer)?,
+        processor: files::processor(opts.shape.image_size),
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let started = std::time::Instant::now();
+    let mut progress = BarProgress::appending(Some(args.out.join(LOG_FILE)))?;
+    let tower = train(&trainer, &opts, &args.out, &mut progress)?;
+    let trained_minutes = started.elapsed().as_secs_f64() / 60.0;
+    // Evaluated as served: the folder holds f16 weights.
+    tower.round_to_f16()?;
+    let report = accuracy(
+        &trainer,
+        &tower,
+        opts.seed,
+        args.test_questions,
+        &mut progress,
+    )?;
+    progress.finish()?;
+    let info = TowerInfo {
+        image_tokens: tokens,
+        tokenizer: loaded.tokenizer.identity(),
+        text_hidden_size: loaded.model.config.hidden_size,
+    };
+    let summary = serde_json::json!({
+        "options": opts,
+        "train_minutes": trained_minutes,
+        "test_accuracy": report.fraction(),
+    });
+    files::write(
+        &args.out,
+        &tower,
+        trainer.image_id,
+        &info,
+        loaded.model.config.hf_json(),
+        summary.clone(),
+    )?;
+    let mut full = summary;
+    full["accuracy"] = serde_json::to_value(&report)?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&full)?,
+    )?;
+    super::loss_chart::write(&args.out.join(LOG_FILE), &args.out.join("loss.svg"))?;
+    println!("trained in {trained_minutes:.1} min");
+    println!("{report}");
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn options(args: &VisionArgs) -> TrainOptions {
+    let default = TrainOptions::default();
+    TrainOptions {
+        shape: TowerShape {
+            hidden_size: args.hidden_size,
+            intermediate_size: 4 * args.hidden_size,
+            num_hidden_layers: args.layers,
+            num_attention_heads: args.heads,
+            ..default.shape
+        },
+        seed: args.seed,
+        align_steps: args.align_steps,
+        align_batch: args.align_batch,
+        align_lr: args.align_lr,
+        steps: args.steps,
+        batch: args.batch,
+        turns: args.turns,
+        lr: args.lr,
+        ..default
+    }
+}
