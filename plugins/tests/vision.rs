@@ -150,3 +150,75 @@ fn a_template_that_does_not_put_the_reply_after_its_prompt_is_refused() {
     let err = renderer.conversation(&[("q?", "red")]).unwrap_err();
     assert!(err.to_string().contains("answer 0"), "{err}");
 }
+
+#[test]
+fn training_logits_are_the_served_models_with_the_image_spliced_in() {
+    use models::vision::{ImagePlacement, ImageSplice};
+    use models::{BatchRow, HookCall, LogitsWanted};
+    use plugins::train::DenseLlama;
+    use plugins::vision::train::Trainer;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = tiny_bundle(dir.path());
+    let hidden = loaded.model.config.hidden_size;
+    let tower = TrainableTower::new(shape(), hidden, 8).unwrap();
+    let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}\
+                  {% if add_generation_prompt %}<assistant>{% endif %}";
+    let template = ChatTemplate::new(source, None, Some("<|endoftext|>".into())).unwrap();
+    let dense = DenseLlama::from_llama(&loaded.model, 256, &Device::Cpu).unwrap();
+    let image = image_id(&tokens(), &loaded.tokenizer).unwrap();
+    let trainer = Trainer {
+        dense: &dense,
+        renderer: Renderer {
+            tokenizer: &loaded.tokenizer,
+            template: &template,
+            image_text: tokens().text(shape().tokens()),
+        },
+        image_id: image,
+        processor: files::processor(32),
+    };
+    let c = trainer
+        .renderer
+        .conversation(&[("what colour?", "red"), ("and?", "blue")])
+        .unwrap();
+    let rgb: Vec<u8> = (0..32 * 32 * 3).map(|i| (i * 13 % 256) as u8).collect();
+    let pixels = trainer
+        .processor
+        .pixel_values(&rgb, 32, 32, &Device::Cpu)
+        .unwrap();
+    let features = tower
+        .forward(&pixels.unsqueeze(0).unwrap())
+        .unwrap()
+        .detach();
+    let trained = trainer.answer_logits(&[c.clone()], &features).unwrap();
+
+    let flat = features.squeeze(0).unwrap();
+    let placement = ImagePlacement::for_prompt(&c.tokens, image, flat).unwrap();
+    let hooks = [HookCall::new(
+        Arc::new(ImageSplice::new(image)),
+        Arc::new(placement),
+    )];
+    let mut cache = loaded.model.new_cache();
+    let mut rows = [BatchRow {
+        seq_id: 0,
+        tokens: &c.tokens,
+        cache: &mut cache,
+        hooks: &hooks,
+        logits: LogitsWanted::All,
+    }];
+    let served = loaded.model.forward(&mut rows).unwrap().remove(0).unwrap();
+    let at: Vec<u32> = c.targets.iter().map(|&(p, _)| p as u32).collect();
+    let served = served
+        .index_select(&candle_core::Tensor::new(at, &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let diff = (trained - served)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "training and serving logits differ by {diff}");
+}

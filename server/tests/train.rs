@@ -427,3 +427,137 @@ fn eval_perplexity_scores_base_memory_curve_and_knn_lm_consistently() {
         "{rows:?}"
     );
 }
+
+// --- server train vision / server eval vision -------------------------------------------
+
+fn server(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A tower small enough to train in seconds on the default model (the borrowed image tokens
+/// are SmolLM2's), a few steps of each phase.
+const TINY_VISION: [&str; 16] = [
+    "--hidden-size",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "1",
+    "--align-batch",
+    "2",
+    "--batch",
+    "1",
+    "--turns",
+    "2",
+    "--test-questions",
+    "3",
+    "--align-steps",
+    "2",
+];
+
+#[test]
+fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
+    let Some(model) = models::testing::default_model_for_tests() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tower");
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec!["train", "vision", "--model", m, "--out", o, "--steps", "1"];
+    args.extend(TINY_VISION);
+    let run = server(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "report.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["graft"]["info"]["image_tokens"]["image"],
+        json!("<empty_output>")
+    );
+    assert_eq!(config["vision_config"]["hidden_size"], json!(32));
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [0, 1, 2], "one step count across both phases");
+
+    // A non-empty folder is refused without --resume; a run stopped when alignment ended (the
+    // checkpoint then says phase 1, no step done) resumes with the answering step alone.
+    let again = server(&args);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--resume"),
+        "{}",
+        text(&again.stderr)
+    );
+    let state = out.join("checkpoint/state.json");
+    let mut at: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    at["phase"] = json!(1);
+    std::fs::write(&state, at.to_string()).unwrap();
+    // Other settings than the checkpoint's are refused.
+    let mut other = args.clone();
+    other.extend(["--resume", "--seed", "9"]);
+    let refused = server(&other);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("other settings"),
+        "{}",
+        text(&refused.stderr)
+    );
+    args.push("--resume");
+    let resumed = server(&args);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [0, 1, 2, 2],
+        "the answering step again, alignment not"
+    );
+
+    let report = dir.path().join("eval");
+    let eval = server(&[
+        "eval",
+        "vision",
+        "--model",
+        m,
+        "--vision",
+        o,
+        "--questions",
+        "2",
+        "--samples",
+        "2",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    let lines = std::fs::read_to_string(report.join("samples/questions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    assert!(report.join("samples/000.png").exists());
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["questions"], json!(2));
+}

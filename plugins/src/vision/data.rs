@@ -225,7 +225,7 @@ pub enum Owner {
 }
 
 /// Every answer word the questions can have, in a fixed order (colours, shapes, counts
-/// "1".."4", "left", "right", the words), so a classifier head can index them stably.
+/// "1".."4", "left", "right", the words), so alignment targets can index them stably.
 pub fn answer_words() -> Vec<&'static str> {
     let colours = COLOURS.iter().map(|c| c.name());
     let shapes = SHAPES.iter().map(|s| s.name());
@@ -280,6 +280,14 @@ pub fn random_scene(rng: &mut impl Rng) -> Scene {
         if let Some(object) = place(shape, colour, &scene, rng) {
             scene.objects.push(object);
         }
+    }
+    // Every scene holds an object (so every image has questions): if the word left no room,
+    // the word goes. Never seen in practice; it only changes a scene that would be empty.
+    if scene.objects.is_empty() {
+        scene.word = None;
+        scene
+            .objects
+            .extend(place(shapes[0], colours[0], &scene, rng));
     }
     scene
 }

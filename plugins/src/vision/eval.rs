@@ -23,6 +23,7 @@ pub const KINDS: [QuestionKind; 5] = [
 /// Questions evaluated per forward pass.
 const BATCH: usize = 8;
 
+/// Right answers out of questions asked, overall and by kind.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Accuracy {
     pub questions: usize,

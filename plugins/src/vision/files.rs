@@ -32,13 +32,15 @@ pub fn processor(image_size: usize) -> ImageProcessor {
     }
 }
 
+/// Writes the folder into `dir`: `text_config` is the language model's `config.json` (its
+/// shape, for readers of the Idefics3 config), `training` what the run records about itself.
 pub fn write(
     dir: &Path,
     tower: &TrainableTower,
     image_id: u32,
     info: &TowerInfo,
     text_config: serde_json::Value,
-    extra: serde_json::Value,
+    training: serde_json::Value,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     let s = tower.shape;
@@ -49,7 +51,7 @@ pub fn write(
         "vision_config": s.vision_config(),
         "scale_factor": s.scale_factor,
         "image_token_id": image_id,
-        "graft": { "type": "vision_tower", "info": info, "training": extra },
+        "graft": { "type": "vision_tower", "info": info, "training": training },
     });
     let p = processor(s.image_size);
     let preprocessor = serde_json::json!({

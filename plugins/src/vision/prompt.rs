@@ -45,8 +45,7 @@ pub struct Conversation {
 }
 
 /// Renders turns of `(question, answer)` about one image (placed before the first question)
-/// with the template; an empty answer list gives the prompt of the first question alone,
-/// ending with the generation prompt, as a chat request renders it.
+/// with the template, as the server renders a chat request.
 pub struct Renderer<'a> {
     pub tokenizer: &'a Tokenizer,
     pub template: &'a ChatTemplate,

@@ -87,14 +87,22 @@ impl Served<'_> {
     }
 }
 
+/// One test question as the served model answered it.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub answer: Answer,
+    pub right: bool,
+}
+
 /// Accuracy of the served model on the first `questions` test questions (the same ones as
-/// [`super::eval::accuracy`]), with each question's verdict in order.
+/// [`super::eval::accuracy`]; an answer is right when, trimmed and lower-cased, it is the
+/// expected word), with each question's answer in order.
 pub fn served_accuracy(
     served: &Served<'_>,
     seed: u64,
     questions: usize,
     progress: &mut dyn Progress,
-) -> Result<(Accuracy, Vec<bool>)> {
+) -> Result<(Accuracy, Vec<Verdict>)> {
     progress.phase("test questions", questions);
     let mut accuracy = Accuracy::empty();
     let mut verdicts = Vec::with_capacity(questions);
@@ -105,7 +113,7 @@ pub fn served_accuracy(
         let answer = served.answer(&sample.rgb, size, size, &question.text)?;
         let right = answer.text.to_lowercase() == question.answer;
         accuracy.count(kind_index(question.kind), right);
-        verdicts.push(right);
+        verdicts.push(Verdict { answer, right });
         progress.advance(1);
     }
     Ok((accuracy, verdicts))

@@ -2,7 +2,7 @@
 //! `models::vision` serves (`SiglipEncoder`, `Connector`), written with operations that candle
 //! can differentiate (the serving path uses candle's fused layer norm, which has no backward),
 //! and saved under the Hugging Face Idefics3 names so that the server loads what training
-//! wrote. A test pins the two forward passes together (`vision/tests.rs`).
+//! wrote. A test pins the two forward passes together (`plugins/tests/vision.rs`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +39,36 @@ impl TowerShape {
         self.patches() / self.scale_factor.pow(2)
     }
 
+    /// The rules `models::vision::VisionConfig` checks when the server loads the tower.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(TrainError::BadOption(what));
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return bad(format!(
+                "a width of {} does not split into {} heads",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return bad("the tower needs at least one layer and a non-empty MLP".into());
+        }
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            return bad(format!(
+                "a {}-pixel image is not a whole number of {}-pixel patches",
+                self.image_size, self.patch_size
+            ));
+        }
+        let side = self.image_size / self.patch_size;
+        if self.scale_factor == 0 || !side.is_multiple_of(self.scale_factor) {
+            return bad(format!(
+                "{side} patches per side do not shuffle by a factor of {}",
+                self.scale_factor
+            ));
+        }
+        Ok(())
+    }
+
     /// `vision_config` as `transformers`' `Idefics3VisionConfig` writes it.
     pub fn vision_config(&self) -> serde_json::Value {
         serde_json::json!({
@@ -67,8 +97,9 @@ pub struct TrainableTower {
 }
 
 impl TrainableTower {
-    /// Fresh weights from `seed`: projections and embeddings N(0, 0.02), biases 0, norms 1.
+    /// Fresh weights from `seed`: PyTorch's default initialisation (see `initial`).
     pub fn new(shape: TowerShape, text_hidden: usize, seed: u64) -> Result<Self> {
+        shape.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let vars = names(&shape, text_hidden)
             .into_iter()
@@ -82,6 +113,7 @@ impl TrainableTower {
 
     /// Weights saved by [`Self::save`] (to resume training).
     pub fn load(shape: TowerShape, text_hidden: usize, path: &Path) -> Result<Self> {
+        shape.validate()?;
         let saved = candle_core::safetensors::load(path, &Device::Cpu)?;
         let vars = names(&shape, text_hidden)
             .into_iter()

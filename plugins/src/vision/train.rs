@@ -29,6 +29,8 @@ use crate::train::{DenseLlama, Progress, Result, TrainError};
 const ANSWER_SAMPLES: u64 = 1 << 32;
 const WARMUP: usize = 20;
 
+/// How a tower is trained: its shape, the seed of its samples and initialisation, and each
+/// phase's steps, batch and peak learning rate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {
     pub shape: TowerShape,
@@ -44,6 +46,23 @@ pub struct TrainOptions {
     pub turns: usize,
     pub lr: f64,
     pub checkpoint_every: usize,
+}
+
+impl TrainOptions {
+    /// Settings a run cannot start with, named.
+    pub fn validate(&self) -> Result<()> {
+        self.shape.validate()?;
+        for (name, value) in [
+            ("align batch", self.align_batch),
+            ("batch", self.batch),
+            ("turns", self.turns),
+        ] {
+            if value == 0 {
+                return Err(TrainError::BadOption(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainOptions {
@@ -86,9 +105,10 @@ pub fn train(
     work_dir: &Path,
     progress: &mut dyn Progress,
 ) -> Result<TrainableTower> {
+    opts.validate()?;
     let checkpoint = Checkpoint::new(work_dir);
     let text_hidden = trainer.dense.config.hidden_size;
-    let (tower, phase, done) = match checkpoint.read(opts.shape, text_hidden)? {
+    let (tower, phase, done) = match checkpoint.read(opts, text_hidden)? {
         Some(resumed) => resumed,
         None => (
             TrainableTower::new(opts.shape, text_hidden, opts.seed)?,
@@ -115,15 +135,20 @@ pub fn train(
             };
             let value = loss.to_scalar::<f32>()?;
             optimizer.step(&loss.backward()?, schedule(lr, step, steps))?;
-            let name = if p == 0 { "align_loss" } else { "answer_loss" };
-            progress.losses(step, &[(name, value)]);
+            // One step count across phases (a resumed run logs its steps after the checkpoint
+            // again; the loss chart keeps each step's last line).
+            let (name, offset) = match p {
+                0 => ("align_loss", 0),
+                _ => ("answer_loss", opts.align_steps),
+            };
+            progress.losses(offset + step, &[(name, value)]);
             progress.advance(1);
             let finished = step + 1;
             if opts.checkpoint_every > 0 && finished % opts.checkpoint_every == 0 {
-                checkpoint.write(&tower, &optimizer, p, finished)?;
+                checkpoint.write(&tower, &optimizer, Position::at(p, finished, opts))?;
             }
         }
-        checkpoint.write(&tower, &optimizer, p + 1, 0)?;
+        checkpoint.write(&tower, &optimizer, Position::at(p + 1, 0, opts))?;
     }
     Ok(tower)
 }
@@ -273,6 +298,12 @@ impl Trainer<'_> {
         features: &Tensor,
     ) -> Result<Tensor> {
         let (n, v, hidden) = features.dims3()?;
+        if conversations.len() != n {
+            return Err(TrainError::Prompt(format!(
+                "{} conversations for the features of {n} images",
+                conversations.len()
+            )));
+        }
         let t = conversations
             .iter()
             .map(|c| c.tokens.len())
@@ -283,19 +314,20 @@ impl Trainer<'_> {
         let mut wanted = Vec::new();
         for (r, c) in conversations.iter().enumerate() {
             ids[r * t..r * t + c.tokens.len()].copy_from_slice(&c.tokens);
-            let mut k = 0;
-            for p in 0..t {
-                if c.tokens.get(p) == Some(&self.image_id) && k < v {
-                    index.push((n * t + r * v + k) as u32);
-                    k += 1;
-                } else {
-                    index.push((r * t + p) as u32);
-                }
-            }
+            let k = c.tokens.iter().filter(|&&id| id == self.image_id).count();
             if k != v {
                 return Err(TrainError::Prompt(format!(
                     "conversation {r} holds {k} image tokens, the tower writes {v}"
                 )));
+            }
+            let mut image = 0;
+            for p in 0..t {
+                if c.tokens.get(p) == Some(&self.image_id) {
+                    index.push((n * t + r * v + image) as u32);
+                    image += 1;
+                } else {
+                    index.push((r * t + p) as u32);
+                }
             }
             wanted.extend(c.targets.iter().map(|&(p, _)| (r * t + p) as u32));
         }
@@ -322,15 +354,33 @@ fn side(cx: f32) -> &'static str {
     }
 }
 
-/// `work_dir/checkpoint/`: the tower, the optimizer's moments and where training stood.
+/// `work_dir/checkpoint/`: the tower, the optimizer's moments and where training stood
+/// (`state.json`, with the run's settings). All three are written into `checkpoint.new/`, which
+/// then replaces the folder, so a run killed at any point leaves one consistent checkpoint:
+/// `checkpoint/`, or, killed between the two renames, `checkpoint.old/`.
 struct Checkpoint {
     dir: PathBuf,
 }
 
+/// Where a run stood: `done` steps of phase `phase` (0: alignment, 1: answering, 2: both
+/// finished).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Position {
     phase: usize,
     done: usize,
+    /// A run resumes only with the settings it started with (the same samples, the same
+    /// schedule).
+    options: TrainOptions,
+}
+
+impl Position {
+    fn at(phase: usize, done: usize, options: &TrainOptions) -> Self {
+        Self {
+            phase,
+            done,
+            options: options.clone(),
+        }
+    }
 }
 
 impl Checkpoint {
@@ -340,46 +390,91 @@ impl Checkpoint {
         }
     }
 
+    fn sibling(&self, suffix: &str) -> PathBuf {
+        self.dir.with_file_name(format!("checkpoint.{suffix}"))
+    }
+
+    /// The folder holding the last complete checkpoint, if any.
+    fn current(&self) -> Option<PathBuf> {
+        [self.dir.clone(), self.sibling("old")]
+            .into_iter()
+            .find(|d| d.join("state.json").exists())
+    }
+
     fn read(
         &self,
-        shape: TowerShape,
+        opts: &TrainOptions,
         hidden: usize,
     ) -> Result<Option<(TrainableTower, usize, usize)>> {
-        let state = self.dir.join("state.json");
-        let Ok(text) = std::fs::read_to_string(&state) else {
+        let Some(dir) = self.current() else {
             return Ok(None);
         };
+        let state = dir.join("state.json");
+        let text = std::fs::read_to_string(&state).map_err(|e| TrainError::io(&state, e))?;
         let at: Position = serde_json::from_str(&text)
             .map_err(|e| TrainError::BadOption(format!("{}: {e}", state.display())))?;
-        let tower = TrainableTower::load(shape, hidden, &self.dir.join("tower.safetensors"))?;
+        if at.options != *opts {
+            return Err(TrainError::BadOption(format!(
+                "{} was written by a run with other settings: {}; resume with those, or start \
+                 afresh",
+                state.display(),
+                differences(&at.options, opts)
+            )));
+        }
+        let tower = TrainableTower::load(opts.shape, hidden, &dir.join("tower.safetensors"))?;
         Ok(Some((tower, at.phase, at.done)))
     }
 
     fn restore(&self, optimizer: &mut AdamW) -> Result<()> {
+        let dir = self.current().unwrap_or_else(|| self.dir.clone());
         let state =
-            candle_core::safetensors::load(self.dir.join("optimizer.safetensors"), &Device::Cpu)?;
+            candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
         optimizer.restore(&state)
     }
 
-    /// Written beside, then renamed: a run killed mid-write keeps the previous checkpoint.
-    fn write(
-        &self,
-        tower: &TrainableTower,
-        optimizer: &AdamW,
-        phase: usize,
-        done: usize,
-    ) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
-        let tmp = self.dir.join("tower.safetensors.tmp");
-        tower.save(&tmp)?;
-        rename(&tmp, &self.dir.join("tower.safetensors"))?;
-        let tmp = self.dir.join("optimizer.safetensors.tmp");
-        candle_core::safetensors::save(&optimizer.state()?, &tmp)?;
-        rename(&tmp, &self.dir.join("optimizer.safetensors"))?;
-        let state = serde_json::to_string(&Position { phase, done }).unwrap_or_default();
-        let path = self.dir.join("state.json");
-        std::fs::write(&path, state).map_err(|e| TrainError::io(&path, e))
+    fn write(&self, tower: &TrainableTower, optimizer: &AdamW, at: Position) -> Result<()> {
+        let new = self.sibling("new");
+        let old = self.sibling("old");
+        for stale in [&new, &old] {
+            if stale.exists() {
+                std::fs::remove_dir_all(stale).map_err(|e| TrainError::io(stale, e))?;
+            }
+        }
+        std::fs::create_dir_all(&new).map_err(|e| TrainError::io(&new, e))?;
+        tower.save(&new.join("tower.safetensors"))?;
+        candle_core::safetensors::save(&optimizer.state()?, new.join("optimizer.safetensors"))?;
+        let state = serde_json::to_string(&at)
+            .map_err(|e| TrainError::BadOption(format!("cannot write the checkpoint: {e}")))?;
+        let path = new.join("state.json");
+        std::fs::write(&path, state).map_err(|e| TrainError::io(&path, e))?;
+        if self.dir.exists() {
+            rename(&self.dir, &old)?;
+        }
+        rename(&new, &self.dir)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        Ok(())
     }
+}
+
+/// The settings that differ, `name: was -> now`.
+fn differences(was: &TrainOptions, now: &TrainOptions) -> String {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(was), serde_json::to_value(now))
+    else {
+        return format!("{was:?}");
+    };
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {v} -> {}",
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn rename(from: &Path, to: &Path) -> Result<()> {

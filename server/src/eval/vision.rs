@@ -1,7 +1,7 @@
 //! `server eval vision`: a vision tower (`server train vision`) attached to its language model,
 //! asked the held-out questions of its synthetic set through the serving forward pass
 //! (`plugins::vision::served`); writes `report.json` (accuracy by question kind, median
-//! vision-tower and prefill times) and `samples/` (the first test images as PNG, with each
+//! prompt length, vision-tower and prefill times) and `samples/` (the first test images as PNG, with each
 //! question, its answer and whether the model answered it right, `questions.jsonl`).
 
 use std::io::Write;
@@ -14,8 +14,9 @@ use models::bundle::LoadOptions;
 use plugins::vision::data;
 use plugins::vision::eval::test_question;
 use plugins::vision::prompt::Renderer;
-use plugins::vision::served::{served_accuracy, Served};
+use plugins::vision::served::{served_accuracy, Served, Verdict};
 
+use crate::config::KvCacheDtype;
 use crate::train::args::{model_path, BarProgress};
 
 #[derive(Debug, Args)]
@@ -38,6 +39,9 @@ pub struct VisionArgs {
     /// Folder for report.json and samples/
     #[arg(long)]
     out: PathBuf,
+    /// How the KV cache holds keys and values (as `serve --kv-cache-dtype`)
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::F16)]
+    kv_cache_dtype: KvCacheDtype,
 }
 
 pub fn run(args: VisionArgs) -> anyhow::Result<()> {
@@ -46,15 +50,19 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         vision: Some(args.vision.clone()),
         ..Default::default()
     };
-    let loaded = models::bundle::load(&path, &Device::Cpu, &options).with_context(|| {
+    let mut loaded = models::bundle::load(&path, &Device::Cpu, &options).with_context(|| {
         format!(
             "cannot load {} with {}",
             path.display(),
             args.vision.display()
         )
     })?;
-    let (Some(vision), Some(template)) = (&loaded.vision, &loaded.chat_template) else {
-        bail!("the model needs a chat template and the tower to ask questions");
+    loaded.model.set_kv_dtype(args.kv_cache_dtype.dtype())?;
+    let Some(template) = &loaded.chat_template else {
+        bail!("the model has no chat template to ask questions with");
+    };
+    let Some(vision) = &loaded.vision else {
+        bail!("{} attached no vision tower", args.vision.display());
     };
     let seed = match args.seed {
         Some(seed) => seed,
@@ -73,12 +81,21 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
     let (accuracy, verdicts) = served_accuracy(&served, seed, args.questions, &mut progress)?;
     progress.finish()?;
     std::fs::create_dir_all(&args.out)?;
+    let median = |f: &dyn Fn(&Verdict) -> f64| {
+        let mut v: Vec<f64> = verdicts.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
     let report = serde_json::json!({
         "tower": args.vision,
         "seed": seed,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "accuracy": accuracy.fraction(),
         "by_kind": accuracy.by_kind,
         "questions": accuracy.questions,
+        "median_prompt_tokens": median(&|v| v.answer.prompt_tokens as f64),
+        "median_vision_tower_ms": median(&|v| v.answer.encode.as_secs_f64() * 1e3),
+        "median_prefill_ms": median(&|v| v.answer.prefill.as_secs_f64() * 1e3),
     });
     std::fs::write(
         args.out.join("report.json"),
@@ -106,14 +123,14 @@ fn trained_seed(dir: &Path) -> anyhow::Result<u64> {
 }
 
 /// Test question `i` for each verdict: `samples/NNN.png` and one JSON line
-/// (`{"image": "000.png", "question", "answer", "right"}`).
-fn write_samples(dir: &Path, seed: u64, verdicts: &[bool]) -> anyhow::Result<()> {
+/// (`{"image": "000.png", "question", "answer", "model_answer", "right"}`).
+fn write_samples(dir: &Path, seed: u64, verdicts: &[Verdict]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("questions.jsonl");
     let mut lines =
         std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
     let size = data::IMAGE_SIZE as u32;
-    for (i, right) in verdicts.iter().enumerate() {
+    for (i, verdict) in verdicts.iter().enumerate() {
         let (sample, q) = test_question(seed, i);
         let name = format!("{i:03}.png");
         let Some(image) = image::RgbImage::from_raw(size, size, sample.rgb) else {
@@ -122,7 +139,8 @@ fn write_samples(dir: &Path, seed: u64, verdicts: &[bool]) -> anyhow::Result<()>
         image.save(dir.join(&name))?;
         let q = &sample.questions[q];
         let line = serde_json::json!({
-            "image": name, "question": q.text, "answer": q.answer, "right": right,
+            "image": name, "question": q.text, "answer": q.answer,
+            "model_answer": verdict.answer.text, "right": verdict.right,
         });
         writeln!(lines, "{line}")?;
     }

@@ -1,6 +1,7 @@
 //! The training-loss plot a run writes beside its `train_log.jsonl`: each loss of the log
-//! (`loss`, and `kl`/`ce` where the trainer logs them) against the step, as a moving mean,
-//! since a step's loss is one block's and swings with its text.
+//! (`loss`, and `kl`/`ce` or a vision tower's `align_loss`/`answer_loss` where the trainer
+//! logs them) against the step, as a moving mean, since a step's loss is one block's and
+//! swings with its text.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use serde_json::Value;
 use crate::eval::svg::{line_chart, Series};
 
 /// Losses plotted, when the log has them.
-const LOSSES: [&str; 3] = ["loss", "kl", "ce"];
+const LOSSES: [&str; 5] = ["loss", "kl", "ce", "align_loss", "answer_loss"];
 
 /// Steps in the moving mean.
 const WINDOW: usize = 25;

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use plugins::train::DenseLlama;
 use plugins::vision::eval::accuracy;
@@ -73,15 +73,14 @@ pub struct VisionArgs {
 }
 
 pub fn run(args: VisionArgs) -> anyhow::Result<()> {
-    if !(args.resume && args.out.join("checkpoint").exists()) {
-        check_out_dir(&args.out, args.overwrite)?;
-    }
+    let resuming = prepare_out(&args)?;
+    let opts = options(&args);
+    opts.validate()?;
     let loaded = load_model(&model_path(&args.model)?, 1024)?;
     let template = loaded
         .chat_template
         .as_ref()
         .context("the model has no chat template to render questions with")?;
-    let opts = options(&args);
     let dense = DenseLlama::from_llama(&loaded.model, 1024, &candle_core::Device::Cpu)?;
     let tokens = smollm2_image_tokens();
     let trainer = Trainer {
@@ -96,9 +95,13 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out)?;
     let started = std::time::Instant::now();
-    let mut progress = BarProgress::appending(Some(args.out.join(LOG_FILE)))?;
+    let log = Some(args.out.join(LOG_FILE));
+    let mut progress = match resuming {
+        true => BarProgress::appending(log)?,
+        false => BarProgress::new(log)?,
+    };
     let tower = train(&trainer, &opts, &args.out, &mut progress)?;
-    let trained_minutes = started.elapsed().as_secs_f64() / 60.0;
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
     // Evaluated as served: the folder holds f16 weights.
     tower.round_to_f16()?;
     let report = accuracy(
@@ -114,30 +117,58 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         tokenizer: loaded.tokenizer.identity(),
         text_hidden_size: loaded.model.config.hidden_size,
     };
-    let summary = serde_json::json!({
+    let training = serde_json::json!({
         "options": opts,
-        "train_minutes": trained_minutes,
+        "train_minutes": minutes,
         "test_accuracy": report.fraction(),
     });
+    let text_config = loaded.model.config.hf_json();
     files::write(
         &args.out,
         &tower,
         trainer.image_id,
         &info,
-        loaded.model.config.hf_json(),
-        summary.clone(),
+        text_config,
+        training.clone(),
     )?;
-    let mut full = summary;
+    let mut full = training;
     full["accuracy"] = serde_json::to_value(&report)?;
     std::fs::write(
         args.out.join("report.json"),
         serde_json::to_string_pretty(&full)?,
     )?;
     super::loss_chart::write(&args.out.join(LOG_FILE), &args.out.join("loss.svg"))?;
-    println!("trained in {trained_minutes:.1} min");
-    println!("{report}");
-    println!("wrote {}", args.out.display());
+    println!(
+        "trained in {minutes:.1} min\n{report}\nwrote {}",
+        args.out.display()
+    );
     Ok(())
+}
+
+/// Readies `--out`; whether the run resumes from the checkpoint there.
+fn prepare_out(args: &VisionArgs) -> anyhow::Result<bool> {
+    let checkpointed = ["checkpoint", "checkpoint.old"]
+        .iter()
+        .any(|d| args.out.join(d).join("state.json").exists());
+    if checkpointed && !args.resume && !args.overwrite {
+        bail!(
+            "{} holds a training checkpoint: --resume to go on from it, --overwrite to start afresh",
+            args.out.display()
+        );
+    }
+    if args.resume && checkpointed {
+        return Ok(true);
+    }
+    check_out_dir(&args.out, args.overwrite)?;
+    // --overwrite starts afresh: a checkpoint left there would otherwise be resumed.
+    for name in ["checkpoint", "checkpoint.old", "checkpoint.new"] {
+        let dir = args.out.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+    }
+    Ok(false)
 }
 
 fn options(args: &VisionArgs) -> TrainOptions {
