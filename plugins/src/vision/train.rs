@@ -46,12 +46,22 @@ pub struct TrainOptions {
     pub turns: usize,
     pub lr: f64,
     pub checkpoint_every: usize,
+    /// Alignment also makes the last row of image tokens spell a summary of the image
+    /// ([`summary_words`]): each shape's colour, name and side, the count and the word.
+    #[serde(default)]
+    pub summary_row: bool,
 }
 
 impl TrainOptions {
     /// Settings a run cannot start with, named.
     pub fn validate(&self) -> Result<()> {
         self.shape.validate()?;
+        let side = self.shape.image_size / self.shape.patch_size;
+        if self.summary_row && side < 14 {
+            return Err(TrainError::BadOption(format!(
+                "a summary row needs 14 image tokens per row, the tower has {side}"
+            )));
+        }
         for (name, value) in [
             ("align batch", self.align_batch),
             ("batch", self.batch),
@@ -86,6 +96,7 @@ impl Default for TrainOptions {
             turns: 8,
             lr: 1e-3,
             checkpoint_every: 50,
+            summary_row: false,
         }
     }
 }
@@ -130,7 +141,7 @@ pub fn train(
         progress.advance(start);
         for step in start..steps {
             let loss = match p {
-                0 => trainer.align_loss(&tower, &align_samples(opts, step))?,
+                0 => trainer.align_loss(&tower, opts.summary_row, &align_samples(opts, step))?,
                 _ => trainer.answer_loss(&tower, &answer_samples(opts, step), opts.turns)?,
             };
             let value = loss.to_scalar::<f32>()?;
@@ -192,16 +203,26 @@ impl Trainer<'_> {
 
     /// Phase 1: mean squared distance of each image token to the embedding of its patch's
     /// word, relative to the targets' mean square.
-    fn align_loss(&self, tower: &TrainableTower, samples: &[Sample]) -> Result<Tensor> {
+    fn align_loss(
+        &self,
+        tower: &TrainableTower,
+        summary_row: bool,
+        samples: &[Sample],
+    ) -> Result<Tensor> {
         let out = tower.forward(&self.pixels(samples)?)?; // (n, tokens, hidden)
-        let target = self.patch_targets(tower.shape, samples)?;
+        let target = self.patch_targets(tower.shape, summary_row, samples)?;
         let error = (out - &target)?.sqr()?.mean_all()?;
         Ok((error / target.sqr()?.mean_all()?)?)
     }
 
     /// `(n, tokens, hidden)`: per image token, the embedding of its patch's word (a mean when a
     /// patch says several).
-    fn patch_targets(&self, shape: TowerShape, samples: &[Sample]) -> Result<Tensor> {
+    fn patch_targets(
+        &self,
+        shape: TowerShape,
+        opts_summary: bool,
+        samples: &[Sample],
+    ) -> Result<Tensor> {
         if shape.scale_factor != 1 {
             return Err(TrainError::BadOption(
                 "alignment needs one image token per patch (scale factor 1)".into(),
@@ -220,6 +241,7 @@ impl Trainer<'_> {
         let side_patches = shape.image_size / shape.patch_size;
         for s in samples {
             let owners = data::patch_owners(&s.scene, patch, 0.2);
+            let summary = opts_summary.then(|| summary_words(&s.scene, side_patches));
             for (k, owner) in owners.into_iter().enumerate() {
                 let said: Vec<&str> = match owner {
                     Owner::Background => vec![count_word(s.scene.objects.len())],
@@ -232,6 +254,14 @@ impl Trainer<'_> {
                         let (row, col) = (k / side_patches, k % side_patches);
                         vec![words[(row + col) % 3]]
                     }),
+                };
+                let slot = k + side_patches;
+                let said = match summary
+                    .as_ref()
+                    .and_then(|w| w.get(slot.checked_sub(shape.tokens())?))
+                {
+                    Some(word) => vec![*word],
+                    None => said,
                 };
                 let mut weights = vec![0f32; words.len()];
                 for w in &said {
@@ -340,6 +370,24 @@ impl Trainer<'_> {
         let h = h.index_select(&Tensor::new(wanted, &Device::Cpu)?, 0)?;
         self.dense.head(&h)
     }
+}
+
+/// What the last row of image tokens spells with `summary_row`, one word per token: for each
+/// shape in `data::SHAPES` order its colour, name and side (the count word where the image
+/// has no such shape), then the count, then the written word (or the count again).
+fn summary_words(scene: &data::Scene, side_patches: usize) -> Vec<&'static str> {
+    let count = count_word(scene.objects.len());
+    let mut out = Vec::with_capacity(side_patches);
+    for shape in data::SHAPES {
+        match scene.objects.iter().find(|o| o.shape == shape) {
+            Some(o) => out.extend([o.colour.name(), o.shape.name(), side(o.cx)]),
+            None => out.extend([count; 3]),
+        }
+    }
+    out.push(count);
+    out.push(scene.word.as_ref().map_or(count, |w| w.text));
+    out.resize(side_patches, count);
+    out
 }
 
 fn count_word(n: usize) -> &'static str {
@@ -479,4 +527,36 @@ fn differences(was: &TrainOptions, now: &TrainOptions) -> String {
 
 fn rename(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to).map_err(|e| TrainError::io(to, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_row_spells_each_shape_then_the_count_and_the_word() {
+        let scene = (0..)
+            .map(|i| data::sample(3, Split::Train, i).scene)
+            .find(|s| s.objects.len() == 2 && s.word.is_some())
+            .expect("a two-object scene with a word");
+        let words = summary_words(&scene, 16);
+        assert_eq!(words.len(), 16);
+        let count = count_word(2);
+        for (i, shape) in data::SHAPES.iter().enumerate() {
+            let slots = &words[3 * i..3 * i + 3];
+            match scene.objects.iter().find(|o| o.shape == *shape) {
+                Some(o) => assert_eq!(slots, [o.colour.name(), o.shape.name(), side(o.cx)]),
+                None => assert_eq!(slots, [count; 3]),
+            }
+        }
+        let word = scene.word.as_ref().map(|w| w.text);
+        assert_eq!(&words[12..], [count, word.unwrap_or(count), count, count]);
+    }
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_to_a_tenth() {
+        assert!((schedule(1.0, 0, 100) - 1.0 / WARMUP as f64).abs() < 1e-12);
+        assert!((schedule(1.0, WARMUP, 100) - 1.0).abs() < 1e-12);
+        assert!((schedule(1.0, 100, 100) - 0.1).abs() < 1e-12);
+    }
 }

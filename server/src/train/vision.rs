@@ -67,6 +67,10 @@ pub struct VisionArgs {
     /// Attention heads per encoder layer
     #[arg(long, default_value_t = TrainOptions::default().shape.num_attention_heads)]
     heads: usize,
+    /// Alignment also makes the last row of image tokens spell a summary of the image (each
+    /// shape's colour, name and side, the count, the word)
+    #[arg(long)]
+    summary_row: bool,
     /// Held-out questions for the report
     #[arg(long, default_value_t = 500)]
     test_questions: usize,
@@ -189,6 +193,7 @@ fn options(args: &VisionArgs) -> TrainOptions {
         batch: args.batch,
         turns: args.turns,
         lr: args.lr,
+        summary_row: args.summary_row,
         ..default
     }
 }
