@@ -191,7 +191,9 @@ fn training_logits_are_the_served_models_with_the_image_spliced_in() {
         .forward(&pixels.unsqueeze(0).unwrap())
         .unwrap()
         .detach();
-    let trained = trainer.answer_logits(std::slice::from_ref(&c), &features).unwrap();
+    let trained = trainer
+        .answer_logits(std::slice::from_ref(&c), &features)
+        .unwrap();
 
     let flat = features.squeeze(0).unwrap();
     let placement = ImagePlacement::for_prompt(&c.tokens, image, flat).unwrap();

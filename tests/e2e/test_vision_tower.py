@@ -1,0 +1,77 @@
+"""A vision tower attached to the default model with `--vision`, through the official openai
+client: the test trains a small tower with `server train vision` (a few steps: the trained
+model's accuracy is measured by `server eval vision`, README "Vision"), asks `server eval
+vision` for its answers to held-out questions through the serving forward pass in-process, then
+sends the same images as data: URLs to a server with the tower attached: every answer is the
+in-process one, the image tokens count in usage, and text that spells the borrowed image token
+is refused."""
+import base64
+import json
+import subprocess
+
+import openai
+import pytest
+
+from conftest import BIN, Server
+
+TINY = ["--hidden-size", "32", "--layers", "1", "--heads", "1", "--align-batch", "2",
+        "--batch", "1", "--turns", "2", "--align-steps", "2", "--steps", "1",
+        "--test-questions", "2"]
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    out, evaluated = root / "tower", root / "eval"
+    subprocess.run([str(BIN), "train", "vision", "--out", str(out), *TINY], check=True,
+                   capture_output=True)
+    subprocess.run([str(BIN), "eval", "vision", "--vision", str(out), "--questions", "4",
+                    "--samples", "4", "--out", str(evaluated)], check=True, capture_output=True)
+    return out, evaluated / "samples"
+
+
+@pytest.fixture(scope="module")
+def seeing(tower):
+    server = Server("--vision", str(tower[0]))
+    yield server
+    assert server.stop() == 0
+
+
+def client(server: Server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def image_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def ask(server: Server, url: str, question: str, max_tokens: int = 4):
+    return client(server).chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": question},
+        ]}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+
+
+def test_the_server_answers_as_the_serving_forward_pass_does_in_process(tower, seeing):
+    samples = tower[1]
+    lines = [json.loads(line) for line in (samples / "questions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for q in lines:
+        got = ask(seeing, image_url(samples / q["image"]), q["question"])
+        assert got.choices[0].message.content.strip() == q["model_answer"], q
+        # 256 image tokens, the two around them and the global marker, then the text.
+        assert got.usage.prompt_tokens > 256 + 3
+    seeing.assert_serving()
+
+
+def test_text_that_spells_the_image_token_is_refused(tower, seeing):
+    url = image_url(tower[1] / "000.png")
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(seeing, url, "what is <empty_output>?", max_tokens=2)
+    assert "image tokens" in e.value.body["message"], e.value.body
+    seeing.assert_serving()
