@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let options = LoadOptions {
         max_positions: Some(256),
         chat_template: None,
+        vision: None,
     };
     let _ = load(&path, &Device::Cpu, &options);
 });

@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let options = LoadOptions {
         max_positions: Some(256),
         chat_template: None,
+        vision: None,
     };
     let _ = load(&dir, &Device::Cpu, &options);
 });
