@@ -34,6 +34,24 @@ fn tokens() -> ImageTokens {
     }
 }
 
+/// ChatML's shape: each turn ends with the end-of-turn token, the reply follows its header.
+fn chatml_template() -> ChatTemplate {
+    let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}\
+                  {% if add_generation_prompt %}<assistant>{% endif %}";
+    ChatTemplate::new(source, None, Some("<|endoftext|>".into())).unwrap()
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn shape() -> TowerShape {
     TowerShape {
         hidden_size: 16,
@@ -77,14 +95,7 @@ fn the_server_computes_what_training_computed_from_the_written_folder() {
         .unwrap();
     let want = tower.forward(&pixels.unsqueeze(0).unwrap()).unwrap();
     assert_eq!(got.dims(), &[4, hidden]);
-    let diff = (got - want.squeeze(0).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&got, &want.squeeze(0).unwrap());
     assert!(diff < 1e-4, "served features differ by {diff}");
     assert_eq!(served.image_prompt(), "{}~~~~{");
 }
@@ -108,10 +119,7 @@ fn a_tower_trained_for_another_tokenizer_is_refused_naming_both() {
 fn conversation_targets_are_each_answer_and_its_end_of_turn() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = tiny_bundle(dir.path());
-    // ChatML's shape: each turn ends with the end-of-turn token, the reply follows its header.
-    let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}\
-                  {% if add_generation_prompt %}<assistant>{% endif %}";
-    let template = ChatTemplate::new(source, None, Some("<|endoftext|>".into())).unwrap();
+    let template = chatml_template();
     let renderer = Renderer {
         tokenizer: &loaded.tokenizer,
         template: &template,
@@ -163,9 +171,7 @@ fn training_logits_are_the_served_models_with_the_image_spliced_in() {
     let loaded = tiny_bundle(dir.path());
     let hidden = loaded.model.config.hidden_size;
     let tower = TrainableTower::new(shape(), hidden, 8).unwrap();
-    let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}\
-                  {% if add_generation_prompt %}<assistant>{% endif %}";
-    let template = ChatTemplate::new(source, None, Some("<|endoftext|>".into())).unwrap();
+    let template = chatml_template();
     let dense = DenseLlama::from_llama(&loaded.model, 256, &Device::Cpu).unwrap();
     let image = image_id(&tokens(), &loaded.tokenizer).unwrap();
     let trainer = Trainer {
@@ -214,13 +220,6 @@ fn training_logits_are_the_served_models_with_the_image_spliced_in() {
     let served = served
         .index_select(&candle_core::Tensor::new(at, &Device::Cpu).unwrap(), 0)
         .unwrap();
-    let diff = (trained - served)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&trained, &served);
     assert!(diff < 1e-4, "training and serving logits differ by {diff}");
 }
