@@ -18,6 +18,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
+pub(crate) use crate::kernels::attention::QueryPositions;
 use crate::kernels::attention::{check_head_keys, RowAttention};
 use crate::kernels::SimdPath;
 
@@ -124,18 +125,25 @@ fn bad_selection(message: String) -> ModelError {
 /// `q`: `(L, n_heads, d)` after RoPE; `k`, `v`: `(n_kv, T, d)`; `key_positions`: the
 /// position of each of the `T` keys when a hook selected a subset (`None`: keys are
 /// positions `0..T`); `head_keys`: which keys each key/value head reads (`None`: all);
-/// `start`: position of the row's first query. Query `i` of head `h` reads the keys of
-/// `head_keys.ranges[h / group]` at positions up to `start + i`; one that reads no key
-/// gives zeros. Returns `(L, n_heads * d)`.
-pub(crate) fn attend(
+/// `queries`: where the queries sit (a `usize`: the first of consecutive positions). Query `i`
+/// of head `h` reads the keys of `head_keys.ranges[h / group]` at positions up to its own;
+/// one that reads no key gives zeros. Returns `(L, n_heads * d)`.
+pub(crate) fn attend<'p>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_positions: Option<&[u32]>,
     head_keys: Option<&HeadKeys>,
-    start: usize,
+    queries: impl Into<QueryPositions<'p>>,
 ) -> Result<Tensor> {
+    let queries = queries.into();
     let (n_kv, t, _) = k.dims3()?;
+    if let Some(n) = queries.count().filter(|&n| n != q.dim(0).unwrap_or(n)) {
+        return Err(ModelError::Batch(format!(
+            "{n} query positions for {} queries",
+            q.dim(0)?
+        )));
+    }
     if let Some(p) = key_positions.filter(|p| p.len() != t) {
         return Err(ModelError::Batch(format!(
             "{} key positions for {t} keys",
@@ -152,7 +160,7 @@ pub(crate) fn attend(
         let op = RowAttention {
             key_positions,
             head_keys: head_keys.map(|s| s.ranges.as_slice()),
-            start,
+            queries,
             path: SimdPath::detect(),
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
@@ -164,7 +172,7 @@ pub(crate) fn attend(
     }
     // The ops compute in the query's dtype (an f16 or bf16 cache on a GPU is widened here).
     let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
-    attend_ops(q, k, v, key_positions, head_keys, start)
+    attend_ops(q, k, v, key_positions, head_keys, queries)
 }
 
 /// [`attend`] from candle ops, on any device and dtype. With a selection, each key/value head
@@ -175,10 +183,10 @@ fn attend_ops(
     v: &Tensor,
     key_positions: Option<&[u32]>,
     head_keys: Option<&HeadKeys>,
-    start: usize,
+    queries: QueryPositions<'_>,
 ) -> Result<Tensor> {
     let Some(sel) = head_keys else {
-        return dense_ops(q, k, v, key_positions, start);
+        return dense_ops(q, k, v, key_positions, queries);
     };
     let (l, n_heads, d) = q.dims3()?;
     let group = n_heads / sel.ranges.len().max(1);
@@ -199,7 +207,13 @@ fn attend_ops(
             Ok(x.get(kv)?.index_select(&ids, 0)?.unsqueeze(0)?) // (1, |idx|, d)
         };
         let qh = q.narrow(1, kv * group, group)?; // (L, group, d)
-        outs.push(dense_ops(&qh, &gather(k)?, &gather(v)?, Some(&pos), start)?);
+        outs.push(dense_ops(
+            &qh,
+            &gather(k)?,
+            &gather(v)?,
+            Some(&pos),
+            queries,
+        )?);
     }
     Ok(Tensor::cat(&outs, 1)?)
 }
@@ -211,7 +225,7 @@ fn dense_ops(
     k: &Tensor,
     v: &Tensor,
     key_positions: Option<&[u32]>,
-    start: usize,
+    queries: QueryPositions<'_>,
 ) -> Result<Tensor> {
     let (l, n_heads, d) = q.dims3()?;
     let (n_kv, t, _) = k.dims3()?;
@@ -224,7 +238,7 @@ fn dense_ops(
         .reshape((n_kv, group * l, d))?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?; // (n_kv, group * L, T)
-    let mask = causal_mask(l, t, start, key_positions, q.device())?;
+    let mask = causal_mask(l, t, queries, key_positions, q.device())?;
     let scores = match &mask {
         None => scores,
         Some(m) => scores
@@ -260,25 +274,25 @@ struct Mask {
 fn causal_mask(
     l: usize,
     t: usize,
-    start: usize,
+    queries: QueryPositions<'_>,
     key_positions: Option<&[u32]>,
     device: &Device,
 ) -> Result<Option<Mask>> {
     let key_pos = |j: usize| key_positions.map_or(j, |p| p[j] as usize);
-    // Query i sits at position start + i; if the first query sees every key, all do.
+    // Queries sit at ascending positions; if the first sees every key, all do.
     let max_key = (0..t).map(key_pos).max().unwrap_or(0);
-    if t == 0 || max_key <= start {
+    if t == 0 || max_key <= queries.of(0) {
         return Ok(None);
     }
     let mut mask = vec![0f32; l * t];
     let mut seen = vec![1f32; l];
     for (i, row) in mask.chunks_exact_mut(t).enumerate() {
-        if (0..t).all(|j| key_pos(j) > start + i) {
+        if (0..t).all(|j| key_pos(j) > queries.of(i)) {
             seen[i] = 0.0;
             continue;
         }
         for (j, m) in row.iter_mut().enumerate() {
-            if key_pos(j) > start + i {
+            if key_pos(j) > queries.of(i) {
                 *m = f32::NEG_INFINITY;
             }
         }
@@ -314,15 +328,16 @@ mod tests {
 
     /// Reference, in f64 with plain loops: query `i` of head `h` reads the keys of
     /// `head_keys` (all without one) of kv head `h / group` whose position (`key_positions[j]`
-    /// or `j`) is at most `start + i`; no such key gives zeros.
-    fn reference(
+    /// or `j`) is at most query `i`'s position; no such key gives zeros.
+    fn reference<'p>(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         key_positions: Option<&[u32]>,
         head_keys: Option<&HeadKeys>,
-        start: usize,
+        queries: impl Into<QueryPositions<'p>>,
     ) -> Result<Tensor> {
+        let queries = queries.into();
         let (l, h, d) = q.dims3()?;
         let (n_kv, t, _) = k.dims3()?;
         let (q, k, v) = (
@@ -345,7 +360,7 @@ mod tests {
                 };
                 let keys: Vec<usize> = keys
                     .into_iter()
-                    .filter(|&j| key_pos(j) <= start + i)
+                    .filter(|&j| key_pos(j) <= queries.of(i))
                     .collect();
                 if keys.is_empty() {
                     continue;
@@ -377,6 +392,40 @@ mod tests {
         Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
     }
 
+    /// A pruned row: its queries sit at scattered positions (the tokens a pruning hook kept)
+    /// and its keys are the kept tokens' after earlier ones; each query reads the keys at or
+    /// before its own position, in the kernel and in the candle-op path.
+    #[test]
+    fn queries_at_scattered_positions_read_the_keys_up_to_their_own() -> Result<()> {
+        let kept: Vec<u32> = vec![0, 1, 2, 5, 9, 10, 14, 15];
+        let (past, l) = (3usize, kept.len() - 3); // queries: the kept tokens after the third
+        let q = randn(&[l, 6, 8], 4);
+        let k = randn(&[2, kept.len(), 8], 5);
+        let v = randn(&[2, kept.len(), 8], 6);
+        let at = QueryPositions::At(&kept[past..]);
+        let want = reference(&q, &k, &v, Some(&kept), None, at)?;
+        let ours = attend(&q, &k, &v, Some(&kept), None, at)?;
+        assert!(max_diff(&ours, &want)? < 1e-5);
+        let ops = attend_ops(&q, &k, &v, Some(&kept), None, at)?;
+        assert!(max_diff(&ops, &want)? < 1e-5);
+        // Query 5 at position 9 differs from a consecutive row's (position 8 there).
+        let consecutive = attend(&q, &k, &v, Some(&kept), None, 5)?;
+        assert!(max_diff(&consecutive, &ours)? > 1e-3);
+        let short = attend(
+            &q,
+            &k,
+            &v,
+            Some(&kept),
+            None,
+            QueryPositions::At(&kept[..2]),
+        );
+        assert!(
+            short.is_err(),
+            "positions for fewer queries than the row has"
+        );
+        Ok(())
+    }
+
     #[test]
     fn grouped_attention_matches_repeated_heads() -> Result<()> {
         for (l, start) in [(1usize, 6usize), (4, 0), (3, 4)] {
@@ -388,7 +437,7 @@ mod tests {
             let ours = attend(&q, &k, &v, None, None, start)?;
             let diff = max_diff(&ours, &want)?;
             assert!(diff < 1e-5, "L={l} start={start} diff={diff}");
-            let ops = attend_ops(&q, &k, &v, None, None, start)?;
+            let ops = attend_ops(&q, &k, &v, None, None, start.into())?;
             let diff = max_diff(&ops, &want)?;
             assert!(diff < 1e-5, "candle ops: L={l} start={start} diff={diff}");
         }
@@ -628,7 +677,7 @@ mod tests {
                     for (pos, start) in position_cases(t, l) {
                         let want = reference(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
                         let ours = attend(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
-                        let ops = attend_ops(&q, &k, &v, pos.as_deref(), Some(&sel), start)?;
+                        let ops = attend_ops(&q, &k, &v, pos.as_deref(), Some(&sel), start.into())?;
                         for (what, got) in [("kernel", ours), ("candle ops", ops)] {
                             let diff = max_diff(&got, &want)?;
                             assert!(
@@ -658,7 +707,7 @@ mod tests {
         let want = reference(&q, &k, &v, None, Some(&sel), 0)?;
         for got in [
             attend(&q, &k, &v, None, Some(&sel), 0)?,
-            attend_ops(&q, &k, &v, None, Some(&sel), 0)?,
+            attend_ops(&q, &k, &v, None, Some(&sel), 0.into())?,
         ] {
             let rows = got.to_vec2::<f32>()?;
             for (i, row) in rows.iter().enumerate() {
@@ -733,7 +782,7 @@ mod tests {
             let op = RowAttention {
                 key_positions: None,
                 head_keys: Some(&sel.ranges),
-                start: t - l,
+                queries: QueryPositions::From(t - l),
                 path: SimdPath::detect(),
             };
             assert!(q.apply_op3_no_bwd(&k, &v, &op).is_err(), "{sel:?}");
@@ -779,7 +828,7 @@ mod tests {
             let q = randn(&[l, n_heads, d], 1);
             let start = t - l;
             let reps = if l * t > 10_000 { 5 } else { 50 };
-            let ops = best_of(&|| attend_ops(&q, &k, &v, None, None, start), reps)?;
+            let ops = best_of(&|| attend_ops(&q, &k, &v, None, None, start.into()), reps)?;
             let ours = best_of(&|| attend(&q, &k, &v, None, None, start), reps)?;
             println!(
                 "L={l:4} T={t:5}: candle ops {ops:9.1} us, kernel {ours:9.1} us, x{:.2}",
@@ -815,7 +864,7 @@ mod tests {
                 Ok(best * 1e6)
             };
             let base = per_token(&|_, _| Ok(q.clone()))?;
-            let ops = per_token(&|k, v| attend_ops(&q, k, v, None, None, t - 1))? - base;
+            let ops = per_token(&|k, v| attend_ops(&q, k, v, None, None, (t - 1).into()))? - base;
             let ours = per_token(&|k, v| attend(&q, k, v, None, None, t - 1))? - base;
             println!(
                 "30 layers, cold, T={t:5}: candle ops {ops:7.0} us, kernel {ours:7.0} us per token"

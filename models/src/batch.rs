@@ -105,21 +105,32 @@ pub(crate) struct Packing {
 }
 
 impl Packing {
-    /// Packs `active` rows (batch indices, in order) of the batch.
+    /// Packs `active` rows (batch indices, in order) of the batch; `kept[r]`, when given, lists
+    /// the positions of the tokens of row `r` still in the forward pass (a pruning hook removed
+    /// the others), else every token is.
     pub fn new(
         rows: &[RowInfo<'_>],
         active: &[usize],
+        kept: &[Option<Vec<u32>>],
         device: &Device,
     ) -> candle_core::Result<Self> {
         let mut offsets = Vec::with_capacity(active.len());
         let mut lengths = Vec::with_capacity(active.len());
         let mut positions = Vec::new();
         for &r in active {
-            let row = &rows[r];
             offsets.push(positions.len());
-            lengths.push(row.tokens.len());
-            let start = row.start as u32;
-            positions.extend(start..start + row.tokens.len() as u32);
+            match kept.get(r).and_then(Option::as_ref) {
+                Some(p) => {
+                    lengths.push(p.len());
+                    positions.extend_from_slice(p);
+                }
+                None => {
+                    let row = &rows[r];
+                    lengths.push(row.tokens.len());
+                    let start = row.start as u32;
+                    positions.extend(start..start + row.tokens.len() as u32);
+                }
+            }
         }
         let positions = Tensor::new(positions.as_slice(), device)?;
         Ok(Self {

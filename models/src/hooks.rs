@@ -71,6 +71,8 @@ pub struct HookPoints {
     pub attention: bool,
     pub residual: bool,
     pub early_exit: bool,
+    /// [`Hook::prune`]: removes tokens of prefill rows from the layers after one.
+    pub prune: bool,
     pub logits: bool,
     /// [`Hook::draft`]: proposes tokens for the next step to verify. Called by the engine
     /// between steps, never by the forward pass.
@@ -285,6 +287,25 @@ pub trait Hook: Send + Sync {
         Ok(None)
     }
 
+    /// Runs after decoder layer `layer`, after the residual and early-exit hooks, for the rows
+    /// still in the stack. `h`: `(group tokens, hidden)`, the rows' tokens that are still in
+    /// the forward pass (all of them, unless a pruning hook at an earlier layer removed some).
+    /// Returns, per row of the group, the offsets into those tokens to keep (ascending), or
+    /// `None` to keep them all; `None` overall keeps every row whole. Removed tokens leave the
+    /// forward pass: the later layers neither compute them nor store their keys and values, so
+    /// the row's later tokens and decode steps never attend to them there; the kept tokens
+    /// keep their positions. A row that wants logits must keep its last token, and a row that
+    /// wants every position's logits or hidden states cannot be pruned (the step fails, naming
+    /// the hook). Meant for prefill: vision-token pruning.
+    fn prune(
+        &self,
+        _layer: usize,
+        _group: &HookGroup<'_>,
+        _h: &Tensor,
+    ) -> Result<Option<Vec<Option<Vec<usize>>>>> {
+        Ok(None)
+    }
+
     /// Runs on the final logits, before sampling. `logits`: `(group entries, vocab)`, one
     /// entry per position whose logits were asked for. Returns a replacement, or `None`.
     fn logits(&self, _group: &HookGroup<'_>, _logits: &Tensor) -> Result<Option<Tensor>> {
@@ -374,6 +395,7 @@ impl Hook for NoOpHook {
             attention: true,
             residual: true,
             early_exit: true,
+            prune: true,
             logits: true,
             draft: true,
         }

@@ -201,20 +201,48 @@ impl KvCache {
     /// succeeded; a layer is written at most once per step (a later write replaces the
     /// uncommitted one, so a failed step leaves nothing behind).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<LayerView<'_>> {
+        self.append_at(layer, k, v, None)
+    }
+
+    /// [`KvCache::append`] for some of the step's positions only: `positions` (ascending,
+    /// within `len..`, one per new slot) when a pruning hook removed the step's other tokens
+    /// from this layer; `None` for every position `len..len + n_new`.
+    pub fn append_at(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        positions: Option<&[u32]>,
+    ) -> Result<LayerView<'_>> {
         let n_new = k.dim(1)?;
-        self.reserve_layer(layer, n_new)?;
         let start = self.len;
+        if let Some(p) = positions {
+            let ascending = p.windows(2).all(|w| w[0] < w[1]);
+            if p.len() != n_new || !ascending || p.first().is_some_and(|&f| (f as usize) < start) {
+                return Err(ModelError::Batch(format!(
+                    "{} positions for {n_new} new slots of a cache of {start}",
+                    p.len()
+                )));
+            }
+        }
+        self.reserve_layer(layer, n_new)?;
         let (dtype, l) = (self.dtype, self.layer_mut(layer)?);
         l.k.slice_set(&dtype.store(k)?.contiguous()?, 1, l.len)?;
         l.v.slice_set(&dtype.store(v)?.contiguous()?, 1, l.len)?;
         l.pending = n_new;
-        if l.positions.is_none() && l.len != start {
+        let contiguous = positions.is_none_or(|p| {
+            p.first() == Some(&(start as u32)) && p.last() == Some(&((start + n_new - 1) as u32))
+        });
+        if l.positions.is_none() && (l.len != start || !contiguous) {
             // Tokens skipped this layer since it was last written: slots stop being positions.
             l.positions = Some((0..l.len as u32).collect());
         }
         if let Some(p) = &mut l.positions {
             p.truncate(l.len);
-            p.extend(start as u32..(start + n_new) as u32);
+            match positions {
+                Some(new) => p.extend_from_slice(new),
+                None => p.extend(start as u32..(start + n_new) as u32),
+            }
         }
         let total = l.len + n_new;
         Ok(LayerView {

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
-use crate::attention::HeadKeys;
+use crate::attention::{HeadKeys, QueryPositions};
 use crate::batch::{BatchRow, LogitsWanted, Packing, RowInfo};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -278,6 +278,7 @@ impl Llama {
             x = self.layer_forward(l, layer, x, &step, batch)?;
             x = step.residual_hooks(l, x)?;
             x = step.early_exits(self, l, x)?;
+            x = step.prune_tokens(self, l, x)?;
         }
         for row in batch.iter_mut() {
             row.cache.commit(row.tokens.len());
@@ -366,18 +367,22 @@ impl Llama {
             let (off, len) = (step.packing.offsets[slot], step.packing.lengths[slot]);
             let k_new = k.narrow(0, off, len)?.transpose(0, 1)?; // (n_kv, len, d)
             let v_new = v.narrow(0, off, len)?.transpose(0, 1)?;
-            let view = batch[r].cache.append(l, &k_new, &v_new)?;
+            let kept = step.kept[r].as_deref();
+            let view = batch[r].cache.append_at(l, &k_new, &v_new, kept)?;
             let pre = (&q_pre.narrow(0, off, len)?, &k_pre.narrow(0, off, len)?);
             let selected = step.selected_keys(l, r, pre, view.k.dim(1)?)?;
             let q_row = q.narrow(0, off, len)?;
-            let start = step.rows[r].start;
+            let queries = match kept {
+                Some(positions) => QueryPositions::At(positions),
+                None => QueryPositions::From(step.rows[r].start),
+            };
             outs.push(attention::attend(
                 &q_row,
                 &view.k,
                 &view.v,
                 view.positions,
                 selected.as_ref(),
-                start,
+                queries,
             )?);
         }
         Ok(match outs.len() {
@@ -406,6 +411,25 @@ fn take_states(batch: &mut [BatchRow<'_>]) -> Result<Vec<ChainState>> {
         states.push(state);
     }
     Ok(states)
+}
+
+/// Why a pruning hook's `kept` offsets (into a row's `len` tokens in the stack) cannot be
+/// applied to a row wanting `logits`, if they cannot.
+fn check_kept(kept: &[usize], len: usize, logits: LogitsWanted) -> std::result::Result<(), String> {
+    if kept.is_empty() || kept.windows(2).any(|w| w[0] >= w[1]) || kept[kept.len() - 1] >= len {
+        return Err(format!(
+            "kept offsets must be ascending, distinct, at least one and below {len}"
+        ));
+    }
+    match logits {
+        LogitsWanted::All | LogitsWanted::Hidden => {
+            Err("a row wanting every position's output cannot be pruned".into())
+        }
+        LogitsWanted::Last if kept[kept.len() - 1] + 1 != len => {
+            Err("a row wanting logits must keep its last token".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The tensors stacked along dimension 0 (one tensor is returned as is).
@@ -447,7 +471,11 @@ struct Step<'a> {
     linear: Vec<PlannedGroup<'a>>,
     residual: Vec<PlannedGroup<'a>>,
     exit: Vec<PlannedGroup<'a>>,
+    prune: Vec<PlannedGroup<'a>>,
     exited: Vec<Exited>,
+    /// Per batch row, the positions of its tokens still in the forward pass once a pruning
+    /// hook removed some; `None` while all are.
+    kept: Vec<Option<Vec<u32>>>,
     device: Device,
 }
 
@@ -456,13 +484,15 @@ impl<'a> Step<'a> {
         let active: Vec<usize> = (0..rows.len()).collect();
         let mut step = Self {
             rows,
-            packing: Packing::new(rows, &active, &model.device)?,
+            packing: Packing::new(rows, &active, &[], &model.device)?,
             cos: Tensor::zeros(1, DType::F32, &model.device)?,
             sin: Tensor::zeros(1, DType::F32, &model.device)?,
             linear: Vec::new(),
             residual: Vec::new(),
             exit: Vec::new(),
+            prune: Vec::new(),
             exited: Vec::new(),
+            kept: vec![None; rows.len()],
             device: model.device.clone(),
         };
         step.repack(model, &active)?;
@@ -471,17 +501,18 @@ impl<'a> Step<'a> {
 
     /// Recomputes everything that depends on the active row set.
     fn repack(&mut self, model: &Llama, active: &[usize]) -> Result<()> {
-        self.packing = Packing::new(self.rows, active, &self.device)?;
+        self.packing = Packing::new(self.rows, active, &self.kept, &self.device)?;
         (self.cos, self.sin) = model.rope.tables(&self.packing.positions)?;
         let (rows, device, lengths) =
             (self.rows, self.device.clone(), self.packing.lengths.clone());
         let groups = |p: fn(&HookPoints) -> bool| plan(rows, active, &lengths, p, &device);
-        let (linear, residual, exit) = (
+        let (linear, residual, exit, prune) = (
             groups(|p| p.linear)?,
             groups(|p| p.residual)?,
             groups(|p| p.early_exit)?,
+            groups(|p| p.prune)?,
         );
-        (self.linear, self.residual, self.exit) = (linear, residual, exit);
+        (self.linear, self.residual, self.exit, self.prune) = (linear, residual, exit, prune);
         Ok(())
     }
 
@@ -559,6 +590,14 @@ impl<'a> Step<'a> {
             let Some(hook_row) = row.hook_row(p) else {
                 continue;
             };
+            if self.kept[r].is_some() {
+                // Its state follows every position of the row; a pruned row has gaps.
+                return Err(hook_error(
+                    call.hook.name(),
+                    "attention hooks do not run on a row whose tokens a pruning hook removed"
+                        .into(),
+                ));
+            }
             let Some(blocks) = call
                 .hook
                 .attention_blocks(l, &hook_row, pre.0, pre.1, slots)?
@@ -652,6 +691,53 @@ impl<'a> Step<'a> {
         Ok(x)
     }
 
+    /// Asks pruning hooks which tokens of each row stay after layer `l`; removes the others
+    /// from the packed batch (a row pruned by several hooks keeps what all of them keep).
+    fn prune_tokens(&mut self, model: &Llama, l: usize, x: Tensor) -> Result<Tensor> {
+        if self.prune.is_empty() || l + 1 == model.layers.len() {
+            return Ok(x);
+        }
+        let mut keep: Vec<Option<Vec<usize>>> = vec![None; self.packing.rows.len()];
+        for g in &self.prune {
+            let Some(per_row) = g.hook.prune(l, &g.group, &g.gather(&x)?)? else {
+                continue;
+            };
+            if per_row.len() != g.slots.len() {
+                let message = format!("{} keep lists for {} rows", per_row.len(), g.slots.len());
+                return Err(hook_error(g.hook.name(), message));
+            }
+            for (&slot, kept) in g.slots.iter().zip(per_row) {
+                let Some(kept) = kept else { continue };
+                let row = &self.rows[self.packing.rows[slot]];
+                check_kept(&kept, self.packing.lengths[slot], row.logits)
+                    .map_err(|m| hook_error(g.hook.name(), m))?;
+                keep[slot] = Some(match keep[slot].take() {
+                    None => kept,
+                    Some(prev) => prev.into_iter().filter(|i| kept.contains(i)).collect(),
+                });
+            }
+        }
+        if keep.iter().all(Option::is_none) {
+            return Ok(x);
+        }
+        let positions = self.packing.positions.to_vec1::<u32>()?;
+        let mut index = Vec::with_capacity(positions.len());
+        for (slot, kept) in keep.into_iter().enumerate() {
+            let (off, len) = (self.packing.offsets[slot], self.packing.lengths[slot]);
+            let Some(kept) = kept else {
+                index.extend((off..off + len).map(|i| i as u32));
+                continue;
+            };
+            index.extend(kept.iter().map(|&i| (off + i) as u32));
+            let r = self.packing.rows[slot];
+            self.kept[r] = Some(kept.iter().map(|&i| positions[off + i]).collect());
+        }
+        let x = x.index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)?;
+        let active = self.packing.rows.clone();
+        self.repack(model, &active)?;
+        Ok(x)
+    }
+
     /// Settles every [`Exit::IfTopIn`] in `leaving`: one LM-head pass over those rows' last
     /// positions, then [`Exit::Propagate`] where the top token is a candidate, else
     /// [`Exit::Stay`]. Returns the computed logits `(1, vocab)` of the rows that leave.
@@ -712,7 +798,10 @@ impl<'a> Step<'a> {
                 .v
                 .forward(&h)?
                 .reshape((n, cfg.num_kv_heads, cfg.head_dim))?;
-            batch[e.row].cache.append(l, &k, &v.transpose(0, 1)?)?;
+            let kept = self.kept[e.row].as_deref();
+            batch[e.row]
+                .cache
+                .append_at(l, &k, &v.transpose(0, 1)?, kept)?;
         }
         Ok(())
     }
@@ -779,8 +868,9 @@ impl<'a> Step<'a> {
                 Some(l) if offsets.start + 1 == row.tokens.len() => checked.push(Some(l.clone())),
                 _ => {
                     checked.push(None);
+                    // The wanted positions end the row (the last, or all), pruned or not.
                     let h = self.final_hidden(r, x)?;
-                    hidden.push(h.narrow(0, offsets.start, offsets.len())?);
+                    hidden.push(h.narrow(0, h.dim(0)? - offsets.len(), offsets.len())?);
                     hidden_rows.push(r);
                     hidden_lengths.push(offsets.len());
                 }

@@ -1,6 +1,6 @@
 //! Scaled dot-product attention of one batch row on the CPU, straight from the KV cache.
 //!
-//! For each query `i` (at position `start + i`) and query head `h` (reading key/value head
+//! For each query `i` (at position `start + i`, or its own position in a pruned row) and query head `h` (reading key/value head
 //! `h / group`, grouped-query attention), the kernel makes two passes over the keys the
 //! query may see:
 //! 1. scores `s_j = (q · k_j) / sqrt(d)` into a scratch row, and their maximum `m`;
@@ -88,6 +88,40 @@ const WIDEN_FROM_QUERIES: usize = 8;
 /// Lanes of the dot-product accumulators: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
 
+/// Where a row's queries sit: consecutive positions from the first (every row whose tokens
+/// all reach the layer), or one position each, ascending (a row some of whose tokens a
+/// pruning hook removed from the layers after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueryPositions<'a> {
+    From(usize),
+    At(&'a [u32]),
+}
+
+impl QueryPositions<'_> {
+    /// Position of query `i`.
+    #[inline(always)]
+    pub(crate) fn of(&self, i: usize) -> usize {
+        match self {
+            Self::From(start) => start + i,
+            Self::At(positions) => positions.get(i).map_or(usize::MAX, |&p| p as usize),
+        }
+    }
+
+    /// How many queries the positions describe, if they say (`From` fits any count).
+    pub(crate) fn count(&self) -> Option<usize> {
+        match self {
+            Self::From(_) => None,
+            Self::At(positions) => Some(positions.len()),
+        }
+    }
+}
+
+impl From<usize> for QueryPositions<'static> {
+    fn from(start: usize) -> Self {
+        Self::From(start)
+    }
+}
+
 /// The `CustomOp3` `(q, k, v) -> (L, n_heads * d)`; `q` `(L, n_heads, d)`, `k` and `v`
 /// `(n_kv, T, d)`, all f32 with any strides.
 pub(crate) struct RowAttention<'a> {
@@ -96,8 +130,8 @@ pub(crate) struct RowAttention<'a> {
     /// Per key/value head, the sorted, disjoint ranges of key indices it reads (`None`: all);
     /// see [`check_head_keys`].
     pub(crate) head_keys: Option<&'a [Vec<Range<u32>>]>,
-    /// Position of the first query.
-    pub(crate) start: usize,
+    /// Where the queries sit.
+    pub(crate) queries: QueryPositions<'a>,
     pub(crate) path: SimdPath,
 }
 
@@ -151,7 +185,7 @@ impl CustomOp3 for RowAttention<'_> {
             group: n_heads / n_kv,
             keys: Keys::new(self.key_positions, t),
             sel: self.head_keys,
-            start: self.start,
+            queries: self.queries,
             scale: 1.0 / (d as f32).sqrt(),
         };
         run(self.path, &args, &mut out);
@@ -313,7 +347,7 @@ struct Args<'a> {
     keys: Keys<'a>,
     /// Per key/value head, the ranges of keys it reads (`None`: all).
     sel: Option<&'a [Vec<Range<u32>>]>,
-    start: usize,
+    queries: QueryPositions<'a>,
     scale: f32,
 }
 
@@ -334,7 +368,7 @@ impl Args<'_> {
             .map(|sel| sel.iter().map(|r| selected(r)).collect());
         (0..l)
             .map(|i| {
-                let vis = self.keys.visible(self.start + i);
+                let vis = self.keys.visible(self.queries.of(i));
                 match &per_kv {
                     None => vis * n_heads,
                     Some(n) => n.iter().map(|&n| n.min(vis)).sum::<usize>() * self.group,
@@ -485,7 +519,7 @@ fn attend_heads(
 ) {
     let d = args.q.dims.2;
     let kv = heads.start / args.group;
-    let pos = args.start + i;
+    let pos = args.queries.of(i);
     let n = visible_segments(args, kv, pos, &mut scratch.segs);
     if n == 0 {
         // No visible key (a selection or a hook's positions hid them all): nothing to average.
@@ -819,7 +853,7 @@ mod tests {
             let op = RowAttention {
                 key_positions: None,
                 head_keys: sel,
-                start: t - l,
+                queries: QueryPositions::From(t - l),
                 path,
             };
             q.apply_op3_no_bwd(&k, &v, &op)?
@@ -853,7 +887,7 @@ mod tests {
             group: n_heads / n_kv,
             keys: Keys::Dense(t),
             sel,
-            start: t - l,
+            queries: QueryPositions::From(t - l),
             scale: 1.0 / (d as f32).sqrt(),
         };
         let mut split = vec![0f32; l * n_heads * d];
@@ -911,7 +945,7 @@ mod tests {
                         let op = RowAttention {
                             key_positions: None,
                             head_keys: sel,
-                            start: t - l,
+                            queries: QueryPositions::From(t - l),
                             path,
                         };
                         q.apply_op3_no_bwd(k, v, &op)?

@@ -176,3 +176,38 @@ fn a_prefix_fork_holds_the_first_positions_and_grows_like_a_fresh_cache() -> Res
     assert_eq!(cache.fork_prefix(100)?.len(), 7);
     Ok(())
 }
+
+/// A step whose later layer keeps some tokens only (a pruning hook): that layer records the
+/// kept positions, the sequence still grows by every token, and truncation and a forked
+/// prefix cut it by position.
+#[test]
+fn appending_at_some_positions_records_them() -> Result<()> {
+    let mut cache = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
+    let all: Vec<f32> = (0..6).flat_map(|p| [p as f32; 2]).collect();
+    cache.append(0, &kv(&all), &kv(&all))?;
+    let kept: Vec<f32> = [0.0f32, 3.0, 5.0].iter().flat_map(|&p| [p; 2]).collect();
+    cache.append_at(1, &kv(&kept), &kv(&kept), Some(&[0, 3, 5]))?;
+    cache.commit(6);
+    assert_eq!(cache.len(), 6);
+    assert_eq!(cache.layer_positions(0), (0..6).collect::<Vec<u32>>());
+    assert_eq!(cache.layer_positions(1), vec![0, 3, 5]);
+    feed(&mut cache, &[0, 1], 1, 0.0)?;
+    assert_eq!(cache.layer_positions(1), vec![0, 3, 5, 6]);
+    assert_eq!(cache.fork_prefix(4)?.layer_positions(1), vec![0, 3]);
+    cache.truncate(5)?;
+    assert_eq!(cache.layer_positions(1), vec![0, 3]);
+    // Positions that are not ascending, or fewer than the new slots, are refused.
+    for bad in [&[6u32, 5][..], &[5, 6, 7][..], &[1, 6][..]] {
+        let two: Vec<f32> = vec![9.0; 4];
+        assert!(
+            cache.append_at(1, &kv(&two), &kv(&two), Some(bad)).is_err(),
+            "{bad:?}"
+        );
+    }
+    // Every position of the step, listed, is the plain layout.
+    let mut plain = KvCache::new(&cfg(), KvDtype::F32, &Device::Cpu);
+    plain.append_at(0, &kv(&all), &kv(&all), Some(&[0, 1, 2, 3, 4, 5]))?;
+    plain.commit(6);
+    assert_eq!(keys(&mut plain, 0)?.1, None);
+    Ok(())
+}
