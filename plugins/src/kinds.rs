@@ -21,6 +21,7 @@ use crate::plugin::Plugin;
 use crate::sparse_attention::SparseAttention;
 use crate::speculative::Speculative;
 use crate::steer::SteeringVector;
+use crate::vision_prune::VisionPrune;
 
 /// A plug-in type, as written in requests (`"type": "lora"`) and in the config. Its name,
 /// description and loader are its row of [`KINDS`].
@@ -38,6 +39,7 @@ pub enum PluginKind {
     Speculative,
     EarlyExit,
     SparseAttention,
+    VisionPrune,
 }
 
 /// Reads a plug-in of one kind from `path` (already resolved and confined) through `files`
@@ -59,7 +61,7 @@ pub struct KindInfo {
 
 /// Every kind, in [`PluginKind`] declaration order (`KINDS[k as usize].kind == k`, which a
 /// test keeps true).
-pub const KINDS: [KindInfo; 7] = [
+pub const KINDS: [KindInfo; 8] = [
     KindInfo {
         kind: PluginKind::Lora,
         name: "lora",
@@ -123,6 +125,13 @@ pub const KINDS: [KindInfo; 7] = [
         load: |name, path, base, files| {
             Ok(Arc::new(SparseAttention::load(name, path, base, files)?))
         },
+        built_in: None,
+    },
+    KindInfo {
+        kind: PluginKind::VisionPrune,
+        name: "vision_prune",
+        description: "vision-token pruning (LVPruning): most of a prompt's image tokens leave                       the forward pass after a middle layer (config.json); lossy",
+        load: |name, path, base, files| Ok(Arc::new(VisionPrune::load(name, path, base, files)?)),
         built_in: None,
     },
 ];
@@ -226,7 +235,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative, early_exit, sparse_attention)"
+            "unknown plug-in type `dora` (known: lora, steer, controller, memory, speculative, early_exit, sparse_attention, vision_prune)"
         );
         assert!(serde_json::from_value::<PluginKind>(serde_json::json!(3)).is_err());
     }

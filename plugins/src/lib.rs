@@ -36,6 +36,7 @@ pub mod speculative;
 pub mod steer;
 pub mod train;
 pub mod vision;
+pub mod vision_prune;
 pub mod weights;
 
 pub use base::BaseModel;

@@ -381,7 +381,7 @@ async fn bad_plugin_selections_get_openai_shaped_errors_naming_them() {
     let message = error["message"].as_str().unwrap();
     assert!(
         message.contains(
-            "unknown plug-in type `lorra` (known: lora, steer, controller, memory, speculative, early_exit, sparse_attention)"
+            "unknown plug-in type `lorra` (known: lora, steer, controller, memory, speculative, early_exit, sparse_attention, vision_prune)"
         ),
         "{message}"
     );

@@ -549,6 +549,8 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         "2",
         "--samples",
         "2",
+        "--prune-keep",
+        "0.5,0.25",
         "--out",
         report.to_str().unwrap(),
     ]);
@@ -560,4 +562,13 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
             .unwrap();
     assert_eq!(report["questions"], json!(2));
+    // Random pruning at each ratio: fewer prefill FLOPs the fewer image tokens stay.
+    let pruning = report["pruning"].as_array().unwrap();
+    let keeps: Vec<f64> = pruning.iter().map(|r| r["keep"].as_f64().unwrap()).collect();
+    assert_eq!(keeps, [0.5, 0.25]);
+    let flops: Vec<f64> = pruning
+        .iter()
+        .map(|r| r["prefill_flops_ratio"].as_f64().unwrap())
+        .collect();
+    assert!(1.0 < flops[0] && flops[0] < flops[1], "{flops:?}");
 }

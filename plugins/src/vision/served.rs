@@ -28,6 +28,8 @@ pub struct Served<'a> {
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub text: String,
+    /// The prompt's tokens (the image's included).
+    pub prompt: Vec<u32>,
     pub prompt_tokens: usize,
     pub encode: Duration,
     pub prefill: Duration,
@@ -36,16 +38,28 @@ pub struct Answer {
 impl Served<'_> {
     /// The greedy answer to `question` about the `width x height` RGB image `rgb`.
     pub fn answer(&self, rgb: &[u8], width: u32, height: u32, question: &str) -> Result<Answer> {
+        self.answer_with(rgb, width, height, question, &[])
+    }
+
+    /// [`Served::answer`] with `chain` (a pruning plug-in) after the image splice.
+    pub fn answer_with(
+        &self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+        question: &str,
+        chain: &[HookCall],
+    ) -> Result<Answer> {
         let started = Instant::now();
         let features = self.vision.features(&[(rgb, width, height)])?;
         let encode = started.elapsed();
         let prompt = self.renderer.question(question)?;
         let image = self.vision.tower.config().image_token_id;
         let placement = ImagePlacement::for_prompt(&prompt, image, features)?;
-        let hooks = [HookCall::new(
-            Arc::new(ImageSplice::new(image)),
-            Arc::new(placement),
-        )];
+        let splice = HookCall::new(Arc::new(ImageSplice::new(image)), Arc::new(placement));
+        let hooks: Vec<HookCall> = std::iter::once(splice)
+            .chain(chain.iter().cloned())
+            .collect();
         let mut cache = self.model.new_cache();
         let started = Instant::now();
         let mut next = self.step(&prompt, &mut cache, &hooks)?;
@@ -64,6 +78,7 @@ impl Served<'_> {
         Ok(Answer {
             text: text.trim().to_string(),
             prompt_tokens: prompt.len(),
+            prompt,
             encode,
             prefill,
         })
@@ -103,18 +118,37 @@ pub fn served_accuracy(
     questions: usize,
     progress: &mut dyn Progress,
 ) -> Result<(Accuracy, Vec<Verdict>)> {
-    progress.phase("test questions", questions);
-    let mut accuracy = Accuracy::empty();
-    let mut verdicts = Vec::with_capacity(questions);
+    let mut runs = served_sweep(served, &[Vec::new()], seed, questions, progress)?;
+    runs.pop()
+        .ok_or_else(|| TrainError::Prompt("the sweep lost its run".into()))
+}
+
+/// [`served_accuracy`] for each of `chains` (plug-ins after the image splice; empty: the
+/// model alone), each question asked of every chain in turn before the next, so that machine
+/// noise falls on all of them alike.
+pub fn served_sweep(
+    served: &Served<'_>,
+    chains: &[Vec<HookCall>],
+    seed: u64,
+    questions: usize,
+    progress: &mut dyn Progress,
+) -> Result<Vec<(Accuracy, Vec<Verdict>)>> {
+    progress.phase("test questions", questions * chains.len());
+    let mut runs: Vec<(Accuracy, Vec<Verdict>)> = chains
+        .iter()
+        .map(|_| (Accuracy::empty(), Vec::with_capacity(questions)))
+        .collect();
     let size = super::data::IMAGE_SIZE as u32;
     for i in 0..questions {
         let (sample, q) = super::eval::test_question(seed, i);
         let question = &sample.questions[q];
-        let answer = served.answer(&sample.rgb, size, size, &question.text)?;
-        let right = answer.text.to_lowercase() == question.answer;
-        accuracy.count(kind_index(question.kind), right);
-        verdicts.push(Verdict { answer, right });
-        progress.advance(1);
+        for (chain, (accuracy, verdicts)) in chains.iter().zip(runs.iter_mut()) {
+            let answer = served.answer_with(&sample.rgb, size, size, &question.text, chain)?;
+            let right = answer.text.to_lowercase() == question.answer;
+            accuracy.count(kind_index(question.kind), right);
+            verdicts.push(Verdict { answer, right });
+            progress.advance(1);
+        }
     }
-    Ok((accuracy, verdicts))
+    Ok(runs)
 }

@@ -10,14 +10,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
-use models::bundle::LoadOptions;
+use std::sync::Arc;
+
+use models::bundle::{LoadOptions, LoadedModel};
+use models::HookCall;
 use plugins::vision::data;
 use plugins::vision::eval::test_question;
+use plugins::vision::eval::Accuracy;
 use plugins::vision::prompt::Renderer;
-use plugins::vision::served::{served_accuracy, Served, Verdict};
+use plugins::vision::served::{served_sweep, Served, Verdict};
+use plugins::vision_prune::{self, Scorer, VisionPrune, VisionPruneConfig};
 
 use crate::config::KvCacheDtype;
-use crate::train::args::{model_path, BarProgress};
+use crate::train::args::{model_path, offline_base, BarProgress};
 
 #[derive(Debug, Args)]
 pub struct VisionArgs {
@@ -42,6 +47,15 @@ pub struct VisionArgs {
     /// How the KV cache holds keys and values (as `serve --kv-cache-dtype`)
     #[arg(long, value_enum, default_value_t = KvCacheDtype::F16)]
     kv_cache_dtype: KvCacheDtype,
+    /// Also answer every question with this fraction of the image tokens kept by random
+    /// pruning (`vision_prune`), e.g. 0.5,0.25,0.1; each question goes to the dense model and
+    /// every ratio in turn
+    #[arg(long, value_delimiter = ',')]
+    prune_keep: Vec<f32>,
+    /// Layer (0-based) after which pruning removes image tokens [default: the one ending the
+    /// first half, 14 of 30]
+    #[arg(long)]
+    prune_layer: Option<usize>,
 }
 
 pub fn run(args: VisionArgs) -> anyhow::Result<()> {
@@ -77,9 +91,17 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
             image_text: vision.image_prompt(),
         },
     };
+    let pruning = Pruning::new(&args, &loaded)?;
     let mut progress = BarProgress::new(None)?;
-    let (accuracy, verdicts) = served_accuracy(&served, seed, args.questions, &mut progress)?;
+    let mut runs = served_sweep(
+        &served,
+        &pruning.chains(),
+        seed,
+        args.questions,
+        &mut progress,
+    )?;
     progress.finish()?;
+    let (accuracy, verdicts) = runs.remove(0);
     std::fs::create_dir_all(&args.out)?;
     let median = |f: &dyn Fn(&Verdict) -> f64| {
         let mut v: Vec<f64> = verdicts.iter().map(f).collect();
@@ -96,6 +118,7 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         "median_prompt_tokens": median(&|v| v.answer.prompt_tokens as f64),
         "median_vision_tower_ms": median(&|v| v.answer.encode.as_secs_f64() * 1e3),
         "median_prefill_ms": median(&|v| v.answer.prefill.as_secs_f64() * 1e3),
+        "pruning": pruning.report(&loaded, &verdicts, &runs),
     });
     std::fs::write(
         args.out.join("report.json"),
@@ -107,6 +130,13 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         &verdicts[..args.samples.min(verdicts.len())],
     )?;
     println!("{accuracy}");
+    for (keep, (pruned, _)) in pruning.keep.iter().zip(&runs) {
+        println!(
+            "random pruning, {:.0}% of image tokens kept: {:.1}%",
+            keep * 100.0,
+            pruned.fraction() * 100.0
+        );
+    }
     println!("wrote {}", args.out.display());
     Ok(())
 }
@@ -145,4 +175,116 @@ fn write_samples(dir: &Path, seed: u64, verdicts: &[Verdict]) -> anyhow::Result<
         writeln!(lines, "{line}")?;
     }
     Ok(())
+}
+
+/// The random-pruning ratios of a run, as plug-ins.
+struct Pruning {
+    keep: Vec<f32>,
+    layer: usize,
+    plugin: Option<Arc<VisionPrune>>,
+}
+
+impl Pruning {
+    fn new(args: &VisionArgs, loaded: &LoadedModel) -> anyhow::Result<Self> {
+        let config = &loaded.model.config;
+        let layer = args
+            .prune_layer
+            .unwrap_or((config.num_layers / 2).saturating_sub(1));
+        if args.prune_keep.is_empty() {
+            return Ok(Self {
+                keep: Vec::new(),
+                layer,
+                plugin: None,
+            });
+        }
+        let base = offline_base(loaded);
+        let Some(vision) = &loaded.vision else {
+            bail!("pruning needs a vision tower");
+        };
+        let prune = VisionPruneConfig {
+            kind: vision_prune::TYPE.into(),
+            base_model: plugins::base::BaseIdentity::of(&base),
+            layer,
+            image_token_id: vision.tower.config().image_token_id,
+            scorer: Scorer::Random,
+            keep: 1.0,
+        };
+        let plugin = VisionPrune::new("random", prune, &base)?;
+        Ok(Self {
+            keep: args.prune_keep.clone(),
+            layer,
+            plugin: Some(Arc::new(plugin)),
+        })
+    }
+
+    /// The dense chain, then one per ratio.
+    fn chains(&self) -> Vec<Vec<HookCall>> {
+        let mut chains = vec![Vec::new()];
+        if let Some(plugin) = &self.plugin {
+            for &keep in &self.keep {
+                let params = Arc::new(vision_prune::PruneParams { keep, seed: 0 });
+                chains.push(vec![HookCall::new(plugin.clone(), params)]);
+            }
+        }
+        chains
+    }
+
+    /// Per ratio: accuracy, median prefill time and its speed-up over the dense model's in
+    /// the same run, and the prefill FLOPs ratio for the median prompt.
+    fn report(
+        &self,
+        loaded: &LoadedModel,
+        dense: &[Verdict],
+        runs: &[(Accuracy, Vec<Verdict>)],
+    ) -> serde_json::Value {
+        let median = |v: &[Verdict]| {
+            let mut ms: Vec<f64> = v
+                .iter()
+                .map(|v| v.answer.prefill.as_secs_f64() * 1e3)
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            ms.get(ms.len() / 2).copied().unwrap_or(0.0)
+        };
+        let (tokens, images) = self.prompt_shape(loaded, dense);
+        let config = &loaded.model.config;
+        let dense_ms = median(dense);
+        let dense_flops = vision_prune::flops::prefill_flops(config, tokens, None);
+        let rows: Vec<serde_json::Value> = self
+            .keep
+            .iter()
+            .zip(runs)
+            .map(|(&keep, (accuracy, verdicts))| {
+                let kept = vision_prune::choose::keep_random(tokens, &images, keep, 0);
+                let flops =
+                    vision_prune::flops::prefill_flops(config, tokens, Some((self.layer, &kept)));
+                let ms = median(verdicts);
+                serde_json::json!({
+                    // f32 ratios as written on the command line (0.1, not 0.10000000149).
+                "keep": (keep as f64 * 1e6).round() / 1e6, "layer": self.layer, "scorer": "random",
+                    "accuracy": accuracy.fraction(), "by_kind": accuracy.by_kind,
+                    "median_prefill_ms": ms,
+                    "prefill_speedup": if ms > 0.0 { dense_ms / ms } else { 0.0 },
+                    "prefill_flops_ratio": dense_flops / flops,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(rows)
+    }
+
+    /// The median prompt's length and its image tokens' offsets.
+    fn prompt_shape(&self, loaded: &LoadedModel, dense: &[Verdict]) -> (usize, Vec<usize>) {
+        let mut prompts: Vec<&[u32]> = dense.iter().map(|v| v.answer.prompt.as_slice()).collect();
+        prompts.sort_by_key(|p| p.len());
+        let Some(prompt) = prompts.get(prompts.len() / 2) else {
+            return (0, Vec::new());
+        };
+        let image = loaded
+            .vision
+            .as_ref()
+            .map_or(u32::MAX, |v| v.tower.config().image_token_id);
+        (
+            prompt.len(),
+            vision_prune::choose::image_offsets(prompt, image),
+        )
+    }
 }

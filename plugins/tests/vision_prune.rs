@@ -1,0 +1,223 @@
+//! The `vision_prune` plug-in on a tiny seeded model: keeping every image token is no plug-in
+//! at all, bit for bit; a pruned prompt keeps its text and the asked fraction of its image
+//! tokens in the layers after the pruning layer and all of them before it; rows with and
+//! without the plug-in share a step and each gets what it gets alone; files and parameters the
+//! plug-in cannot take are refused naming the fault.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use models::tiny::{tiny_config, TinyModel};
+use models::{Architecture, BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
+use plugins::base::BaseIdentity;
+use plugins::files::PluginFiles;
+use plugins::vision_prune::{Scorer, VisionPrune, VisionPruneConfig, CONFIG_FILE};
+use plugins::{BaseModel, Plugin};
+use serde_json::json;
+
+const MAX_POS: usize = 256;
+const IMAGE: u32 = 77;
+const LAYER: usize = 1;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        num_layers: 4,
+        ..tiny_config(Architecture::Llama)
+    }
+}
+
+fn base(c: &ModelConfig) -> BaseModel {
+    BaseModel {
+        id: "tiny".into(),
+        config: c.clone(),
+        device: Device::Cpu,
+        tokenizer_hash: None,
+        kv_dtype: models::KvDtype::F32,
+    }
+}
+
+fn prune_config(c: &ModelConfig) -> VisionPruneConfig {
+    VisionPruneConfig {
+        kind: "vision_prune".into(),
+        base_model: BaseIdentity::of(&base(c)),
+        layer: LAYER,
+        image_token_id: IMAGE,
+        scorer: Scorer::Random,
+        keep: 0.25,
+    }
+}
+
+/// Text, 32 image tokens, then text that asks about them.
+fn prompt() -> Vec<u32> {
+    let mut t = vec![1, 5, 9, 13];
+    t.extend(std::iter::repeat_n(IMAGE, 32));
+    t.extend([21, 34, 55, 3, 8]);
+    t
+}
+
+fn chain(plugin: &Arc<VisionPrune>, params: serde_json::Value) -> Vec<HookCall> {
+    let p = plugin.request_params(params.as_object().unwrap()).unwrap();
+    vec![HookCall::new(plugin.clone(), p)]
+}
+
+/// Logits after the prompt and after one decode token.
+fn run(m: &Llama, cache: &mut KvCache, hooks: &[HookCall]) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    for (tokens, chain) in [(prompt(), hooks), (vec![4], hooks)] {
+        let mut rows = [BatchRow {
+            seq_id: 1,
+            tokens: &tokens,
+            cache: &mut *cache,
+            hooks: chain,
+            logits: LogitsWanted::Last,
+        }];
+        out.push(m.forward(&mut rows).unwrap().remove(0).unwrap());
+    }
+    out
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v.into_iter().map(f32::to_bits).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap();
+    d.max_all().unwrap().to_scalar().unwrap()
+}
+
+#[test]
+fn keeping_every_image_token_is_no_plugin_bit_for_bit() {
+    let c = config();
+    let m = TinyModel::random(c.clone(), 3)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let whole = run(
+        &m,
+        &mut m.new_cache(),
+        &chain(&plugin, json!({"keep": 1.0})),
+    );
+    let none = run(&m, &mut m.new_cache(), &[]);
+    for (a, b) in whole.iter().zip(&none) {
+        assert_eq!(bits(a), bits(b));
+    }
+}
+
+#[test]
+fn a_pruned_prompt_keeps_its_text_and_the_asked_fraction_of_its_image() {
+    let c = config();
+    let m = TinyModel::random(c.clone(), 3)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let mut cache = m.new_cache();
+    let pruned = run(
+        &m,
+        &mut cache,
+        &chain(&plugin, json!({"keep": 0.25, "seed": 4})),
+    );
+    let n = prompt().len() + 1;
+    let text = n - 32;
+    for l in 0..=LAYER {
+        assert_eq!(cache.layer_len(l), n, "layer {l} keeps every token");
+    }
+    for l in LAYER + 1..c.num_layers {
+        assert_eq!(
+            cache.layer_len(l),
+            text + 8,
+            "layer {l} keeps a quarter of the image"
+        );
+        let kept = cache.layer_positions(l);
+        for p in (0..4).chain(36..n as u32) {
+            assert!(kept.contains(&p), "text position {p} kept in layer {l}");
+        }
+    }
+    // Pruning changed the answer's logits, and the default keep is the file's (0.25).
+    let none = run(&m, &mut m.new_cache(), &[]);
+    assert!(max_diff(&pruned[0], &none[0]) > 1e-4);
+    let mut by_default = m.new_cache();
+    run(&m, &mut by_default, &chain(&plugin, json!({"seed": 4})));
+    assert_eq!(
+        by_default.layer_positions(LAYER + 1),
+        cache.layer_positions(LAYER + 1)
+    );
+}
+
+#[test]
+fn pruned_and_whole_rows_share_a_step_and_each_gets_what_it_gets_alone() {
+    let c = config();
+    let m = TinyModel::random(c.clone(), 3)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let pruning = chain(&plugin, json!({"keep": 0.5}));
+    let alone_pruned = run(&m, &mut m.new_cache(), &pruning);
+    let alone_whole = run(&m, &mut m.new_cache(), &[]);
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    let tokens = prompt();
+    let mut rows = [
+        BatchRow {
+            seq_id: 1,
+            tokens: &tokens,
+            cache: &mut a,
+            hooks: &[],
+            logits: LogitsWanted::Last,
+        },
+        BatchRow {
+            seq_id: 2,
+            tokens: &tokens,
+            cache: &mut b,
+            hooks: &pruning,
+            logits: LogitsWanted::Last,
+        },
+    ];
+    let out = m.forward(&mut rows).unwrap();
+    assert!(max_diff(out[0].as_ref().unwrap(), &alone_whole[0]) < 1e-5);
+    assert!(max_diff(out[1].as_ref().unwrap(), &alone_pruned[0]) < 1e-5);
+    assert_eq!(a.layer_len(LAYER + 1), tokens.len());
+    assert_eq!(b.layer_len(LAYER + 1), tokens.len() - 16);
+}
+
+#[test]
+fn files_and_parameters_it_cannot_take_are_refused_naming_the_fault() {
+    let c = config();
+    let b = base(&c);
+    let bad_configs = [
+        (json!({"layer": 3}), "leaves no layer"),
+        (json!({"image_token_id": 100_000}), "outside the vocabulary"),
+        (json!({"keep": 0.0}), "keep"),
+        (json!({"type": "lora"}), "not `vision_prune`"),
+    ];
+    for (change, says) in bad_configs {
+        let mut v = serde_json::to_value(prune_config(&c)).unwrap();
+        for (k, x) in change.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), v.to_string()).unwrap();
+        let err = VisionPrune::load("p", dir.path(), &b, &mut PluginFiles::unconfined())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{change}: {err}");
+    }
+    let plugin = VisionPrune::new("p", prune_config(&c), &b).unwrap();
+    for (params, names) in [
+        (json!({"keep": 0}), "`keep`"),
+        (json!({"keep": 1.5}), "`keep`"),
+        (json!({"keep": "half"}), "`keep`"),
+        (json!({"seed": -1}), "`seed`"),
+        (json!({"ratio": 0.5}), "`ratio`"),
+    ] {
+        let err = plugin
+            .request_params(params.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(names), "{params}: {err}");
+    }
+}
