@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
+use crate::attention_probe::AttentionProbe;
 use crate::batch::LogitsWanted;
 use crate::error::Result;
 use crate::hook_state::{self, HookState};
@@ -296,12 +297,14 @@ pub trait Hook: Send + Sync {
     /// the row's later tokens and decode steps never attend to them there; the kept tokens
     /// keep their positions. A row that wants logits must keep its last token, and a row that
     /// wants every position's logits or hidden states cannot be pruned (the step fails, naming
-    /// the hook). Meant for prefill: vision-token pruning.
+    /// the hook). Meant for prefill: vision-token pruning. `probe`: the next layer's attention,
+    /// for scoring tokens by what the last one attends to (FastV).
     fn prune(
         &self,
         _layer: usize,
         _group: &HookGroup<'_>,
         _h: &Tensor,
+        _probe: &AttentionProbe<'_>,
     ) -> Result<Option<Vec<Option<Vec<usize>>>>> {
         Ok(None)
     }

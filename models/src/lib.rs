@@ -6,6 +6,7 @@
 //! default-model fetch. The crate knows nothing about HTTP or scheduling.
 
 mod attention;
+pub mod attention_probe;
 pub mod batch;
 pub mod bundle;
 pub mod chat_template;
@@ -30,6 +31,7 @@ pub mod tokenizer;
 pub mod vision;
 
 pub use attention::HeadKeys;
+pub use attention_probe::AttentionProbe;
 pub use batch::{BatchRow, LogitsWanted};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
 use crate::attention::{HeadKeys, QueryPositions};
+use crate::attention_probe::AttentionProbe;
 use crate::batch::{BatchRow, LogitsWanted, Packing, RowInfo};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -174,6 +175,15 @@ impl Llama {
             }
         }
         self.lm_head.set_activation_quantization(mode);
+    }
+
+    /// The attention of the layer after `layer`, as a pruning hook after `layer` reads it.
+    pub fn attention_probe(&self, layer: usize) -> Result<AttentionProbe<'_>> {
+        let next = self
+            .layers
+            .get(layer + 1)
+            .ok_or_else(|| ModelError::Batch(format!("no layer after layer {layer} to probe")))?;
+        Ok(AttentionProbe::new(next, &self.rope, &self.config))
     }
 
     /// The final norm and LM head, as early-exit hooks read them.
@@ -698,8 +708,9 @@ impl<'a> Step<'a> {
             return Ok(x);
         }
         let mut keep: Vec<Option<Vec<usize>>> = vec![None; self.packing.rows.len()];
+        let probe = model.attention_probe(l)?;
         for g in &self.prune {
-            let Some(per_row) = g.hook.prune(l, &g.group, &g.gather(&x)?)? else {
+            let Some(per_row) = g.hook.prune(l, &g.group, &g.gather(&x)?, &probe)? else {
                 continue;
             };
             if per_row.len() != g.slots.len() {

@@ -63,6 +63,7 @@ impl Hook for Pruner {
         layer: usize,
         group: &HookGroup<'_>,
         _h: &Tensor,
+        _probe: &models::AttentionProbe<'_>,
     ) -> models::Result<Option<Vec<Option<Vec<usize>>>>> {
         if layer != LAYER {
             return Ok(None);
@@ -249,4 +250,86 @@ fn pruning_that_the_row_cannot_take_fails_the_step_naming_the_hook() {
         assert!(err.contains("pruner") && err.contains(says), "{err}");
         assert_eq!(cache.len(), 0, "a failed step commits nothing");
     }
+}
+
+/// Rotates `x` (one head, `d` values) to `position` as Llama's RoPE does (the two halves of the
+/// head are the pairs).
+fn rotate(x: &[f64], position: usize, theta: f64) -> Vec<f64> {
+    let half = x.len() / 2;
+    let mut out = x.to_vec();
+    for i in 0..half {
+        let angle = position as f64 / theta.powf(2.0 * i as f64 / x.len() as f64);
+        let (s, c) = angle.sin_cos();
+        out[i] = x[i] * c - x[i + half] * s;
+        out[i + half] = x[i + half] * c + x[i] * s;
+    }
+    out
+}
+
+/// The probe against plain f64 arithmetic on the next layer's own projections: RMSNorm, q of
+/// the last token and k of every token, RoPE at the given positions, a softmax per head over
+/// the tokens, the mean over heads.
+#[test]
+fn the_attention_probe_is_the_next_layers_mean_attention_of_the_last_token() {
+    let cfg = tiny_config(Architecture::Llama);
+    let m = TinyModel::random(cfg.clone(), 8)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let probe = m.attention_probe(LAYER).unwrap();
+    let n = 9;
+    let h = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), &Device::Cpu).unwrap();
+    let positions: Vec<u32> = vec![0, 1, 2, 5, 6, 9, 10, 11, 14];
+    let got: Vec<f32> = probe
+        .last_token_attention(&h, &positions)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let layer = &m.layers[LAYER + 1];
+    let normed = candle_nn::ops::rms_norm(&h, &layer.input_norm, cfg.rms_norm_eps).unwrap();
+    let rows = |t: Tensor| -> Vec<Vec<f64>> {
+        let v: Vec<Vec<f32>> = t.to_vec2().unwrap();
+        v.into_iter()
+            .map(|r| r.into_iter().map(f64::from).collect())
+            .collect()
+    };
+    let q = rows(layer.attn.q.forward(&normed).unwrap());
+    let k = rows(layer.attn.k.forward(&normed).unwrap());
+    let (d, group) = (cfg.head_dim, cfg.num_heads / cfg.num_kv_heads);
+    let mut want = vec![0f64; n];
+    for head in 0..cfg.num_heads {
+        let kv = head / group;
+        let last = n - 1;
+        let qh = rotate(
+            &q[last][head * d..(head + 1) * d],
+            positions[last] as usize,
+            cfg.rope_theta as f64,
+        );
+        let scores: Vec<f64> = (0..n)
+            .map(|j| {
+                let kj = rotate(
+                    &k[j][kv * d..(kv + 1) * d],
+                    positions[j] as usize,
+                    cfg.rope_theta as f64,
+                );
+                qh.iter().zip(&kj).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+            })
+            .collect();
+        let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for j in 0..n {
+            want[j] += e[j] / sum / cfg.num_heads as f64;
+        }
+    }
+    for j in 0..n {
+        assert!(
+            (got[j] as f64 - want[j]).abs() < 1e-5,
+            "token {j}: {} vs {}",
+            got[j],
+            want[j]
+        );
+    }
+    assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
 }

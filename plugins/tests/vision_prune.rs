@@ -221,3 +221,38 @@ fn files_and_parameters_it_cannot_take_are_refused_naming_the_fault() {
         assert!(err.contains(names), "{params}: {err}");
     }
 }
+
+/// FastV's choice: as many image tokens as random pruning keeps, the text all kept, the same
+/// tokens whatever the seed (the scores decide, not the draw), and not the random draw's.
+#[test]
+fn attention_scoring_keeps_the_asked_count_by_score_not_by_draw() {
+    let c = config();
+    let m = TinyModel::random(c.clone(), 3)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap();
+    let b = base(&c);
+    let fastv = VisionPruneConfig {
+        scorer: Scorer::Attention,
+        ..prune_config(&c)
+    };
+    let fastv = Arc::new(VisionPrune::new("fastv", fastv, &b).unwrap());
+    let random = Arc::new(VisionPrune::new("random", prune_config(&c), &b).unwrap());
+    let kept = |plugin: &Arc<VisionPrune>, seed: u64| {
+        let mut cache = m.new_cache();
+        run(
+            &m,
+            &mut cache,
+            &chain(plugin, json!({"keep": 0.25, "seed": seed})),
+        );
+        cache.layer_positions(LAYER + 1)
+    };
+    let (a, b) = (kept(&fastv, 1), kept(&fastv, 2));
+    assert_eq!(a, b, "the seed does not matter to attention scoring");
+    assert_eq!(a.len(), prompt().len() + 1 - 32 + 8);
+    assert!(
+        (0..4).chain(36..42).all(|p| a.contains(&p)),
+        "text kept: {a:?}"
+    );
+    assert_ne!(a, kept(&random, 1));
+}

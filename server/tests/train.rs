@@ -562,10 +562,19 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
             .unwrap();
     assert_eq!(report["questions"], json!(2));
-    // Random pruning at each ratio: fewer prefill FLOPs the fewer image tokens stay.
+    // Each scorer at each ratio: fewer prefill FLOPs the fewer image tokens stay.
     let pruning = report["pruning"].as_array().unwrap();
-    let keeps: Vec<f64> = pruning.iter().map(|r| r["keep"].as_f64().unwrap()).collect();
-    assert_eq!(keeps, [0.5, 0.25]);
+    let runs: Vec<(&str, f64)> = pruning
+        .iter()
+        .map(|r| (r["scorer"].as_str().unwrap(), r["keep"].as_f64().unwrap()))
+        .collect();
+    let want = [
+        ("random", 0.5),
+        ("random", 0.25),
+        ("attention", 0.5),
+        ("attention", 0.25),
+    ];
+    assert_eq!(runs, want);
     let flops: Vec<f64> = pruning
         .iter()
         .map(|r| r["prefill_flops_ratio"].as_f64().unwrap())

@@ -28,6 +28,19 @@ pub fn keep_random(len: usize, images: &[usize], keep: f32, seed: u64) -> Vec<us
     merge_text(len, images, &chosen)
 }
 
+/// The offsets of a row of `len` tokens that stay: every offset not in `images`, and the
+/// `kept_count(images.len(), keep)` of `images` with the highest `score` (indexed by offset;
+/// ties to the earlier). Ascending.
+pub fn keep_top(len: usize, images: &[usize], keep: f32, score: &[f32]) -> Vec<usize> {
+    let k = kept_count(images.len(), keep);
+    let mut ranked = images.to_vec();
+    let at = |i: usize| score.get(i).copied().unwrap_or(f32::NEG_INFINITY);
+    ranked.sort_by(|&a, &b| at(b).total_cmp(&at(a)).then(a.cmp(&b)));
+    let mut chosen = ranked[..k].to_vec();
+    chosen.sort_unstable();
+    merge_text(len, images, &chosen)
+}
+
 /// Every offset of `0..len` that is not an image token, with the `chosen` image offsets.
 fn merge_text(len: usize, images: &[usize], chosen: &[usize]) -> Vec<usize> {
     let mut out = Vec::with_capacity(len - images.len() + chosen.len());
@@ -74,6 +87,19 @@ mod tests {
             keep_random(tokens.len(), &images, 0.25, 8),
             "seed matters"
         );
+    }
+
+    #[test]
+    fn the_top_scored_image_tokens_stay() {
+        let images = [1, 2, 3, 4];
+        let score = [9.0, 0.1, 0.7, 0.3, 0.7, 9.0];
+        assert_eq!(keep_top(6, &images, 0.5, &score), vec![0, 2, 4, 5]);
+        assert_eq!(
+            keep_top(6, &images, 0.25, &score),
+            vec![0, 2, 5],
+            "ties to the earlier"
+        );
+        assert_eq!(keep_top(6, &images, 1.0, &score), vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub enum Scorer {
     /// pruning"), and what the prefill speed of a keep ratio is measured with (it does not
     /// depend on which tokens stay).
     Random,
+    /// FastV (Chen et al. 2024): the image tokens the prompt's last token attends to most, on
+    /// average over the heads of the layer after the pruning layer. Needs the instruction in
+    /// the same prefill chunk as the image, as every language-guided choice does.
+    Attention,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

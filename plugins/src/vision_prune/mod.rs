@@ -9,7 +9,8 @@
 //! later layers store only their keys and values, and rows with and without pruning share a
 //! step. It prunes a prompt's last prefill chunk (the one whose logits are wanted), so a prompt
 //! longer than one chunk keeps the image tokens of its earlier chunks. Scorers: `random` (the
-//! baseline, and what prefill speed is measured with). LVPruning's learned decision modules
+//! baseline, and what prefill speed is measured with) and `attention` (FastV: the image tokens
+//! the prompt's last token attends to most in the next layer). LVPruning's learned decision modules
 //! (cross-attention from image tokens to the instruction) and their trainer are not built yet.
 
 pub mod choose;
@@ -20,8 +21,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use models::hooks::{HookGroup, HookParams, HookPoints};
-use models::{Hook, LogitsWanted};
+use models::hooks::{HookGroup, HookParams, HookPoints, HookRow};
+use models::{AttentionProbe, Hook, LogitsWanted};
 use serde_json::{Map, Value};
 
 use crate::base::BaseModel;
@@ -64,19 +65,30 @@ impl VisionPrune {
         })
     }
 
-    /// The offsets of a row's `len` tokens that stay, or `None` for all of them.
-    fn keep(&self, tokens: &[u32], len: usize, p: &PruneParams) -> Option<Vec<usize>> {
-        if p.keep >= 1.0 || len != tokens.len() {
-            // Keeping everything, or a row another hook already pruned: leave it whole.
-            return None;
+    /// The offsets of a whole row's tokens that stay, or `None` for all of them. `h`: the
+    /// row's hidden states after the pruning layer.
+    fn keep(
+        &self,
+        row: &HookRow<'_>,
+        h: &Tensor,
+        p: &PruneParams,
+        probe: &AttentionProbe<'_>,
+    ) -> models::Result<Option<Vec<usize>>> {
+        let images = choose::image_offsets(row.tokens, self.config.image_token_id);
+        if p.keep >= 1.0 || images.is_empty() {
+            return Ok(None);
         }
-        let images = choose::image_offsets(tokens, self.config.image_token_id);
-        if images.is_empty() {
-            return None;
-        }
-        Some(match self.config.scorer {
+        let len = row.tokens.len();
+        Ok(Some(match self.config.scorer {
             Scorer::Random => choose::keep_random(len, &images, p.keep, p.seed),
-        })
+            Scorer::Attention => {
+                let positions: Vec<u32> = row.positions().map(|p| p as u32).collect();
+                let attention = probe
+                    .last_token_attention(h, &positions)?
+                    .to_vec1::<f32>()?;
+                choose::keep_top(len, &images, p.keep, &attention)
+            }
+        }))
     }
 }
 
@@ -98,22 +110,23 @@ impl Hook for VisionPrune {
         &self,
         layer: usize,
         group: &HookGroup<'_>,
-        _h: &Tensor,
+        h: &Tensor,
+        probe: &AttentionProbe<'_>,
     ) -> models::Result<Option<Vec<Option<Vec<usize>>>>> {
         if layer != self.config.layer {
             return Ok(None);
         }
-        let kept = group
-            .rows
-            .iter()
-            .zip(&group.lengths)
-            .map(|(row, &len)| {
-                let p = row.params.downcast_ref::<PruneParams>()?;
-                (row.logits == LogitsWanted::Last)
-                    .then(|| self.keep(row.tokens, len, p))
-                    .flatten()
-            })
-            .collect();
+        let mut kept = Vec::with_capacity(group.rows.len());
+        let mut offset = 0;
+        for (row, &len) in group.rows.iter().zip(&group.lengths) {
+            let p = row.params.downcast_ref::<PruneParams>();
+            let wanted = row.logits == LogitsWanted::Last && len == row.tokens.len();
+            kept.push(match p.filter(|_| wanted) {
+                Some(p) => self.keep(row, &h.narrow(0, offset, len)?, p, probe)?,
+                None => None,
+            });
+            offset += len;
+        }
         Ok(Some(kept))
     }
 }

@@ -52,6 +52,10 @@ pub struct VisionArgs {
     /// every ratio in turn
     #[arg(long, value_delimiter = ',')]
     prune_keep: Vec<f32>,
+    /// How pruning picks the image tokens that stay, for each --prune-keep: random and/or
+    /// attention (FastV)
+    #[arg(long, value_delimiter = ',', default_value = "random,attention", value_parser = parse_scorer)]
+    prune_scorers: Vec<Scorer>,
     /// Layer (0-based) after which pruning removes image tokens [default: the one ending the
     /// first half, 14 of 30]
     #[arg(long)]
@@ -177,11 +181,11 @@ fn write_samples(dir: &Path, seed: u64, verdicts: &[Verdict]) -> anyhow::Result<
     Ok(())
 }
 
-/// The random-pruning ratios of a run, as plug-ins.
+/// The pruning runs of an evaluation: each scorer at each kept fraction, as plug-ins.
 struct Pruning {
     keep: Vec<f32>,
     layer: usize,
-    plugin: Option<Arc<VisionPrune>>,
+    plugins: Vec<(Scorer, Arc<VisionPrune>)>,
 }
 
 impl Pruning {
@@ -190,37 +194,44 @@ impl Pruning {
         let layer = args
             .prune_layer
             .unwrap_or((config.num_layers / 2).saturating_sub(1));
-        if args.prune_keep.is_empty() {
-            return Ok(Self {
-                keep: Vec::new(),
-                layer,
-                plugin: None,
-            });
+        let mut plugins = Vec::new();
+        if !args.prune_keep.is_empty() {
+            let base = offline_base(loaded);
+            let Some(vision) = &loaded.vision else {
+                bail!("pruning needs a vision tower");
+            };
+            for &scorer in &args.prune_scorers {
+                let prune = VisionPruneConfig {
+                    kind: vision_prune::TYPE.into(),
+                    base_model: plugins::base::BaseIdentity::of(&base),
+                    layer,
+                    image_token_id: vision.tower.config().image_token_id,
+                    scorer,
+                    keep: 1.0,
+                };
+                let name = scorer_name(scorer);
+                plugins.push((scorer, Arc::new(VisionPrune::new(&name, prune, &base)?)));
+            }
         }
-        let base = offline_base(loaded);
-        let Some(vision) = &loaded.vision else {
-            bail!("pruning needs a vision tower");
-        };
-        let prune = VisionPruneConfig {
-            kind: vision_prune::TYPE.into(),
-            base_model: plugins::base::BaseIdentity::of(&base),
-            layer,
-            image_token_id: vision.tower.config().image_token_id,
-            scorer: Scorer::Random,
-            keep: 1.0,
-        };
-        let plugin = VisionPrune::new("random", prune, &base)?;
         Ok(Self {
             keep: args.prune_keep.clone(),
             layer,
-            plugin: Some(Arc::new(plugin)),
+            plugins,
         })
     }
 
-    /// The dense chain, then one per ratio.
+    /// Every (scorer, kept fraction) run, in the order of [`Pruning::chains`] after the dense.
+    fn runs(&self) -> Vec<(Scorer, f32)> {
+        let scorers = self.plugins.iter().map(|(s, _)| *s);
+        scorers
+            .flat_map(|s| self.keep.iter().map(move |&k| (s, k)))
+            .collect()
+    }
+
+    /// The dense chain, then one per (scorer, kept fraction).
     fn chains(&self) -> Vec<Vec<HookCall>> {
         let mut chains = vec![Vec::new()];
-        if let Some(plugin) = &self.plugin {
+        for (_, plugin) in &self.plugins {
             for &keep in &self.keep {
                 let params = Arc::new(vision_prune::PruneParams { keep, seed: 0 });
                 chains.push(vec![HookCall::new(plugin.clone(), params)]);
@@ -229,8 +240,8 @@ impl Pruning {
         chains
     }
 
-    /// Per ratio: accuracy, median prefill time and its speed-up over the dense model's in
-    /// the same run, and the prefill FLOPs ratio for the median prompt.
+    /// Per run: accuracy, median prefill time and its speed-up over the dense model's in the
+    /// same run, and the prefill FLOPs ratio for the median prompt.
     fn report(
         &self,
         loaded: &LoadedModel,
@@ -250,18 +261,22 @@ impl Pruning {
         let dense_ms = median(dense);
         let dense_flops = vision_prune::flops::prefill_flops(config, tokens, None);
         let rows: Vec<serde_json::Value> = self
-            .keep
-            .iter()
+            .runs()
+            .into_iter()
             .zip(runs)
-            .map(|(&keep, (accuracy, verdicts))| {
+            .map(|((scorer, keep), (accuracy, verdicts))| {
+                // Any scorer keeps as many tokens; where they sit barely moves the count.
                 let kept = vision_prune::choose::keep_random(tokens, &images, keep, 0);
                 let flops =
                     vision_prune::flops::prefill_flops(config, tokens, Some((self.layer, &kept)));
                 let ms = median(verdicts);
                 serde_json::json!({
                     // f32 ratios as written on the command line (0.1, not 0.10000000149).
-                "keep": (keep as f64 * 1e6).round() / 1e6, "layer": self.layer, "scorer": "random",
-                    "accuracy": accuracy.fraction(), "by_kind": accuracy.by_kind,
+                    "keep": (keep as f64 * 1e6).round() / 1e6,
+                    "layer": self.layer,
+                    "scorer": scorer_name(scorer),
+                    "accuracy": accuracy.fraction(),
+                    "by_kind": accuracy.by_kind,
                     "median_prefill_ms": ms,
                     "prefill_speedup": if ms > 0.0 { dense_ms / ms } else { 0.0 },
                     "prefill_flops_ratio": dense_flops / flops,
@@ -287,4 +302,16 @@ impl Pruning {
             vision_prune::choose::image_offsets(prompt, image),
         )
     }
+}
+
+fn scorer_name(scorer: Scorer) -> String {
+    serde_json::to_value(scorer)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn parse_scorer(name: &str) -> Result<Scorer, String> {
+    serde_json::from_value(serde_json::Value::String(name.into()))
+        .map_err(|_| format!("`{name}` is not a scorer (random, attention)"))
 }
