@@ -28,6 +28,11 @@ use crate::train::{DenseLlama, Progress, Result, TrainError};
 /// Where phase 2's samples start, so the two phases never show the same image.
 const ANSWER_SAMPLES: u64 = 1 << 32;
 const WARMUP: usize = 20;
+/// Weight of reading each image token as a word in the alignment loss.
+const CLASSIFY: f64 = 1.0;
+/// How sharply alignment's reading tells words apart: logits are `-|f - e|^2` over the
+/// words' mean square norm, times this.
+const READ_SHARPNESS: f64 = 10.0;
 
 /// How a tower is trained: its shape, the seed of its samples and initialisation, and each
 /// phase's steps, batch and peak learning rate.
@@ -50,6 +55,11 @@ pub struct TrainOptions {
     /// ([`summary_words`]): each shape's colour, name and side, the count and the word.
     #[serde(default)]
     pub summary_row: bool,
+    /// With `summary_row`, the weight in phase 2 of the alignment loss on the summary row, so
+    /// that answering keeps it spelled while the other image tokens learn whatever helps the
+    /// model answer.
+    #[serde(default)]
+    pub keep_summary: f64,
 }
 
 impl TrainOptions {
@@ -97,6 +107,7 @@ impl Default for TrainOptions {
             lr: 1e-3,
             checkpoint_every: 50,
             summary_row: false,
+            keep_summary: 1.0,
         }
     }
 }
@@ -141,8 +152,8 @@ pub fn train(
         progress.advance(start);
         for step in start..steps {
             let loss = match p {
-                0 => trainer.align_loss(&tower, opts.summary_row, &align_samples(opts, step))?,
-                _ => trainer.answer_loss(&tower, &answer_samples(opts, step), opts.turns)?,
+                0 => trainer.alignment_loss(&tower, opts, &align_samples(opts, step))?,
+                _ => trainer.answering_loss(&tower, opts, &answer_samples(opts, step))?,
             };
             let value = loss.to_scalar::<f32>()?;
             optimizer.step(&loss.backward()?, schedule(lr, step, steps))?;
@@ -202,27 +213,58 @@ impl Trainer<'_> {
     }
 
     /// Phase 1: mean squared distance of each image token to the embedding of its patch's
-    /// word, relative to the targets' mean square.
+    /// word, relative to the targets' mean square, plus [`CLASSIFY`] times the cross-entropy of
+    /// reading each token as its nearest answer word. The squared distance alone taught the
+    /// tower little: its best guess under doubt is the mean of the words, which reads as none
+    /// of them. With `last_row_only`, only the last row of image tokens counts (phase 2 keeps
+    /// the summary row spelled while the other tokens learn freely).
+    /// `out`: the tower's tokens for `samples`, `(n, tokens, hidden)`.
     fn align_loss(
         &self,
-        tower: &TrainableTower,
+        shape: TowerShape,
+        out: Tensor,
         summary_row: bool,
         samples: &[Sample],
+        last_row_only: bool,
     ) -> Result<Tensor> {
-        let out = tower.forward(&self.pixels(samples)?)?; // (n, tokens, hidden)
-        let target = self.patch_targets(tower.shape, summary_row, samples)?;
-        let error = (out - &target)?.sqr()?.mean_all()?;
-        Ok((error / target.sqr()?.mean_all()?)?)
+        let (weights, table) = self.patch_words(shape, summary_row, samples)?;
+        let (out, weights) = match last_row_only {
+            true => {
+                let side = shape.image_size / shape.patch_size;
+                let first = shape.tokens() - side;
+                (out.narrow(1, first, side)?, weights.narrow(1, first, side)?)
+            }
+            false => (out, weights),
+        };
+        let (n, v, hidden) = out.dims3()?;
+        let words = table.dim(0)?;
+        alignment(
+            &out.reshape((n * v, hidden))?,
+            &weights.reshape((n * v, words))?,
+            &table,
+        )
     }
 
     /// `(n, tokens, hidden)`: per image token, the embedding of its patch's word (a mean when a
     /// patch says several).
-    fn patch_targets(
+    pub fn patch_targets(
+        &self,
+        shape: TowerShape,
+        summary_row: bool,
+        samples: &[Sample],
+    ) -> Result<Tensor> {
+        let (weights, table) = self.patch_words(shape, summary_row, samples)?;
+        Ok(weights.broadcast_matmul(&table)?)
+    }
+
+    /// Per image token, the weight of each answer word its patch says, `(n, tokens, words)`,
+    /// and the words' input embeddings `(words, hidden)`.
+    fn patch_words(
         &self,
         shape: TowerShape,
         opts_summary: bool,
         samples: &[Sample],
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         if shape.scale_factor != 1 {
             return Err(TrainError::BadOption(
                 "alignment needs one image token per patch (scale factor 1)".into(),
@@ -270,12 +312,12 @@ impl Trainer<'_> {
                 rows.push(weights);
             }
         }
-        let n = rows.len();
-        let weights = Tensor::from_vec(rows.concat(), (n, words.len()), &Device::Cpu)?;
-        let hidden = table.dim(1)?;
-        Ok(weights
-            .matmul(&table)?
-            .reshape((samples.len(), shape.tokens(), hidden))?)
+        let weights = Tensor::from_vec(
+            rows.concat(),
+            (samples.len(), shape.tokens(), words.len()),
+            &Device::Cpu,
+        )?;
+        Ok((weights, table))
     }
 
     /// The first token of `word` as an answer starts with it.
@@ -290,14 +332,37 @@ impl Trainer<'_> {
             .ok_or_else(|| TrainError::Prompt(format!("`{word}` encodes to no token")))
     }
 
-    /// Phase 2: mean cross-entropy of the answers of a conversation of `turns` questions about
-    /// each sample's image.
-    fn answer_loss(
+    /// Phase 1's loss: [`Trainer::align_loss`] over every image token.
+    fn alignment_loss(
         &self,
         tower: &TrainableTower,
+        opts: &TrainOptions,
         samples: &[Sample],
-        turns: usize,
     ) -> Result<Tensor> {
+        let out = tower.forward(&self.pixels(samples)?)?;
+        self.align_loss(opts.shape, out, opts.summary_row, samples, false)
+    }
+
+    /// Phase 2's loss: the answers' cross-entropy, plus the summary row's alignment when the
+    /// tower has one and `keep_summary` weighs it.
+    fn answering_loss(
+        &self,
+        tower: &TrainableTower,
+        opts: &TrainOptions,
+        samples: &[Sample],
+    ) -> Result<Tensor> {
+        let features = tower.forward(&self.pixels(samples)?)?;
+        let answers = self.answer_loss(&features, samples, opts.turns)?;
+        if !opts.summary_row || opts.keep_summary == 0.0 {
+            return Ok(answers);
+        }
+        let summary = self.align_loss(tower.shape, features, true, samples, true)?;
+        Ok((answers + (summary * opts.keep_summary)?)?)
+    }
+
+    /// Phase 2: mean cross-entropy of the answers of a conversation of `turns` questions about
+    /// each sample's image.
+    fn answer_loss(&self, features: &Tensor, samples: &[Sample], turns: usize) -> Result<Tensor> {
         let conversations = samples
             .iter()
             .map(|s| {
@@ -310,8 +375,7 @@ impl Trainer<'_> {
                 self.renderer.conversation(&qa)
             })
             .collect::<Result<Vec<_>>>()?;
-        let features = tower.forward(&self.pixels(samples)?)?;
-        let logits = self.answer_logits(&conversations, &features)?;
+        let logits = self.answer_logits(&conversations, features)?;
         let targets: Vec<u32> = conversations
             .iter()
             .flat_map(|c| c.targets.iter().map(|&(_, t)| t))
@@ -372,10 +436,27 @@ impl Trainer<'_> {
     }
 }
 
+/// Alignment of image tokens `out` `(n, hidden)` to the words they should say: `weights`
+/// `(n, words)` (each row sums to 1, or 0 for a token that says nothing) over the words'
+/// embeddings `table` `(words, hidden)`. The squared distance to the weighted embedding,
+/// relative to its mean square, plus [`CLASSIFY`] times the cross-entropy of reading each
+/// token as its nearest word (logits `-|f - e|^2`, up to a per-token constant, over the
+/// words' mean square norm, times [`READ_SHARPNESS`]).
+fn alignment(out: &Tensor, weights: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let target = weights.matmul(table)?;
+    let distance = ((out - &target)?.sqr()?.mean_all()? / target.sqr()?.mean_all()?)?;
+    let norms = table.sqr()?.sum(1)?; // (words,)
+    let spread = norms.mean_all()?.to_scalar::<f32>()? as f64;
+    let closeness = (out.matmul(&table.t()?)? * 2.0)?.broadcast_sub(&norms.unsqueeze(0)?)?;
+    let log_p = candle_nn::ops::log_softmax(&(closeness * (READ_SHARPNESS / spread))?, 1)?;
+    let reading = (weights * log_p)?.sum(1)?.mean_all()?.neg()?;
+    Ok((distance + (reading * CLASSIFY)?)?)
+}
+
 /// What the last row of image tokens spells with `summary_row`, one word per token: for each
 /// shape in `data::SHAPES` order its colour, name and side (the count word where the image
 /// has no such shape), then the count, then the written word (or the count again).
-fn summary_words(scene: &data::Scene, side_patches: usize) -> Vec<&'static str> {
+pub fn summary_words(scene: &data::Scene, side_patches: usize) -> Vec<&'static str> {
     let count = count_word(scene.objects.len());
     let mut out = Vec::with_capacity(side_patches);
     for shape in data::SHAPES {
@@ -551,6 +632,21 @@ mod tests {
         }
         let word = scene.word.as_ref().map(|w| w.text);
         assert_eq!(&words[12..], [count, word.unwrap_or(count), count, count]);
+    }
+
+    /// Alignment rewards saying the word: a token at its word's embedding scores far lower
+    /// than one at the mean of all words, which the squared distance alone prefers under
+    /// doubt, and the reading term tells the two apart where the distance barely does.
+    #[test]
+    fn alignment_scores_the_word_below_the_mean_of_words() -> Result<()> {
+        let table = Tensor::randn(0f32, 1.0, (6, 32), &Device::Cpu)?;
+        let weights = Tensor::eye(6, candle_core::DType::F32, &Device::Cpu)?;
+        let exact = alignment(&table, &weights, &table)?.to_scalar::<f32>()?;
+        let mean = table.mean_keepdim(0)?.broadcast_as((6, 32))?.contiguous()?;
+        let vague = alignment(&mean, &weights, &table)?.to_scalar::<f32>()?;
+        assert!(exact < 0.01, "{exact}");
+        assert!(vague > 1.0 + exact, "{vague}");
+        Ok(())
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct VisionArgs {
     /// shape's colour, name and side, the count, the word)
     #[arg(long)]
     summary_row: bool,
+    /// With --summary-row, weight of the summary row's alignment during answering
+    #[arg(long, default_value_t = TrainOptions::default().keep_summary)]
+    keep_summary: f64,
     /// Held-out questions for the report
     #[arg(long, default_value_t = 500)]
     test_questions: usize,
@@ -194,6 +197,7 @@ fn options(args: &VisionArgs) -> TrainOptions {
         turns: args.turns,
         lr: args.lr,
         summary_row: args.summary_row,
+        keep_summary: args.keep_summary,
         ..default
     }
 }

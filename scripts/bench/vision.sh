@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Vision (issue 14) on the default model: `server train vision` (the tower, ~80 min on 2 cores)
+# and `server eval vision` through the serving path, dense and with vision-token pruning after
+# the middle layer (each scorer at each kept fraction; every question goes to every
+# configuration in turn, so prefill times are medians measured in the same run). REPS
+# evaluations; report.json of each in eval-N/, a summary of medians in summary.md.
+# Keeps the tower in target/bench/vision/tower (reused when present: delete it to retrain).
+# usage: scripts/bench/vision.sh [REPS]   (default 3; env QUESTIONS, KEEP, TRAIN_FLAGS)
+# Measure on a quiet machine: the prefills share the two cores with nothing.
+set -euo pipefail
+REPS=${1:-3}
+QUESTIONS=${QUESTIONS:-200}
+KEEP=${KEEP:-0.5,0.25,0.1}
+TRAIN_FLAGS=${TRAIN_FLAGS:---summary-row --align-steps 800 --steps 600}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-$ROOT/target/bench/vision}
+SERVER=$ROOT/target/release/server
+mkdir -p "$OUT"
+cd "$ROOT"
+cargo build -q --release -p server --locked
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "command: $0 $REPS (QUESTIONS=$QUESTIONS KEEP=$KEEP TRAIN_FLAGS=$TRAIN_FLAGS)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+  echo "graft: $(git rev-parse --short HEAD)"
+  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$OUT/run.txt"
+if [ ! -f "$OUT/tower/model.safetensors" ]; then
+  # shellcheck disable=SC2086
+  /usr/bin/time -f "training: %e s wall, %M KiB peak" \
+    "$SERVER" train vision --out "$OUT/tower" --overwrite $TRAIN_FLAGS 2>&1 \
+    | tr '\r' '\n' | grep -v ' steps: ' | tee "$OUT/train.txt"
+fi
+for r in $(seq 1 "$REPS"); do
+  "$SERVER" eval vision --vision "$OUT/tower" --out "$OUT/eval-$r" --questions "$QUESTIONS" \
+    --samples 0 --prune-keep "$KEEP" 2>&1 | tr '\r' '\n' | grep -v 'test questions: '
+done | tee "$OUT/eval.txt"
+python3 scripts/bench/vision_report.py "$OUT"/eval-*/report.json | tee "$OUT/summary.md"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/run.txt"
