@@ -35,5 +35,5 @@ for r in $(seq 1 "$REPS"); do
   "$SERVER" eval vision --vision "$OUT/tower" --out "$OUT/eval-$r" --questions "$QUESTIONS" \
     --samples 0 --prune-keep "$KEEP" 2>&1 | tr '\r' '\n' | grep -v 'test questions: '
 done | tee "$OUT/eval.txt"
-python3 scripts/bench/vision_report.py "$OUT"/eval-*/report.json | tee "$OUT/summary.md"
+python3 scripts/bench/vision_report.py --svg "$OUT/pruning.svg" "$OUT"/eval-*/report.json | tee "$OUT/summary.md"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/run.txt"

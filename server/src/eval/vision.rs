@@ -134,9 +134,10 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         &verdicts[..args.samples.min(verdicts.len())],
     )?;
     println!("{accuracy}");
-    for (keep, (pruned, _)) in pruning.keep.iter().zip(&runs) {
+    for ((scorer, keep), (pruned, _)) in pruning.runs().into_iter().zip(&runs) {
         println!(
-            "random pruning, {:.0}% of image tokens kept: {:.1}%",
+            "{} pruning, {:.0}% of image tokens kept: {:.1}%",
+            scorer_name(scorer),
             keep * 100.0,
             pruned.fraction() * 100.0
         );
