@@ -199,6 +199,14 @@ pub trait Hook: Send + Sync {
         PrefixReuse::Never
     }
 
+    /// Whether this hook needs a sequence's whole prompt in one prefill step (a pruning hook
+    /// that decides which image tokens stay from the instruction after them). The engine then
+    /// feeds such a prompt in one step where the step's token budget can ever hold it (at most
+    /// `max_batch_tokens - max_running` tokens), else in chunks as any other.
+    fn whole_prompt(&self, _params: &HookParams) -> bool {
+        false
+    }
+
     /// Bytes of state this hook will hold per position of a sequence with these parameters,
     /// an estimate the scheduler adds to the sequence's KV claim before it is admitted (what
     /// the state actually holds is counted from [`HookState::allocated_bytes`] once it runs).

@@ -31,8 +31,18 @@ def tower(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def seeing(tower):
-    server = Server("--vision", str(tower[0]))
+def seeing(tower, tmp_path_factory):
+    """The server with the tower and a `vision_prune` plug-in (random scoring after layer 14)."""
+    plugins = tmp_path_factory.mktemp("plugins")
+    (plugins / "prune").mkdir()
+    image_token = json.loads((tower[0] / "config.json").read_text())["image_token_id"]
+    config = {"type": "vision_prune", "layer": 14, "image_token_id": image_token,
+              "scorer": "random", "keep": 0.25,
+              "base_model": {"architecture": "llama", "hidden_size": 576, "num_layers": 30,
+                             "vocab_size": 49152}}
+    (plugins / "prune" / "config.json").write_text(json.dumps(config))
+    server = Server("--vision", str(tower[0]), "--plugin-dir", str(plugins),
+                    "--plugin", "vision_prune:prune=prune")
     yield server
     assert server.stop() == 0
 
@@ -45,7 +55,7 @@ def image_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def ask(server: Server, url: str, question: str, max_tokens: int = 4):
+def ask(server: Server, url: str, question: str, max_tokens: int = 4, **extra):
     return client(server).chat.completions.create(
         model="smollm2-135m-instruct",
         messages=[{"role": "user", "content": [
@@ -54,6 +64,7 @@ def ask(server: Server, url: str, question: str, max_tokens: int = 4):
         ]}],
         max_tokens=max_tokens,
         temperature=0,
+        **extra,
     )
 
 
@@ -74,4 +85,27 @@ def test_text_that_spells_the_image_token_is_refused(tower, seeing):
     with pytest.raises(openai.BadRequestError) as e:
         ask(seeing, url, "what is <empty_output>?", max_tokens=2)
     assert "image tokens" in e.value.body["message"], e.value.body
+    seeing.assert_serving()
+
+
+def test_pruning_image_tokens_through_the_server(tower, seeing):
+    """keep 1 answers with the dense model's log-probs exactly; keep 0.1 changes them (the
+    image tokens left the later layers), answers, and counts the same prompt tokens."""
+    url = image_url(tower[1] / "000.png")
+    question = json.loads((tower[1] / "questions.jsonl").read_text().splitlines()[0])["question"]
+
+    def logprobs(plugins):
+        extra = {"extra_body": {"plugins": plugins}} if plugins else {}
+        got = ask(seeing, url, question, max_tokens=2, logprobs=True, **extra)
+        return [t.logprob for t in got.choices[0].logprobs.content], got.usage.prompt_tokens
+
+    dense, tokens = logprobs(None)
+    whole, whole_tokens = logprobs([{"type": "vision_prune", "name": "prune", "keep": 1.0}])
+    pruned, pruned_tokens = logprobs([{"type": "vision_prune", "name": "prune", "keep": 0.1}])
+    assert whole == dense
+    assert pruned[0] != dense[0]
+    assert tokens == whole_tokens == pruned_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        logprobs([{"type": "vision_prune", "name": "prune", "keep": 0}])
+    assert "keep" in e.value.body["message"], e.value.body
     seeing.assert_serving()

@@ -104,6 +104,11 @@ impl Hook for VisionPrune {
         }
     }
 
+    /// The choice reads the instruction after the image: the prompt must come in one step.
+    fn whole_prompt(&self, _params: &HookParams) -> bool {
+        true
+    }
+
     /// After [`VisionPruneConfig::layer`], for each row feeding the last chunk of a prompt
     /// (it wants its last position's logits) that holds image tokens.
     fn prune(

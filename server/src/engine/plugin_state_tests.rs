@@ -307,3 +307,43 @@ fn a_chains_state_estimate_is_part_of_its_admission_claim() {
     let last_of_first = log.iter().rposition(|s| s.seq_id == first_id).unwrap();
     assert_eq!(last_of_first, 50 - 1, "{log:?}");
 }
+
+/// The recorder, for a chain that needs its whole prompt in one step (a pruning plug-in).
+struct WholePrompt(Recorder);
+
+impl Hook for WholePrompt {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn points(&self) -> HookPoints {
+        self.0.points()
+    }
+    fn new_state(&self, p: &HookParams) -> models::Result<Option<Box<dyn HookState>>> {
+        self.0.new_state(p)
+    }
+    fn step_tokens(&self, group: &HookGroup<'_>) -> models::Result<()> {
+        self.0.step_tokens(group)
+    }
+    fn whole_prompt(&self, _: &HookParams) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_chain_that_needs_the_whole_prompt_gets_it_in_one_step() {
+    let config = EngineConfig {
+        prefill_chunk: 8,
+        ..EngineConfig::default()
+    };
+    let mut f = fixture(config);
+    let prompt = "abcdefghijklmnopqrst"; // 20 tokens: three chunks of 8 otherwise
+    let plain = f.engine.submit(request(&f, prompt, 2, 1)).unwrap();
+    collect(plain);
+    let starts = |log: &[Seen]| -> Vec<usize> { log.iter().map(|s| s.start).collect() };
+    assert_eq!(starts(&f.shared.log.lock().unwrap()), vec![0, 8, 16, 20]);
+    f.shared.log.lock().unwrap().clear();
+    f.hook = HookCall::bare(Arc::new(WholePrompt(Recorder(f.shared.clone()))));
+    let whole = f.engine.submit(request(&f, prompt, 2, 1)).unwrap();
+    collect(whole);
+    assert_eq!(starts(&f.shared.log.lock().unwrap()), vec![0, 20]);
+}

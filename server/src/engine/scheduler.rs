@@ -14,7 +14,8 @@
 //! for the next step instead of shrinking. With quantized weights a sequence's logits depend
 //! (by up to a logit on the default model) on where its prompt was cut, while they do not
 //! depend on the other rows of a step; fixed cuts make a request's output independent of
-//! what it was batched with. `EngineConfig::validate` keeps room for one whole chunk beside
+//! what it was batched with. A chain that needs its whole prompt in one step (a pruning
+//! plug-in, `models::Hook::whole_prompt`) gets it uncut when a step can ever hold it. `EngineConfig::validate` keeps room for one whole chunk beside
 //! every decode row, so the oldest prefilling sequence always progresses.
 //!
 //! Like TGI's queue state, this is a plain synchronous struct over anything [`Schedulable`],
@@ -37,6 +38,11 @@ pub trait Schedulable {
     fn wants_prompt_logits(&self) -> bool;
     /// Whether every prompt position needs its final hidden state instead (an embedding).
     fn wants_prompt_hidden(&self) -> bool {
+        false
+    }
+    /// Whether the sequence's chain needs its whole prompt in one step
+    /// (`models::Hook::whole_prompt`).
+    fn whole_prompt(&self) -> bool {
         false
     }
     /// Bytes of plug-in state the sequence's chain expects to hold per position, on top of
@@ -211,7 +217,7 @@ impl<S: Schedulable> Scheduler<S> {
                 });
                 continue;
             }
-            let tokens = remaining.min(self.limits.prefill_chunk);
+            let tokens = remaining.min(self.chunk(seq));
             if tokens > budget {
                 continue; // a later, shorter final chunk may still fit
             }
@@ -225,6 +231,21 @@ impl<S: Schedulable> Scheduler<S> {
         rows
     }
 
+    /// The longest chunk `seq`'s prompt is cut into: `prefill_chunk`, or the whole prompt for a
+    /// chain that needs it in one step, when it is not started yet and a step's budget beside
+    /// every decode row can hold it (so it never waits for ever).
+    fn chunk(&self, seq: &S) -> usize {
+        let whole = seq.prompt_len();
+        let room = self
+            .limits
+            .max_batch_tokens
+            .saturating_sub(self.limits.max_running);
+        match seq.whole_prompt() && seq.prefilled() == 0 && whole <= room {
+            true => whole.max(self.limits.prefill_chunk),
+            false => self.limits.prefill_chunk,
+        }
+    }
+
     /// Token budget the step's drafts may take: none past `speculation_max_batch` decoding
     /// sequences, and never the room one whole prompt chunk needs while a prompt waits, so
     /// drafts never delay a prefill.
@@ -234,7 +255,11 @@ impl<S: Schedulable> Scheduler<S> {
         }
         let prefilling = self.running.iter().any(|s| s.prefilled() < s.prompt_len());
         let reserved = match prefilling {
-            true => self.limits.prefill_chunk,
+            true => self
+                .running
+                .iter()
+                .map(|s| self.chunk(s))
+                .fold(self.limits.prefill_chunk, usize::max),
             false => 0,
         };
         let wanted: usize = self.running.iter().map(|s| s.drafts(decoding)).sum();
@@ -290,6 +315,7 @@ mod tests {
         allocated: usize,
         prompt_logits: bool,
         drafts: usize,
+        whole: bool,
     }
 
     impl Schedulable for Fake {
@@ -311,6 +337,9 @@ mod tests {
         fn drafts(&self, _decoding: usize) -> usize {
             self.drafts
         }
+        fn whole_prompt(&self) -> bool {
+            self.whole
+        }
     }
 
     fn seq(id: usize, prompt: usize) -> Fake {
@@ -322,6 +351,7 @@ mod tests {
             allocated: 0,
             prompt_logits: false,
             drafts: 0,
+            whole: false,
         }
     }
 
@@ -396,6 +426,23 @@ mod tests {
             drafts,
             ..seq(id, 3)
         }
+    }
+
+    /// A chain that prunes image tokens needs its prompt in one step: fed whole where a step
+    /// beside every decode row can hold it (16 - 4 = 12 tokens here), in chunks where not.
+    #[test]
+    fn a_prompt_that_must_be_whole_is_fed_in_one_step_where_a_step_can_hold_it() {
+        let whole = |id, prompt| Fake {
+            whole: true,
+            ..seq(id, prompt)
+        };
+        let mut s = scheduler(limits(), vec![whole(0, 12), whole(1, 13), seq(2, 12)]);
+        s.admit();
+        use LogitsWanted::*;
+        let plan = s.plan();
+        assert_eq!(rows(&plan), vec![(0, 12, Last)]);
+        feed(&mut s, &plan);
+        assert_eq!(rows(&s.plan()), vec![(0, 1, Last), (1, 8, None)]);
     }
 
     #[test]

@@ -687,6 +687,12 @@ impl Schedulable for Sequence {
     fn drafts(&self, decoding: usize) -> usize {
         self.policy.length(self.proposal.len(), decoding)
     }
+
+    fn whole_prompt(&self) -> bool {
+        self.hooks
+            .iter()
+            .any(|call| call.hook.whole_prompt(&call.params))
+    }
 }
 
 fn internal(message: impl Into<String>) -> EngineError {
