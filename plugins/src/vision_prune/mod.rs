@@ -7,8 +7,9 @@
 //! `{"type": "vision_prune", "name": ..., "keep": 0.25, "seed": 0}`. The plug-in stands on the
 //! runtime's pruning hook ([`models::Hook::prune`]): the kept tokens keep their positions,
 //! later layers store only their keys and values, and rows with and without pruning share a
-//! step. It prunes a prompt's last prefill chunk (the one whose logits are wanted), so a prompt
-//! longer than one chunk keeps the image tokens of its earlier chunks. Scorers: `random` (the
+//! step. It prunes the prefill chunk whose logits are wanted and asks for the whole prompt in
+//! one step ([`models::Hook::whole_prompt`]), which the scheduler grants where a step can hold
+//! it; a prompt too long for that keeps the image tokens of its earlier chunks. Scorers: `random` (the
 //! baseline, and what prefill speed is measured with) and `attention` (FastV: the image tokens
 //! the prompt's last token attends to most in the next layer). LVPruning's learned decision modules
 //! (cross-attention from image tokens to the instruction) and their trainer are not built yet.
