@@ -49,6 +49,18 @@ fn prune_config(c: &ModelConfig) -> VisionPruneConfig {
     }
 }
 
+fn model(c: &ModelConfig) -> Llama {
+    TinyModel::random(c.clone(), 3)
+        .unwrap()
+        .build(MAX_POS)
+        .unwrap()
+}
+
+/// The plug-in of [`prune_config`]: random scoring after [`LAYER`], a quarter kept by default.
+fn random_plugin(c: &ModelConfig) -> Arc<VisionPrune> {
+    Arc::new(VisionPrune::new("p", prune_config(c), &base(c)).unwrap())
+}
+
 /// Text, 32 image tokens, then text that asks about them.
 fn prompt() -> Vec<u32> {
     let mut t = vec![1, 5, 9, 13];
@@ -91,11 +103,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn keeping_every_image_token_is_no_plugin_bit_for_bit() {
     let c = config();
-    let m = TinyModel::random(c.clone(), 3)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
-    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let m = model(&c);
+    let plugin = random_plugin(&c);
     let whole = run(
         &m,
         &mut m.new_cache(),
@@ -110,11 +119,8 @@ fn keeping_every_image_token_is_no_plugin_bit_for_bit() {
 #[test]
 fn a_pruned_prompt_keeps_its_text_and_the_asked_fraction_of_its_image() {
     let c = config();
-    let m = TinyModel::random(c.clone(), 3)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
-    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let m = model(&c);
+    let plugin = random_plugin(&c);
     let mut cache = m.new_cache();
     let pruned = run(
         &m,
@@ -151,11 +157,8 @@ fn a_pruned_prompt_keeps_its_text_and_the_asked_fraction_of_its_image() {
 #[test]
 fn pruned_and_whole_rows_share_a_step_and_each_gets_what_it_gets_alone() {
     let c = config();
-    let m = TinyModel::random(c.clone(), 3)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
-    let plugin = Arc::new(VisionPrune::new("p", prune_config(&c), &base(&c)).unwrap());
+    let m = model(&c);
+    let plugin = random_plugin(&c);
     let pruning = chain(&plugin, json!({"keep": 0.5}));
     let alone_pruned = run(&m, &mut m.new_cache(), &pruning);
     let alone_whole = run(&m, &mut m.new_cache(), &[]);
@@ -227,10 +230,7 @@ fn files_and_parameters_it_cannot_take_are_refused_naming_the_fault() {
 #[test]
 fn attention_scoring_keeps_the_asked_count_by_score_not_by_draw() {
     let c = config();
-    let m = TinyModel::random(c.clone(), 3)
-        .unwrap()
-        .build(MAX_POS)
-        .unwrap();
+    let m = model(&c);
     let b = base(&c);
     let fastv = VisionPruneConfig {
         scorer: Scorer::Attention,

@@ -107,11 +107,7 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
     progress.finish()?;
     let (accuracy, verdicts) = runs.remove(0);
     std::fs::create_dir_all(&args.out)?;
-    let median = |f: &dyn Fn(&Verdict) -> f64| {
-        let mut v: Vec<f64> = verdicts.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
+    let median = |f: &dyn Fn(&Verdict) -> f64| median_of(verdicts.iter().map(f));
     let report = serde_json::json!({
         "tower": args.vision,
         "seed": seed,
@@ -249,14 +245,8 @@ impl Pruning {
         dense: &[Verdict],
         runs: &[(Accuracy, Vec<Verdict>)],
     ) -> serde_json::Value {
-        let median = |v: &[Verdict]| {
-            let mut ms: Vec<f64> = v
-                .iter()
-                .map(|v| v.answer.prefill.as_secs_f64() * 1e3)
-                .collect();
-            ms.sort_by(f64::total_cmp);
-            ms.get(ms.len() / 2).copied().unwrap_or(0.0)
-        };
+        let median =
+            |v: &[Verdict]| median_of(v.iter().map(|v| v.answer.prefill.as_secs_f64() * 1e3));
         let (tokens, images) = self.prompt_shape(loaded, dense);
         let config = &loaded.model.config;
         let dense_ms = median(dense);
@@ -315,4 +305,11 @@ fn scorer_name(scorer: Scorer) -> String {
 fn parse_scorer(name: &str) -> Result<Scorer, String> {
     serde_json::from_value(serde_json::Value::String(name.into()))
         .map_err(|_| format!("`{name}` is not a scorer (random, attention)"))
+}
+
+/// The upper median of `values` (0 for none).
+fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
