@@ -245,18 +245,6 @@ impl Trainer<'_> {
         )
     }
 
-    /// `(n, tokens, hidden)`: per image token, the embedding of its patch's word (a mean when a
-    /// patch says several).
-    pub fn patch_targets(
-        &self,
-        shape: TowerShape,
-        summary_row: bool,
-        samples: &[Sample],
-    ) -> Result<Tensor> {
-        let (weights, table) = self.patch_words(shape, summary_row, samples)?;
-        Ok(weights.broadcast_matmul(&table)?)
-    }
-
     /// Per image token, the weight of each answer word its patch says, `(n, tokens, words)`,
     /// and the words' input embeddings `(words, hidden)`.
     fn patch_words(
@@ -456,7 +444,7 @@ fn alignment(out: &Tensor, weights: &Tensor, table: &Tensor) -> Result<Tensor> {
 /// What the last row of image tokens spells with `summary_row`, one word per token: for each
 /// shape in `data::SHAPES` order its colour, name and side (the count word where the image
 /// has no such shape), then the count, then the written word (or the count again).
-pub fn summary_words(scene: &data::Scene, side_patches: usize) -> Vec<&'static str> {
+fn summary_words(scene: &data::Scene, side_patches: usize) -> Vec<&'static str> {
     let count = count_word(scene.objects.len());
     let mut out = Vec::with_capacity(side_patches);
     for shape in data::SHAPES {
