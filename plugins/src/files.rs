@@ -140,6 +140,15 @@ fn open_without_blocking(path: &Path) -> std::io::Result<File> {
     File::open(path)
 }
 
+/// Creates `dir` and writes `config` into `dir/config.json`, pretty-printed: how every
+/// trainer-written plug-in folder starts (its tensors follow).
+pub fn write_config(dir: &Path, config: &impl serde::Serialize) -> Result<()> {
+    let io = |e: std::io::Error| PluginError::bad_file(dir, e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let json = serde_json::to_vec_pretty(config).map_err(|e| PluginError::bad_file(dir, e))?;
+    std::fs::write(dir.join("config.json"), json).map_err(io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

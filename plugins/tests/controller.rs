@@ -5,13 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use models::tiny::{tiny_config, TinyModel};
+use models::tiny::TinyModel;
 use models::{
-    Architecture, BatchRow, Hook, HookCall, HookGroup, HookPoints, KvCache, Llama, LogitsWanted,
-    ModelConfig,
+    BatchRow, Hook, HookCall, HookGroup, HookPoints, KvCache, Llama, LogitsWanted, ModelConfig,
 };
 use plugins::controller::{
     BaseIdentity, ControllerConfig, ControllerParams, ControllerTensors, SteeringController, TYPE,
@@ -27,20 +28,11 @@ const MAX_POS: usize = 64;
 const ALPHA: f32 = 2.5;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        num_layers: 4,
-        ..tiny_config(Architecture::Llama)
-    }
+    common::tiny_layers(4)
 }
 
 fn base(c: &ModelConfig) -> BaseModel {
-    BaseModel {
-        id: "tiny".into(),
-        config: c.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-        kv_dtype: models::KvDtype::F32,
-    }
+    common::tiny_base(c)
 }
 
 /// The tiny Llama the decay tests steer.

@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use models::tiny::{tiny_config, TinyModel};
-use models::{Architecture, BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
+use models::tiny::TinyModel;
+use models::{BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
 use plugins::base::BaseIdentity;
 use plugins::early_exit::drafts::DraftTable;
 use plugins::early_exit::predictor::Predictor;
@@ -26,20 +28,11 @@ const PROMPT: [u32; 5] = [3, 8, 13, 21, 34];
 const NEXT: u32 = 55;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        num_layers: 6,
-        ..tiny_config(Architecture::Llama)
-    }
+    common::tiny_layers(6)
 }
 
 fn base(c: &ModelConfig) -> BaseModel {
-    BaseModel {
-        id: "tiny".into(),
-        config: c.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-        kv_dtype: models::KvDtype::F32,
-    }
+    common::tiny_base(c)
 }
 
 fn model(c: &ModelConfig) -> Llama {

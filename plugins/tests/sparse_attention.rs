@@ -7,12 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use models::tiny::{tiny_config, TinyModel};
-use models::{Architecture, BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
+use models::tiny::TinyModel;
+use models::{BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
 use plugins::files::PluginFiles;
 use plugins::sparse_attention::gate::LayerGate;
 use plugins::sparse_attention::train::{config_of, train, windows, Target, TrainOptions};
@@ -26,20 +28,11 @@ const MAX_POS: usize = 256;
 const BLOCK: usize = 16;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        num_layers: 4,
-        ..tiny_config(Architecture::Llama)
-    }
+    common::tiny_layers(4)
 }
 
 fn base(c: &ModelConfig) -> BaseModel {
-    BaseModel {
-        id: "tiny".into(),
-        config: c.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-        kv_dtype: models::KvDtype::F32,
-    }
+    common::tiny_base(c)
 }
 
 fn model(c: &ModelConfig) -> Llama {

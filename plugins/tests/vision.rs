@@ -3,66 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use models::bundle::{LoadOptions, LoadedModel};
-use models::chat_template::ChatTemplate;
-use models::tiny::{tiny_config, TinyModel};
-use models::vision::{ImageTokens, VisionModel};
-use models::Architecture;
+use common::{chatml_template, max_abs_diff, shape, tiny_bundle, tokens};
+use models::bundle::LoadedModel;
+use models::vision::VisionModel;
 use plugins::vision::files::{self, TowerInfo};
 use plugins::vision::prompt::{image_id, Renderer};
-use plugins::vision::tower::{TowerShape, TrainableTower};
-
-fn tiny_bundle(dir: &Path) -> LoadedModel {
-    let path = dir.join("tiny.gguf");
-    TinyModel::random(tiny_config(Architecture::Llama), 3)
-        .unwrap()
-        .write_gguf_with_tokenizer(&path, GgmlDType::F32)
-        .unwrap();
-    models::bundle::load(&path, &Device::Cpu, &LoadOptions::default()).unwrap()
-}
-
-/// Single characters of the tiny byte-level vocabulary stand in for image tokens.
-fn tokens() -> ImageTokens {
-    ImageTokens {
-        around: "{".into(),
-        global: "}".into(),
-        image: "~".into(),
-    }
-}
-
-/// ChatML's shape: each turn ends with the end-of-turn token, the reply follows its header.
-fn chatml_template() -> ChatTemplate {
-    let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|endoftext|>{% endfor %}\
-                  {% if add_generation_prompt %}<assistant>{% endif %}";
-    ChatTemplate::new(source, None, Some("<|endoftext|>".into())).unwrap()
-}
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn shape() -> TowerShape {
-    TowerShape {
-        hidden_size: 16,
-        intermediate_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        image_size: 32,
-        patch_size: 8,
-        scale_factor: 2,
-    }
-}
+use plugins::vision::tower::TrainableTower;
 
 fn write_tower(dir: &Path, loaded: &LoadedModel, tokenizer: String) -> TrainableTower {
     let hidden = loaded.model.config.hidden_size;

@@ -6,11 +6,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use models::tiny::{tiny_config, TinyModel};
-use models::{Architecture, BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
+use candle_core::Tensor;
+use models::tiny::TinyModel;
+use models::{BatchRow, HookCall, KvCache, Llama, LogitsWanted, ModelConfig};
 use plugins::base::BaseIdentity;
 use plugins::files::PluginFiles;
 use plugins::vision_prune::{Scorer, VisionPrune, VisionPruneConfig, CONFIG_FILE};
@@ -22,20 +24,11 @@ const IMAGE: u32 = 77;
 const LAYER: usize = 1;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        num_layers: 4,
-        ..tiny_config(Architecture::Llama)
-    }
+    common::tiny_layers(4)
 }
 
 fn base(c: &ModelConfig) -> BaseModel {
-    BaseModel {
-        id: "tiny".into(),
-        config: c.clone(),
-        device: Device::Cpu,
-        tokenizer_hash: None,
-        kv_dtype: models::KvDtype::F32,
-    }
+    common::tiny_base(c)
 }
 
 fn prune_config(c: &ModelConfig) -> VisionPruneConfig {
@@ -46,6 +39,7 @@ fn prune_config(c: &ModelConfig) -> VisionPruneConfig {
         image_token_id: IMAGE,
         scorer: Scorer::Random,
         keep: 0.25,
+        module: None,
     }
 }
 
@@ -58,7 +52,7 @@ fn model(c: &ModelConfig) -> Llama {
 
 /// The plug-in of [`prune_config`]: random scoring after [`LAYER`], a quarter kept by default.
 fn random_plugin(c: &ModelConfig) -> Arc<VisionPrune> {
-    Arc::new(VisionPrune::new("p", prune_config(c), &base(c)).unwrap())
+    Arc::new(VisionPrune::new("p", prune_config(c), None, &base(c)).unwrap())
 }
 
 /// Text, 32 image tokens, then text that asks about them.
@@ -209,7 +203,7 @@ fn files_and_parameters_it_cannot_take_are_refused_naming_the_fault() {
             .to_string();
         assert!(err.contains(says), "{change}: {err}");
     }
-    let plugin = VisionPrune::new("p", prune_config(&c), &b).unwrap();
+    let plugin = VisionPrune::new("p", prune_config(&c), None, &b).unwrap();
     for (params, names) in [
         (json!({"keep": 0}), "`keep`"),
         (json!({"keep": 1.5}), "`keep`"),
@@ -236,8 +230,8 @@ fn attention_scoring_keeps_the_asked_count_by_score_not_by_draw() {
         scorer: Scorer::Attention,
         ..prune_config(&c)
     };
-    let fastv = Arc::new(VisionPrune::new("fastv", fastv, &b).unwrap());
-    let random = Arc::new(VisionPrune::new("random", prune_config(&c), &b).unwrap());
+    let fastv = Arc::new(VisionPrune::new("fastv", fastv, None, &b).unwrap());
+    let random = Arc::new(VisionPrune::new("random", prune_config(&c), None, &b).unwrap());
     let kept = |plugin: &Arc<VisionPrune>, seed: u64| {
         let mut cache = m.new_cache();
         run(

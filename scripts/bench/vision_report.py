@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Medians over `server eval vision` reports (scripts/bench/vision.sh): dense accuracy and
-prefill time, and per pruning scorer and kept fraction the accuracy, the prefill speed-up over
-dense measured in the same run, and the prefill-FLOPs ratio, as a Markdown table."""
+prefill time, and per pruning scorer and kept fraction the accuracy, the share of questions
+answered word for word as dense, the prefill speed-up over dense measured in the same run, and
+the prefill-FLOPs ratio, as a Markdown table."""
 import json
 import statistics
 import sys
@@ -56,9 +57,11 @@ def main(args):
     print(f"{len(reports)} {runs} of {first['questions']} held-out questions; "
           f"median prompt {first['median_prompt_tokens']:.0f} tokens; "
           f"vision tower {tower_ms:.1f} ms; dense prefill {dense_ms:.1f} ms\n")
-    print("| scorer | image tokens kept | accuracy | prefill ms | prefill speed-up | FLOPs ratio |")
-    print("|---|---|---|---|---|---|")
-    print(f"| dense | 100% | {first['accuracy'] * 100:.1f}% | {dense_ms:.1f} | 1.00x | 1.00x |")
+    print("| scorer | image tokens kept | accuracy | same answer as dense | prefill ms "
+          "| prefill speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | 100% | {first['accuracy'] * 100:.1f}% | 100% | {dense_ms:.1f} | 1.00x "
+          "| 1.00x |")
     rows, points = {}, []
     for r in reports:
         for row in r["pruning"]:
@@ -68,7 +71,9 @@ def main(args):
         ms = statistics.median(x["median_prefill_ms"] for x in runs)
         speedup = statistics.median(x["prefill_speedup"] for x in runs)
         flops = runs[0]["prefill_flops_ratio"]
-        print(f"| {scorer} | {keep * 100:.0f}% | {acc * 100:.1f}% | {ms:.1f} | "
+        agree = runs[0].get("agrees_with_dense")
+        agree = "" if agree is None else f"{agree * 100:.1f}%"
+        print(f"| {scorer} | {keep * 100:.0f}% | {acc * 100:.1f}% | {agree} | {ms:.1f} | "
               f"{speedup:.2f}x | {flops:.2f}x |")
         points.append((scorer, keep, acc, speedup))
     if plot:

@@ -459,7 +459,7 @@ const TINY_VISION: [&str; 16] = [
 ];
 
 #[test]
-fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
+fn train_vision_writes_a_tower_the_server_attaches_evaluates_resumes_and_prunes() {
     let Some(model) = models::testing::default_model_for_tests() else {
         return;
     };
@@ -537,6 +537,45 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         "the answering step again, alignment not"
     );
 
+    // A decision module for the tower: the plug-in folder with the learned scorer.
+    let module = dir.path().join("prune");
+    let trained = server(&[
+        "train",
+        "vision-prune",
+        "--model",
+        m,
+        "--tower",
+        o,
+        "--out",
+        module.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--test-steps",
+        "1",
+        "--inner-size",
+        "16",
+        "--heads",
+        "2",
+    ]);
+    assert!(trained.status.success(), "{}", text(&trained.stderr));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(module.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["scorer"], json!("learned"));
+    assert_eq!(config["module"], json!({"inner_size": 16, "num_heads": 2}));
+    assert!(module.join("decision.safetensors").exists());
+    let log = std::fs::read_to_string(module.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(module.join("report.json")).unwrap())
+            .unwrap();
+    for scorer in ["random", "learned"] {
+        let kl = report["held_out_kl"][scorer].as_f64().unwrap();
+        assert!(kl.is_finite() && kl >= 0.0, "{scorer}: {kl}");
+    }
+
     let report = dir.path().join("eval");
     let eval = server(&[
         "eval",
@@ -551,6 +590,8 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         "2",
         "--prune-keep",
         "0.5,0.25",
+        "--prune-module",
+        module.to_str().unwrap(),
         "--out",
         report.to_str().unwrap(),
     ]);
@@ -573,6 +614,8 @@ fn train_vision_writes_a_tower_the_server_attaches_evaluates_and_resumes() {
         ("random", 0.25),
         ("attention", 0.5),
         ("attention", 0.25),
+        ("learned", 0.5),
+        ("learned", 0.25),
     ];
     assert_eq!(runs, want);
     let flops: Vec<f64> = pruning

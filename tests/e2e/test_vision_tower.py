@@ -32,8 +32,13 @@ def tower(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeing(tower, tmp_path_factory):
-    """The server with the tower and a `vision_prune` plug-in (random scoring after layer 14)."""
+    """The server with the tower and two `vision_prune` plug-ins after layer 14: random scoring
+    (config written here) and a decision module `server train vision-prune` trained for the
+    tower (one step: what it learned is measured by `server eval vision`)."""
     plugins = tmp_path_factory.mktemp("plugins")
+    subprocess.run([str(BIN), "train", "vision-prune", "--tower", str(tower[0]), "--out",
+                    str(plugins / "learned"), "--steps", "1", "--batch", "1", "--test-steps",
+                    "1", "--inner-size", "16", "--heads", "2"], check=True, capture_output=True)
     (plugins / "prune").mkdir()
     image_token = json.loads((tower[0] / "config.json").read_text())["image_token_id"]
     config = {"type": "vision_prune", "layer": 14, "image_token_id": image_token,
@@ -42,7 +47,8 @@ def seeing(tower, tmp_path_factory):
                              "vocab_size": 49152}}
     (plugins / "prune" / "config.json").write_text(json.dumps(config))
     server = Server("--vision", str(tower[0]), "--plugin-dir", str(plugins),
-                    "--plugin", "vision_prune:prune=prune")
+                    "--plugin", "vision_prune:prune=prune",
+                    "--plugin", "vision_prune:learned=learned")
     yield server
     assert server.stop() == 0
 
@@ -107,5 +113,27 @@ def test_pruning_image_tokens_through_the_server(tower, seeing):
     assert tokens == whole_tokens == pruned_tokens
     with pytest.raises(openai.BadRequestError) as e:
         logprobs([{"type": "vision_prune", "name": "prune", "keep": 0}])
+    assert "keep" in e.value.body["message"], e.value.body
+    seeing.assert_serving()
+
+
+def test_the_learned_scorer_through_the_server(tower, seeing):
+    """A trained decision module serves: keep 1 is the dense model, its trained fraction (the
+    file's default keep, 0.25) changes the answer's log-probs, rows with the learned and the
+    random scorer share the server, and a chain naming it with a bad keep is a 400."""
+    url = image_url(tower[1] / "001.png")
+    question = json.loads((tower[1] / "questions.jsonl").read_text().splitlines()[1])["question"]
+
+    def logprobs(plugins):
+        extra = {"extra_body": {"plugins": plugins}} if plugins else {}
+        got = ask(seeing, url, question, max_tokens=2, logprobs=True, **extra)
+        return [t.logprob for t in got.choices[0].logprobs.content], got.usage.prompt_tokens
+
+    dense, tokens = logprobs(None)
+    assert logprobs([{"type": "vision_prune", "name": "learned", "keep": 1.0}]) == (dense, tokens)
+    learned, learned_tokens = logprobs([{"type": "vision_prune", "name": "learned"}])
+    assert learned[0] != dense[0] and learned_tokens == tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        logprobs([{"type": "vision_prune", "name": "learned", "keep": 2}])
     assert "keep" in e.value.body["message"], e.value.body
     seeing.assert_serving()

@@ -198,11 +198,7 @@ impl EarlyExit {
 
     /// Writes `dir/config.json` and `dir/predictors.safetensors`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |e: std::io::Error| PluginError::bad_file(dir, e);
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let json =
-            serde_json::to_vec_pretty(&self.config).map_err(|e| PluginError::bad_file(dir, e))?;
-        std::fs::write(dir.join(CONFIG_FILE), json).map_err(io)?;
+        crate::files::write_config(dir, &self.config)?;
         let mut tensors = HashMap::new();
         let cpu = Device::Cpu;
         for &l in &self.config.layers {

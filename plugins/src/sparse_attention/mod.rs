@@ -153,11 +153,7 @@ impl SparseAttention {
 
     /// Writes `dir/config.json` and `dir/gates.safetensors`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |e: std::io::Error| PluginError::bad_file(dir, e);
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let json =
-            serde_json::to_vec_pretty(&self.config).map_err(|e| PluginError::bad_file(dir, e))?;
-        std::fs::write(dir.join(CONFIG_FILE), json).map_err(io)?;
+        crate::files::write_config(dir, &self.config)?;
         let s = &self.shape;
         let (h, dg) = (s.kv_heads, s.gate_dim);
         let cpu = Device::Cpu;

@@ -155,6 +155,9 @@ struct Pass<'a> {
     sin: Tensor,
     /// `(t, t)`: 0 on and below the diagonal, -inf above.
     mask: Tensor,
+    /// `(b, 1, t, t)`: how much each query may read each key, multiplying its attention
+    /// weights before they are renormalised; `None`: every key in full.
+    key_keep: Option<Tensor>,
     lora: Option<&'a LoraFactors>,
 }
 
@@ -323,6 +326,25 @@ impl DenseLlama {
     /// [`Self::hidden`] from given inputs to layer 0 instead of token embeddings (a memory
     /// decoder reading the base's hidden states): `x` `(b, t, hidden)` -> `(b, t, hidden)`.
     pub fn hidden_from(&self, x: &Tensor, lora: Option<&LoraFactors>) -> Result<Tensor> {
+        let x = self.run_layers(x, 0..self.layers.len(), None, lora)?;
+        self.final_norm(&x)
+    }
+
+    /// The residual stream after `layers` (a range of layer indices) from the stream `x`
+    /// `(b, t, hidden)` before the first of them -> `(b, t, hidden)`.
+    ///
+    /// `key_keep` `(b, t)`, in [0, 1]: how much every later token may read each token's keys
+    /// in these layers (each query's attention weights are multiplied by it and renormalised;
+    /// a token always reads itself). With 0s and 1s this is what pruning tokens after the
+    /// layer before `layers` does at serving time, for every token that stays (LVPruning's
+    /// training masks); in between, decisions stay differentiable.
+    pub fn run_layers(
+        &self,
+        x: &Tensor,
+        layers: std::ops::Range<usize>,
+        key_keep: Option<&Tensor>,
+        lora: Option<&LoraFactors>,
+    ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         if t > self.max_positions() {
             return Err(models::ModelError::ContextOverflow {
@@ -339,14 +361,23 @@ impl DenseLlama {
             cos,
             sin,
             mask: causal_mask(t, &self.device)?,
+            key_keep: key_keep.map(|k| reads_of(k, t)).transpose()?,
             lora,
         };
         let mut x = x.reshape((b * t, hidden))?;
-        for (l, layer) in self.layers.iter().enumerate() {
+        for l in layers {
+            let layer = self
+                .layers
+                .get(l)
+                .ok_or_else(|| TrainError::BadOption(format!("the model has no layer {l}")))?;
             x = self.layer_forward(l, layer, &x, &pass)?;
         }
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         Ok(x.reshape((b, t, hidden))?)
+    }
+
+    /// The final RMSNorm: `(b, t, hidden)` -> same shape.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// One pre-norm block: `x` `(b * t, hidden)` -> same shape.
@@ -387,7 +418,11 @@ impl DenseLlama {
         let k_t = k.transpose(2, 3)?.contiguous()?; // (b, nkv, d, t)
         let scores = (q.matmul(&k_t)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, g * t, t)
         let scores = scores.reshape((b, nh, t, t))?.broadcast_add(&pass.mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let mut probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        if let Some(reads) = &pass.key_keep {
+            let kept = probs.broadcast_mul(reads)?;
+            probs = kept.broadcast_div(&kept.sum_keepdim(D::Minus1)?)?;
+        }
         let out = probs.reshape((b, nkv, g * t, t))?.matmul(&v)?; // (b, nkv, g * t, d)
         let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?; // (b, t, nh, d)
         Ok(out.reshape((b * t, nh * d))?)
@@ -487,6 +522,17 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
     let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Ok(Tensor::cat(&[first, second], D::Minus1)?)
+}
+
+/// `(b, 1, t, t)` weights of each query's reads from `keep` `(b, t)`: `keep[key]`, and 1 on
+/// the diagonal.
+fn reads_of(keep: &Tensor, t: usize) -> Result<Tensor> {
+    let (b, _) = keep.dims2()?;
+    let eye = Tensor::eye(t, keep.dtype(), keep.device())?; // (t, t)
+    let keys = keep.unsqueeze(1)?.broadcast_as((b, t, t))?; // query rows, key columns
+    let reads =
+        (keys.broadcast_mul(&(1.0 - &eye)?)? + eye.unsqueeze(0)?.broadcast_as((b, t, t))?)?;
+    Ok(reads.unsqueeze(1)?)
 }
 
 /// `(t, t)`: 0 where a query may attend (key position <= query position), -inf elsewhere.

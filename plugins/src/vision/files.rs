@@ -10,7 +10,7 @@ use std::path::Path;
 use models::vision::ImageProcessor;
 
 use super::prompt::ImageTokens;
-use super::tower::TrainableTower;
+use super::tower::{TowerShape, TrainableTower};
 use crate::train::{Result, TrainError};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -30,6 +30,26 @@ pub fn processor(image_size: usize) -> ImageProcessor {
         longest_edge: image_size as u32,
         ..ImageProcessor::smolvlm(image_size as u32)
     }
+}
+
+/// Reads a folder [`write`] wrote back as a trainable tower (f32), with its config, for work
+/// on top of a trained tower (`server train vision-prune`).
+pub fn read(
+    dir: &Path,
+    text_hidden: usize,
+) -> Result<(TrainableTower, models::vision::VisionConfig)> {
+    let config = models::vision::VisionConfig::read(dir)?;
+    let shape = TowerShape {
+        hidden_size: config.hidden_size,
+        intermediate_size: config.intermediate_size,
+        num_hidden_layers: config.num_layers,
+        num_attention_heads: config.num_heads,
+        image_size: config.image_size,
+        patch_size: config.patch_size,
+        scale_factor: config.scale_factor,
+    };
+    let tower = TrainableTower::load(shape, text_hidden, &dir.join(WEIGHTS_FILE))?;
+    Ok((tower, config))
 }
 
 /// Writes the folder into `dir`: `text_config` is the language model's `config.json` (its

@@ -190,7 +190,7 @@ fn answer_samples(opts: &TrainOptions, step: usize) -> Vec<Sample> {
 }
 
 /// Linear warm-up over [`WARMUP`] steps, then cosine decay from `peak` to `peak / 10`.
-fn schedule(peak: f64, step: usize, steps: usize) -> f64 {
+pub(crate) fn schedule(peak: f64, step: usize, steps: usize) -> f64 {
     if step < WARMUP {
         return peak * (step + 1) as f64 / WARMUP as f64;
     }
@@ -379,6 +379,20 @@ impl Trainer<'_> {
         conversations: &[Conversation],
         features: &Tensor,
     ) -> Result<Tensor> {
+        let (x, wanted) = self.spliced(conversations, features)?;
+        let (n, t, hidden) = x.dims3()?;
+        let h = self.dense.hidden_from(&x, None)?.reshape((n * t, hidden))?;
+        self.dense.head(&h.index_select(&wanted, 0)?)
+    }
+
+    /// The inputs to layer 0 of `conversations` right-padded into one batch, with `features`
+    /// `(n, tokens, hidden)` at their image tokens: `(n, t, hidden)`, and the flat indices
+    /// (into `n * t`) of every target position in order.
+    pub fn spliced(
+        &self,
+        conversations: &[Conversation],
+        features: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (n, v, hidden) = features.dims3()?;
         if conversations.len() != n {
             return Err(TrainError::Prompt(format!(
@@ -418,9 +432,7 @@ impl Trainer<'_> {
         let x = all
             .index_select(&Tensor::new(index, &Device::Cpu)?, 0)?
             .reshape((n, t, hidden))?;
-        let h = self.dense.hidden_from(&x, None)?.reshape((n * t, hidden))?;
-        let h = h.index_select(&Tensor::new(wanted, &Device::Cpu)?, 0)?;
-        self.dense.head(&h)
+        Ok((x, Tensor::new(wanted, &Device::Cpu)?))
     }
 }
 

@@ -10,6 +10,22 @@ pub fn image_offsets(tokens: &[u32], image: u32) -> Vec<usize> {
     (0..tokens.len()).filter(|&i| tokens[i] == image).collect()
 }
 
+/// The instruction an image's tokens are judged against: every text offset of `0..len` after
+/// the first image offset (the question after the image, and the template's tokens around
+/// it), or every text offset when the image comes last.
+pub fn instruction_offsets(len: usize, images: &[usize]) -> Vec<usize> {
+    let first = images.first().copied().unwrap_or(len);
+    let after: Vec<usize> = (first..len)
+        .filter(|i| images.binary_search(i).is_err())
+        .collect();
+    match after.is_empty() {
+        true => (0..len)
+            .filter(|i| images.binary_search(i).is_err())
+            .collect(),
+        false => after,
+    }
+}
+
 /// How many of `n` image tokens a kept fraction `keep` keeps: at least one, rounded up.
 pub fn kept_count(n: usize, keep: f32) -> usize {
     ((n as f64 * keep as f64).ceil() as usize).clamp(1.min(n), n)

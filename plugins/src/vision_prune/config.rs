@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::module::ModuleShape;
 use crate::base::{check_made_for, BaseIdentity, BaseModel};
 use crate::error::{PluginError, Result};
 
@@ -24,6 +25,9 @@ pub enum Scorer {
     /// average over the heads of the layer after the pruning layer. Needs the instruction in
     /// the same prefill chunk as the image, as every language-guided choice does.
     Attention,
+    /// LVPruning: a trained decision module ([`super::module`]) scores each image token
+    /// against the instruction; the highest scores stay.
+    Learned,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,8 +43,13 @@ pub struct VisionPruneConfig {
     /// The token id each image feature is spliced at (the vision tower's `image_token_id`).
     pub image_token_id: u32,
     pub scorer: Scorer,
-    /// Fraction of each prompt's image tokens kept when a request names none, in (0, 1].
+    /// Fraction of each prompt's image tokens kept when a request names none, in (0, 1]:
+    /// for a trained module, the fraction it was trained to keep.
     pub keep: f32,
+    /// The decision module's size, with the `learned` scorer (its weights are in
+    /// [`super::module::WEIGHTS_FILE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleShape>,
 }
 
 impl VisionPruneConfig {
@@ -68,6 +77,11 @@ impl VisionPruneConfig {
         if !(self.keep > 0.0 && self.keep <= 1.0) {
             return bad(format!("keep must lie within (0, 1], got {}", self.keep));
         }
-        Ok(())
+        match (self.scorer, self.module) {
+            (Scorer::Learned, None) => bad("the learned scorer needs a `module` shape".into()),
+            (Scorer::Learned, Some(m)) => m.problem().map_or(Ok(()), bad),
+            (_, Some(_)) => bad("`module` is read only by the learned scorer".into()),
+            (_, None) => Ok(()),
+        }
     }
 }

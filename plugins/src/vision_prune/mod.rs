@@ -10,13 +10,15 @@
 //! step. It prunes the prefill chunk whose logits are wanted and asks for the whole prompt in
 //! one step ([`models::Hook::whole_prompt`]), which the scheduler grants where a step can hold
 //! it; a prompt too long for that keeps the image tokens of its earlier chunks. Scorers: `random` (the
-//! baseline, and what prefill speed is measured with) and `attention` (FastV: the image tokens
-//! the prompt's last token attends to most in the next layer). LVPruning's learned decision modules
-//! (cross-attention from image tokens to the instruction) and their trainer are not built yet.
+//! baseline, and what prefill speed is measured with), `attention` (FastV: the image tokens
+//! the prompt's last token attends to most in the next layer) and `learned` (LVPruning's
+//! decision module, [`module`], trained by [`train`] with `server train vision-prune`).
 
 pub mod choose;
 pub mod config;
 pub mod flops;
+pub mod module;
+pub mod train;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,12 +29,13 @@ use models::{AttentionProbe, Hook, LogitsWanted};
 use serde_json::{Map, Value};
 
 use crate::base::BaseModel;
-use crate::error::Result;
+use crate::error::{PluginError, Result};
 use crate::files::{FileRole, PluginFiles};
 use crate::kinds::PluginKind;
 use crate::params;
 use crate::plugin::Plugin;
 pub use config::{Scorer, VisionPruneConfig, CONFIG_FILE, TYPE};
+use module::{DecisionModule, WEIGHTS_FILE};
 
 /// What a request asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,22 +51,65 @@ pub struct PruneParams {
 pub struct VisionPrune {
     name: String,
     config: VisionPruneConfig,
+    /// With the `learned` scorer, on the base model's device.
+    module: Option<DecisionModule>,
 }
 
 impl VisionPrune {
+    /// Loads `dir/config.json` and, for the `learned` scorer, `dir/decision.safetensors`.
     pub fn load(name: &str, dir: &Path, base: &BaseModel, files: &mut PluginFiles) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
         let config = VisionPruneConfig::read(&path, &files.read(&path, FileRole::Config)?)?;
-        Self::new(name, config, base)
+        config.check(name, base)?;
+        let module = match config.module {
+            Some(shape) => {
+                let path = dir.join(WEIGHTS_FILE);
+                let bytes = files.read(&path, FileRole::Tensors)?;
+                Some(read_module(name, &path, &bytes, shape, base)?)
+            }
+            None => None,
+        };
+        Self::new(name, config, module, base)
     }
 
-    /// A plug-in from its config, checked like a loaded one.
-    pub fn new(name: &str, config: VisionPruneConfig, base: &BaseModel) -> Result<Self> {
+    /// A plug-in from its config (and trained module), checked like a loaded one.
+    pub fn new(
+        name: &str,
+        config: VisionPruneConfig,
+        module: Option<DecisionModule>,
+        base: &BaseModel,
+    ) -> Result<Self> {
         config.check(name, base)?;
+        let module = match (config.module, module) {
+            (Some(shape), Some(m)) if m.shape() == shape => Some(m.to_device(&base.device)?),
+            (None, None) => None,
+            _ => {
+                return Err(PluginError::incompatible(
+                    name,
+                    "the decision module does not match config.json's `module`",
+                ))
+            }
+        };
         Ok(Self {
             name: name.to_string(),
             config,
+            module,
         })
+    }
+
+    pub fn config(&self) -> &VisionPruneConfig {
+        &self.config
+    }
+
+    /// Writes `dir/config.json` and, with a module, `dir/decision.safetensors`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        crate::files::write_config(dir, &self.config)?;
+        if let Some(m) = &self.module {
+            let tensors: std::collections::HashMap<String, Tensor> =
+                m.weights().iter().cloned().collect();
+            candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;
+        }
+        Ok(())
     }
 
     /// The offsets of a whole row's tokens that stay, or `None` for all of them. `h`: the
@@ -89,8 +135,84 @@ impl VisionPrune {
                     .to_vec1::<f32>()?;
                 choose::keep_top(len, &images, p.keep, &attention)
             }
+            Scorer::Learned => {
+                let logits = self.learned_scores(row.tokens, &images, h)?;
+                choose::keep_top(len, &images, p.keep, &logits)
+            }
         }))
     }
+
+    /// The decision module's keep logits, indexed by offset (text offsets score -inf): image
+    /// tokens read the instruction, every text token after the first image token.
+    fn learned_scores(
+        &self,
+        tokens: &[u32],
+        images: &[usize],
+        h: &Tensor,
+    ) -> models::Result<Vec<f32>> {
+        let module = self
+            .module
+            .as_ref()
+            .ok_or_else(|| models::ModelError::Hook {
+                hook: self.name.clone(),
+                message: "the learned scorer has no decision module".into(),
+            })?;
+        let instruction = choose::instruction_offsets(tokens.len(), images);
+        let rows = |offsets: &[usize]| -> models::Result<Tensor> {
+            let index: Vec<u32> = offsets.iter().map(|&i| i as u32).collect();
+            let index = Tensor::new(index, h.device())?;
+            Ok(h.index_select(&index, 0)?)
+        };
+        let logits = module
+            .logits(&rows(images)?, &rows(&instruction)?)?
+            .to_vec1::<f32>()?;
+        let mut scores = vec![f32::NEG_INFINITY; tokens.len()];
+        for (&i, l) in images.iter().zip(logits) {
+            scores[i] = l;
+        }
+        Ok(scores)
+    }
+}
+
+/// The decision module in `bytes` (`path`), every tensor's name, shape and values checked.
+fn read_module(
+    name: &str,
+    path: &Path,
+    bytes: &[u8],
+    shape: module::ModuleShape,
+    base: &BaseModel,
+) -> Result<DecisionModule> {
+    use candle_core::safetensors::Load;
+    let tensors =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| PluginError::bad_file(path, e))?;
+    let weights = shape
+        .weights(base.config.hidden_size)
+        .into_iter()
+        .map(|(tensor, dims)| {
+            let missing = || {
+                PluginError::incompatible(
+                    name,
+                    format!("tensor `{tensor}` is missing from {WEIGHTS_FILE}"),
+                )
+            };
+            let t = tensors.tensor(tensor).map_err(|_| missing())?;
+            let t = t
+                .load(&candle_core::Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            if t.dims() != dims.as_slice() {
+                return Err(PluginError::incompatible(
+                    name,
+                    format!(
+                        "tensor `{tensor}` has shape {:?}, expected {dims:?}",
+                        t.dims()
+                    ),
+                ));
+            }
+            crate::weights::check_tensor(name, &format!("tensor `{tensor}`"), &t)?;
+            Ok((tensor.to_string(), t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DecisionModule::new(shape, weights))
 }
 
 impl Hook for VisionPrune {

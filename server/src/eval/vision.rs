@@ -53,13 +53,17 @@ pub struct VisionArgs {
     #[arg(long, value_delimiter = ',')]
     prune_keep: Vec<f32>,
     /// How pruning picks the image tokens that stay, for each --prune-keep: random and/or
-    /// attention (FastV)
+    /// attention (FastV); --prune-module adds learned
     #[arg(long, value_delimiter = ',', default_value = "random,attention", value_parser = parse_scorer)]
     prune_scorers: Vec<Scorer>,
     /// Layer (0-based) after which pruning removes image tokens [default: the one ending the
     /// first half, 14 of 30]
     #[arg(long)]
     prune_layer: Option<usize>,
+    /// A trained `vision_prune` plug-in folder (`server train vision-prune --out`): its
+    /// decision module (scorer `learned`) is measured at every --prune-keep beside the others
+    #[arg(long)]
+    prune_module: Option<PathBuf>,
 }
 
 pub fn run(args: VisionArgs) -> anyhow::Result<()> {
@@ -188,16 +192,34 @@ struct Pruning {
 impl Pruning {
     fn new(args: &VisionArgs, loaded: &LoadedModel) -> anyhow::Result<Self> {
         let config = &loaded.model.config;
-        let layer = args
-            .prune_layer
-            .unwrap_or((config.num_layers / 2).saturating_sub(1));
+        let base = offline_base(loaded);
+        let learned = match &args.prune_module {
+            Some(dir) => {
+                let mut files = plugins::files::PluginFiles::unconfined();
+                let plugin = VisionPrune::load("learned", dir, &base, &mut files)
+                    .with_context(|| format!("cannot load the plug-in at {}", dir.display()))?;
+                Some(Arc::new(plugin))
+            }
+            None => None,
+        };
+        let layer = match (args.prune_layer, &learned) {
+            (Some(l), Some(m)) if l != m.config().layer => bail!(
+                "--prune-layer {l}, but the decision module prunes after layer {}",
+                m.config().layer
+            ),
+            (Some(l), _) => l,
+            (None, Some(m)) => m.config().layer,
+            (None, None) => (config.num_layers / 2).saturating_sub(1),
+        };
         let mut plugins = Vec::new();
         if !args.prune_keep.is_empty() {
-            let base = offline_base(loaded);
             let Some(vision) = &loaded.vision else {
                 bail!("pruning needs a vision tower");
             };
             for &scorer in &args.prune_scorers {
+                if scorer == Scorer::Learned {
+                    continue;
+                }
                 let prune = VisionPruneConfig {
                     kind: vision_prune::TYPE.into(),
                     base_model: plugins::base::BaseIdentity::of(&base),
@@ -205,9 +227,18 @@ impl Pruning {
                     image_token_id: vision.tower.config().image_token_id,
                     scorer,
                     keep: 1.0,
+                    module: None,
                 };
                 let name = scorer_name(scorer);
-                plugins.push((scorer, Arc::new(VisionPrune::new(&name, prune, &base)?)));
+                let plugin = VisionPrune::new(&name, prune, None, &base)?;
+                plugins.push((scorer, Arc::new(plugin)));
+            }
+            match learned {
+                Some(plugin) => plugins.push((Scorer::Learned, plugin)),
+                None if args.prune_scorers.contains(&Scorer::Learned) => {
+                    bail!("the learned scorer needs --prune-module")
+                }
+                None => {}
             }
         }
         Ok(Self {
@@ -237,8 +268,9 @@ impl Pruning {
         chains
     }
 
-    /// Per run: accuracy, median prefill time and its speed-up over the dense model's in the
-    /// same run, and the prefill FLOPs ratio for the median prompt.
+    /// Per run: accuracy, agreement with the dense model's answers, median prefill time and its
+    /// speed-up over the dense model's in the same run, and the prefill FLOPs ratio for the
+    /// median prompt.
     fn report(
         &self,
         loaded: &LoadedModel,
@@ -261,6 +293,11 @@ impl Pruning {
                 let flops =
                     vision_prune::flops::prefill_flops(config, tokens, Some((self.layer, &kept)));
                 let ms = median(verdicts);
+                let same = verdicts
+                    .iter()
+                    .zip(dense)
+                    .filter(|(p, d)| p.answer.text == d.answer.text)
+                    .count();
                 serde_json::json!({
                     // f32 ratios as written on the command line (0.1, not 0.10000000149).
                     "keep": (keep as f64 * 1e6).round() / 1e6,
@@ -268,6 +305,8 @@ impl Pruning {
                     "scorer": scorer_name(scorer),
                     "accuracy": accuracy.fraction(),
                     "by_kind": accuracy.by_kind,
+                    // The dense model's answer, word for word: what pruning should preserve.
+                    "agrees_with_dense": same as f64 / dense.len().max(1) as f64,
                     "median_prefill_ms": ms,
                     "prefill_speedup": if ms > 0.0 { dense_ms / ms } else { 0.0 },
                     "prefill_flops_ratio": dense_flops / flops,
@@ -304,7 +343,7 @@ fn scorer_name(scorer: Scorer) -> String {
 
 fn parse_scorer(name: &str) -> Result<Scorer, String> {
     serde_json::from_value(serde_json::Value::String(name.into()))
-        .map_err(|_| format!("`{name}` is not a scorer (random, attention)"))
+        .map_err(|_| format!("`{name}` is not a scorer (random, attention, learned)"))
 }
 
 /// The upper median of `values` (0 for none).

@@ -12,6 +12,7 @@ mod memory;
 mod sparse_attention;
 mod steer;
 mod vision;
+mod vision_prune;
 
 use clap::Subcommand;
 
@@ -43,6 +44,10 @@ pub enum TrainCommand {
     /// seeded synthetic visual question set; writes the folder `server serve --vision` loads
     /// and report.json (held-out accuracy)
     Vision(Box<vision::VisionArgs>),
+    /// Train LVPruning's decision module for a trained vision tower (both models frozen):
+    /// which image tokens a question needs after the middle layer; writes config.json +
+    /// decision.safetensors the server loads as a `vision_prune` plug-in (scorer `learned`)
+    VisionPrune(Box<vision_prune::VisionPruneArgs>),
 }
 
 pub fn run(command: TrainCommand) -> anyhow::Result<()> {
@@ -54,5 +59,6 @@ pub fn run(command: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::EarlyExit(args) => early_exit::run(*args),
         TrainCommand::SparseAttention(args) => sparse_attention::run(*args),
         TrainCommand::Vision(args) => vision::run(*args),
+        TrainCommand::VisionPrune(args) => vision_prune::run(*args),
     }
 }
