@@ -203,9 +203,10 @@ impl<'t> Halfway<'t> {
         Ok(candle_nn::ops::log_softmax(&dense.head(&out)?, D::Minus1)?)
     }
 
-    /// Mean KL divergence from the full model's answers to those under `keep`.
-    fn divergence(&self, keep: &Tensor) -> Result<Tensor> {
-        let reference = self.answers(None)?.detach();
+    /// Mean KL divergence from the full model's answers `reference` ([`Self::answers`] with
+    /// no mask) to those under `keep`.
+    fn divergence(&self, reference: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        let reference = reference.detach();
         let pruned = self.answers(Some(keep))?;
         Ok((reference.exp()? * (&reference - &pruned)?)?
             .sum(D::Minus1)?
@@ -230,7 +231,8 @@ pub fn step_loss(
         rows.push(keep);
         kept.push(fraction);
     }
-    let kl = halfway.divergence(&Tensor::stack(&rows, 0)?)?;
+    let reference = halfway.answers(None)?;
+    let kl = halfway.divergence(&reference, &Tensor::stack(&rows, 0)?)?;
     let kept = Tensor::stack(&kept, 0)?;
     let gap = (kept.affine(1.0, -(opts.keep as f64))?.sqr()?.mean_all()? * opts.ratio_weight)?;
     let losses = StepLosses {
@@ -240,53 +242,73 @@ pub fn step_loss(
     Ok(((kl + gap)?, losses))
 }
 
-/// How far pruning to `keep` of the image tokens moves the answers of held-out `steps` (mean KL
-/// divergence from the full model, in nats): as served, the image tokens with the highest
-/// `module` logits stay, or a seeded random draw with no module.
+/// Held-out divergence of pruned answers from the full model's (mean KL, nats).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct HeldOut {
+    /// A seeded random draw of the image tokens that stay.
+    pub random: f32,
+    /// The module's highest logits stay, as served.
+    pub learned: f32,
+}
+
+/// How far pruning to `keep` of the image tokens moves the answers of held-out `steps`, with
+/// random choices and with `module`'s.
 pub fn held_out_divergence(
     trainer: &Trainer<'_>,
     tower: &TrainableTower,
-    module: Option<&DecisionModule>,
+    module: &DecisionModule,
     opts: &PruneTrainOptions,
     steps: std::ops::Range<usize>,
-) -> Result<f32> {
-    let mut total = 0.0;
-    let count = steps.len().max(1);
+    progress: &mut dyn Progress,
+) -> Result<HeldOut> {
+    let count = steps.len().max(1) as f32;
+    let mut total = HeldOut {
+        random: 0.0,
+        learned: 0.0,
+    };
+    progress.phase("held-out steps", steps.len());
     for step in steps {
         let (samples, conversations) = step_questions(trainer, opts, step)?;
         let features = tower.forward(&trainer.pixels(&samples)?)?.detach();
         let halfway = Halfway::new(trainer, opts.layer, &conversations, &features)?;
+        let reference = halfway.answers(None)?;
         let t = halfway.h.dim(1)?;
-        let mut rows = Vec::with_capacity(conversations.len());
+        let (mut random, mut learned) = (Vec::new(), Vec::new());
         for (r, c) in conversations.iter().enumerate() {
             let images = image_offsets(&c.tokens, trainer.image_id);
-            let kept = match module {
-                Some(m) => {
-                    let prompt = c.targets.first().map_or(c.tokens.len(), |&(p, _)| p + 1);
-                    let instruction = instruction_offsets(prompt, &images);
-                    let h = halfway.h.get(r)?;
-                    let logits = m.logits(&gather(&h, &images)?, &gather(&h, &instruction)?)?;
-                    let mut scores = vec![f32::NEG_INFINITY; t];
-                    for (&i, l) in images.iter().zip(logits.to_vec1::<f32>()?) {
-                        scores[i] = l;
-                    }
-                    keep_top(t, &images, opts.keep, &scores)
-                }
-                None => keep_random(t, &images, opts.keep, (step * opts.batch + r) as u64),
-            };
-            let mut keep = vec![1f32; t];
-            for &i in &images {
-                keep[i] = 0.0;
+            let drawn = keep_random(t, &images, opts.keep, (step * opts.batch + r) as u64);
+            random.push(mask(t, &images, &drawn)?);
+            let prompt = c.targets.first().map_or(c.tokens.len(), |&(p, _)| p + 1);
+            let instruction = instruction_offsets(prompt, &images);
+            let h = halfway.h.get(r)?;
+            let logits = module.logits(&gather(&h, &images)?, &gather(&h, &instruction)?)?;
+            let mut scores = vec![f32::NEG_INFINITY; t];
+            for (&i, l) in images.iter().zip(logits.to_vec1::<f32>()?) {
+                scores[i] = l;
             }
-            for &i in &kept {
-                keep[i] = 1.0;
-            }
-            rows.push(Tensor::new(keep, &Device::Cpu)?);
+            learned.push(mask(t, &images, &keep_top(t, &images, opts.keep, &scores))?);
         }
-        let kl = halfway.divergence(&Tensor::stack(&rows, 0)?)?;
-        total += kl.to_scalar::<f32>()?;
+        let kl = |rows: &[Tensor]| -> Result<f32> {
+            let keep = Tensor::stack(rows, 0)?;
+            Ok(halfway.divergence(&reference, &keep)?.to_scalar::<f32>()?)
+        };
+        total.random += kl(&random)? / count;
+        total.learned += kl(&learned)? / count;
+        progress.advance(1);
     }
-    Ok(total / count as f32)
+    Ok(total)
+}
+
+/// The key mask `(t,)` that keeps the offsets `kept` and every offset not in `images`.
+fn mask(t: usize, images: &[usize], kept: &[usize]) -> Result<Tensor> {
+    let mut keep = vec![1f32; t];
+    for &i in images {
+        keep[i] = 0.0;
+    }
+    for &i in kept {
+        keep[i] = 1.0;
+    }
+    Ok(Tensor::new(keep, &Device::Cpu)?)
 }
 
 /// One conversation's sampled decisions as a key mask over its padded row of `h` `(t,

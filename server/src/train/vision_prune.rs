@@ -100,12 +100,11 @@ pub fn run(args: VisionPruneArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut progress = BarProgress::new(Some(args.out.join(LOG_FILE)))?;
     let module = train(&trainer, &tower, &opts, &mut progress)?;
-    progress.finish()?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     // Held-out steps: the samples after the training ones.
     let held_out = opts.steps + 1..opts.steps + 1 + args.test_steps;
-    let random = held_out_divergence(&trainer, &tower, None, &opts, held_out.clone())?;
-    let learned = held_out_divergence(&trainer, &tower, Some(&module), &opts, held_out)?;
+    let kl = held_out_divergence(&trainer, &tower, &module, &opts, held_out, &mut progress)?;
+    progress.finish()?;
     let base = offline_base(&loaded);
     let config = VisionPruneConfig {
         kind: TYPE.into(),
@@ -122,7 +121,7 @@ pub fn run(args: VisionPruneArgs) -> anyhow::Result<()> {
         "options": opts,
         "train_minutes": minutes,
         "held_out_questions": args.test_steps * opts.batch,
-        "held_out_kl": { "random": random, "learned": learned },
+        "held_out_kl": kl,
     });
     std::fs::write(
         args.out.join("report.json"),
@@ -130,8 +129,10 @@ pub fn run(args: VisionPruneArgs) -> anyhow::Result<()> {
     )?;
     println!(
         "trained in {minutes:.1} min\nheld-out KL from the full model's answers at keep {}: \
-         learned {learned:.4}, random {random:.4} nats\nwrote {}",
+         learned {:.4}, random {:.4} nats\nwrote {}",
         opts.keep,
+        kl.learned,
+        kl.random,
         args.out.display()
     );
     Ok(())
