@@ -343,3 +343,38 @@ fn training_reaches_every_weight_and_steers_the_kept_fraction() {
         assert!(v.is_finite() && v > 0.0, "held-out divergence {kl:?}");
     }
 }
+
+#[test]
+fn the_evaluation_sweep_runs_each_scorer_at_each_fraction_after_one_layer() {
+    use plugins::vision_prune::eval::PruningSweep;
+    let c = config();
+    let b = base(&c);
+    let keep = vec![0.5, 0.25];
+    let scorers = [Scorer::Random, Scorer::Attention];
+    let sweep = PruningSweep::new(&b, IMAGE, LAYER, &scorers, Some(learned(&c)), keep.clone());
+    let sweep = sweep.unwrap();
+    let runs = sweep.runs();
+    assert_eq!(
+        runs,
+        [
+            (Scorer::Random, 0.5),
+            (Scorer::Random, 0.25),
+            (Scorer::Attention, 0.5),
+            (Scorer::Attention, 0.25),
+            (Scorer::Learned, 0.5),
+            (Scorer::Learned, 0.25),
+        ]
+    );
+    let chains = sweep.chains();
+    assert_eq!(chains.len(), 1 + runs.len());
+    assert!(chains[0].is_empty(), "the dense model first");
+    let other_layer = PruningSweep::new(&b, IMAGE, LAYER + 1, &scorers, Some(learned(&c)), keep);
+    let err = other_layer.err().unwrap().to_string();
+    assert!(err.contains("prunes after layer 1"), "{err}");
+    let no_module = PruningSweep::new(&b, IMAGE, LAYER, &[Scorer::Learned], None, vec![0.5]);
+    assert!(no_module
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("trained module"));
+}

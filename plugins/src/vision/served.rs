@@ -35,6 +35,19 @@ pub struct Answer {
     pub prefill: Duration,
 }
 
+impl Answer {
+    pub fn prefill_ms(&self) -> f64 {
+        self.prefill.as_secs_f64() * 1e3
+    }
+}
+
+/// The upper median of `values` (0 for none).
+pub fn upper_median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 impl Served<'_> {
     /// The greedy answer to `question` about the `width x height` RGB image `rgb`.
     pub fn answer(&self, rgb: &[u8], width: u32, height: u32, question: &str) -> Result<Answer> {

@@ -16,6 +16,7 @@
 
 pub mod choose;
 pub mod config;
+pub mod eval;
 pub mod flops;
 pub mod module;
 pub mod train;

@@ -13,13 +13,12 @@ use clap::Args;
 use std::sync::Arc;
 
 use models::bundle::{LoadOptions, LoadedModel};
-use models::HookCall;
 use plugins::vision::data;
 use plugins::vision::eval::test_question;
-use plugins::vision::eval::Accuracy;
 use plugins::vision::prompt::Renderer;
-use plugins::vision::served::{served_sweep, Served, Verdict};
-use plugins::vision_prune::{self, Scorer, VisionPrune, VisionPruneConfig};
+use plugins::vision::served::{served_sweep, upper_median, Served, Verdict};
+use plugins::vision_prune::eval::{scorer_name, PruningSweep};
+use plugins::vision_prune::{Scorer, VisionPrune};
 
 use crate::config::KvCacheDtype;
 use crate::train::args::{model_path, offline_base, BarProgress};
@@ -99,7 +98,7 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
             image_text: vision.image_prompt(),
         },
     };
-    let pruning = Pruning::new(&args, &loaded)?;
+    let pruning = pruning(&args, &loaded)?;
     let mut progress = BarProgress::new(None)?;
     let mut runs = served_sweep(
         &served,
@@ -111,7 +110,7 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
     progress.finish()?;
     let (accuracy, verdicts) = runs.remove(0);
     std::fs::create_dir_all(&args.out)?;
-    let median = |f: &dyn Fn(&Verdict) -> f64| median_of(verdicts.iter().map(f));
+    let median = |f: &dyn Fn(&Verdict) -> f64| upper_median(verdicts.iter().map(f));
     let report = serde_json::json!({
         "tower": args.vision,
         "seed": seed,
@@ -121,8 +120,8 @@ pub fn run(args: VisionArgs) -> anyhow::Result<()> {
         "questions": accuracy.questions,
         "median_prompt_tokens": median(&|v| v.answer.prompt_tokens as f64),
         "median_vision_tower_ms": median(&|v| v.answer.encode.as_secs_f64() * 1e3),
-        "median_prefill_ms": median(&|v| v.answer.prefill.as_secs_f64() * 1e3),
-        "pruning": pruning.report(&loaded, &verdicts, &runs),
+        "median_prefill_ms": median(&|v| v.answer.prefill_ms()),
+        "pruning": pruning.report(&loaded.model.config, &verdicts, &runs),
     });
     std::fs::write(
         args.out.join("report.json"),
@@ -182,173 +181,43 @@ fn write_samples(dir: &Path, seed: u64, verdicts: &[Verdict]) -> anyhow::Result<
     Ok(())
 }
 
-/// The pruning runs of an evaluation: each scorer at each kept fraction, as plug-ins.
-struct Pruning {
-    keep: Vec<f32>,
-    layer: usize,
-    plugins: Vec<(Scorer, Arc<VisionPrune>)>,
-}
-
-impl Pruning {
-    fn new(args: &VisionArgs, loaded: &LoadedModel) -> anyhow::Result<Self> {
-        let config = &loaded.model.config;
-        let base = offline_base(loaded);
-        let learned = match &args.prune_module {
-            Some(dir) => {
-                let mut files = plugins::files::PluginFiles::unconfined();
-                let plugin = VisionPrune::load("learned", dir, &base, &mut files)
-                    .with_context(|| format!("cannot load the plug-in at {}", dir.display()))?;
-                Some(Arc::new(plugin))
-            }
-            None => None,
-        };
-        let layer = match (args.prune_layer, &learned) {
-            (Some(l), Some(m)) if l != m.config().layer => bail!(
-                "--prune-layer {l}, but the decision module prunes after layer {}",
-                m.config().layer
-            ),
-            (Some(l), _) => l,
-            (None, Some(m)) => m.config().layer,
-            (None, None) => (config.num_layers / 2).saturating_sub(1),
-        };
-        let mut plugins = Vec::new();
-        if !args.prune_keep.is_empty() {
-            let Some(vision) = &loaded.vision else {
-                bail!("pruning needs a vision tower");
-            };
-            for &scorer in &args.prune_scorers {
-                if scorer == Scorer::Learned {
-                    continue;
-                }
-                let prune = VisionPruneConfig {
-                    kind: vision_prune::TYPE.into(),
-                    base_model: plugins::base::BaseIdentity::of(&base),
-                    layer,
-                    image_token_id: vision.tower.config().image_token_id,
-                    scorer,
-                    keep: 1.0,
-                    module: None,
-                };
-                let name = scorer_name(scorer);
-                let plugin = VisionPrune::new(&name, prune, None, &base)?;
-                plugins.push((scorer, Arc::new(plugin)));
-            }
-            match learned {
-                Some(plugin) => plugins.push((Scorer::Learned, plugin)),
-                None if args.prune_scorers.contains(&Scorer::Learned) => {
-                    bail!("the learned scorer needs --prune-module")
-                }
-                None => {}
-            }
+/// The pruning configurations the flags ask for: the built-in scorers after `--prune-layer`
+/// (default: the end of the first half) and a trained module (`--prune-module`), whose layer
+/// is the default when it is given.
+fn pruning(args: &VisionArgs, loaded: &LoadedModel) -> anyhow::Result<PruningSweep> {
+    let base = offline_base(loaded);
+    let learned = match &args.prune_module {
+        Some(dir) => {
+            let mut files = plugins::files::PluginFiles::unconfined();
+            let plugin = VisionPrune::load("learned", dir, &base, &mut files)
+                .with_context(|| format!("cannot load the plug-in at {}", dir.display()))?;
+            Some(Arc::new(plugin))
         }
-        Ok(Self {
-            keep: args.prune_keep.clone(),
-            layer,
-            plugins,
-        })
+        None => None,
+    };
+    let layer = args
+        .prune_layer
+        .or(learned.as_ref().map(|m| m.config().layer))
+        .unwrap_or((loaded.model.config.num_layers / 2).saturating_sub(1));
+    if args.prune_keep.is_empty() {
+        return Ok(PruningSweep::new(&base, 0, layer, &[], None, Vec::new())?);
     }
-
-    /// Every (scorer, kept fraction) run, in the order of [`Pruning::chains`] after the dense.
-    fn runs(&self) -> Vec<(Scorer, f32)> {
-        let scorers = self.plugins.iter().map(|(s, _)| *s);
-        scorers
-            .flat_map(|s| self.keep.iter().map(move |&k| (s, k)))
-            .collect()
-    }
-
-    /// The dense chain, then one per (scorer, kept fraction).
-    fn chains(&self) -> Vec<Vec<HookCall>> {
-        let mut chains = vec![Vec::new()];
-        for (_, plugin) in &self.plugins {
-            for &keep in &self.keep {
-                let params = Arc::new(vision_prune::PruneParams { keep, seed: 0 });
-                chains.push(vec![HookCall::new(plugin.clone(), params)]);
-            }
-        }
-        chains
-    }
-
-    /// Per run: accuracy, agreement with the dense model's answers, median prefill time and its
-    /// speed-up over the dense model's in the same run, and the prefill FLOPs ratio for the
-    /// median prompt.
-    fn report(
-        &self,
-        loaded: &LoadedModel,
-        dense: &[Verdict],
-        runs: &[(Accuracy, Vec<Verdict>)],
-    ) -> serde_json::Value {
-        let median =
-            |v: &[Verdict]| median_of(v.iter().map(|v| v.answer.prefill.as_secs_f64() * 1e3));
-        let (tokens, images) = self.prompt_shape(loaded, dense);
-        let config = &loaded.model.config;
-        let dense_ms = median(dense);
-        let dense_flops = vision_prune::flops::prefill_flops(config, tokens, None);
-        let rows: Vec<serde_json::Value> = self
-            .runs()
-            .into_iter()
-            .zip(runs)
-            .map(|((scorer, keep), (accuracy, verdicts))| {
-                // Any scorer keeps as many tokens; where they sit barely moves the count.
-                let kept = vision_prune::choose::keep_random(tokens, &images, keep, 0);
-                let flops =
-                    vision_prune::flops::prefill_flops(config, tokens, Some((self.layer, &kept)));
-                let ms = median(verdicts);
-                let same = verdicts
-                    .iter()
-                    .zip(dense)
-                    .filter(|(p, d)| p.answer.text == d.answer.text)
-                    .count();
-                serde_json::json!({
-                    // f32 ratios as written on the command line (0.1, not 0.10000000149).
-                    "keep": (keep as f64 * 1e6).round() / 1e6,
-                    "layer": self.layer,
-                    "scorer": scorer_name(scorer),
-                    "accuracy": accuracy.fraction(),
-                    "by_kind": accuracy.by_kind,
-                    // The dense model's answer, word for word: what pruning should preserve.
-                    "agrees_with_dense": same as f64 / dense.len().max(1) as f64,
-                    "median_prefill_ms": ms,
-                    "prefill_speedup": if ms > 0.0 { dense_ms / ms } else { 0.0 },
-                    "prefill_flops_ratio": dense_flops / flops,
-                })
-            })
-            .collect();
-        serde_json::Value::Array(rows)
-    }
-
-    /// The median prompt's length and its image tokens' offsets.
-    fn prompt_shape(&self, loaded: &LoadedModel, dense: &[Verdict]) -> (usize, Vec<usize>) {
-        let mut prompts: Vec<&[u32]> = dense.iter().map(|v| v.answer.prompt.as_slice()).collect();
-        prompts.sort_by_key(|p| p.len());
-        let Some(prompt) = prompts.get(prompts.len() / 2) else {
-            return (0, Vec::new());
-        };
-        let image = loaded
-            .vision
-            .as_ref()
-            .map_or(u32::MAX, |v| v.tower.config().image_token_id);
-        (
-            prompt.len(),
-            vision_prune::choose::image_offsets(prompt, image),
-        )
-    }
-}
-
-fn scorer_name(scorer: Scorer) -> String {
-    serde_json::to_value(scorer)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    let Some(vision) = &loaded.vision else {
+        bail!("pruning needs a vision tower");
+    };
+    let image = vision.tower.config().image_token_id;
+    let sweep = PruningSweep::new(
+        &base,
+        image,
+        layer,
+        &args.prune_scorers,
+        learned,
+        args.prune_keep.clone(),
+    )?;
+    Ok(sweep)
 }
 
 fn parse_scorer(name: &str) -> Result<Scorer, String> {
     serde_json::from_value(serde_json::Value::String(name.into()))
         .map_err(|_| format!("`{name}` is not a scorer (random, attention, learned)"))
-}
-
-/// The upper median of `values` (0 for none).
-fn median_of(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
