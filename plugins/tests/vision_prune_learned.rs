@@ -206,6 +206,9 @@ fn a_saved_module_loads_back_and_broken_files_are_refused_naming_the_fault() {
     let dir = tempfile::tempdir().unwrap();
     learned(&c).save(dir.path()).unwrap();
     let loaded = VisionPrune::load("l", dir.path(), &b, &mut PluginFiles::unconfined()).unwrap();
+    // query, key, value, input: 8 x hidden each; output, fc1: 8 x 8; fc1 bias 8; fc2 8 + 1.
+    let weights = 4 * 8 * c.hidden_size + 2 * 64 + 8 + 9;
+    assert_eq!(loaded.resident_bytes(), 4 * weights);
     let tokens = prompt(&[21, 34, 55, 3, 8]);
     assert_eq!(
         serve(&m, &tokens, &Arc::new(loaded), 0.25).1,

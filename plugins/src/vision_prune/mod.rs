@@ -275,7 +275,14 @@ impl Plugin for VisionPrune {
         }))
     }
 
+    /// The decision module's weights (f32); the built-in scorers hold none.
     fn resident_bytes(&self) -> usize {
-        0
+        self.module.as_ref().map_or(0, |m| {
+            m.weights()
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum::<usize>()
+                * 4
+        })
     }
 }
