@@ -115,7 +115,6 @@ fn training_logits_are_the_served_models_with_the_image_spliced_in() {
     use models::vision::{ImagePlacement, ImageSplice};
     use models::{BatchRow, HookCall, LogitsWanted};
     use plugins::train::DenseLlama;
-    use plugins::vision::train::Trainer;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
@@ -125,16 +124,7 @@ fn training_logits_are_the_served_models_with_the_image_spliced_in() {
     let template = chatml_template();
     let dense = DenseLlama::from_llama(&loaded.model, 256, &Device::Cpu).unwrap();
     let image = image_id(&tokens(), &loaded.tokenizer).unwrap();
-    let trainer = Trainer {
-        dense: &dense,
-        renderer: Renderer {
-            tokenizer: &loaded.tokenizer,
-            template: &template,
-            image_text: tokens().text(shape().tokens()),
-        },
-        image_id: image,
-        processor: files::processor(32),
-    };
+    let trainer = common::trainer(&loaded, &dense, &template);
     let c = trainer
         .renderer
         .conversation(&[("what colour?", "red"), ("and?", "blue")])
