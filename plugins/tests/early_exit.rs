@@ -121,17 +121,6 @@ fn top(l: &Tensor) -> u32 {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn a_token_leaves_where_its_predictor_fires_when_the_layers_top_token_is_a_candidate() {
     let c = config();
@@ -139,13 +128,16 @@ fn a_token_leaves_where_its_predictor_fires_when_the_layers_top_token_is_a_candi
     let full = decode(&m, &[]).0;
     for fire in [1, 3] {
         let early = decode(&cut(&c, fire + 1), &[]).0;
-        assert!(max_diff(&early, &full) > 1e-3, "layer {fire} must differ");
+        assert!(
+            common::max_abs_diff(&early, &full) > 1e-3,
+            "layer {fire} must differ"
+        );
         let t = top(&early);
         let other = (t + 1) % 96;
         // The layer's top token among the candidates: the token leaves with its logits.
         let plugin = Arc::new(exit_at(&c, fire, [other, t]));
         let (got, cache) = decode(&m, &shared_chain(&plugin));
-        assert!(max_diff(&got, &early) < 1e-5, "exit at {fire}");
+        assert!(common::max_abs_diff(&got, &early) < 1e-5, "exit at {fire}");
         let counts = plugin.counts();
         assert_eq!(
             (
@@ -166,7 +158,7 @@ fn a_token_leaves_where_its_predictor_fires_when_the_layers_top_token_is_a_candi
         // Not among them: the check fails and the token goes the whole depth.
         let plugin = Arc::new(exit_at(&c, fire, [other, (t + 2) % 96]));
         let (got, _) = decode(&m, &shared_chain(&plugin));
-        assert_eq!(max_diff(&got, &full), 0.0, "refused at {fire}");
+        assert_eq!(common::max_abs_diff(&got, &full), 0.0, "refused at {fire}");
         let counts = plugin.counts();
         assert_eq!((counts.checks[fire], counts.exits[fire]), (1, 0));
     }
@@ -205,10 +197,13 @@ fn rows_leaving_at_different_layers_share_a_step_and_get_what_they_get_alone() {
         .collect();
     let together = m.forward(&mut rows).unwrap();
     for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
-        assert!(max_diff(t.as_ref().unwrap(), a) < 1e-5, "row {i}");
+        assert!(
+            common::max_abs_diff(t.as_ref().unwrap(), a) < 1e-5,
+            "row {i}"
+        );
     }
     assert!(
-        max_diff(&alone[0], &alone[1]) > 1e-3,
+        common::max_abs_diff(&alone[0], &alone[1]) > 1e-3,
         "the two rows left at different layers"
     );
 }
@@ -230,7 +225,7 @@ fn no_token_leaves_a_step_running_more_rows_than_the_file_allows() {
     let hooks = shared_chain(&plugin);
     // Alone the token leaves at layer 1.
     let (alone, _) = decode(&m, &hooks);
-    assert!(max_diff(&alone, &decode(&cut(&c, 2), &[]).0) < 1e-5);
+    assert!(common::max_abs_diff(&alone, &decode(&cut(&c, 2), &[]).0) < 1e-5);
     // Beside a row without the plug-in the step runs two rows: it goes the whole depth.
     let mut caches = [m.new_cache(), m.new_cache()];
     for cache in caches.iter_mut() {
@@ -256,7 +251,7 @@ fn no_token_leaves_a_step_running_more_rows_than_the_file_allows() {
     ];
     let out = m.forward(&mut rows).unwrap();
     let full = decode(&m, &[]).0;
-    assert!(max_diff(out[0].as_ref().unwrap(), &full) < 1e-5);
+    assert!(common::max_abs_diff(out[0].as_ref().unwrap(), &full) < 1e-5);
     assert_eq!(
         plugin.counts().exits[1],
         1,

@@ -89,11 +89,6 @@ fn bits(t: &Tensor) -> Vec<u32> {
     v.into_iter().map(f32::to_bits).collect()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap();
-    d.max_all().unwrap().to_scalar().unwrap()
-}
-
 #[test]
 fn keeping_every_image_token_is_no_plugin_bit_for_bit() {
     let c = config();
@@ -139,7 +134,7 @@ fn a_pruned_prompt_keeps_its_text_and_the_asked_fraction_of_its_image() {
     }
     // Pruning changed the answer's logits, and the default keep is the file's (0.25).
     let none = run(&m, &mut m.new_cache(), &[]);
-    assert!(max_diff(&pruned[0], &none[0]) > 1e-4);
+    assert!(common::max_abs_diff(&pruned[0], &none[0]) > 1e-4);
     let mut by_default = m.new_cache();
     run(&m, &mut by_default, &chain(&plugin, json!({"seed": 4})));
     assert_eq!(
@@ -175,8 +170,8 @@ fn pruned_and_whole_rows_share_a_step_and_each_gets_what_it_gets_alone() {
         },
     ];
     let out = m.forward(&mut rows).unwrap();
-    assert!(max_diff(out[0].as_ref().unwrap(), &alone_whole[0]) < 1e-5);
-    assert!(max_diff(out[1].as_ref().unwrap(), &alone_pruned[0]) < 1e-5);
+    assert!(common::max_abs_diff(out[0].as_ref().unwrap(), &alone_whole[0]) < 1e-5);
+    assert!(common::max_abs_diff(out[1].as_ref().unwrap(), &alone_pruned[0]) < 1e-5);
     assert_eq!(a.layer_len(LAYER + 1), tokens.len());
     assert_eq!(b.layer_len(LAYER + 1), tokens.len() - 16);
 }

@@ -74,6 +74,17 @@ def ask(server: Server, url: str, question: str, max_tokens: int = 4, **extra):
     )
 
 
+def answer_logprobs(server: Server, samples, index: int, plugins):
+    """The log-probs of the first two answer tokens to held-out question `index` of `samples`
+    (its image as a data: URL) with the plug-in chain `plugins` (None: the model alone), and
+    the prompt's token count."""
+    q = json.loads((samples / "questions.jsonl").read_text().splitlines()[index])
+    extra = {"extra_body": {"plugins": plugins}} if plugins else {}
+    got = ask(server, image_url(samples / q["image"]), q["question"], max_tokens=2,
+              logprobs=True, **extra)
+    return [t.logprob for t in got.choices[0].logprobs.content], got.usage.prompt_tokens
+
+
 def test_the_server_answers_as_the_serving_forward_pass_does_in_process(tower, seeing):
     samples = tower[1]
     lines = [json.loads(line) for line in (samples / "questions.jsonl").read_text().splitlines()]
@@ -97,13 +108,8 @@ def test_text_that_spells_the_image_token_is_refused(tower, seeing):
 def test_pruning_image_tokens_through_the_server(tower, seeing):
     """keep 1 answers with the dense model's log-probs exactly; keep 0.1 changes them (the
     image tokens left the later layers), answers, and counts the same prompt tokens."""
-    url = image_url(tower[1] / "000.png")
-    question = json.loads((tower[1] / "questions.jsonl").read_text().splitlines()[0])["question"]
-
     def logprobs(plugins):
-        extra = {"extra_body": {"plugins": plugins}} if plugins else {}
-        got = ask(seeing, url, question, max_tokens=2, logprobs=True, **extra)
-        return [t.logprob for t in got.choices[0].logprobs.content], got.usage.prompt_tokens
+        return answer_logprobs(seeing, tower[1], 0, plugins)
 
     dense, tokens = logprobs(None)
     whole, whole_tokens = logprobs([{"type": "vision_prune", "name": "prune", "keep": 1.0}])
@@ -119,15 +125,10 @@ def test_pruning_image_tokens_through_the_server(tower, seeing):
 
 def test_the_learned_scorer_through_the_server(tower, seeing):
     """A trained decision module serves: keep 1 is the dense model, its trained fraction (the
-    file's default keep, 0.25) changes the answer's log-probs, rows with the learned and the
-    random scorer share the server, and a chain naming it with a bad keep is a 400."""
-    url = image_url(tower[1] / "001.png")
-    question = json.loads((tower[1] / "questions.jsonl").read_text().splitlines()[1])["question"]
-
+    file's default keep, 0.25) changes the answer's log-probs and counts the same prompt
+    tokens, and a chain naming it with a bad keep is a 400."""
     def logprobs(plugins):
-        extra = {"extra_body": {"plugins": plugins}} if plugins else {}
-        got = ask(seeing, url, question, max_tokens=2, logprobs=True, **extra)
-        return [t.logprob for t in got.choices[0].logprobs.content], got.usage.prompt_tokens
+        return answer_logprobs(seeing, tower[1], 1, plugins)
 
     dense, tokens = logprobs(None)
     assert logprobs([{"type": "vision_prune", "name": "learned", "keep": 1.0}]) == (dense, tokens)

@@ -159,19 +159,7 @@ impl VisionPrune {
                 message: "the learned scorer has no decision module".into(),
             })?;
         let instruction = choose::instruction_offsets(tokens.len(), images);
-        let rows = |offsets: &[usize]| -> models::Result<Tensor> {
-            let index: Vec<u32> = offsets.iter().map(|&i| i as u32).collect();
-            let index = Tensor::new(index, h.device())?;
-            Ok(h.index_select(&index, 0)?)
-        };
-        let logits = module
-            .logits(&rows(images)?, &rows(&instruction)?)?
-            .to_vec1::<f32>()?;
-        let mut scores = vec![f32::NEG_INFINITY; tokens.len()];
-        for (&i, l) in images.iter().zip(logits) {
-            scores[i] = l;
-        }
-        Ok(scores)
+        Ok(module.scores(h, tokens.len(), images, &instruction)?)
     }
 }
 

@@ -139,6 +139,34 @@ impl DecisionModule {
             .squeeze(1)
     }
 
+    /// [`Self::logits`] for one row's hidden states `h` `(t, hidden)`: its tokens at offsets
+    /// `images` judged against those at `instruction`; `(v,)`.
+    pub fn row_logits(
+        &self,
+        h: &Tensor,
+        images: &[usize],
+        instruction: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        self.logits(&rows(h, images)?, &rows(h, instruction)?)
+    }
+
+    /// [`Self::row_logits`] indexed by offset over the row's first `len` tokens (`-inf` at
+    /// every offset not in `images`), as `choose::keep_top` ranks them.
+    pub fn scores(
+        &self,
+        h: &Tensor,
+        len: usize,
+        images: &[usize],
+        instruction: &[usize],
+    ) -> candle_core::Result<Vec<f32>> {
+        let logits = self.row_logits(h, images, instruction)?.to_vec1::<f32>()?;
+        let mut scores = vec![f32::NEG_INFINITY; len];
+        for (&i, l) in images.iter().zip(logits) {
+            scores[i] = l;
+        }
+        Ok(scores)
+    }
+
     /// Multi-head attention from `image` `(v, hidden)` to `text` `(t, hidden)`:
     /// `(v, inner)`.
     fn cross_attention(&self, image: &Tensor, text: &Tensor) -> candle_core::Result<Tensor> {
@@ -165,6 +193,12 @@ impl DecisionModule {
             .collect::<candle_core::Result<_>>()?;
         Ok(Self::new(self.shape, weights))
     }
+}
+
+/// Rows `offsets` of `h` `(t, hidden)`.
+fn rows(h: &Tensor, offsets: &[usize]) -> candle_core::Result<Tensor> {
+    let index: Vec<u32> = offsets.iter().map(|&i| i as u32).collect();
+    h.index_select(&Tensor::new(index, h.device())?, 0)
 }
 
 /// `x / sqrt(mean(x^2) + 1e-6)` over the last dimension.

@@ -278,14 +278,8 @@ pub fn held_out_divergence(
             let images = image_offsets(&c.tokens, trainer.image_id);
             let drawn = keep_random(t, &images, opts.keep, (step * opts.batch + r) as u64);
             random.push(mask(t, &images, &drawn)?);
-            let prompt = c.targets.first().map_or(c.tokens.len(), |&(p, _)| p + 1);
-            let instruction = instruction_offsets(prompt, &images);
-            let h = halfway.h.get(r)?;
-            let logits = module.logits(&gather(&h, &images)?, &gather(&h, &instruction)?)?;
-            let mut scores = vec![f32::NEG_INFINITY; t];
-            for (&i, l) in images.iter().zip(logits.to_vec1::<f32>()?) {
-                scores[i] = l;
-            }
+            let instruction = instruction_offsets(prompt_len(c), &images);
+            let scores = module.scores(&halfway.h.get(r)?, t, &images, &instruction)?;
             learned.push(mask(t, &images, &keep_top(t, &images, opts.keep, &scores))?);
         }
         let kl = |rows: &[Tensor]| -> Result<f32> {
@@ -324,10 +318,8 @@ fn decisions(
 ) -> Result<(Tensor, Tensor)> {
     let t = h.dim(0)?;
     let images = image_offsets(&c.tokens, trainer.image_id);
-    // The instruction as serving sees it: the prompt, not the answer that follows it.
-    let prompt = c.targets.first().map_or(c.tokens.len(), |&(p, _)| p + 1);
-    let instruction = instruction_offsets(prompt, &images);
-    let logits = module.logits(&gather(h, &images)?, &gather(h, &instruction)?)?;
+    let instruction = instruction_offsets(prompt_len(c), &images);
+    let logits = module.row_logits(h, &images, &instruction)?;
     let decision = relaxed_decision(&logits, opts.temperature, rng)?; // (v,)
     let fraction = decision.mean_all()?;
     // Position p reads slot 0 (a constant 1) or slot 1 + k (the k-th image token's decision).
@@ -357,8 +349,7 @@ fn relaxed_decision(logits: &Tensor, temperature: f64, rng: &mut ChaCha8Rng) -> 
     Ok(((hard - soft.detach())? + soft)?)
 }
 
-/// Rows `offsets` of `h` `(t, hidden)`.
-fn gather(h: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-    let index: Vec<u32> = offsets.iter().map(|&i| i as u32).collect();
-    Ok(h.index_select(&Tensor::new(index, h.device())?, 0)?)
+/// The tokens of `c`'s prompt, the instruction as serving sees it: not the answer after it.
+fn prompt_len(c: &Conversation) -> usize {
+    c.targets.first().map_or(c.tokens.len(), |&(p, _)| p + 1)
 }
