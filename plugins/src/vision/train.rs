@@ -308,6 +308,19 @@ impl Trainer<'_> {
         Ok((weights, table))
     }
 
+    /// `(n, tokens, hidden)`: what alignment asks of each image token of `samples`, the input
+    /// embedding of its patch's word (a mean where a patch says several). For probes that put
+    /// the exact words in the image's place (`plugins/examples/vision_oracle.rs`).
+    pub fn word_targets(
+        &self,
+        shape: TowerShape,
+        summary_row: bool,
+        samples: &[Sample],
+    ) -> Result<Tensor> {
+        let (weights, table) = self.patch_words(shape, summary_row, samples)?;
+        Ok(weights.broadcast_matmul(&table)?)
+    }
+
     /// The first token of `word` as an answer starts with it.
     fn word_id(&self, word: &str) -> Result<u32> {
         let ids = self
